@@ -1,0 +1,10 @@
+"""tvmq's Relax passes. Each is a ``tvm.transform.Pass`` and composes in ``tvm.transform.Sequential``.
+
+>>> seq = tvm.transform.Sequential([InsertQDQ(plan), FoldQDQ()])   # doctest: +SKIP
+"""
+
+from .fold_qdq import FoldQDQ
+from .insert_qdq import InsertQDQ
+from .patterns import count_ops, find_layers
+
+__all__ = ["InsertQDQ", "FoldQDQ", "find_layers", "count_ops"]

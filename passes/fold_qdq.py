@@ -1,0 +1,344 @@
+"""FoldQDQ: turn quantize/dequantize-wrapped layers into integer kernels.
+
+Rewrites, on any module holding Relax Q/DQ ops (made by :class:`InsertQDQ` or imported from an
+ONNX QDQ model):
+
+* ``dequantize(x) -> conv2d/matmul(dequantize(W int8)) [+ bias] [-> relu/relu6/clip]`` into
+  ``conv2d/matmul(x_q, W_q, out_dtype=int32) + bias_i32``, where ``bias_i32 = round(b / (sx*sw))
+  - zx * sum(W_q)`` folds the activation zero point in, and padding is done explicitly with the
+  zero point;
+* ``... -> quantize`` after such a kernel into one requantize (fixed-point ``(acc*m0 + 2^(s-1))
+  >> s`` or float), whose clamp absorbs relu/relu6/clip; without a quantize the accumulator is
+  scaled back to float (the layer still multiplies in integers);
+* ``dequantize(a) + dequantize(b) [-> relu] -> quantize`` into an integer add;
+* ``quantize(dequantize(q))`` into nothing when the parameters match, or an integer requantize;
+* max-pool / reshape / transpose / flatten / squeeze / expand_dims / strided_slice of a
+  dequantize into the same op on integers, followed by the dequantize.
+
+Anything that does not match (per-channel activations, asymmetric weights, unknown ops) is left
+as it is, still correct, just not integer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvmq.config import RequantizeMode
+from tvmq.qparams import QParams, dtype_range, fixed_point_multiplier
+
+from .patterns import (
+    DEQUANTIZE,
+    QUANTIZE,
+    SCALE_PRESERVING_OPS,
+    FunctionGraph,
+    QWeight,
+    call_op,
+    dtype_of,
+    evaluate_constant,
+    find_chains,
+    rebuild_call,
+)
+
+__all__ = ["FoldQDQ"]
+
+
+@dataclass
+class _DQ:
+    data: relax.Expr  # the integer tensor
+    qp: QParams
+    scale: relax.Expr
+    zero_point: relax.Expr
+
+
+@dataclass
+class _Acc:
+    acc: relax.Expr  # int32 accumulator with bias and zero-point correction
+    scale: np.ndarray  # real value of one accumulator step, per channel (float64)
+    axis: int
+    ndim: int
+    act: object
+
+
+def _channel_const(values, axis, ndim, dtype):
+    values = np.asarray(values)
+    if values.ndim == 1 and np.all(values == values[0]):
+        values = values[:1].reshape(())
+    if values.ndim == 1:
+        shape = [1] * ndim
+        shape[axis] = -1
+        values = values.reshape(shape)
+    return relax.const(values.astype(dtype), dtype)
+
+
+def _clamp_bounds(qp: QParams, act) -> tuple[int, int]:
+    """Integer clamp for an output quantized with ``qp`` after activation ``act``."""
+    lo, hi = qp.qmin, qp.qmax
+    zp, scale = int(qp.zero_point), float(qp.scale)
+    if act is not None:
+        if act.lo > -np.inf:
+            lo = max(lo, zp + int(np.round(act.lo / scale)))
+        if act.hi < np.inf:
+            hi = min(hi, zp + int(np.round(act.hi / scale)))
+    return lo, max(lo, hi)
+
+
+@relax.expr_functor.mutator
+class _Folder(relax.PyExprMutator):
+    def __init__(self, mod, func, mode: RequantizeMode):
+        super().__init__(mod)
+        self.mode = mode
+        self.graph = FunctionGraph(func)
+        self.chains = {c.end: c for c in find_chains(self.graph)}
+        self.accs: dict = {}
+        self.folded = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _lookup(self, var):
+        try:
+            return self.lookup_binding(var)
+        except Exception:  # pylint: disable=broad-except
+            return None
+
+    def _emit(self, expr):
+        return self.builder_.emit(expr)
+
+    def _bind(self, var, expr):
+        """Make ``var`` (an original variable) stand for ``expr`` from now on."""
+        if isinstance(expr, relax.DataflowVar) and isinstance(var, relax.DataflowVar):
+            self.set_var_remap(var, expr)  # no trivial ``a = b`` binding
+            return
+        if isinstance(var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
+            new = self.builder_.emit(expr, var.name)
+        else:
+            new = self.builder_.emit_output(expr, var.name)
+        self.set_var_remap(var, new)
+
+    def _const_of(self, expr):
+        return evaluate_constant(expr, self._lookup)
+
+    def _dq_of(self, expr) -> _DQ | None:
+        seen = 0
+        while isinstance(expr, relax.Var) and seen < 64:
+            value = self._lookup(expr)
+            if not isinstance(value, relax.Var):
+                break
+            expr, seen = value, seen + 1
+        value = self._lookup(expr) if isinstance(expr, relax.Var) else expr
+        if call_op(value) != DEQUANTIZE:
+            return None
+        data, scale_e, zp_e = value.args
+        if self._const_of(data) is not None:
+            return None  # a constant (weight or bias), not an activation
+        scale, zp = self._const_of(scale_e), self._const_of(zp_e)
+        dtype = dtype_of(data)
+        if scale is None or zp is None or isinstance(scale, QWeight) or dtype not in ("uint8", "int8"):
+            return None
+        try:
+            qp = QParams(scale, zp, dtype, int(value.attrs.axis))
+        except ValueError:
+            return None
+        return _DQ(data, qp, scale_e, zp_e)
+
+    # ------------------------------------------------------------------ requantize
+    def _requantize(self, terms, m, zp_out, lo, hi, out_dtype, axis=1, ndim=1):
+        """``clamp(round(sum_i (x_i - off_i) * m_i) + zp_out, lo, hi)`` as ``out_dtype``.
+
+        ``terms`` is a list of ``(int tensor, offset, multiplier array)``.
+        """
+        if self.mode == RequantizeMode.FIXED_POINT:
+            largest = max(float(np.max(mult)) for _, _, mult in terms)
+            _, shift = fixed_point_multiplier(np.asarray([largest]))
+            shift = int(shift[0])
+            total = None
+            for x, off, mult in terms:
+                if len(terms) == 1:
+                    m0, shifts = fixed_point_multiplier(np.asarray(mult, np.float64).reshape(-1))
+                else:
+                    m0 = np.round(np.asarray(mult, np.float64).reshape(-1) * 2.0**shift).astype(np.int64)
+                    shifts = np.full_like(m0, shift)
+                t = self._emit(relax.op.astype(x, "int64"))
+                if off:
+                    t = self._emit(relax.op.subtract(t, relax.const(np.int64(off), "int64")))
+                t = self._emit(relax.op.multiply(t, _channel_const(m0, axis, ndim, "int64")))
+                total = t if total is None else self._emit(relax.op.add(total, t))
+            total = self._emit(relax.op.add(total, _channel_const(np.int64(1) << (shifts - 1), axis, ndim, "int64")))
+            total = self._emit(relax.op.right_shift(total, _channel_const(shifts, axis, ndim, "int64")))
+            if zp_out:
+                total = self._emit(relax.op.add(total, relax.const(np.int64(zp_out), "int64")))
+        else:
+            total = None
+            for x, off, mult in terms:
+                t = self._emit(relax.op.astype(x, "float32"))
+                if off:
+                    t = self._emit(relax.op.subtract(t, relax.const(np.float32(off), "float32")))
+                t = self._emit(relax.op.multiply(t, _channel_const(np.asarray(mult).reshape(-1), axis, ndim, "float32")))
+                total = t if total is None else self._emit(relax.op.add(total, t))
+            total = self._emit(relax.op.round(total))
+            if zp_out:
+                total = self._emit(relax.op.add(total, relax.const(np.float32(zp_out), "float32")))
+        total = self._emit(relax.op.clip(total, lo, hi))
+        return relax.op.astype(total, out_dtype)
+
+    # ------------------------------------------------------------------ rewrites
+    def _fold_linear(self, var, chain) -> bool:
+        call = chain.call
+        dq = self._dq_of(self.visit_expr(call.args[0]))
+        if dq is None or dq.qp.per_channel:
+            return False
+        w = self._const_of(self.visit_expr(call.args[1]))
+        if not isinstance(w, QWeight) or w.q.dtype != np.int8 or np.any(w.zero_point != 0):
+            return False
+        out_axis = 0 if chain.kind == "conv2d" else w.q.ndim - 1
+        if w.scale.ndim == 1 and w.axis != out_axis:
+            return False
+        if chain.kind == "matmul" and w.q.ndim != 2:
+            return False
+        channels = chain.out_shape[chain.channel_axis]
+        sw = np.broadcast_to(w.scale.astype(np.float64), (channels,))
+        sx, zx = float(dq.qp.scale), int(dq.qp.zero_point)
+        data = dq.data
+        weight = relax.const(w.q, "int8")
+        if chain.kind == "conv2d":
+            attrs = call.attrs
+            top, left, bottom, right = (int(p) for p in attrs.padding)
+            padding = [top, left, bottom, right]
+            if zx != 0 and any(padding):
+                # Padding must hold the zero point (real 0), not integer 0.
+                data = self._emit(
+                    relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx))
+                )
+                padding = [0, 0, 0, 0]
+            acc = relax.op.nn.conv2d(
+                data,
+                weight,
+                strides=attrs.strides,
+                padding=padding,
+                dilation=attrs.dilation,
+                groups=int(attrs.groups),
+                data_layout=str(attrs.data_layout),
+                kernel_layout=str(attrs.kernel_layout),
+                out_layout=str(attrs.out_layout or attrs.data_layout),
+                out_dtype="int32",
+            )
+            wsum = w.q.astype(np.int64).reshape(channels, -1).sum(axis=1)
+        else:
+            acc = relax.op.matmul(data, weight, out_dtype="int32")
+            wsum = w.q.astype(np.int64).sum(axis=0)
+        bias = -zx * wsum
+        if chain.bias is not None:
+            bias = bias + np.round(chain.bias.astype(np.float64) / (sx * sw)).astype(np.int64)
+        lo32, hi32 = dtype_range("int32")
+        if np.any(bias < lo32 // 2) or np.any(bias > hi32 // 2):
+            return False  # a bias this large would not leave room for the products
+        acc = self._emit(acc)
+        ndim = len(chain.out_shape)
+        if np.any(bias != 0):
+            acc = self._emit(relax.op.add(acc, _channel_const(bias, chain.channel_axis, ndim, "int32")))
+        scale = sx * sw
+        self.accs[var] = _Acc(acc, scale, chain.channel_axis, ndim, chain.act)
+        # Float view for consumers that stay in float; dead code when a quantize follows.
+        y = self._emit(relax.op.astype(acc, "float32"))
+        y = relax.op.multiply(y, _channel_const(scale, chain.channel_axis, ndim, "float32"))
+        if chain.act is not None:
+            y = chain.act.apply(self._emit(y))
+        self._bind(var, y)
+        self.folded += 1
+        return True
+
+    def _fold_quantize(self, var, call) -> bool:
+        src = call.args[0]
+        scale = self._const_of(self.visit_expr(call.args[1]))
+        zp = self._const_of(self.visit_expr(call.args[2]))
+        out_dtype = str(call.attrs.out_dtype)
+        if scale is None or zp is None or isinstance(scale, QWeight) or out_dtype not in ("uint8", "int8"):
+            return False
+        if np.ndim(scale) != 0 or np.ndim(zp) != 0:
+            return False
+        out = QParams(scale, zp, out_dtype)
+        if src in self.accs:
+            a = self.accs[src]
+            lo, hi = _clamp_bounds(out, a.act)
+            m = a.scale / float(out.scale)
+            self._bind(var, self._requantize([(a.acc, 0, m)], m, int(out.zero_point), lo, hi, out_dtype, a.axis, a.ndim))
+            return True
+        chain = self.chains.get(src)
+        if chain is not None and chain.kind == "add":
+            lhs = self._dq_of(self.visit_expr(chain.call.args[0]))
+            rhs = self._dq_of(self.visit_expr(chain.call.args[1]))
+            if lhs is None or rhs is None or lhs.qp.per_channel or rhs.qp.per_channel:
+                return False
+            lo, hi = _clamp_bounds(out, chain.act)
+            terms = [
+                (d.data, int(d.qp.zero_point), np.float64(d.qp.scale) / np.float64(out.scale)) for d in (lhs, rhs)
+            ]
+            self._bind(var, self._requantize(terms, None, int(out.zero_point), lo, hi, out_dtype))
+            self.folded += 1
+            return True
+        dq = self._dq_of(self.visit_expr(src))
+        if dq is None or dq.qp.per_channel:
+            return False
+        if dq.qp == out:
+            self._bind(var, dq.data)
+            return True
+        m = np.float64(dq.qp.scale) / np.float64(out.scale)
+        term = [(dq.data, int(dq.qp.zero_point), m)]
+        self._bind(var, self._requantize(term, m, int(out.zero_point), out.qmin, out.qmax, out_dtype))
+        return True
+
+    def _push_through(self, var, call) -> bool:
+        dq = self._dq_of(self.visit_expr(call.args[0]))
+        if dq is None or dq.qp.per_channel:
+            return False
+        visited = self.visit_expr(call)
+        moved = self._emit(rebuild_call(visited, dq.data))
+        self._bind(var, relax.op.dequantize(moved, dq.scale, dq.zero_point, axis=-1))
+        return True
+
+    def visit_var_binding_(self, binding):
+        var, value = binding.var, binding.value
+        if isinstance(binding, relax.VarBinding):
+            chain = self.chains.get(var)
+            if chain is not None and chain.kind != "add" and self._fold_linear(var, chain):
+                return
+            op = call_op(value)
+            if op == QUANTIZE and self._fold_quantize(var, value):
+                return
+            if op in SCALE_PRESERVING_OPS and self._push_through(var, value):
+                return
+        super().visit_var_binding_(binding)
+
+
+@tvm.transform.module_pass(opt_level=0, name="FoldQDQ")
+class FoldQDQ:
+    """Fold quantize/dequantize patterns into integer kernels.
+
+    Parameters
+    ----------
+    requantize : RequantizeMode or str
+        ``"fixed_point"`` (default): int64 multiply and rounding shift, integers only;
+        ``"float"``: scale the accumulator in float32 and round.
+    """
+
+    def __init__(self, requantize: RequantizeMode | str = RequantizeMode.FIXED_POINT):
+        self.requantize = RequantizeMode(requantize)
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            if not any(call_op(v) in (QUANTIZE, DEQUANTIZE) for v in FunctionGraph(func).values.values()):
+                continue
+            folder = _Folder(mod, func, self.requantize)
+            new_func = folder.visit_expr(func)
+            updates[gv] = relax.analysis.remove_all_unused(new_func)
+        if not updates:
+            return mod
+        mod = mod.clone()
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod

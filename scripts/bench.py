@@ -1,0 +1,212 @@
+"""Latency and accuracy: TVM FP32 vs tvmq INT8 vs ONNX Runtime FP32 and INT8, in one run.
+
+Same machine, same thread count, same calibration samples for both quantizers, medians of
+``--runs`` timed calls (batch 1) after warm-up. Models:
+
+* ``digits``    the embedded demo CNN, accuracy on its held-out test split;
+* ``ppocr_cls`` PP-OCR's text-orientation classifier (rapidocr-onnxruntime wheel), accuracy on
+  rendered text lines, half of them rotated by 180 degrees.
+
+ONNX Runtime INT8 is its ``quantize_static`` in QDQ format with per-channel int8 weights and
+uint8 activations (its fastest INT8 configuration on x86), MinMax calibration.
+
+Usage::
+
+    pip install -e ".[bench]"
+    python scripts/bench.py [--models digits,ppocr_cls] [--runs 50] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ENGINES = ("tvm_fp32", "tvmq_int8", "ort_fp32", "ort_int8")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def median_ms(fn, runs: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+# ----------------------------------------------------------------------------- models
+def digits_case(n_eval, n_calib):
+    from tvmq.cli import DEMO_DIR
+
+    test = np.load(DEMO_DIR / "digits_test.npz")
+    calib = [np.load(p) for p in sorted((DEMO_DIR / "digits_calib").glob("*.npy"))][:n_calib]
+    xs, ys = test["x"][:n_eval, None], test["y"][:n_eval]
+    return {"path": DEMO_DIR / "digits.onnx", "input": "input", "calib": calib, "x": xs, "y": ys,
+            "metric": "top1"}
+
+
+def ppocr_cls_case(n_eval, n_calib):
+    from ocrdata import cls_set, ppocr_model
+
+    x, y = cls_set(n_eval, seed=1)
+    calib, _ = cls_set(n_calib, seed=2)
+    return {"path": ppocr_model("cls"), "input": "x", "calib": list(calib), "x": x, "y": y, "metric": "top1"}
+
+
+CASES = {"digits": digits_case, "ppocr_cls": ppocr_cls_case}
+
+
+# ----------------------------------------------------------------------------- engines
+def ort_session(path, threads):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_quantize(path, name, calib, out_dir):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter({name: c} for c in calib)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = Path(out_dir) / "ort_int8.onnx"
+    quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def count_vnni(lib: Path) -> dict:
+    """zmm/ymm/xmm ``vpdpbusd`` instructions in a compiled library (objdump)."""
+    try:
+        asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    counts = {}
+    for reg in ("zmm", "ymm", "xmm"):
+        counts[reg] = len(re.findall(rf"vpdpbusds?\s+%{reg}", asm))
+    return counts
+
+
+def accuracy(run, xs, ys) -> float:
+    return float(np.mean([np.argmax(run(x)) == y for x, y in zip(xs, ys)]))
+
+
+def bench_model(name, case, args, workdir) -> dict:
+    from tvmq.build import compile_model
+    from tvmq.config import QuantConfig
+    from tvmq.execute import HostModule
+    from tvmq.runtime import Bundle
+
+    inp, xs, ys = case["input"], case["x"], case["y"]
+    shape = list(xs[0].shape)
+    results = {}
+
+    out = workdir / f"{name}-int8"
+    t0 = time.perf_counter()
+    res = compile_model(case["path"], out, calib=[{inp: c} for c in case["calib"]], shapes={inp: shape},
+                        config=QuantConfig(method=args.method))
+    compile_s = time.perf_counter() - t0
+    fp32 = HostModule(res.float_module)
+    bundle = Bundle(out)
+    out_name = bundle.outputs[0]["name"]
+
+    engines = {
+        "tvm_fp32": lambda x: fp32(x)[0],
+        "tvmq_int8": lambda x: bundle.run({inp: x})[out_name],
+    }
+    sess32 = ort_session(case["path"], args.threads)
+    engines["ort_fp32"] = lambda x: sess32.run(None, {inp: x})[0]
+    q_path = ort_quantize(case["path"], inp, case["calib"], workdir)
+    sess8 = ort_session(q_path, args.threads)
+    engines["ort_int8"] = lambda x: sess8.run(None, {inp: x})[0]
+
+    x0 = xs[0]
+    for engine in ENGINES:
+        run = engines[engine]
+        if engine == "tvm_fp32":
+            ms = fp32.latency_ms(x0, repeat=args.runs)
+        elif engine == "tvmq_int8":
+            ms = bundle.latency_ms({inp: x0}, repeat=args.runs)
+        else:
+            timed = lambda run=run: run(x0)  # noqa: E731
+            ms = median_ms(timed, args.runs)
+        results[engine] = {"median_ms": round(ms, 4), "accuracy": round(accuracy(run, xs, ys), 4)}
+    results["_info"] = {
+        "int8_layers": res.manifest["quantization"]["int8_layers"],
+        "float_layers": res.manifest["quantization"]["float_layers"],
+        "integer_kernels": sum(1 for k in res.manifest["kernels"] if k["accumulator"] == "int32"),
+        "kernels": len(res.manifest["kernels"]),
+        "vpdpbusd": count_vnni(out / "model.so"),
+        "library_bytes": (out / "model.so").stat().st_size,
+        "compile_s": round(compile_s, 1),
+        "eval_samples": len(ys),
+        "calib_samples": len(case["calib"]),
+    }
+    return results
+
+
+def print_table(results: dict, threads: int) -> None:
+    print(f"\nmedian latency (ms, batch 1, {threads} threads) and accuracy")
+    print(f"{'model':<11}" + "".join(f"{e:>22}" for e in ENGINES) + f"{'int8 vs ort best':>18}{'int8 vs tvm fp32':>18}")
+    for model, r in results.items():
+        cells = "".join(f"{r[e]['median_ms']:>10.3f} ms {100 * r[e]['accuracy']:>6.2f}%" for e in ENGINES)
+        ort_best = min(r["ort_fp32"]["median_ms"], r["ort_int8"]["median_ms"])
+        q = r["tvmq_int8"]["median_ms"]
+        print(f"{model:<11}{cells}{q / ort_best:>17.2f}x{r['tvm_fp32']['median_ms'] / q:>17.2f}x")
+        info = r["_info"]
+        print(f"{'':<11}int8 layers {info['int8_layers']}, float {info['float_layers']}; integer kernels "
+              f"{info['integer_kernels']}/{info['kernels']}; vpdpbusd {info['vpdpbusd']}; "
+              f"library {info['library_bytes'] / 1024:.0f} KiB; compile {info['compile_s']} s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="digits,ppocr_cls")
+    ap.add_argument("--runs", type=int, default=50, help="timed runs per engine (median reported)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-eval", type=int, default=300)
+    ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--method", default="minmax")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="tvmq-bench-") as tmp:
+        for name in args.models.split(","):
+            print(f"[{name}] compiling and measuring...", flush=True)
+            case = CASES[name](args.n_eval, args.n_calib)
+            results[name] = bench_model(name, case, args, Path(tmp))
+    print_table(results, args.threads)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

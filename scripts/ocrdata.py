@@ -1,0 +1,107 @@
+"""Labelled text-line images for the PP-OCR benchmarks, rendered with Pillow's built-in font.
+
+No data set can be downloaded here, so the benchmarks render their own: random words and
+numbers in Pillow's embedded FreeType font at varied sizes, offsets and contrast, with mild
+noise. Deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+WORDS = (
+    "the quick brown fox jumps over lazy dog invoice total amount date paid order number street city "
+    "station platform exit north south east west open closed monday friday price tax receipt model "
+    "serial battery voltage warning danger keep door push pull delivery account balance express"
+).split()
+CLS_SHAPE = (3, 48, 192)
+REC_SHAPE = (3, 48, 320)
+
+
+def _font(size):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def random_text(rng) -> str:
+    parts = []
+    for _ in range(rng.integers(1, 4)):
+        if rng.random() < 0.3:
+            parts.append(str(rng.integers(0, 100000)))
+        else:
+            w = WORDS[rng.integers(len(WORDS))]
+            parts.append(w.capitalize() if rng.random() < 0.3 else w)
+    return " ".join(parts)
+
+
+def render_line(text: str, rng):
+    """A grayscale-on-RGB text line image (PIL), tightly cropped with a small margin."""
+    from PIL import Image, ImageDraw
+
+    size = int(rng.integers(22, 34))
+    font = _font(size)
+    left, top, right, bottom = font.getbbox(text)
+    pad = int(rng.integers(2, 8))
+    w, h = right - left + 2 * pad, bottom - top + 2 * pad
+    bg = int(rng.integers(190, 256))
+    fg = int(rng.integers(0, 90))
+    img = Image.new("RGB", (w, h), (bg, bg, bg))
+    ImageDraw.Draw(img).text((pad - left, pad - top), text, font=font, fill=(fg, fg, fg))
+    arr = np.asarray(img).astype(np.float32)
+    arr += rng.normal(0, 6, arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def preprocess(img, shape) -> np.ndarray:
+    """rapidocr's resize_norm_img: keep aspect, height 48, pad right, scale to [-1, 1]."""
+    from PIL import Image
+
+    c, h, w = shape
+    ratio = img.width / img.height
+    resized_w = min(w, int(math.ceil(h * ratio)))
+    img = img.resize((resized_w, h), Image.BILINEAR)
+    arr = np.asarray(img).astype(np.float32).transpose(2, 0, 1) / 255.0
+    arr = (arr - 0.5) / 0.5
+    out = np.zeros(shape, np.float32)
+    out[:, :, :resized_w] = arr
+    return out
+
+
+def cls_set(n: int, seed: int):
+    """``(x [n,1,3,48,192], labels [n])``: label 1 means the line is upside down (180)."""
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for i in range(n):
+        img = render_line(random_text(rng), rng)
+        flip = i % 2
+        if flip:
+            img = img.rotate(180)
+        xs.append(preprocess(img, CLS_SHAPE)[None])
+        ys.append(flip)
+    return np.stack(xs), np.array(ys)
+
+
+def rec_set(n: int, seed: int):
+    """``(x [n,1,3,48,320], texts)`` for the recogniser."""
+    rng = np.random.default_rng(seed)
+    xs, texts = [], []
+    for _ in range(n):
+        text = random_text(rng)
+        xs.append(preprocess(render_line(text, rng), REC_SHAPE)[None])
+        texts.append(text)
+    return np.stack(xs), texts
+
+
+def ppocr_model(name: str) -> Path:
+    """Path of a PP-OCR model shipped in the rapidocr-onnxruntime wheel (``pip install -e .[bench]``)."""
+    import rapidocr_onnxruntime
+
+    files = {
+        "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "rec": "ch_PP-OCRv4_rec_infer.onnx",
+    }
+    return Path(rapidocr_onnxruntime.__file__).parent / "models" / files[name]

@@ -1,0 +1,99 @@
+"""Shared helpers: small ONNX models made with onnx.helper, and compile-and-run shortcuts."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+def make_model(nodes, inputs, outputs, inits=(), opset=17):
+    graph = helper.make_graph(
+        nodes,
+        "test",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_model(cin=4, cout=8, k=3, stride=1, pad=1, groups=1, relu=True, hw=8, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.3, (cout, cin // groups, k, k)).astype(np.float32)
+    b = rng.normal(0, 0.1, cout).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[k, k],
+                              pads=[pad] * 4, strides=[stride] * 2, group=groups)]
+    out = "c"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["c"], ["y"], name="relu"))
+        out = "y"
+    ho = (hw + 2 * pad - k) // stride + 1
+    return make_model(nodes, [("x", [1, cin, hw, hw])], [(out, [1, cout, ho, ho])], [("w", w), ("b", b)]), w, b
+
+
+def matmul_model(k=32, n=16, batch=1, relu=False, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.2, (k, n)).astype(np.float32)
+    b = rng.normal(0, 0.1, n).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"), helper.make_node("Add", ["m", "b"], ["a"], name="bias")]
+    out = "a"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["a"], ["y"], name="relu"))
+        out = "y"
+    return make_model(nodes, [("x", [batch, k])], [(out, [batch, n])], [("w", w), ("b", b)]), w, b
+
+
+def residual_model(c=8, hw=8, seed=0):
+    """conv-relu -> conv ; add(first, second) -> relu -> conv (float output)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+    for i in range(3):
+        inits += [(f"w{i}", rng.normal(0, 0.25, (c, c, 3, 3)).astype(np.float32)),
+                  (f"b{i}", rng.normal(0, 0.1, c).astype(np.float32))]
+    nodes.append(helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", kernel_shape=[3, 3], pads=[1] * 4))
+    nodes.append(helper.make_node("Relu", ["c0"], ["r0"], name="relu0"))
+    nodes.append(helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4))
+    nodes.append(helper.make_node("Add", ["r0", "c1"], ["s"], name="residual"))
+    nodes.append(helper.make_node("Relu", ["s"], ["r1"], name="relu1"))
+    nodes.append(helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], name="conv2", kernel_shape=[3, 3], pads=[1] * 4))
+    return make_model(nodes, [("x", [1, c, hw, hw])], [("y", [1, c, hw, hw])], inits)
+
+
+def random_samples(shape, n=16, seed=1, name="x", low=-1.0, high=1.0):
+    rng = np.random.default_rng(seed)
+    return [{name: rng.uniform(low, high, shape).astype(np.float32)} for _ in range(n)]
+
+
+def sqnr_db(ref, test):
+    ref = np.asarray(ref, np.float64)
+    noise = np.asarray(test, np.float64) - ref
+    return 10 * np.log10(np.sum(ref**2) / max(np.sum(noise**2), 1e-30))
+
+
+class Compiled:
+    """Float and quantized versions of one ONNX model, compiled for this machine."""
+
+    def __init__(self, model, samples, config=None, target="x86"):
+        from tvmq.execute import HostModule
+        from tvmq.frontend import load_onnx
+        from tvmq.quantize import calibrate, prepare, quantize_pipeline
+
+        mod, self.info = load_onnx(model, sample=samples[0])
+        self.float_mod = prepare(mod)
+        names = [s.name for s in self.info.inputs]
+        self.plan = calibrate(self.float_mod, samples, config, target=target, input_names=names)
+        self.qmod = quantize_pipeline(self.plan)(self.float_mod)
+        self.fp32 = HostModule(self.float_mod)
+        self.int8 = HostModule(self.qmod)
+
+
+@pytest.fixture(scope="session")
+def demo_dir():
+    from tvmq.cli import DEMO_DIR
+
+    return DEMO_DIR

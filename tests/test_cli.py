@@ -1,0 +1,151 @@
+"""The command line and the bundle it writes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import conv_model
+from tvmq.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, demo_dir):
+    out = tmp_path_factory.mktemp("b") / "digits"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"), "-o", str(out)]) == 0
+    return out
+
+
+def test_bundle_layout_and_manifest(bundle, demo_dir):
+    names = sorted(p.name for p in bundle.iterdir())
+    assert names == ["manifest.json", "model.so", "plan.json", "report.md", "run.py"]
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}]
+    assert m["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}]
+    assert m["versions"]["apache-tvm"] == "0.27.0.post1"
+    assert m["target"]["preset"] == "x86" and m["target"]["activation_dtype"] == "uint8"
+    assert {k: v["precision"] for k, v in m["layers"].items()} == dict.fromkeys(["conv0", "conv1", "conv2", "fc0", "fc1"], "int8")
+    assert m["layers"]["conv1"]["inputs"][0]["dtype"] == "uint8"
+    assert all(k["operands"] in (["uint8", "int8"],) and k["accumulator"] == "int32" for k in m["kernels"])
+    import hashlib
+
+    for name, digest in m["files"].items():
+        assert hashlib.sha256((bundle / name).read_bytes()).hexdigest() == digest
+    assert "manifest.json" not in m["files"]
+    report = (bundle / "report.md").read_text()
+    assert "| conv0 | conv2d | int8 |" in report
+
+
+def test_run_npy_and_npz(bundle, tmp_path, demo_dir, capsys):
+    x = np.load(demo_dir / "digits_test.npz")["x"][:1]
+    np.save(tmp_path / "x.npy", x)
+    np.savez(tmp_path / "x.npz", input=x)
+    assert main(["run", str(bundle), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "a.npz")]) == 0
+    assert main(["run", str(bundle), "--input", str(tmp_path / "x.npz"), "--output", str(tmp_path / "b.npz")]) == 0
+    a, b = np.load(tmp_path / "a.npz")["logits"], np.load(tmp_path / "b.npz")["logits"]
+    assert a.shape == (1, 10) and np.array_equal(a, b)
+
+
+def test_runner_needs_only_the_tvm_runtime(bundle, tmp_path, demo_dir):
+    """The bundle's run.py, in a fresh interpreter, never imports the tvm package."""
+    x = np.load(demo_dir / "digits_test.npz")["x"][:1]
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, runpy; sys.argv = ['run.py', sys.argv[1], '--input', sys.argv[2], '--output', sys.argv[3]];\n"
+        "try:\n    runpy.run_path(sys.argv[0] if False else sys.argv[1] + '/run.py', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "assert 'tvm' not in sys.modules, 'runner imported tvm'\nprint('tvm-free')"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(bundle), str(tmp_path / "x.npy"), str(tmp_path / "y.npz")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tvm-free" in out.stdout
+    assert np.load(tmp_path / "y.npz")["logits"].shape == (1, 10)
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [l for l in err if l.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_errors_are_one_line_exit_2_and_leave_nothing(tmp_path, capsys, demo_dir):
+    out = tmp_path / "out"
+    cases = [
+        (["compile", str(tmp_path / "nope.onnx"), "--calib", str(demo_dir / "digits_calib"), "-o", str(out)], "does not exist"),
+        (["compile", str(demo_dir / "digits.onnx"), "-o", str(out)], "needs calibration data"),
+        (["compile", str(demo_dir / "digits.onnx"), "--calib", str(tmp_path / "nocalib"), "-o", str(out)], "calibration directory"),
+        (["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"), "--target", "z80", "-o", str(out)], "unknown target"),
+        (["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"), "--shape", "input", "-o", str(out)], "--shape"),
+        (["run", str(tmp_path), "--input", "x.npy"], "not a tvmq bundle"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        assert needle in error_line(capsys)
+        assert not out.exists()
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+
+
+def test_wrong_calibration_data_is_reported(tmp_path, capsys, demo_dir):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "0.npy", np.zeros((1, 1, 9, 9), np.float32))
+    out = tmp_path / "out"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(calib), "-o", str(out)]) == 2
+    assert "has shape [1, 1, 9, 9]" in error_line(capsys)
+    assert not out.exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_non_empty_output_is_refused_and_kept(tmp_path, capsys, demo_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"), "-o", str(out)]) == 2
+    assert "not empty" in error_line(capsys)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_corrupt_bundle_is_refused(bundle, tmp_path, capsys, demo_dir):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    with open(copy / "model.so", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    assert main(["run", str(copy), "--input", str(tmp_path / "x.npy")]) == 2
+    assert "checksum" in error_line(capsys)
+
+
+def test_keep_float_and_plan_reuse(tmp_path, demo_dir):
+    calib = str(demo_dir / "digits_calib")
+    a = tmp_path / "a"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", calib, "--keep-float", "fc*", "-o", str(a)]) == 0
+    m = json.loads((a / "manifest.json").read_text())
+    assert m["layers"]["fc0"]["precision"] == "fp32" and m["layers"]["conv2"]["precision"] == "int8"
+    assert "output" not in m["layers"]["conv2"]  # its consumer stays float, so it is not requantized
+    b = tmp_path / "b"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--plan", str(a / "plan.json"), "-o", str(b)]) == 0
+    assert (a / "plan.json").read_text() == (b / "plan.json").read_text()
+    assert (a / "model.so").read_bytes() == (b / "model.so").read_bytes()
+
+
+def test_targets_lists_presets(capsys):
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("x86", "arm", "arm32", "rpi4", "rpi5", "cuda", "jetson-orin"):
+        assert f"\n{name} " in "\n" + out
+
+
+def test_python_m_tvmq_entry_point():
+    out = subprocess.run([sys.executable, "-m", "tvmq", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.startswith("tvmq ")

@@ -1,0 +1,184 @@
+"""Structural tests of InsertQDQ and FoldQDQ: small Before/Expected modules.
+
+Weights are function parameters in the TVMScript and bound to numpy arrays afterwards, so both
+sides hold the same constants and ``assert_structural_equal`` compares them by value.
+"""
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from tvmq.plan import LayerPlan, QuantPlan
+from tvmq.passes import FoldQDQ, InsertQDQ, count_ops, find_layers
+from tvmq.qparams import QParams, fixed_point_multiplier, quantize_weight
+
+W = np.array([[0.5, -0.25], [0.1, 0.2], [-0.4, 0.3], [0.05, -0.45]], dtype=np.float32)
+X_QP = QParams(np.float32(0.25), np.int32(0), "uint8")
+Y_QP = QParams(np.float32(0.125), np.int32(0), "uint8")
+
+
+def bind(mod, **arrays):
+    return relax.transform.BindParams("main", {k: tvm.runtime.tensor(v) for k, v in arrays.items()})(mod)
+
+
+@I.ir_module
+class MatmulRelu:
+    @R.function
+    def main(x: R.Tensor((1, 4), "float32"), w: R.Tensor((4, 2), "float32")) -> R.Tensor((1, 2), "float32"):
+        R.func_attr({"num_input": 1})
+        with R.dataflow():
+            lv = R.matmul(x, w)
+            gv = R.nn.relu(lv)
+            R.output(gv)
+        return gv
+
+
+def before():
+    return bind(MatmulRelu, w=W)
+
+
+def plan(output=None, precision="int8"):
+    inputs = (X_QP,) if precision == "int8" else ()
+    return QuantPlan(layers={"matmul_0": LayerPlan(kind="matmul", precision=precision, inputs=inputs, output=output)})
+
+
+def test_layers_are_found_and_named():
+    layers = find_layers(before()["main"])
+    assert [(l.name, l.kind) for l in layers] == [("matmul_0", "matmul")]
+    assert layers[0].chain.act.kind == "relu"
+
+
+def test_insert_qdq_wraps_input_and_weight():
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(
+            x: R.Tensor((1, 4), "float32"),
+            wq: R.Tensor((4, 2), "int8"),
+            ws: R.Tensor((2,), "float32"),
+            wz: R.Tensor((2,), "int32"),
+        ) -> R.Tensor((1, 2), "float32"):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                q = R.quantize(x, R.const(0.25, "float32"), R.const(0, "int32"), axis=-1, out_dtype="uint8")
+                dq = R.dequantize(q, R.const(0.25, "float32"), R.const(0, "int32"), axis=-1, out_dtype="float32")
+                wd = R.dequantize(wq, ws, wz, axis=1, out_dtype="float32")
+                lv = R.matmul(dq, wd)
+                gv = R.nn.relu(lv)
+                R.output(gv)
+            return gv
+
+    wq, wqp = quantize_weight(W, 1)
+    expected = bind(Expected, wq=wq, ws=wqp.scale, wz=wqp.zero_point)
+    tvm.ir.assert_structural_equal(InsertQDQ(plan())(before()), expected)
+
+
+def test_insert_qdq_quantizes_output_when_planned():
+    out = InsertQDQ(plan(output=Y_QP))(before())
+    counts = count_ops(out)
+    assert counts["relax.quantize"] == 2 and counts["relax.dequantize"] == 3
+
+
+def test_insert_qdq_leaves_float_layers_alone():
+    mod = before()
+    tvm.ir.assert_structural_equal(InsertQDQ(plan(precision="fp32"))(mod), mod)
+    tvm.ir.assert_structural_equal(InsertQDQ(QuantPlan(layers={}))(mod), mod)
+
+
+def test_fold_qdq_float_output_becomes_integer_matmul():
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(
+            x: R.Tensor((1, 4), "float32"), wq: R.Tensor((4, 2), "int8"), s: R.Tensor((1, 2), "float32")
+        ) -> R.Tensor((1, 2), "float32"):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                q = R.quantize(x, R.const(0.25, "float32"), R.const(0, "int32"), axis=-1, out_dtype="uint8")
+                acc = R.matmul(q, wq, out_dtype="int32")
+                f = R.astype(acc, "float32")
+                m = R.multiply(f, s)
+                gv = R.nn.relu(m)
+                R.output(gv)
+            return gv
+
+    wq, wqp = quantize_weight(W, 1)
+    scale = (0.25 * wqp.scale.astype(np.float64)).astype(np.float32).reshape(1, 2)
+    expected = bind(Expected, wq=wq, s=scale)
+    folded = FoldQDQ()(InsertQDQ(plan())(before()))
+    tvm.ir.assert_structural_equal(folded, expected)
+
+
+def test_fold_qdq_requantizes_with_fixed_point_and_folds_relu_into_clamp():
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(
+            x: R.Tensor((1, 4), "float32"),
+            wq: R.Tensor((4, 2), "int8"),
+            m0: R.Tensor((1, 2), "int64"),
+            rnd: R.Tensor((1, 2), "int64"),
+            sh: R.Tensor((1, 2), "int64"),
+        ) -> R.Tensor((1, 2), "float32"):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                q = R.quantize(x, R.const(0.25, "float32"), R.const(0, "int32"), axis=-1, out_dtype="uint8")
+                acc = R.matmul(q, wq, out_dtype="int32")
+                a = R.astype(acc, "int64")
+                b = R.multiply(a, m0)
+                c = R.add(b, rnd)
+                d = R.right_shift(c, sh)
+                e = R.clip(d, 0, 255)
+                y = R.astype(e, "uint8")
+                gv = R.dequantize(y, R.const(0.125, "float32"), R.const(0, "int32"), axis=-1, out_dtype="float32")
+                R.output(gv)
+            return gv
+
+    wq, wqp = quantize_weight(W, 1)
+    m0, shift = fixed_point_multiplier(0.25 * wqp.scale.astype(np.float64) / 0.125)
+    expected = bind(Expected, wq=wq, m0=m0.reshape(1, 2), rnd=(np.int64(1) << (shift - 1)).reshape(1, 2),
+                    sh=shift.reshape(1, 2))
+    folded = FoldQDQ()(InsertQDQ(plan(output=Y_QP))(before()))
+    tvm.ir.assert_structural_equal(folded, expected)
+
+
+@I.ir_module
+class QDQThroughReshape:
+    @R.function
+    def main(x: R.Tensor((1, 2, 2), "float32")) -> R.Tensor((1, 4), "float32"):
+        with R.dataflow():
+            q = R.quantize(x, R.const(0.5, "float32"), R.const(3, "int32"), axis=-1, out_dtype="uint8")
+            d = R.dequantize(q, R.const(0.5, "float32"), R.const(3, "int32"), axis=-1, out_dtype="float32")
+            r = R.reshape(d, R.shape([1, 4]))
+            q2 = R.quantize(r, R.const(0.5, "float32"), R.const(3, "int32"), axis=-1, out_dtype="uint8")
+            gv = R.dequantize(q2, R.const(0.5, "float32"), R.const(3, "int32"), axis=-1, out_dtype="float32")
+            R.output(gv)
+        return gv
+
+
+def test_fold_qdq_moves_dequantize_past_reshape_and_cancels_the_pair():
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 2, 2), "float32")) -> R.Tensor((1, 4), "float32"):
+            with R.dataflow():
+                q = R.quantize(x, R.const(0.5, "float32"), R.const(3, "int32"), axis=-1, out_dtype="uint8")
+                r = R.reshape(q, R.shape([1, 4]))
+                gv = R.dequantize(r, R.const(0.5, "float32"), R.const(3, "int32"), axis=-1, out_dtype="float32")
+                R.output(gv)
+            return gv
+
+    tvm.ir.assert_structural_equal(FoldQDQ()(QDQThroughReshape), Expected)
+
+
+def test_fold_qdq_leaves_float_modules_alone():
+    mod = before()
+    tvm.ir.assert_structural_equal(FoldQDQ()(mod), mod)
+
+
+def test_passes_compose_in_sequential():
+    seq = tvm.transform.Sequential([InsertQDQ(plan()), FoldQDQ("float")])
+    counts = count_ops(seq(before()))
+    assert counts["relax.matmul"] == 1 and counts["relax.dequantize"] == 0

@@ -1,0 +1,361 @@
+"""Build: ONNX model -> quantized Relax -> compiled library -> bundle folder.
+
+The bundle is written into a temporary folder beside the output and renamed into place at the
+end, so a failed or interrupted build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tvmq.config import QuantConfig
+from tvmq.errors import TvmqError
+
+__all__ = ["CompileResult", "compile_model", "prepare_output_dir", "weight_bytes", "sha256_file"]
+
+log = logging.getLogger("tvmq")
+
+BUNDLE_FORMAT = "tvmq-bundle"
+BUNDLE_VERSION = 1
+LIBRARY = "model.so"
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile_model` produced (the bundle is on disk at ``output_dir``)."""
+
+    output_dir: Path
+    manifest: dict
+    module: object = field(repr=False)  # the quantized (or float) Relax module
+    float_module: object = field(repr=False)
+    executable: object = field(repr=False, default=None)
+    plan: object = None
+    info: object = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_bytes(mod) -> dict[str, int]:
+    """Bytes of constant tensors in ``mod``'s Relax functions, by dtype."""
+    from tvm import relax
+
+    from tvmq._compat import constant_array, is_constant
+
+    sizes: Counter = Counter()
+    seen = set()
+    for _, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+
+        def visit(node):
+            if is_constant(node) and node.id_ not in seen:
+                seen.add(node.id_)
+                arr = constant_array(node)
+                sizes[str(arr.dtype)] += arr.nbytes
+
+        relax.analysis.post_order_visit(func, visit)
+    return dict(sizes)
+
+
+def prepare_output_dir(output_dir: Path, force: bool = False) -> None:
+    """Refuse a non-empty or unwritable output folder before any work is done."""
+    output_dir = Path(output_dir)
+    if output_dir.exists():
+        if not output_dir.is_dir():
+            raise TvmqError(f"output path {output_dir} is a file; choose a folder name for -o")
+        if any(output_dir.iterdir()) and not force:
+            raise TvmqError(f"output folder {output_dir} is not empty; choose a new folder or remove it first")
+    parent = output_dir.resolve().parent
+    if not parent.is_dir():
+        raise TvmqError(f"cannot create {output_dir}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise TvmqError(f"cannot write to {parent}; choose an output folder you can write to")
+
+
+def _load_raw_samples(calib) -> list[dict] | None:
+    """Calibration samples keyed by name, before the model's input names are known."""
+    if calib is None:
+        return None
+    if isinstance(calib, (str, Path)):
+        path = Path(calib)
+        if not path.is_dir():
+            raise TvmqError(f"calibration directory {path} does not exist; pass a folder of .npy/.npz samples to --calib")
+        return path  # read once the input names are known
+    return list(calib)
+
+
+def compile_model(
+    model,
+    output_dir,
+    *,
+    target: str = "x86",
+    calib=None,
+    config: QuantConfig | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    precision: str = "int8",
+    plan=None,
+    force: bool = False,
+    progress: bool = False,
+) -> CompileResult:
+    """Compile an ONNX model into a bundle folder.
+
+    Parameters
+    ----------
+    model : str, Path or onnx.ModelProto
+    output_dir : str or Path
+        Must not exist or be empty (unless ``force``).
+    target : str
+        Target preset name (``python -m tvmq targets``).
+    calib : str, Path or iterable of dict
+        Calibration folder or samples; required for int8 unless ``plan`` is given.
+    config : QuantConfig, optional
+    shapes : dict, optional
+        ``{input name: shape}`` for dynamic dimensions.
+    precision : str
+        ``int8`` (default) or ``fp32`` (no quantization).
+    plan : QuantPlan or path, optional
+        Reuse a plan instead of calibrating.
+    """
+    from tvmq.targets import get_preset
+
+    preset = get_preset(target)
+    preset.check_toolchain()
+    output_dir = Path(output_dir)
+    prepare_output_dir(output_dir, force)
+    if precision not in ("int8", "fp32"):
+        raise TvmqError(f"--precision {precision!r} is not supported; use int8 or fp32")
+    raw = _load_raw_samples(calib)
+    if precision == "int8" and raw is None and plan is None:
+        raise TvmqError("int8 compilation needs calibration data: pass --calib DIR (one .npy/.npz per sample) or --plan")
+
+    parent = output_dir.resolve().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
+    try:
+        result = _compile_into(tmp, model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress)
+        if output_dir.exists():
+            if force:
+                shutil.rmtree(output_dir)
+            else:
+                output_dir.rmdir()  # empty, checked above
+        os.replace(tmp, output_dir)
+        result.output_dir = output_dir
+        return result
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan, progress) -> CompileResult:
+    import tvm
+
+    from tvmq.calibrate import load_samples_dir, validate_samples
+    from tvmq.frontend import load_onnx
+    from tvmq.kernels import lower, reduction_kernels
+    from tvmq.plan import QuantPlan
+    from tvmq.quantize import calibrate, prepare, quantize_pipeline
+
+    qplan = None
+    if precision == "int8" and plan is not None:
+        qplan = plan if isinstance(plan, QuantPlan) else _read_plan(plan)
+        shapes = {**qplan.input_shapes, **(shapes or {})}  # a plan is made for fixed shapes
+    first = None
+    if isinstance(raw, Path):
+        first = _peek_sample(raw)
+    elif raw:
+        first = dict(raw[0])
+    mod, info = load_onnx(model, shapes, sample=first)
+    float_mod = prepare(mod)
+    names = [s.name for s in info.inputs]
+    warnings = list(preset.warnings())
+    if info.float_ops:
+        warnings.append("ops kept in float (no int8 kernel for them): " + ", ".join(info.float_ops))
+
+    if precision == "int8":
+        if qplan is None:
+            samples = load_samples_dir(raw, list(info.inputs)) if isinstance(raw, Path) else validate_samples(raw, list(info.inputs))
+            qplan = calibrate(float_mod, samples, config, target=preset.name, input_names=names, progress=progress)
+        try:
+            qmod = quantize_pipeline(qplan)(float_mod)
+        except tvm.error.TVMError as err:  # pragma: no cover - a bug, reported as such
+            raise TvmqError(f"quantization failed inside TVM: {str(err).splitlines()[0][:300]}; please report it") from None
+    else:
+        qmod = float_mod
+
+    target = preset.tvm_target()
+    lowered = lower(qmod, target)
+    kernels = reduction_kernels(lowered)
+    executable = tvm.compile(lowered, target, relax_pipeline=None)
+    lib_path = tmp / LIBRARY
+    if preset.cross_compiler:
+        from tvmq._compat import cross_compiler
+
+        executable.export_library(str(lib_path), fcompile=cross_compiler(preset.cross_compiler))
+    else:
+        executable.export_library(str(lib_path))
+
+    runner_src = Path(__file__).with_name("runtime.py")
+    shutil.copyfile(runner_src, tmp / "run.py")
+    if qplan is not None:
+        (tmp / "plan.json").write_text(qplan.dumps() + "\n")
+
+    manifest = _manifest(model, info, preset, qplan, float_mod, qmod, kernels, warnings)
+    (tmp / "report.md").write_text(_report(manifest))
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    manifest["files"] = {name: sha256_file(tmp / name) for name in files}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return CompileResult(tmp, manifest, qmod, float_mod, executable, qplan, info, warnings)
+
+
+def _peek_sample(path: Path) -> dict | None:
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
+    if not files:
+        return None
+    f = files[0]
+    try:
+        if f.suffix == ".npz":
+            with np.load(f, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        arr = np.load(f, allow_pickle=False)
+    except Exception:
+        return None  # reported properly when the directory is read
+    return {None: arr}  # the single input, named once the model is read
+
+
+def _read_plan(path):
+    from tvmq.plan import QuantPlan
+
+    try:
+        return QuantPlan.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TvmqError(f"plan file {path} does not exist") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise TvmqError(f"plan file {path} is not a valid tvmq plan ({err}); regenerate it with tvmq compile") from None
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    import tvmq
+
+    out = {"tvmq": tvmq.__version__}
+    for dist in ("apache-tvm", "apache-tvm-ffi", "onnx", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _manifest(model, info, preset, plan, float_mod, qmod, kernels, warnings) -> dict:
+    from tvmq.passes import find_layers
+    from tvmq.passes.insert_qdq import weight_qparams
+
+    target = dict(preset.target)
+    model_entry = {"opset": info.opset, "producer": info.producer}
+    if isinstance(model, (str, Path)):
+        model_entry.update(file=Path(model).name, sha256=sha256_file(model))
+    layers = {}
+    for layer in find_layers(float_mod["main"]):
+        entry = {"kind": layer.kind, "precision": "fp32"}
+        if plan is not None and layer.name in plan.layers:
+            lp = plan.layers[layer.name]
+            entry.update(lp.to_json())
+            if lp.is_int8 and layer.weight is not None:
+                wqp = weight_qparams(layer.weight, layer.weight_axis)
+                entry["weight"] = {
+                    "dtype": "int8",
+                    "per_channel_axis": int(wqp.axis),
+                    "scale_min": float(wqp.scale.min()),
+                    "scale_max": float(wqp.scale.max()),
+                }
+        layers[layer.name] = entry
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "library": LIBRARY,
+        "runner": "run.py",
+        "versions": _versions(),
+        "model": model_entry,
+        "target": {
+            "preset": preset.name,
+            "tvm": target,
+            "triple": target.get("mtriple") or (target.get("host", {}) or {}).get("mtriple") or "x86_64-linux-gnu",
+            "cpu": target.get("mcpu") or (target.get("host", {}) or {}).get("mcpu"),
+            "features": list(target.get("mattr", [])),
+            "device": "cuda" if preset.kind == "cuda" else "cpu",
+            "activation_dtype": preset.activation_dtype,
+        },
+        "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in info.inputs],
+        "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in info.outputs],
+        "quantization": None if plan is None else {
+            "method": plan.method,
+            "activation_dtype": plan.activation_dtype,
+            "requantize": plan.requantize,
+            "int8_layers": plan.count("int8"),
+            "float_layers": plan.count("fp32") + plan.count("fp16"),
+        },
+        "layers": layers,
+        "kernels": [
+            {"func": k.func, "block": k.block, "operands": list(k.operand_dtypes), "accumulator": k.accum_dtype}
+            for k in sorted(kernels, key=lambda k: (k.func, k.block))
+        ],
+        "weight_bytes": {"float_model": weight_bytes(float_mod), "compiled": weight_bytes(qmod)},
+        "float_ops": list(info.float_ops),
+        "warnings": warnings,
+    }
+
+
+def _fmt_qp(d: dict | None) -> str:
+    if not d:
+        return "float"
+    if isinstance(d.get("scale"), list):
+        return f"{d['dtype']} per-channel"
+    return f"{d['dtype']} s={d['scale']:.4g} zp={d['zero_point']}"
+
+
+def _report(m: dict) -> str:
+    lines = [
+        f"# tvmq build report: {m['model'].get('file', 'model')}",
+        "",
+        f"- target: `{m['target']['preset']}` ({m['target']['triple']}, cpu {m['target']['cpu']})",
+        f"- tvmq {m['versions']['tvmq']}, apache-tvm {m['versions']['apache-tvm']}",
+    ]
+    q = m["quantization"]
+    if q:
+        lines.append(
+            f"- quantization: {q['int8_layers']} int8 layers, {q['float_layers']} float; calibration `{q['method']}`, "
+            f"activations {q['activation_dtype']}, requantize `{q['requantize']}`"
+        )
+    wb = m["weight_bytes"]
+    total_f = sum(wb["float_model"].values())
+    total_c = sum(wb["compiled"].values())
+    lines.append(f"- constant bytes: {total_f} in the float model, {total_c} compiled ({wb['compiled']})")
+    for w in m["warnings"]:
+        lines.append(f"- warning: {w}")
+    lines += ["", "## Layers", "", "| layer | kind | precision | input | output | weight scale range |", "|---|---|---|---|---|---|"]
+    for name, e in m["layers"].items():
+        inputs = ", ".join(_fmt_qp(i) for i in e.get("inputs", [])) or "float"
+        w = e.get("weight")
+        wr = f"{w['scale_min']:.3g} .. {w['scale_max']:.3g}" if w else ""
+        lines.append(f"| {name} | {e['kind']} | {e['precision']} | {inputs} | {_fmt_qp(e.get('output'))} | {wr} |")
+    lines += ["", "## Multiply-accumulate kernels (lowered TIR)", "", "| kernel | operands | accumulator |", "|---|---|---|"]
+    for k in m["kernels"]:
+        lines.append(f"| {k['func']} | {' x '.join(k['operands'])} | {k['accumulator']} |")
+    return "\n".join(lines) + "\n"

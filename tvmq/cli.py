@@ -1,0 +1,214 @@
+"""``python -m tvmq``: compile, run and inspect quantized models.
+
+Every user-facing failure is one ``error:`` line on stderr and exit code 2 (130 when
+interrupted); ``-v`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from tvmq.errors import TvmqError
+
+__all__ = ["main"]
+
+DEMO_DIR = Path(__file__).with_name("demo")
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_compile(sub):
+    p = sub.add_parser(
+        "compile",
+        help="quantize and compile an ONNX model into a bundle (no model: the embedded digits demo)",
+        description="Quantize an ONNX model into int8 kernels and compile it for a target. "
+        "Without MODEL, compiles the embedded digits CNN and prints its FP32 vs INT8 accuracy and latency.",
+    )
+    p.add_argument("model", nargs="?", help="FP32 (or QDQ) ONNX model; omit for the demo")
+    p.add_argument("-o", "--output", help="bundle folder to create (must not exist or be empty)")
+    p.add_argument("--target", default="x86", help="target preset (see `tvmq targets`; default: x86)")
+    p.add_argument("--calib", help="calibration folder: one .npy (single input) or .npz (name -> array) per sample")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1,..",
+                   help="fix an input's dynamic shape (repeatable)")
+    p.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"],
+                   help="activation range calibration (default: minmax)")
+    p.add_argument("--percentile", type=float, default=99.999, help="kept %% for --method percentile")
+    p.add_argument("--precision", default="int8", choices=["int8", "fp32"], help="int8 (default) or fp32 (no quantization)")
+    p.add_argument("--keep-float", action="append", default=[], metavar="GLOB",
+                   help="leave layers whose name matches in float (repeatable)")
+    p.add_argument("--plan", help="reuse a plan.json from an earlier build instead of calibrating")
+    p.add_argument("--requantize", default="fixed_point", choices=["fixed_point", "float"],
+                   help="integer fixed-point (default) or float scaling of accumulators")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=cmd_compile)
+
+
+def _add_run(sub):
+    p = sub.add_parser("run", help="run a bundle on inputs (TVM runtime only)")
+    p.add_argument("bundle", help="folder written by `tvmq compile`")
+    p.add_argument("--input", required=True, help=".npy (single input) or .npz (name -> array)")
+    p.add_argument("--output", help="write outputs to this .npz (default: print them)")
+    p.set_defaults(func=cmd_run)
+
+
+def _add_targets(sub):
+    p = sub.add_parser("targets", help="list target presets")
+    p.set_defaults(func=cmd_targets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tvmq import __version__
+
+    parser = argparse.ArgumentParser(prog="tvmq", description="Compiler-based INT8 quantization for Apache TVM.")
+    parser.add_argument("--version", action="version", version=f"tvmq {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show progress, details and tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_compile(sub)
+    _add_run(sub)
+    _add_targets(sub)
+    return parser
+
+
+def _config_from_args(args):
+    from tvmq.config import LayerRule, QuantConfig
+
+    rules = tuple(LayerRule(name=glob, precision="fp32") for glob in args.keep_float)
+    try:
+        return QuantConfig(method=args.method, percentile=args.percentile, requantize=args.requantize, rules=rules)
+    except ValueError as err:
+        raise TvmqError(f"{err}") from None
+
+
+def cmd_compile(args) -> int:
+    from tvmq.frontend import parse_shape_arg
+
+    shapes = dict(parse_shape_arg(s) for s in args.shape)
+    config = _config_from_args(args)
+    if args.model is None:
+        return _demo(args, config)
+    if not args.output:
+        raise TvmqError("no output folder; pass -o OUT (the bundle folder to create)")
+    from tvmq.build import compile_model
+
+    result = compile_model(
+        args.model,
+        args.output,
+        target=args.target,
+        calib=args.calib,
+        config=config,
+        shapes=shapes,
+        precision=args.precision,
+        plan=args.plan,
+        force=args.force,
+        progress=args.verbose,
+    )
+    _print_summary(result)
+    return 0
+
+
+def _print_summary(result) -> None:
+    m = result.manifest
+    q = m["quantization"]
+    size = (result.output_dir / m["library"]).stat().st_size
+    layers = f"{q['int8_layers']} int8 layers, {q['float_layers']} float" if q else "fp32 (not quantized)"
+    print(f"compiled {m['model'].get('file', 'model')} for {m['target']['preset']} -> {result.output_dir} "
+          f"({m['library']} {size / 1024:.0f} KiB): {layers}")
+    integer = sum(1 for k in m["kernels"] if k["accumulator"] == "int32")
+    print(f"kernels: {integer} of {len(m['kernels'])} multiply-accumulate kernels compute in integers")
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def _demo(args, config) -> int:
+    import numpy as np
+
+    from tvmq.build import compile_model
+    from tvmq.execute import HostModule
+    from tvmq.runtime import Bundle
+
+    if args.calib or args.shape or args.plan:
+        raise TvmqError("the demo brings its own model, calibration data and shapes; pass a MODEL to use --calib/--shape/--plan")
+    if args.target != "x86" and not args.output:
+        raise TvmqError(f"the demo runs its bundle here; for --target {args.target} pass -o OUT to keep the bundle")
+    model = DEMO_DIR / "digits.onnx"
+    test = np.load(DEMO_DIR / "digits_test.npz")
+    xs, ys = test["x"], test["y"]
+    tmpdir = None
+    if args.output:
+        out = Path(args.output)
+    else:
+        tmpdir = tempfile.TemporaryDirectory(prefix="tvmq-demo-")
+        out = Path(tmpdir.name) / "digits-int8"
+    try:
+        result = compile_model(model, out, target=args.target, calib=DEMO_DIR / "digits_calib", config=config,
+                               precision=args.precision, force=args.force, progress=args.verbose)
+        n_calib = len(list((DEMO_DIR / "digits_calib").glob("*.npy")))
+        print(f"demo: digits CNN trained on scikit-learn's load_digits; {len(ys)} held-out test images, "
+              f"{n_calib} calibration samples, method {config.method.value}")
+        _print_summary(result)
+        if args.target != "x86":
+            return 0
+        fp32 = HostModule(result.float_module)
+        bundle = Bundle(result.output_dir)
+        name = bundle.inputs[0]["name"]
+        acc_f = float(np.mean([fp32(x[None])[0].argmax() == y for x, y in zip(xs, ys)]))
+        acc_q = float(np.mean([bundle.run({name: x[None]})[bundle.outputs[0]["name"]].argmax() == y for x, y in zip(xs, ys)]))
+        lat_f = fp32.latency_ms(xs[:1], repeat=200)
+        lat_q = bundle.latency_ms({name: xs[:1]}, repeat=200)
+        label = "INT8 (tvmq)" if args.precision == "int8" else "FP32 bundle"
+        print(f"{'FP32 (TVM)':<12} accuracy {acc_f * 100:6.2f}%   latency {lat_f:.3f} ms (median, batch 1)")
+        print(f"{label:<12} accuracy {acc_q * 100:6.2f}%   latency {lat_q:.3f} ms (median, batch 1)")
+        print(f"accuracy change {100 * (acc_q - acc_f):+.2f} pt; speed-up {lat_f / lat_q:.2f}x")
+        if tmpdir is None:
+            print(f"bundle kept in {result.output_dir}; run it with: python -m tvmq run {result.output_dir} --input x.npy")
+        return 0
+    finally:
+        if tmpdir is not None:
+            tmpdir.cleanup()
+
+
+def cmd_run(args) -> int:
+    from tvmq.runtime import BundleError, run_cli
+
+    try:
+        return run_cli(args.bundle, args.input, args.output)
+    except BundleError as err:
+        raise TvmqError(str(err)) from None
+
+
+def cmd_targets(args) -> int:
+    from tvmq.targets import list_presets
+
+    for p in list_presets():
+        int8 = f"{p.activation_dtype[0]}8 x s8" + ("" if p.fast_int8 else " (no dot-product)")
+        print(f"{p.name:<12} {int8:<24} {p.description}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_ERROR
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except TvmqError as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written (partial output removed)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # pylint: disable=broad-except
+        if args.verbose:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        print(f"error: internal error ({type(err).__name__}: {first}); rerun with -v and report it", file=sys.stderr)
+        return EXIT_ERROR

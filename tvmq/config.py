@@ -1,0 +1,120 @@
+"""Quantization configuration: frozen, keyword-only, validated on construction."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from enum import Enum
+
+__all__ = [
+    "CalibrationMethod",
+    "Precision",
+    "RequantizeMode",
+    "ActivationSpec",
+    "LayerRule",
+    "QuantConfig",
+]
+
+
+class CalibrationMethod(str, Enum):
+    """How an activation's range is chosen from its observed values."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"  # KL divergence, as TensorRT
+    MSE = "mse"
+
+
+class Precision(str, Enum):
+    INT8 = "int8"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class RequantizeMode(str, Enum):
+    """How int32 accumulators are scaled back to 8 bits."""
+
+    FIXED_POINT = "fixed_point"  # (acc * m0 + 2**(s-1)) >> s, integers only
+    FLOAT = "float"  # round(acc * m) in float32
+
+
+@dataclass(frozen=True, kw_only=True)
+class ActivationSpec:
+    """Activation quantization: per-tensor, affine unless ``symmetric``."""
+
+    dtype: str = "uint8"
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in ("uint8", "int8"):
+            raise ValueError(f"activation dtype must be uint8 or int8, not {self.dtype!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerRule:
+    """``(op type | name glob) -> precision``; the first rule that matches a layer wins.
+
+    ``precision`` is ``"int8"``, ``"fp16"``, ``"fp32"`` or ``"skip"`` (same as fp32: the layer is
+    left exactly as imported).
+    """
+
+    precision: str
+    op: str | None = None
+    name: str | None = None
+
+    def __post_init__(self):
+        if self.precision not in ("int8", "fp16", "fp32", "skip"):
+            raise ValueError(f"rule precision must be int8, fp16, fp32 or skip, not {self.precision!r}")
+        if self.op is None and self.name is None:
+            raise ValueError("a layer rule needs an op type, a name glob, or both")
+
+    def matches(self, name: str, op: str) -> bool:
+        if self.op is not None and self.op != op:
+            return False
+        return self.name is None or fnmatch.fnmatchcase(name, self.name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """What :func:`tvmq.quantize` does.
+
+    Parameters
+    ----------
+    method : CalibrationMethod
+        Range selection for activations.
+    percentile : float
+        Kept fraction (in %) for ``PERCENTILE``.
+    num_bins : int
+        Histogram bins on each side of zero for the histogram methods.
+    activation : ActivationSpec or None
+        ``None`` takes the target preset's choice (u8 on x86 VNNI, s8 on ARM sdot).
+    requantize : RequantizeMode
+        Integer fixed-point (default) or float scaling of accumulators.
+    quantize_add : bool
+        Also run residual adds between int8 layers in integers.
+    rules : tuple of LayerRule
+        Per-layer overrides, first match wins.
+    """
+
+    method: CalibrationMethod = CalibrationMethod.MINMAX
+    percentile: float = 99.999
+    num_bins: int = 2048
+    activation: ActivationSpec | None = None
+    requantize: RequantizeMode = RequantizeMode.FIXED_POINT
+    quantize_add: bool = True
+    rules: tuple[LayerRule, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", CalibrationMethod(self.method))
+        object.__setattr__(self, "requantize", RequantizeMode(self.requantize))
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.num_bins < 128:
+            raise ValueError(f"num_bins must be at least 128, got {self.num_bins}")
+
+    def precision_for(self, name: str, op: str, default: str = "int8") -> str:
+        for rule in self.rules:
+            if rule.matches(name, op):
+                return "fp32" if rule.precision == "skip" else rule.precision
+        return default

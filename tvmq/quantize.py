@@ -1,0 +1,194 @@
+"""The high-level API: float Relax module + calibration data -> integer Relax module."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvmq.calibrate import InputSpec, collect_statistics, select_range, validate_samples
+from tvmq.config import ActivationSpec, CalibrationMethod, QuantConfig
+from tvmq.errors import TvmqError
+from tvmq.plan import LayerPlan, QuantPlan
+from tvmq.qparams import activation_qparams
+from tvmq.passes import FoldQDQ, InsertQDQ
+from tvmq.passes.patterns import FunctionGraph, dtype_of, find_layers, static_shape
+
+__all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs"]
+
+log = logging.getLogger("tvmq")
+
+
+def prepare(mod: tvm.IRModule, params: Mapping[str, np.ndarray] | None = None) -> tvm.IRModule:
+    """Bind parameters, fold batch norms into convolutions, and fold constants."""
+    if params:
+        mod = relax.transform.BindParams("main", {k: tvm.runtime.tensor(np.asarray(v)) for k, v in params.items()})(mod)
+    seq = tvm.transform.Sequential(
+        [
+            relax.transform.FoldBatchnormToConv2D(),
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination(["main"]),
+        ]
+    )
+    return seq(mod)
+
+
+def input_specs(mod: tvm.IRModule, names: list[str] | None = None) -> list[InputSpec]:
+    """The model inputs as ``InputSpec`` (names default to the Relax parameter names)."""
+    params = list(mod["main"].params)
+    names = names or [p.name for p in params]
+    specs = []
+    for name, p in zip(names, params):
+        shape = static_shape(p)
+        if shape is None:
+            raise TvmqError(f"input {name!r} has a dynamic shape; fix it with --shape {name}:D0,D1,...")
+        specs.append(InputSpec(name, shape, dtype_of(p)))
+    return specs
+
+
+def _int8_layers(layers, graph, config: QuantConfig):
+    """Decide which layers run in int8: conv/matmul by the rules, adds only between int8 layers."""
+    chosen = {}
+    for layer in layers:
+        if layer.kind != "add":
+            chosen[layer.name] = config.precision_for(layer.name, layer.kind) == "int8"
+    ends = {layer.output: layer for layer in layers}
+    adds = [l for l in layers if l.kind == "add" and config.quantize_add and config.precision_for(l.name, "add") == "int8"]
+    for layer in adds:
+        chosen[layer.name] = True
+    root_of = {l.name: [graph.root(x)[0] for x in l.inputs] for l in layers}
+    changed = True
+    while changed:
+        changed = False
+        consumed = {r for l in layers if chosen.get(l.name) for r in root_of[l.name]}
+        for layer in adds:
+            if not chosen[layer.name]:
+                continue
+            producers_int8 = all(r in ends and chosen.get(ends[r].name) for r in root_of[layer.name])
+            if not producers_int8 or layer.output not in consumed:
+                chosen[layer.name] = False
+                changed = True
+    return {name for name, on in chosen.items() if on}, root_of
+
+
+def calibrate(
+    mod: tvm.IRModule,
+    calib_data: Iterable[Mapping[str, np.ndarray]],
+    config: QuantConfig | None = None,
+    *,
+    target: str = "x86",
+    input_names: list[str] | None = None,
+    progress: bool = False,
+) -> QuantPlan:
+    """Observe ``calib_data`` on the (prepared) float module and return a :class:`QuantPlan`."""
+    from tvmq.targets import get_preset
+
+    config = config or QuantConfig()
+    spec = config.activation or ActivationSpec(dtype=get_preset(target).activation_dtype)
+    for rule in config.rules:
+        if rule.precision == "fp16":
+            raise TvmqError("fp16 layers are not supported by this version of tvmq; use int8 or fp32 in the rules")
+    specs = input_specs(mod, input_names)
+    samples = validate_samples(calib_data, specs)
+    func = mod["main"]
+    graph = FunctionGraph(func)
+    layers = find_layers(func, graph)
+    int8, root_of = _int8_layers(layers, graph, config)
+
+    observed = []
+    for layer in layers:
+        if layer.name in int8:
+            for root in root_of[layer.name]:
+                if dtype_of(root) != "float32":
+                    raise TvmqError(f"layer {layer.name}: input is {dtype_of(root)}, only float32 inputs can be quantized")
+                if root not in observed:
+                    observed.append(root)
+    method = CalibrationMethod(config.method)
+    stats = collect_statistics(
+        mod,
+        observed,
+        samples,
+        [s.name for s in specs],
+        histogram=method != CalibrationMethod.MINMAX,
+        num_bins=config.num_bins,
+        progress=progress,
+    )
+    qparams = {}
+    for tensor, st in zip(observed, stats):
+        lo, hi = select_range(st, method, percentile=config.percentile, dtype=spec.dtype, symmetric=spec.symmetric)
+        qparams[tensor] = activation_qparams(lo, hi, spec.dtype, spec.symmetric)
+
+    plan = {}
+    for layer in layers:
+        if layer.name in int8:
+            plan[layer.name] = LayerPlan(
+                kind=layer.kind,
+                precision="int8",
+                inputs=tuple(qparams[r] for r in root_of[layer.name]),
+                output=qparams.get(layer.output),
+            )
+        else:
+            plan[layer.name] = LayerPlan(kind=layer.kind, precision="fp32")
+    return QuantPlan(
+        layers=plan,
+        input_shapes={s.name: list(s.shape) for s in specs},
+        method=method.value, activation_dtype=spec.dtype, requantize=config.requantize.value
+    )
+
+
+def quantize_pipeline(plan: QuantPlan) -> tvm.transform.Pass:
+    """The passes that apply ``plan``: InsertQDQ, FoldQDQ, then constant folding and cleanup."""
+    return tvm.transform.Sequential(
+        [
+            InsertQDQ(plan),
+            FoldQDQ(plan.requantize),
+            relax.transform.FoldConstant(),
+            relax.transform.DeadCodeElimination(["main"]),
+        ],
+        name="tvmq.quantize",
+    )
+
+
+def quantize(
+    mod: tvm.IRModule,
+    params: Mapping[str, np.ndarray] | None = None,
+    calib_data: Iterable[Mapping[str, np.ndarray]] | None = None,
+    config: QuantConfig | None = None,
+    *,
+    target: str = "x86",
+    plan: QuantPlan | None = None,
+    input_names: list[str] | None = None,
+) -> tvm.IRModule:
+    """Quantize a float Relax module into integer kernels.
+
+    Parameters
+    ----------
+    mod : IRModule
+        Float model (e.g. from ``tvm.relax.frontend.onnx.from_onnx``) with static shapes.
+    params : dict, optional
+        Weights to bind when the model keeps them as inputs.
+    calib_data : iterable of dict
+        Calibration samples, ``{input name: array}`` each. Not needed when ``plan`` is given.
+    config : QuantConfig, optional
+    target : str
+        Target preset name: decides the activation dtype (u8 on x86, s8 on ARM).
+    plan : QuantPlan, optional
+        A plan from an earlier :func:`calibrate`; skips calibration.
+    input_names : list of str, optional
+        Names the samples use for the inputs, in order (default: Relax parameter names).
+
+    Returns
+    -------
+    IRModule
+        The module with int8 conv2d/matmul (int32 accumulation) and fused requantization.
+    """
+    mod = prepare(mod, params)
+    if plan is None:
+        if calib_data is None:
+            raise TvmqError("quantize needs calibration data or a plan")
+        plan = calibrate(mod, calib_data, config, target=target, input_names=input_names)
+    return quantize_pipeline(plan)(mod)

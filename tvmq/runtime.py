@@ -1,0 +1,260 @@
+"""Run a tvmq bundle with only the TVM runtime: no compiler, no ``import tvm``.
+
+This file is copied into every bundle as ``run.py``; it depends on numpy, ``tvm_ffi`` and the
+shared library ``libtvm_runtime.so`` (from the apache-tvm wheel, or next to the bundle in
+``lib/``). ``import tvm`` itself cannot be used on a board: in TVM 0.27 it needs the compiler
+library even with ``TVM_USE_RUNTIME_LIB=1``.
+
+Usage::
+
+    python run.py BUNDLE_DIR --input x.npy [--output y.npz]
+    python run.py BUNDLE_DIR --input inputs.npz --output y.npz   # name -> array
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Bundle", "BundleError", "find_runtime_library", "main"]
+
+MANIFEST = "manifest.json"
+_DEVICE = {"cpu": 1, "cuda": 2}
+_POOLED_ALLOCATOR = 2
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used as it is (missing, altered, or for another machine)."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_runtime_library(bundle: Path | None = None) -> list[Path]:
+    """``libtvm_runtime.so`` (plus the CUDA runtime when present), bundle-local first."""
+    candidates = []
+    if os.environ.get("TVMQ_RUNTIME_LIB"):
+        candidates.append(Path(os.environ["TVMQ_RUNTIME_LIB"]))
+    if bundle is not None:
+        candidates.append(bundle / "lib" / "libtvm_runtime.so")
+    spec = importlib.util.find_spec("tvm")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidates.append(Path(loc) / "lib" / "libtvm_runtime.so")
+    for lib in candidates:
+        if lib.exists():
+            return [lib]
+    raise BundleError(
+        "libtvm_runtime.so not found; pip install apache-tvm (or copy the library into the bundle's lib/ "
+        "folder, or set TVMQ_RUNTIME_LIB)"
+    )
+
+
+class Bundle:
+    """A compiled model folder: ``model.so`` + ``manifest.json``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The bundle folder.
+    verify : bool
+        Check every file's sha256 against the manifest before loading (default True).
+    """
+
+    def __init__(self, path, verify: bool = True):
+        self.path = Path(path)
+        manifest = self.path / MANIFEST
+        if not manifest.is_file():
+            raise BundleError(f"{self.path} is not a tvmq bundle (no {MANIFEST}); pass the folder `tvmq compile -o` wrote")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except (OSError, ValueError) as err:
+            raise BundleError(f"{manifest} is damaged ({err}); recompile the model") from None
+        if verify:
+            self.verify()
+        self._vm = None
+
+    @property
+    def inputs(self) -> list[dict]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[dict]:
+        return self.manifest["outputs"]
+
+    def verify(self) -> None:
+        for name, expected in sorted(self.manifest.get("files", {}).items()):
+            f = self.path / name
+            if not f.is_file():
+                raise BundleError(f"bundle file {name} is missing from {self.path}; recompile or copy the whole folder")
+            if sha256_file(f) != expected:
+                raise BundleError(
+                    f"bundle file {name} does not match its checksum in {MANIFEST} (altered or truncated copy); "
+                    "copy the bundle again or recompile"
+                )
+
+    def _load(self):
+        if self._vm is not None:
+            return self._vm
+        import tvm_ffi
+
+        if "tvm" not in sys.modules:
+            for lib in find_runtime_library(self.path):
+                ctypes.CDLL(str(lib), ctypes.RTLD_GLOBAL)
+        lib_path = self.path / self.manifest.get("library", "model.so")
+        try:
+            module = tvm_ffi.load_module(str(lib_path))
+        except Exception as err:  # wrong ISA, missing symbols, ...
+            raise BundleError(
+                f"cannot load {lib_path} on this machine ({str(err).splitlines()[0][:200]}); "
+                f"it was built for {self.manifest.get('target', {}).get('triple', 'another target')}"
+            ) from None
+        vm = module["vm_load_executable"]()
+        device = _DEVICE.get(self.manifest.get("target", {}).get("device", "cpu"), 1)
+        if device == 1:
+            vm["vm_initialization"](device, 0, _POOLED_ALLOCATOR)
+        else:
+            vm["vm_initialization"](device, 0, _POOLED_ALLOCATOR, 1, 0, _POOLED_ALLOCATOR)
+        self._vm = (vm, device)
+        return self._vm
+
+    def check_inputs(self, inputs: dict) -> list[np.ndarray]:
+        arrays = []
+        names = [i["name"] for i in self.inputs]
+        unknown = sorted(set(inputs) - set(names))
+        if unknown:
+            raise BundleError(f"unknown input(s) {unknown}; the model takes {names}")
+        for spec in self.inputs:
+            if spec["name"] not in inputs:
+                raise BundleError(f"missing input {spec['name']!r}; the model takes {names}")
+            a = np.asarray(inputs[spec["name"]])
+            if list(a.shape) != list(spec["shape"]):
+                raise BundleError(f"input {spec['name']!r} has shape {list(a.shape)}, the bundle expects {spec['shape']}")
+            if a.dtype.kind != np.dtype(spec["dtype"]).kind:
+                raise BundleError(f"input {spec['name']!r} is {a.dtype}, the bundle expects {spec['dtype']}")
+            arrays.append(aligned(a.astype(spec["dtype"], copy=False)))
+        return arrays
+
+    def run(self, inputs: dict) -> dict:
+        """``{input name: array}`` -> ``{output name: array}``."""
+        import tvm_ffi
+
+        vm, device = self._load()
+        # Keep the aligned copies referenced until the call has returned.
+        arrays = self.check_inputs(inputs)
+        args = [tvm_ffi.from_dlpack(a) for a in arrays]
+        if device != 1:
+            args = [a.to_device(tvm_ffi.device("cuda", 0)) if hasattr(a, "to_device") else a for a in args]
+        result = vm["main"](*args)
+        values = _flatten(result)
+        del arrays
+        return {spec["name"]: v for spec, v in zip(self.outputs, values)}
+
+    def latency_ms(self, inputs: dict, repeat: int = 50, warmup: int = 5) -> float:
+        import tvm_ffi
+
+        vm, _ = self._load()
+        arrays = self.check_inputs(inputs)
+        args = [tvm_ffi.from_dlpack(a) for a in arrays]
+        fn = vm["main"]
+        for _ in range(warmup):
+            fn(*args)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append((time.perf_counter() - t0) * 1e3)
+        del arrays
+        return float(np.median(times))
+
+
+def aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
+    """``a`` as a C-contiguous array whose data starts on an ``alignment``-byte boundary.
+
+    TVM's generated code assumes 64-byte aligned tensors (what its own allocator returns) and
+    uses aligned vector loads; numpy only guarantees 16 bytes, and a misaligned input passed
+    zero-copy through DLPack crashes the kernel with SIGSEGV.
+    """
+    if a.flags.c_contiguous and a.ctypes.data % alignment == 0:
+        return a
+    raw = np.empty(a.nbytes + alignment, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % alignment
+    out = raw[offset : offset + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def _flatten(result) -> list[np.ndarray]:
+    if isinstance(result, (list, tuple)) or type(result).__name__ in ("Array", "List"):
+        out = []
+        for item in result:
+            out.extend(_flatten(item))
+        return out
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    return [np.from_dlpack(result).copy()]
+
+
+def read_inputs(path: Path, bundle: Bundle) -> dict:
+    if not path.is_file():
+        raise BundleError(f"input file {path} does not exist")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        array = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise BundleError(f"cannot read {path} as numpy data ({type(err).__name__}); save it with numpy.save/savez") from None
+    if len(bundle.inputs) != 1:
+        names = [i["name"] for i in bundle.inputs]
+        raise BundleError(f"the model has {len(names)} inputs {names}; pass an .npz mapping each name to its array")
+    return {bundle.inputs[0]["name"]: array}
+
+
+def run_cli(bundle_dir, input_path, output_path=None, verify=True, stdout=sys.stdout) -> int:
+    bundle = Bundle(bundle_dir, verify=verify)
+    outputs = bundle.run(read_inputs(Path(input_path), bundle))
+    if output_path:
+        output_path = Path(output_path)
+        tmp = output_path.with_name(output_path.name + ".part")
+        with open(tmp, "wb") as f:
+            np.savez(f, **outputs)
+        os.replace(tmp, output_path)
+        print(f"wrote {output_path}: " + ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in outputs.items()), file=stdout)
+    else:
+        for name, value in outputs.items():
+            with np.printoptions(precision=5, suppress=True, threshold=64):
+                print(f"{name} {list(value.shape)} {value.dtype}\n{value}", file=stdout)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="run.py", description="Run a tvmq bundle with only the TVM runtime.")
+    parser.add_argument("bundle", nargs="?", default=str(Path(__file__).resolve().parent))
+    parser.add_argument("--input", required=True, help=".npy (single input) or .npz (name -> array)")
+    parser.add_argument("--output", help="write outputs to this .npz")
+    parser.add_argument("--no-verify", action="store_true", help="skip the checksum check")
+    args = parser.parse_args(argv)
+    try:
+        return run_cli(args.bundle, args.input, args.output, verify=not args.no_verify)
+    except BundleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

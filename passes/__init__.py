@@ -3,8 +3,9 @@
 >>> seq = tvm.transform.Sequential([InsertQDQ(plan), FoldQDQ()])   # doctest: +SKIP
 """
 
+from .fold_constants import FoldConstantsNumpy
 from .fold_qdq import FoldQDQ
 from .insert_qdq import InsertQDQ
 from .patterns import count_ops, find_layers
 
-__all__ = ["InsertQDQ", "FoldQDQ", "find_layers", "count_ops"]
+__all__ = ["InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "find_layers", "count_ops"]

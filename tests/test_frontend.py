@@ -105,3 +105,20 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path):
     onnx.save(model, path)
     with pytest.raises(TvmqError, match="outside the model's folder"):
         read_onnx(path)
+
+
+def test_clip_with_constant_bounds_becomes_relax_clip_and_fuses_as_activation():
+    from tvmq.passes import count_ops, find_layers
+    from tvmq.quantize import prepare
+
+    model, w, b = conv_model(relu=False)
+    model.graph.output[0].name = "y"
+    lo = onnx.numpy_helper.from_array(np.array(0.0, np.float32), "lo")
+    hi = onnx.numpy_helper.from_array(np.array(6.0, np.float32), "hi")
+    model.graph.initializer.extend([lo, hi])
+    model.graph.node.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="relu6"))
+    mod, _ = load_onnx(model)
+    mod = prepare(mod)
+    assert count_ops(mod)["relax.clip"] == 1 and "relax.call_tir" not in count_ops(mod)
+    act = find_layers(mod["main"])[0].chain.act
+    assert (act.kind, act.lo, act.hi) == ("clip", 0.0, 6.0)

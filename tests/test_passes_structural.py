@@ -182,3 +182,35 @@ def test_passes_compose_in_sequential():
     seq = tvm.transform.Sequential([InsertQDQ(plan()), FoldQDQ("float")])
     counts = count_ops(seq(before()))
     assert counts["relax.matmul"] == 1 and counts["relax.dequantize"] == 0
+
+
+@I.ir_module
+class ConstantChain:
+    @R.function
+    def main(x: R.Tensor((1, 2), "float32"), v: R.Tensor((2,), "float32")) -> R.Tensor((1, 2), "float32"):
+        with R.dataflow():
+            a = R.add(v, R.const(1.0, "float32"))
+            b = R.sqrt(a)
+            c = R.reshape(b, R.shape([1, 2]))
+            gv = R.multiply(x, c)
+            R.output(gv)
+        return gv
+
+
+def test_fold_constants_numpy_evaluates_batchnorm_style_chains():
+    from tvmq.passes import FoldConstantsNumpy
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 2), "float32"), c: R.Tensor((1, 2), "float32")) -> R.Tensor((1, 2), "float32"):
+            with R.dataflow():
+                gv = R.multiply(x, c)
+                R.output(gv)
+            return gv
+
+    v = np.array([3.0, 8.0], np.float32)
+    folded = FoldConstantsNumpy()(bind(ConstantChain, v=v))
+    tvm.ir.assert_structural_equal(folded, bind(Expected, c=np.sqrt(v + 1).reshape(1, 2)))
+    # Nothing constant: untouched.
+    tvm.ir.assert_structural_equal(FoldConstantsNumpy()(ConstantChain), ConstantChain)

@@ -18,6 +18,7 @@ TensorType = getattr(relax, "TensorType", None) or getattr(relax, "TensorStructI
 TupleType = getattr(relax, "TupleType", None) or getattr(relax, "TupleStructInfo")
 Constant = getattr(tvm.ir, "GenericConst", None) or getattr(relax, "Constant")
 tir = getattr(tvm, "tirx", None) or importlib.import_module("tvm.tir")
+FloatImm, IntImm = tir.FloatImm, tir.IntImm
 # 0.27 made BufferLoad a factory function returning tvm.ir.TensorLoad.
 BufferLoad = tir.BufferLoad if isinstance(tir.BufferLoad, type) else getattr(tvm.ir, "TensorLoad")
 

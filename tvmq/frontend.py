@@ -239,6 +239,32 @@ def fold_constant_subgraphs(model):
     return folded
 
 
+def _clip_with_constant_bounds(op_name, inputs):
+    """``R.clip`` for an opset-11+ Clip whose bounds are constants.
+
+    TVM's converter emits ``maximum``/``minimum`` call_tir kernels guarded by ``isnan`` of the
+    bounds, which hides ReLU6-style clamps from fusion (and costs a compiled kernel per bound in
+    FoldConstant). Constant scalar bounds are what exporters write.
+    """
+    from tvmq._compat import constant_array, is_constant
+
+    bounds = []
+    for i, default in ((1, -np.inf), (2, np.inf)):
+        b = inputs[i] if len(inputs) > i else None
+        if b is None:
+            bounds.append(default)
+        elif is_constant(b) and constant_array(b).size == 1:
+            bounds.append(float(constant_array(b).reshape(())))
+        else:
+            return None
+    from tvm import relax
+
+    x = inputs[0]
+    if getattr(getattr(x, "ty", None), "dtype", None) not in ("float32", "float16"):
+        return None
+    return relax.op.clip(x, bounds[0], bounds[1])
+
+
 @contextlib.contextmanager
 def _named_importer():
     """Swap TVM's ONNX importer for one that names each binding after its ONNX node."""
@@ -259,7 +285,9 @@ def _named_importer():
 
             self.bb.emit = named_emit
             try:
-                sym = super()._convert_operator(op_name, inputs, attrs, opset)
+                sym = _clip_with_constant_bounds(op_name, inputs) if op_name == "Clip" else None
+                if sym is None:
+                    sym = super()._convert_operator(op_name, inputs, attrs, opset)
                 if name and isinstance(sym, relax.Call):
                     sym = emit(sym, name)
             finally:
@@ -273,10 +301,12 @@ def _named_importer():
         frontend.ONNXGraphImporter = base
 
 
-_NEVER_INT8 = frozenset(
-    {"Softmax", "LayerNormalization", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Pow", "Erf", "Gelu",
-     "HardSigmoid", "HardSwish", "LSTM", "GRU", "RNN", "ReduceMean", "GlobalAveragePool", "AveragePool",
-     "Resize", "Div", "InstanceNormalization", "Einsum", "TopK", "NonMaxSuppression", "ArgMax"}
+# ONNX ops that run in integers after quantization (anchors, their epilogues, and the ops a
+# quantized tensor flows through unchanged); any other op type is reported as staying float.
+_INT8_CAPABLE = frozenset(
+    {"Conv", "MatMul", "Gemm", "Add", "Relu", "Clip", "MaxPool", "Reshape", "Flatten", "Transpose",
+     "Squeeze", "Unsqueeze", "Slice", "BatchNormalization", "Identity", "Constant", "Shape", "Cast",
+     "QuantizeLinear", "DequantizeLinear"}
 )
 
 
@@ -354,7 +384,7 @@ def load_onnx(model, shapes: dict[str, list[int]] | None = None, sample: dict | 
     for out, ty in zip(model.graph.output, fields):
         shape = tuple(int(d) for d in ty.shape.values) if getattr(ty, "shape", None) is not None else ()
         outputs.append(InputSpec(out.name, shape, str(getattr(ty, "dtype", "float32"))))
-    float_ops = sorted({n.op_type for n in model.graph.node if n.op_type in _NEVER_INT8})
+    float_ops = sorted({n.op_type for n in model.graph.node if n.op_type not in _INT8_CAPABLE})
     info = ModelInfo(
         inputs=tuple(specs),
         outputs=tuple(outputs),

@@ -14,7 +14,7 @@ from tvmq.config import ActivationSpec, CalibrationMethod, QuantConfig
 from tvmq.errors import TvmqError
 from tvmq.plan import LayerPlan, QuantPlan
 from tvmq.qparams import activation_qparams
-from tvmq.passes import FoldQDQ, InsertQDQ
+from tvmq.passes import FoldConstantsNumpy, FoldQDQ, InsertQDQ
 from tvmq.passes.patterns import FunctionGraph, dtype_of, find_layers, static_shape
 
 __all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs"]
@@ -30,6 +30,7 @@ def prepare(mod: tvm.IRModule, params: Mapping[str, np.ndarray] | None = None) -
         [
             relax.transform.FoldBatchnormToConv2D(),
             relax.transform.DecomposeOpsForInference(),
+            FoldConstantsNumpy(),
             relax.transform.FoldConstant(),
             relax.transform.DeadCodeElimination(["main"]),
         ]

@@ -3,9 +3,12 @@
 >>> seq = tvm.transform.Sequential([InsertQDQ(plan), FoldQDQ()])   # doctest: +SKIP
 """
 
+from .arith import DivideToMultiply
 from .fold_constants import FoldConstantsNumpy
 from .fold_qdq import FoldQDQ
 from .insert_qdq import InsertQDQ
+from .layout import ConvertToNHWC
+from .pack_kernels import PackKernels
 from .patterns import count_ops, find_layers
 
-__all__ = ["InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "find_layers", "count_ops"]
+__all__ = ["DivideToMultiply", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "find_layers", "count_ops"]

@@ -208,9 +208,11 @@ class _Folder(relax.PyExprMutator):
             padding = [top, left, bottom, right]
             if zx != 0 and any(padding):
                 # Padding must hold the zero point (real 0), not integer 0.
-                data = self._emit(
-                    relax.op.nn.pad(data, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(zx))
-                )
+                layout = str(attrs.data_layout)
+                pad_width = [0] * 8
+                pad_width[2 * layout.index("H") : 2 * layout.index("H") + 2] = [top, bottom]
+                pad_width[2 * layout.index("W") : 2 * layout.index("W") + 2] = [left, right]
+                data = self._emit(relax.op.nn.pad(data, pad_width, pad_value=float(zx)))
                 padding = [0, 0, 0, 0]
             acc = relax.op.nn.conv2d(
                 data,
@@ -280,13 +282,30 @@ class _Folder(relax.PyExprMutator):
             return True
         dq = self._dq_of(self.visit_expr(src))
         if dq is None or dq.qp.per_channel:
-            return False
+            return self._quantize_by_multiply(var, src, out)
         if dq.qp == out:
             self._bind(var, dq.data)
             return True
         m = np.float64(dq.qp.scale) / np.float64(out.scale)
         term = [(dq.data, int(dq.qp.zero_point), m)]
         self._bind(var, self._requantize(term, m, int(out.zero_point), out.qmin, out.qmax, out_dtype))
+        return True
+
+    def _quantize_by_multiply(self, var, src, out: QParams) -> bool:
+        """A float tensor entering the integer domain: ``round(x * (1/s)) + zp``, clamped.
+
+        ``relax.op.quantize`` divides by the scale; a multiply by the reciprocal is several
+        times cheaper and differs only when ``x/s`` lies within an ulp of a rounding tie.
+        """
+        x = self.visit_expr(src)
+        if dtype_of(x) != "float32":
+            return False
+        t = self._emit(relax.op.multiply(x, relax.const(np.float32(1.0 / np.float64(out.scale)), "float32")))
+        t = self._emit(relax.op.round(t))
+        if int(out.zero_point):
+            t = self._emit(relax.op.add(t, relax.const(np.float32(out.zero_point), "float32")))
+        t = self._emit(relax.op.clip(t, out.qmin, out.qmax))
+        self._bind(var, relax.op.astype(t, out.dtype))
         return True
 
     def _push_through(self, var, call) -> bool:

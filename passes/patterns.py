@@ -293,7 +293,7 @@ def _anchor_kind(call) -> str | None:
     op = call_op(call)
     if op == CONV2D:
         attrs = call.attrs
-        if str(attrs.data_layout) == "NCHW" and str(attrs.kernel_layout) == "OIHW":
+        if (str(attrs.data_layout), str(attrs.kernel_layout)) in (("NCHW", "OIHW"), ("NHWC", "OHWI")):
             return "conv2d"
         return None
     if op == MATMUL:

@@ -5,7 +5,12 @@ Same machine, same thread count, same calibration samples for both quantizers, m
 
 * ``digits``    the embedded demo CNN, accuracy on its held-out test split;
 * ``ppocr_cls`` PP-OCR's text-orientation classifier (rapidocr-onnxruntime wheel), accuracy on
-  rendered text lines, half of them rotated by 180 degrees.
+  rendered text lines, half of them rotated by 180 degrees;
+* ``ppocr_rec`` PP-OCRv4's text recogniser (same wheel), exact-string accuracy (and character
+  error rate) on rendered text lines, greedy CTC decoding.
+
+Timing interleaves the engines in short blocks (round robin), so drift in a shared machine's
+speed hits all of them alike.
 
 ONNX Runtime INT8 is its ``quantize_static`` in QDQ format with per-channel int8 weights and
 uint8 activations (its fastest INT8 configuration on x86), MinMax calibration.
@@ -35,15 +40,26 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def median_ms(fn, runs: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+def interleaved_medians(calls: dict, runs: int, block: int = 10) -> dict:
+    """``{name: zero-arg callable}`` -> ``{name: median ms}``.
+
+    Engines take turns in blocks of ``block`` calls until each has ``runs`` timed calls; the
+    first call of each block is not timed, so one engine's spinning worker threads (ONNX
+    Runtime's and TVM's pools both spin after a call) do not land on the next engine's clock.
+    """
+    samples = {name: [] for name in calls}
+    while any(len(v) < runs for v in samples.values()):
+        for name, fn in calls.items():
+            fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: float(np.median(v[:runs])) for name, v in samples.items()}
+
+
+def top1(outputs, labels) -> dict:
+    return {"accuracy": float(np.mean([np.argmax(o) == y for o, y in zip(outputs, labels)]))}
 
 
 # ----------------------------------------------------------------------------- models
@@ -53,8 +69,7 @@ def digits_case(n_eval, n_calib):
     test = np.load(DEMO_DIR / "digits_test.npz")
     calib = [np.load(p) for p in sorted((DEMO_DIR / "digits_calib").glob("*.npy"))][:n_calib]
     xs, ys = test["x"][:n_eval, None], test["y"][:n_eval]
-    return {"path": DEMO_DIR / "digits.onnx", "input": "input", "calib": calib, "x": xs, "y": ys,
-            "metric": "top1"}
+    return {"path": DEMO_DIR / "digits.onnx", "input": "input", "calib": calib, "x": xs, "y": ys, "score": top1}
 
 
 def ppocr_cls_case(n_eval, n_calib):
@@ -62,10 +77,26 @@ def ppocr_cls_case(n_eval, n_calib):
 
     x, y = cls_set(n_eval, seed=1)
     calib, _ = cls_set(n_calib, seed=2)
-    return {"path": ppocr_model("cls"), "input": "x", "calib": list(calib), "x": x, "y": y, "metric": "top1"}
+    return {"path": ppocr_model("cls"), "input": "x", "calib": list(calib), "x": x, "y": y, "score": top1}
 
 
-CASES = {"digits": digits_case, "ppocr_cls": ppocr_cls_case}
+def ppocr_rec_case(n_eval, n_calib):
+    from ocrdata import ctc_decode, edit_distance, ppocr_model, rec_charset, rec_set
+
+    charset = rec_charset(ppocr_model("rec"))
+    x, texts = rec_set(n_eval, seed=1)
+    calib, _ = rec_set(n_calib, seed=2)
+
+    def score(outputs, labels):
+        pred = [ctc_decode(o, charset).strip() for o in outputs]
+        errors = sum(edit_distance(p, t) for p, t in zip(pred, labels))
+        return {"accuracy": float(np.mean([p == t for p, t in zip(pred, labels)])),
+                "cer": errors / sum(len(t) for t in labels)}
+
+    return {"path": ppocr_model("rec"), "input": "x", "calib": list(calib), "x": x, "y": texts, "score": score}
+
+
+CASES = {"digits": digits_case, "ppocr_cls": ppocr_cls_case, "ppocr_rec": ppocr_rec_case}
 
 
 # ----------------------------------------------------------------------------- engines
@@ -108,10 +139,6 @@ def count_vnni(lib: Path) -> dict:
     return counts
 
 
-def accuracy(run, xs, ys) -> float:
-    return float(np.mean([np.argmax(run(x)) == y for x, y in zip(xs, ys)]))
-
-
 def bench_model(name, case, args, workdir) -> dict:
     from tvmq.build import compile_model
     from tvmq.config import QuantConfig
@@ -130,28 +157,26 @@ def bench_model(name, case, args, workdir) -> dict:
     fp32 = HostModule(res.float_module)
     bundle = Bundle(out)
     out_name = bundle.outputs[0]["name"]
+    sess32 = ort_session(case["path"], args.threads)
+    sess8 = ort_session(ort_quantize(case["path"], inp, case["calib"], workdir), args.threads)
 
     engines = {
         "tvm_fp32": lambda x: fp32(x)[0],
         "tvmq_int8": lambda x: bundle.run({inp: x})[out_name],
+        "ort_fp32": lambda x: sess32.run(None, {inp: x})[0],
+        "ort_int8": lambda x: sess8.run(None, {inp: x})[0],
     }
-    sess32 = ort_session(case["path"], args.threads)
-    engines["ort_fp32"] = lambda x: sess32.run(None, {inp: x})[0]
-    q_path = ort_quantize(case["path"], inp, case["calib"], workdir)
-    sess8 = ort_session(q_path, args.threads)
-    engines["ort_int8"] = lambda x: sess8.run(None, {inp: x})[0]
-
     x0 = xs[0]
+    calls = {
+        "tvm_fp32": fp32.prepared(x0),
+        "tvmq_int8": bundle.prepared({inp: x0}),
+        "ort_fp32": lambda: sess32.run(None, {inp: x0}),
+        "ort_int8": lambda: sess8.run(None, {inp: x0}),
+    }
+    medians = interleaved_medians(calls, args.runs)
     for engine in ENGINES:
-        run = engines[engine]
-        if engine == "tvm_fp32":
-            ms = fp32.latency_ms(x0, repeat=args.runs)
-        elif engine == "tvmq_int8":
-            ms = bundle.latency_ms({inp: x0}, repeat=args.runs)
-        else:
-            timed = lambda run=run: run(x0)  # noqa: E731
-            ms = median_ms(timed, args.runs)
-        results[engine] = {"median_ms": round(ms, 4), "accuracy": round(accuracy(run, xs, ys), 4)}
+        scores = case["score"]([engines[engine](x) for x in xs], ys)
+        results[engine] = {"median_ms": round(medians[engine], 4), **{k: round(v, 4) for k, v in scores.items()}}
     results["_info"] = {
         "int8_layers": res.manifest["quantization"]["int8_layers"],
         "float_layers": res.manifest["quantization"]["float_layers"],
@@ -174,6 +199,8 @@ def print_table(results: dict, threads: int) -> None:
         ort_best = min(r["ort_fp32"]["median_ms"], r["ort_int8"]["median_ms"])
         q = r["tvmq_int8"]["median_ms"]
         print(f"{model:<11}{cells}{q / ort_best:>17.2f}x{r['tvm_fp32']['median_ms'] / q:>17.2f}x")
+        if "cer" in r["tvmq_int8"]:
+            print(f"{'':<11}character error rate: " + ", ".join(f"{e} {r[e]['cer']:.4f}" for e in ENGINES))
         info = r["_info"]
         print(f"{'':<11}int8 layers {info['int8_layers']}, float {info['float_layers']}; integer kernels "
               f"{info['integer_kernels']}/{info['kernels']}; vpdpbusd {info['vpdpbusd']}; "

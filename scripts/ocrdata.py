@@ -105,3 +105,31 @@ def ppocr_model(name: str) -> Path:
         "rec": "ch_PP-OCRv4_rec_infer.onnx",
     }
     return Path(rapidocr_onnxruntime.__file__).parent / "models" / files[name]
+
+
+def rec_charset(model_path) -> list[str]:
+    """The recogniser's CTC alphabet: blank, the characters in the model's metadata, space."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    return ["blank", *meta["character"].splitlines(), " "]
+
+
+def ctc_decode(logits: np.ndarray, charset: list[str]) -> str:
+    """Greedy CTC: best class per time step, repeats collapsed, blanks dropped."""
+    best = np.asarray(logits).reshape(-1, len(charset)).argmax(axis=1)
+    keep = np.ones(len(best), bool)
+    keep[1:] = best[1:] != best[:-1]
+    keep &= best != 0
+    return "".join(charset[i] for i in best[keep])
+
+
+def edit_distance(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]

@@ -48,6 +48,9 @@ class TargetPreset:
         qemu-user binary that runs the target's code here.
     fp16 : bool
         Whether the target has fast native fp16 arithmetic.
+    dot_product : str or None
+        The 4-way int8 dot-product instruction tvmq tensorizes with: ``"vnni"`` (x86
+        ``vpdpbusd``, u8 x s8), ``"sdot"`` (ARM, s8 x s8), or None (widening multiply-adds).
     """
 
     name: str
@@ -60,6 +63,7 @@ class TargetPreset:
     apt_package: str | None = None
     emulator: str | None = None
     fp16: bool = False
+    dot_product: str | None = None
 
     def __post_init__(self):
         if self.activation_dtype not in ("uint8", "int8"):
@@ -129,6 +133,7 @@ def _x86_host() -> TargetPreset:
         target={"kind": "llvm", "mcpu": llvm_host_cpu(), "num-cores": cores},
         activation_dtype="uint8",
         fast_int8=vnni,
+        dot_product="vnni" if "avx512_vnni" in flags and "avx512vl" in flags else None,
     )
 
 
@@ -156,6 +161,7 @@ def _static_presets() -> dict[str, TargetPreset]:
             description="any x86-64 CPU with AVX-512 VNNI (Cascade Lake and later, Zen 4 and later)",
             target={"kind": "llvm", "mcpu": "cascadelake"},
             activation_dtype="uint8",
+            dot_product="vnni",
         ),
         TargetPreset(
             name="arm",

@@ -96,7 +96,10 @@ def test_fold_qdq_float_output_becomes_integer_matmul():
         ) -> R.Tensor((1, 2), "float32"):
             R.func_attr({"num_input": 1})
             with R.dataflow():
-                q = R.quantize(x, R.const(0.25, "float32"), R.const(0, "int32"), axis=-1, out_dtype="uint8")
+                xs = R.multiply(x, R.const(4.0, "float32"))  # entering integers: x * (1/scale)
+                xr = R.round(xs)
+                xc = R.clip(xr, 0, 255)
+                q = R.astype(xc, "uint8")
                 acc = R.matmul(q, wq, out_dtype="int32")
                 f = R.astype(acc, "float32")
                 m = R.multiply(f, s)
@@ -124,7 +127,10 @@ def test_fold_qdq_requantizes_with_fixed_point_and_folds_relu_into_clamp():
         ) -> R.Tensor((1, 2), "float32"):
             R.func_attr({"num_input": 1})
             with R.dataflow():
-                q = R.quantize(x, R.const(0.25, "float32"), R.const(0, "int32"), axis=-1, out_dtype="uint8")
+                xs = R.multiply(x, R.const(4.0, "float32"))  # entering integers: x * (1/scale)
+                xr = R.round(xs)
+                xc = R.clip(xr, 0, 255)
+                q = R.astype(xc, "uint8")
                 acc = R.matmul(q, wq, out_dtype="int32")
                 a = R.astype(acc, "int64")
                 b = R.multiply(a, m0)
@@ -164,7 +170,11 @@ def test_fold_qdq_moves_dequantize_past_reshape_and_cancels_the_pair():
         @R.function
         def main(x: R.Tensor((1, 2, 2), "float32")) -> R.Tensor((1, 4), "float32"):
             with R.dataflow():
-                q = R.quantize(x, R.const(0.5, "float32"), R.const(3, "int32"), axis=-1, out_dtype="uint8")
+                xs = R.multiply(x, R.const(2.0, "float32"))
+                xr = R.round(xs)
+                xz = R.add(xr, R.const(3.0, "float32"))
+                xc = R.clip(xz, 0, 255)
+                q = R.astype(xc, "uint8")
                 r = R.reshape(q, R.shape([1, 4]))
                 gv = R.dequantize(r, R.const(0.5, "float32"), R.const(3, "int32"), axis=-1, out_dtype="float32")
                 R.output(gv)

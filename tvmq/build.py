@@ -167,7 +167,8 @@ def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan
 
     from tvmq.calibrate import load_samples_dir, validate_samples
     from tvmq.frontend import load_onnx
-    from tvmq.kernels import lower, reduction_kernels
+    from tvmq.kernels import reduction_kernels
+    from tvmq.pipeline import lower
     from tvmq.plan import QuantPlan
     from tvmq.quantize import calibrate, prepare, quantize_pipeline
 
@@ -199,7 +200,7 @@ def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan
         qmod = float_mod
 
     target = preset.tvm_target()
-    lowered = lower(qmod, target)
+    lowered = lower(qmod, preset)
     kernels = reduction_kernels(lowered)
     executable = tvm.compile(lowered, target, relax_pipeline=None)
     lib_path = tmp / LIBRARY

@@ -8,14 +8,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-__all__ = ["HostModule", "build", "to_numpy_list"]
+__all__ = ["HostModule", "to_numpy_list"]
 
 
-def build(mod: tvm.IRModule, target):
-    """``tvm.compile`` through the target's fusing pipeline (see :func:`tvmq.kernels.lower`)."""
-    from tvmq.kernels import lower
-
-    return tvm.compile(lower(mod, target), target, relax_pipeline=None)
 
 
 def to_numpy_list(result) -> list[np.ndarray]:
@@ -34,32 +29,36 @@ class HostModule:
     ----------
     mod : IRModule
         Relax module with a ``main`` function.
-    target : tvm.target.Target, optional
-        Defaults to the ``x86`` preset (this machine's CPU).
+    preset : str or TargetPreset
+        A preset that runs here; defaults to ``x86`` (this machine's CPU).
+    database : MetaSchedule database, optional
+        Tuned kernels to use.
     """
 
-    def __init__(self, mod: tvm.IRModule, target=None, executable=None):
-        if target is None:
-            from tvmq.targets import get_preset
+    def __init__(self, mod: tvm.IRModule, preset="x86", executable=None, database=None):
+        from tvmq.pipeline import build
 
-            target = get_preset("x86").tvm_target()
-        self.target = target
-        self.executable = executable if executable is not None else build(mod, target)
+        self.executable = executable if executable is not None else build(mod, preset, database)
         self.vm = relax.VirtualMachine(self.executable, tvm.cpu())
 
     def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
         args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
         return to_numpy_list(self.vm["main"](*args))
 
-    def latency_ms(self, *arrays: np.ndarray, repeat: int = 20, warmup: int = 3) -> float:
-        """Median wall time of one call, inputs already on the device."""
+    def prepared(self, *arrays: np.ndarray):
+        """A zero-argument callable running the model on ``arrays`` (copied to the device once)."""
         args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
         fn = self.vm["main"]
+        return lambda: fn(*args)
+
+    def latency_ms(self, *arrays: np.ndarray, repeat: int = 20, warmup: int = 3) -> float:
+        """Median wall time of one call, inputs already on the device."""
+        call = self.prepared(*arrays)
         for _ in range(warmup):
-            fn(*args)
+            call()
         times = []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            fn(*args)
+            call()
             times.append((time.perf_counter() - t0) * 1e3)
         return float(np.median(times))

@@ -173,11 +173,23 @@ def _name_nodes(model):
         node.name = name
 
 
-def fold_constant_subgraphs(model):
+def fold_constant_subgraphs(model, max_rounds: int = 16):
     """Evaluate small constant subgraphs (shape arithmetic) into initializers.
 
-    Needs static input shapes (so ``Shape`` nodes are constant). Returns the number of nodes folded.
+    Needs static input shapes (so ``Shape`` nodes are constant). Repeats until nothing changes:
+    a folded ``Reshape`` target lets ONNX shape inference see through, which makes the next
+    ``Shape`` constant. Returns the number of nodes folded.
     """
+    total = 0
+    for _ in range(max_rounds):
+        folded = _fold_once(model)
+        total += folded
+        if not folded:
+            break
+    return total
+
+
+def _fold_once(model):
     import onnx
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ReductionKernel", "reduction_kernels", "lower"]
+__all__ = ["ReductionKernel", "reduction_kernels"]
 
 
 @dataclass(frozen=True)
@@ -19,24 +19,11 @@ class ReductionKernel:
     block: str
     operand_dtypes: tuple[str, ...]  # dtypes of the buffers multiplied, before any cast
     accum_dtype: str
+    intrinsic: str | None = None  # the dot-product instruction a tensorized kernel calls
 
     @property
     def is_integer(self) -> bool:
         return self.accum_dtype == "int32" and all(d in ("int8", "uint8") for d in self.operand_dtypes)
-
-
-def lower(mod, target):
-    """Run the Relax pipeline ``tvm.compile`` would run, stopping before codegen.
-
-    The result holds the fused PrimFuncs; ``tvm.compile(lowered, target, relax_pipeline=None)``
-    finishes the build without lowering again.
-    """
-    from tvm import relax
-
-    # tvm.compile uses the unfused generic pipeline for CPUs; the target's own pipeline fuses
-    # each conv/matmul with its bias, requantize and activation into one kernel.
-    with target:
-        return relax.get_default_pipeline(target)(mod)
 
 
 def reduction_kernels(lowered) -> list[ReductionKernel]:
@@ -55,6 +42,12 @@ def reduction_kernels(lowered) -> list[ReductionKernel]:
             if not any(int(iv.iter_type) == 2 for iv in block.iter_vars):  # CommReduce
                 return
             body = block.body
+            intrinsic = _dot_intrinsic(body)
+            if intrinsic is not None and len(block.match_buffers) >= 3:
+                # A tensorized update: operands and accumulator are the intrinsic's buffers.
+                dtypes = [str(_match_buffer_dtype(m)) for m in block.match_buffers]
+                found.append(ReductionKernel(name, str(block.name_hint), tuple(dtypes[:-1]), dtypes[-1], intrinsic))
+                return
             if not isinstance(body, tir.BufferStore):
                 return
             loads = _multiplied_loads(body.value)
@@ -63,6 +56,34 @@ def reduction_kernels(lowered) -> list[ReductionKernel]:
 
         tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, on_block)])
     return found
+
+
+_DOT_INTRINSICS = ("vpdpbusd", "sdot", "udot", "dp4a", "mma", "wmma")
+
+
+def _dot_intrinsic(stmt) -> str | None:
+    """Name of the LLVM dot-product intrinsic a tensorized block body calls, if any."""
+    import tvm
+    import tvm_ffi
+    from tvm.target import codegen
+
+    names = []
+
+    def on_call(call):
+        op = getattr(call.op, "name", "")
+        if op.endswith("call_llvm_pure_intrin") or op.endswith("call_llvm_intrin"):
+            first = call.args[0]
+            name = str(codegen.llvm_get_intrinsic_name(int(first.value))) if hasattr(first, "value") else str(first)
+            if any(k in name for k in _DOT_INTRINSICS):
+                names.append(name)
+
+    tvm_ffi.structural_walk(stmt, [(tvm.ir.Call, on_call)])
+    return names[0] if names else None
+
+
+def _match_buffer_dtype(match):
+    buf = match.buffer
+    return getattr(buf, "dtype", None) or buf.ty.dtype
 
 
 def _multiplied_loads(expr) -> list[str]:

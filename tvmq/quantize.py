@@ -14,7 +14,7 @@ from tvmq.config import ActivationSpec, CalibrationMethod, QuantConfig
 from tvmq.errors import TvmqError
 from tvmq.plan import LayerPlan, QuantPlan
 from tvmq.qparams import activation_qparams
-from tvmq.passes import FoldConstantsNumpy, FoldQDQ, InsertQDQ
+from tvmq.passes import ConvertToNHWC, DivideToMultiply, FoldConstantsNumpy, FoldQDQ, InsertQDQ
 from tvmq.passes.patterns import FunctionGraph, dtype_of, find_layers, static_shape
 
 __all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs"]
@@ -22,8 +22,14 @@ __all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs
 log = logging.getLogger("tvmq")
 
 
-def prepare(mod: tvm.IRModule, params: Mapping[str, np.ndarray] | None = None) -> tvm.IRModule:
-    """Bind parameters, fold batch norms into convolutions, and fold constants."""
+def prepare(mod: tvm.IRModule, params: Mapping[str, np.ndarray] | None = None, layout: str = "NHWC") -> tvm.IRModule:
+    """Bind parameters, fold batch norms into convolutions, fold constants, convert the layout.
+
+    ``layout="NHWC"`` (default) makes activations channels-last, what the int8 dot-product
+    kernels and the channel-vectorized kernels want; ``"NCHW"`` keeps the model's layout.
+    """
+    if layout not in ("NHWC", "NCHW"):
+        raise ValueError(f"layout must be NHWC or NCHW, not {layout!r}")
     if params:
         mod = relax.transform.BindParams("main", {k: tvm.runtime.tensor(np.asarray(v)) for k, v in params.items()})(mod)
     seq = tvm.transform.Sequential(
@@ -32,10 +38,12 @@ def prepare(mod: tvm.IRModule, params: Mapping[str, np.ndarray] | None = None) -
             relax.transform.DecomposeOpsForInference(),
             FoldConstantsNumpy(),
             relax.transform.FoldConstant(),
+            DivideToMultiply(),
             relax.transform.DeadCodeElimination(["main"]),
         ]
     )
-    return seq(mod)
+    mod = seq(mod)
+    return ConvertToNHWC()(mod) if layout == "NHWC" else mod
 
 
 def input_specs(mod: tvm.IRModule, names: list[str] | None = None) -> list[InputSpec]:

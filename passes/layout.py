@@ -1,0 +1,91 @@
+"""ConvertToNHWC: channels-last activations, so int8 kernels can use dot-product instructions.
+
+x86 VNNI and ARM sdot multiply four consecutive int8 reduction elements; in NHWC the input
+channels of one pixel are consecutive, and depthwise and elementwise kernels vectorize over
+channels. ``relax.transform.ConvertLayout`` does the work, but in TVM 0.27 ``R.clip`` (and
+``R.nn.relu6``) have no layout inference, so it wraps every clip in a transpose pair. This pass
+rewrites clips as ``maximum``/``minimum`` with scalar constants, which do, converts, then turns
+the pairs back into ``R.clip`` so the integer epilogue still sees them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvmq._compat import constant_array, is_constant
+
+from .fold_constants import FoldConstantsNumpy
+from .patterns import Activation, FunctionGraph, call_op, dtype_of
+
+__all__ = ["ConvertToNHWC"]
+
+# Pooling follows its input's layout (naming it here trips a check in 0.27's InferLayoutPool2d).
+DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
+
+
+@relax.expr_functor.mutator
+class _ClipToMinMax(relax.PyExprMutator):
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        act = Activation.of(call) if call_op(call) in ("relax.clip", "relax.nn.relu6") else None
+        if act is None:
+            return call
+        dtype = dtype_of(call.args[0])
+        lo = relax.const(np.asarray(act.lo, dtype), dtype)
+        hi = relax.const(np.asarray(act.hi, dtype), dtype)
+        return relax.op.minimum(self.builder_.emit(relax.op.maximum(call.args[0], lo)), hi)
+
+
+@relax.expr_functor.mutator
+class _MinMaxToClip(relax.PyExprMutator):
+    def __init__(self, mod, graph):
+        super().__init__(mod)
+        self.graph = graph
+
+    def _scalar(self, expr):
+        if is_constant(expr):
+            value = constant_array(expr)
+            return float(value) if value.size == 1 and value.ndim == 0 else None
+        return None
+
+    def visit_call_(self, call):
+        if call_op(call) == "relax.minimum" and isinstance(call.args[0], relax.Var):
+            hi = self._scalar(call.args[1])
+            inner = self.graph.value(call.args[0])
+            if hi is not None and call_op(inner) == "relax.maximum" and self.graph.num_uses(call.args[0]) == 1:
+                lo = self._scalar(inner.args[1])
+                if lo is not None:
+                    return relax.op.clip(self.visit_expr(inner.args[0]), lo, hi)
+        return super().visit_call_(call)
+
+
+def _map_functions(mod, make):
+    updates = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            updates[gv] = relax.analysis.remove_all_unused(make(mod, func).visit_expr(func))
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="ConvertToNHWC")
+class ConvertToNHWC:
+    """Convert conv2d and pooling to NHWC (weights OHWI) and propagate the layout."""
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        has_conv = any(
+            call_op(v) == "relax.nn.conv2d" and str(v.attrs.data_layout) == "NCHW"
+            for _, f in mod.functions_items()
+            if isinstance(f, relax.Function)
+            for v in FunctionGraph(f).values.values()
+        )
+        if not has_conv:
+            return mod
+        mod = _map_functions(mod, lambda m, f: _ClipToMinMax(m))
+        mod = relax.transform.ConvertLayout(DESIRED_LAYOUTS)(mod)
+        mod = _map_functions(mod, lambda m, f: _MinMaxToClip(m, FunctionGraph(f)))
+        return tvm.transform.Sequential([FoldConstantsNumpy(), relax.transform.FoldConstant()])(mod)

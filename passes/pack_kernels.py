@@ -1,0 +1,358 @@
+"""PackKernels: emit conv2d/matmul in the weight layouts fast CPU kernels read.
+
+A 4-way int8 dot-product instruction (x86 VNNI ``vpdpbusd``, ARM ``sdot``) adds, into each of
+``lanes`` int32 accumulators (one per output channel), the dot product of 4 consecutive input
+channels of one pixel with that output channel's 4 weights. So:
+
+* activations are NHWC (the 4 input channels of a pixel are adjacent) - see ConvertToNHWC;
+* weights are packed offline, once, into ``[O/lanes, KH, KW, I/4, lanes, 4]`` (conv) or
+  ``[N/lanes, K/4, lanes, 4]`` (matmul), so each instruction reads ``lanes*4`` contiguous bytes;
+* input channels are padded to a multiple of 4 (zero weights make the padded values irrelevant).
+
+Depthwise convolutions (int8 or float) get their weights as ``[KH, KW, C]`` so a vector of
+channels is one contiguous load.
+
+The kernels are emitted as TE computes with named blocks (``tvmq_dot_conv2d``,
+``tvmq_dot_matmul``, ``tvmq_depthwise``) that tvmq's schedule rules tile and tensorize. Layers
+whose output channels are not a multiple of a supported lane count keep the plain
+``conv2d``/``matmul``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, te
+
+from tvmq._compat import constant_array, is_constant
+
+from .patterns import call_op, dtype_of, static_shape
+
+__all__ = ["PackKernels", "CONV_BLOCK", "MATMUL_BLOCK", "DEPTHWISE_BLOCK", "pack_conv_weight", "pack_matmul_weight"]
+
+CONV_BLOCK = "tvmq_dot_conv2d"
+MATMUL_BLOCK = "tvmq_dot_matmul"
+DEPTHWISE_BLOCK = "tvmq_depthwise"
+FMA_CONV_BLOCK = "tvmq_fma_conv2d"
+FMA_MATMUL_BLOCK = "tvmq_fma_matmul"
+CROP_BLOCK = "tvmq_crop"
+
+
+def _ceil4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def pack_conv_weight(w: np.ndarray, lanes: int) -> np.ndarray:
+    """OHWI int8 -> ``[O'/lanes, KH, KW, I4/4, lanes, 4]`` (zero-padded: I to 4, O to lanes)."""
+    o, kh, kw, i = w.shape
+    op = _round_up(o, lanes)
+    w = np.pad(w, ((0, op - o), (0, 0), (0, 0), (0, _ceil4(i) - i)))
+    return np.ascontiguousarray(w.reshape(op // lanes, lanes, kh, kw, _ceil4(i) // 4, 4).transpose(0, 2, 3, 4, 1, 5))
+
+
+def pack_matmul_weight(w: np.ndarray, lanes: int) -> np.ndarray:
+    """``[K, N]`` int8 -> ``[N'/lanes, K4/4, lanes, 4]`` (zero-padded: K to 4, N to lanes)."""
+    k, n = w.shape
+    np_ = _round_up(n, lanes)
+    w = np.pad(w, ((0, _ceil4(k) - k), (0, np_ - n)))
+    return np.ascontiguousarray(w.T.reshape(np_ // lanes, lanes, _ceil4(k) // 4, 4).transpose(0, 2, 1, 3))
+
+
+def pack_float_conv_weight(w: np.ndarray, lanes: int) -> np.ndarray:
+    """OHWI float -> ``[O'/lanes, KH, KW, I, lanes]``: one vector of output channels per tap."""
+    o, kh, kw, i = w.shape
+    op = _round_up(o, lanes)
+    w = np.pad(w, ((0, op - o), (0, 0), (0, 0), (0, 0)))
+    return np.ascontiguousarray(w.reshape(op // lanes, lanes, kh, kw, i).transpose(0, 2, 3, 4, 1))
+
+
+def pack_float_matmul_weight(w: np.ndarray, lanes: int) -> np.ndarray:
+    """``[K, N]`` float -> ``[N'/lanes, K, lanes]``."""
+    k, n = w.shape
+    np_ = _round_up(n, lanes)
+    w = np.pad(w, ((0, 0), (0, np_ - n)))
+    return np.ascontiguousarray(w.reshape(k, np_ // lanes, lanes).transpose(1, 0, 2))
+
+
+def _float_conv_compute(strides, dilation, out_channels, lanes):
+    sh, sw = strides
+    dh, dw = dilation
+
+    def compute(data, wp):
+        n, h, w, _ = data.shape
+        _, kh_, kw_, i, _ = wp.shape
+        oh = (h - (kh_ - 1) * dh - 1) // sh + 1
+        ow = (w - (kw_ - 1) * dw - 1) // sw + 1
+        kh = te.reduce_axis((0, kh_), "kh")
+        kw = te.reduce_axis((0, kw_), "kw")
+        ic = te.reduce_axis((0, i), "ic")
+        full = te.compute(
+            (n, oh, ow, wp.shape[0] * lanes),
+            lambda b, y, x, o: te.sum(
+                data[b, y * sh + kh * dh, x * sw + kw * dw, ic] * wp[o // lanes, kh, kw, ic, o % lanes],
+                axis=[kh, kw, ic],
+            ),
+            name=FMA_CONV_BLOCK,
+        )
+        return _crop(full, out_channels)
+
+    return compute
+
+
+def _float_matmul_compute(out_features, lanes):
+    def compute(x, wp):
+        k = te.reduce_axis((0, wp.shape[1]), "k")
+        full = te.compute(
+            (*x.shape[:-1], wp.shape[0] * lanes),
+            lambda *idx: te.sum(x[(*idx[:-1], k)] * wp[idx[-1] // lanes, k, idx[-1] % lanes], axis=[k]),
+            name=FMA_MATMUL_BLOCK,
+        )
+        return _crop(full, out_features)
+
+    return compute
+
+
+def _crop(full, channels):
+    """The first ``channels`` of the last axis (output channels padded up to a lane multiple)."""
+    if int(full.shape[-1]) == channels:
+        return full
+    return te.compute((*full.shape[:-1], channels), lambda *i: full[i], name=CROP_BLOCK)
+
+
+def _conv_compute(strides, dilation, out_channels, lanes):
+    sh, sw = strides
+    dh, dw = dilation
+
+    def compute(data, wp):
+        n, h, w, _ = data.shape
+        _, kh_, kw_, ib, _, _ = wp.shape
+        oh = (h - (kh_ - 1) * dh - 1) // sh + 1
+        ow = (w - (kw_ - 1) * dw - 1) // sw + 1
+        kh = te.reduce_axis((0, kh_), "kh")
+        kw = te.reduce_axis((0, kw_), "kw")
+        ico = te.reduce_axis((0, ib), "ico")
+        ici = te.reduce_axis((0, 4), "ici")
+        full = te.compute(
+            (n, oh, ow, wp.shape[0] * lanes),
+            lambda b, y, x, o: te.sum(
+                data[b, y * sh + kh * dh, x * sw + kw * dw, ico * 4 + ici].astype("int32")
+                * wp[o // lanes, kh, kw, ico, o % lanes, ici].astype("int32"),
+                axis=[kh, kw, ico, ici],
+            ),
+            name=CONV_BLOCK,
+        )
+        return _crop(full, out_channels)
+
+    return compute
+
+
+def _depthwise_compute(strides, dilation, acc_dtype):
+    sh, sw = strides
+    dh, dw = dilation
+
+    def compute(data, w):
+        n, h, width, c = data.shape
+        kh_, kw_, _ = w.shape
+        oh = (h - (kh_ - 1) * dh - 1) // sh + 1
+        ow = (width - (kw_ - 1) * dw - 1) // sw + 1
+        kh = te.reduce_axis((0, kh_), "kh")
+        kw = te.reduce_axis((0, kw_), "kw")
+        return te.compute(
+            (n, oh, ow, c),
+            lambda b, y, x, ch: te.sum(
+                data[b, y * sh + kh * dh, x * sw + kw * dw, ch].astype(acc_dtype) * w[kh, kw, ch].astype(acc_dtype),
+                axis=[kh, kw],
+            ),
+            name=DEPTHWISE_BLOCK,
+        )
+
+    return compute
+
+
+def _matmul_compute(out_features, lanes):
+    def compute(x, wp):
+        kb = wp.shape[1]
+        ko = te.reduce_axis((0, kb), "ko")
+        ki = te.reduce_axis((0, 4), "ki")
+        full = te.compute(
+            (*x.shape[:-1], wp.shape[0] * lanes),
+            lambda *idx: te.sum(
+                x[(*idx[:-1], ko * 4 + ki)].astype("int32")
+                * wp[idx[-1] // lanes, ko, idx[-1] % lanes, ki].astype("int32"),
+                axis=[ko, ki],
+            ),
+            name=MATMUL_BLOCK,
+        )
+        return _crop(full, out_features)
+
+    return compute
+
+
+@relax.expr_functor.mutator
+class _Packer(relax.PyExprMutator):
+    def __init__(self, mod, data_dtype, lane_options, float_lanes):
+        super().__init__(mod)
+        self.data_dtype = data_dtype
+        self.lane_options = lane_options
+        self.float_lanes = float_lanes
+        self.packed = 0
+
+    def _weight(self, expr):
+        if isinstance(expr, relax.Var):
+            expr = self.lookup_binding(expr)
+        return constant_array(expr) if expr is not None and is_constant(expr) else None
+
+    def _lanes(self, channels):
+        """Lanes per output-channel block.
+
+        The widest lane count when it divides ``channels`` or padding wastes little (up to
+        1/8 of the work); narrower exact lanes for small layers; else the widest, padded.
+        """
+        if not self.lane_options:
+            return None
+        widest = self.lane_options[0]
+        if channels % widest == 0 or (-channels % widest) * 8 <= channels:
+            return widest
+        return next((l for l in self.lane_options if channels % l == 0), widest)
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        op = call_op(call)
+        new = None
+        if op == "relax.nn.conv2d":
+            new = self._conv(call)
+        elif op == "relax.matmul":
+            new = self._matmul(call)
+        return call if new is None else new
+
+    def _conv(self, call):
+        a = call.attrs
+        data, weight = call.args
+        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout)) != ("NHWC", "OHWI", "NHWC"):
+            return None
+        if int(a.groups) > 1:
+            return self._depthwise(call)
+        if self.float_lanes and dtype_of(data) == "float32" and str(a.out_dtype or "float32") == "float32":
+            return self._float_conv(call)
+        if int(a.groups) != 1 or str(a.out_dtype) != "int32" or dtype_of(data) != self.data_dtype:
+            return None
+        w = self._weight(weight)
+        shape = static_shape(data)
+        if w is None or w.dtype != np.int8 or shape is None:
+            return None
+        lanes = self._lanes(w.shape[0])
+        if lanes is None:
+            return None
+        top, left, bottom, right = (int(p) for p in a.padding)
+        extra_c = _ceil4(shape[3]) - shape[3]
+        if top or left or bottom or right or extra_c:
+            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, top, bottom, left, right, 0, extra_c], pad_value=0.0))
+        wp = relax.const(pack_conv_weight(w, lanes), "int8")
+        compute = _conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
+        self.packed += 1
+        return self.builder_.normalize(self.builder_.call_te(compute, data, wp, primfunc_name_hint="tvmq_conv2d"))
+
+    def _depthwise(self, call):
+        """groups == channels: weights to [KH, KW, C] so channels are contiguous (int8 or float)."""
+        a = call.attrs
+        data, weight = call.args
+        w = self._weight(weight)
+        shape = static_shape(data)
+        if w is None or shape is None or w.shape[3] != 1 or w.shape[0] != shape[3] or int(a.groups) != shape[3]:
+            return None
+        out_dtype = str(a.out_dtype) if a.out_dtype else dtype_of(data)
+        kinds = {("uint8", "int8", "int32"), ("int8", "int8", "int32"), ("float32", "float32", "float32")}
+        if (dtype_of(data), str(w.dtype), out_dtype) not in kinds:
+            return None
+        top, left, bottom, right = (int(p) for p in a.padding)
+        if top or left or bottom or right:
+            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, top, bottom, left, right, 0, 0], pad_value=0.0))
+        wk = relax.const(np.ascontiguousarray(w[:, :, :, 0].transpose(1, 2, 0)), str(w.dtype))
+        compute = _depthwise_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], out_dtype)
+        self.packed += 1
+        return self.builder_.normalize(self.builder_.call_te(compute, data, wk, primfunc_name_hint="tvmq_depthwise"))
+
+    def _float_conv(self, call):
+        a = call.attrs
+        data, weight = call.args
+        w = self._weight(weight)
+        if w is None or w.dtype != np.float32 or static_shape(data) is None:
+            return None
+        top, left, bottom, right = (int(p) for p in a.padding)
+        if top or left or bottom or right:
+            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, top, bottom, left, right, 0, 0], pad_value=0.0))
+        lanes = self.float_lanes
+        wp = relax.const(pack_float_conv_weight(w, lanes), "float32")
+        compute = _float_conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
+        self.packed += 1
+        return self.builder_.normalize(self.builder_.call_te(compute, data, wp, primfunc_name_hint="tvmq_fma_conv2d"))
+
+    def _float_matmul(self, call):
+        x, weight = call.args
+        w = self._weight(weight)
+        if w is None or w.dtype != np.float32 or w.ndim != 2 or static_shape(x) is None:
+            return None
+        wp = relax.const(pack_float_matmul_weight(w, self.float_lanes), "float32")
+        self.packed += 1
+        return self.builder_.normalize(
+            self.builder_.call_te(_float_matmul_compute(w.shape[1], self.float_lanes), x, wp, primfunc_name_hint="tvmq_fma_matmul")
+        )
+
+    def _matmul(self, call):
+        x, weight = call.args
+        if self.float_lanes and dtype_of(x) == "float32" and str(call.attrs.out_dtype or "float32") in ("float32", "void"):
+            return self._float_matmul(call)
+        if str(call.attrs.out_dtype) != "int32" or dtype_of(x) != self.data_dtype:
+            return None
+        w = self._weight(weight)
+        shape = static_shape(x)
+        if w is None or w.dtype != np.int8 or w.ndim != 2 or shape is None:
+            return None
+        lanes = self._lanes(w.shape[1])
+        if lanes is None:
+            return None
+        extra_k = _ceil4(w.shape[0]) - w.shape[0]
+        if extra_k:
+            x = self.builder_.emit(relax.op.nn.pad(x, [0, 0] * (len(shape) - 1) + [0, extra_k], pad_value=0.0))
+        wp = relax.const(pack_matmul_weight(w, lanes), "int8")
+        self.packed += 1
+        return self.builder_.normalize(
+            self.builder_.call_te(_matmul_compute(w.shape[1], lanes), x, wp, primfunc_name_hint="tvmq_matmul")
+        )
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackKernels")
+class PackKernels:
+    """Rewrite conv2d (NHWC) and matmul with constant weights into packed kernel form.
+
+    int8 conv2d/matmul with ``data_dtype`` activations become dot-product kernels; depthwise
+    convolutions (int8 or float) become channel-vector kernels. ``lanes=()`` packs only those.
+
+    Parameters
+    ----------
+    data_dtype : str
+        Activation dtype the instruction takes: ``uint8`` (x86 VNNI) or ``int8`` (ARM sdot).
+    lanes : tuple of int
+        Output-channel block sizes the instruction supports, preferred first (padded when none
+        divides the channel count).
+    float_lanes : int
+        float32 lanes of one vector register (16 with AVX-512); float conv2d/matmul get weights
+        packed to one vector of output channels per reduction step. 0 leaves them alone.
+    """
+
+    def __init__(self, data_dtype: str = "uint8", lanes: tuple[int, ...] = (16, 8, 4), float_lanes: int = 16):
+        self.data_dtype = data_dtype
+        self.lanes = tuple(lanes)
+        self.float_lanes = float_lanes
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        packer = _Packer(mod, self.data_dtype, self.lanes, self.float_lanes)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                new = packer.visit_expr(func)
+                packer.builder_.update_func(gv, relax.analysis.remove_all_unused(new))
+        return packer.builder_.get() if packer.packed else mod

@@ -1,0 +1,78 @@
+"""Time every kernel of a compiled model on its own (the VM's profiler is gone in TVM 0.27).
+
+Usage: python scripts/profile_kernels.py MODEL.onnx --shape x:1,3,48,192 [--fp32] [--top 25]
+Prints each fused PrimFunc's median time, sorted, and the sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def time_primfuncs(lowered, target, repeat=50):
+    import tvm
+
+    from tvmq._compat import tir
+
+    dev = tvm.cpu()
+    rows = []
+    for gv, func in lowered.functions_items():
+        if not isinstance(func, tir.PrimFunc):
+            continue
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).jit()
+        args = []
+        rng = np.random.default_rng(0)
+        for p in func.params:
+            buf = p  # 0.27: PrimFunc params are buffer-typed vars
+            shape = [int(s) for s in buf.shape]
+            dtype = str(buf.dtype)
+            if dtype.startswith("float"):
+                a = rng.uniform(-1, 1, shape).astype(dtype)
+            else:
+                info = np.iinfo(dtype)
+                a = rng.integers(max(info.min, -100), min(info.max, 100), shape).astype(dtype)
+            args.append(tvm.runtime.tensor(a, dev))
+        timer = lib.time_evaluator("main", dev, number=10, repeat=repeat)
+        ms = float(np.median(timer(*args).results)) * 1e3
+        rows.append((ms, gv.name_hint))
+    return sorted(rows, reverse=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--shape", action="append", default=[])
+    ap.add_argument("--fp32", action="store_true")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--calib", type=int, default=8)
+    args = ap.parse_args(argv)
+
+    from tvmq.frontend import load_onnx, parse_shape_arg
+    from tvmq.pipeline import lower
+    from tvmq.quantize import calibrate, prepare, quantize_pipeline
+    from tvmq.targets import get_preset
+
+    shapes = dict(parse_shape_arg(s) for s in args.shape)
+    mod, info = load_onnx(args.model, shapes=shapes)
+    mod = prepare(mod)
+    if not args.fp32:
+        rng = np.random.default_rng(0)
+        samples = [{s.name: rng.uniform(-1, 1, s.shape).astype(s.dtype) for s in info.inputs} for _ in range(args.calib)]
+        plan = calibrate(mod, samples, input_names=[s.name for s in info.inputs])
+        mod = quantize_pipeline(plan)(mod)
+    target = get_preset("x86").tvm_target()
+    rows = time_primfuncs(lower(mod, "x86"), target)
+    total = sum(ms for ms, _ in rows)
+    for ms, name in rows[: args.top]:
+        print(f"{ms:8.4f} ms {100 * ms / total:5.1f}%  {name}")
+    print(f"{total:8.4f} ms total over {len(rows)} kernels")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""Default CPU schedules: what makes an untuned tvmq build fast.
+
+TVM 0.27 schedules nothing on CPU by default (DLight's CPU rules cover GEMV and simple
+reductions only), so every kernel would run as naive single-threaded loops. These rules give
+each fused kernel a reasonable schedule without tuning:
+
+* ``PackedKernelRule``: the packed conv2d/matmul blocks of :mod:`tvmq.passes.pack_kernels`,
+  register-blocked over output pixels and channel blocks; int8 ones tensorized with the
+  target's 4-way dot-product intrinsic, float ones as vector FMAs; the requantize epilogue is
+  computed per tile while it is in cache;
+* ``DepthwiseRule``: depthwise conv (NHWC, weights HWC), vectorized over channels;
+* ``InjectiveRule``: elementwise/injective kernels, fused loops split into parallel chunks of
+  vectors;
+* ``FallbackRule``: anything else gets its outer spatial loops parallelized and its innermost
+  spatial loop vectorized where that is legal.
+
+Each rule returns None when it does not apply (or when TVM refuses a step), so the next rule
+gets a chance; the order of the list is the priority.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
+
+__all__ = ["PackedKernelRule", "DepthwiseRule", "InjectiveRule", "FallbackRule", "default_rules"]
+
+CONV_BLOCK = "tvmq_dot_conv2d"
+MATMUL_BLOCK = "tvmq_dot_matmul"
+FMA_CONV_BLOCK = "tvmq_fma_conv2d"
+FMA_MATMUL_BLOCK = "tvmq_fma_matmul"
+DEPTHWISE_BLOCK = "tvmq_depthwise"
+_SPATIAL, _REDUCE = 0, 2
+_PARALLEL_MIN = 2048  # elements below which threads cost more than they save
+
+
+def _extent(sch, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext.value) if hasattr(ext, "value") else (int(ext) if isinstance(ext, int) else None)
+
+
+def _divisor(n: int | None, limit: int) -> int:
+    if not n:
+        return 1
+    return max(d for d in range(1, max(1, min(limit, n)) + 1) if n % d == 0)
+
+
+def _vector_width(n: int | None, lanes: int) -> int:
+    """The largest power of two <= ``lanes`` dividing ``n`` (odd widths split badly in LLVM)."""
+    width = 1
+    while n and width * 2 <= lanes and n % (width * 2) == 0:
+        width *= 2
+    return width
+
+
+def _find_block(sch, name):
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # pylint: disable=broad-except
+        return None
+
+
+def _root_blocks(sch):
+    root = sch.get_sblock("root") if _find_block(sch, "root") is not None else None
+    return list(sch.get_child_blocks(root)) if root is not None else []
+
+
+def _is_spatial(sch, block) -> bool:
+    return all(int(iv.iter_type) == _SPATIAL for iv in sch.get(block).iter_vars)
+
+
+def _spatial_size(sch, block) -> int:
+    """Product of the extents of a block's spatial iterators."""
+    size = 1
+    for iv in sch.get(block).iter_vars:
+        if int(iv.iter_type) == _SPATIAL:
+            ext = iv.dom.extent
+            size *= int(ext.value) if hasattr(ext, "value") else int(ext)
+    return size
+
+
+def _inline_epilogue(sch, main):
+    """Inline every elementwise block after ``main`` into the last one; return the rest."""
+    blocks = _root_blocks(sch)
+    after = blocks[[sch.get(b).name_hint for b in blocks].index(sch.get(main).name_hint) + 1 :]
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
+    remaining = []
+    for b in after:
+        name = sch.get(b).name_hint
+        if name not in outputs and _is_spatial(sch, b):
+            try:
+                sch.compute_inline(b)
+                continue
+            except Exception:  # pylint: disable=broad-except
+                pass
+        remaining.append(b)
+    return remaining
+
+
+def _vectorize_inner(sch, block, lanes: int, parallel: bool = False):
+    """Fuse a spatial block's loops, split off ``lanes``-wide vectors, parallelize the rest."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    total = 1
+    for l in loops:
+        e = _extent(sch, l)
+        total = total * e if e else 0
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    inner_ext = _extent(sch, sch.get_loops(block)[-1])
+    vec = _vector_width(inner_ext, lanes) if inner_ext else 1
+    if vec > 1:
+        outer, inner = sch.split(fused, [None, vec])
+        sch.vectorize(inner)
+        fused = outer
+    if parallel and total >= _PARALLEL_MIN:
+        sch.parallel(fused)
+
+
+def _schedule_producers(sch, main, lanes):
+    """Pads and other spatial producers of ``main``: parallel over rows, vectors over channels."""
+    blocks = _root_blocks(sch)
+    names = [sch.get(b).name_hint for b in blocks]
+    for b in blocks[: names.index(sch.get(main).name_hint)]:
+        if _is_spatial(sch, b):
+            _spatial_schedule(sch, b, lanes)
+
+
+def _spatial_schedule(sch, block, lanes):
+    """Parallel outer loops, vectorized innermost loop (kept separate, as it is contiguous)."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = loops[-1]
+    inner_ext = _extent(sch, inner) or 1
+    vec = _vector_width(inner_ext, lanes)
+    if vec > 1:
+        _, vi = sch.split(inner, [None, vec])
+        sch.vectorize(vi)
+    outer = sch.get_loops(block)[:-1] if vec > 1 else sch.get_loops(block)[:-1]
+    total = 1
+    for l in sch.get_loops(block):
+        total *= _extent(sch, l) or 1
+    if outer and total >= _PARALLEL_MIN:
+        keep = [l for l in outer[: max(1, len(outer) - 1)]]
+        fused = sch.fuse(*keep) if len(keep) > 1 else keep[0]
+        sch.parallel(fused)
+
+
+class PackedKernelRule(ScheduleRule):
+    """Packed conv2d/matmul blocks: register-blocked over output pixels and channel blocks.
+
+    int8 blocks (``tvmq_dot_*``) are tensorized with the target's 4-way dot-product intrinsic;
+    float blocks (``tvmq_fma_*``) vectorize the channel lanes into fused multiply-adds. The
+    epilogue (bias, requantize, activation, residual) is computed per tile while it is in cache.
+
+    Parameters
+    ----------
+    intrinsics : dict
+        ``{lanes: registered tensor intrinsic name}`` for the int8 blocks (empty: int8 blocks
+        are left to the next rule).
+    accumulators : int
+        Vector registers to spend on accumulators (x86 AVX-512 has 32, NEON 32).
+    x_block, o_block : int
+        Upper bounds of the output pixels / channel blocks computed together (tunable knobs).
+    """
+
+    def __init__(self, intrinsics: dict[int, str] | None = None, accumulators: int = 24, x_block: int = 12,
+                 o_block: int = 4):
+        self.intrinsics = dict(intrinsics or {})
+        self.accumulators = accumulators
+        self.x_block = x_block
+        self.o_block = o_block
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        for name, is_conv, dot in ((CONV_BLOCK, True, True), (MATMUL_BLOCK, False, True),
+                                   (FMA_CONV_BLOCK, True, False), (FMA_MATMUL_BLOCK, False, False)):
+            main = _find_block(sch, name)
+            if main is not None:
+                try:
+                    return self._schedule(sch, main, is_conv, dot)
+                except Exception:  # pylint: disable=broad-except
+                    return None
+        return None
+
+    def _schedule(self, sch, main, is_conv, dot):
+        weight = sch.get(main).reads[-1].source  # 0.27: TensorRegion.source is the buffer
+        lanes = int(weight.shape[-2] if dot else weight.shape[-1])
+        intrin = self.intrinsics.get(lanes) if dot else None
+        if dot and intrin is None:
+            return None
+        _schedule_producers(sch, main, 64)
+        loops = sch.get_loops(main)
+        if is_conv:
+            n, y, x, o, *reduce = loops
+            spatial_outer = [n, y]
+        else:
+            *spatial_outer, x, o = loops[: len(loops) - (2 if dot else 1)]
+            reduce = loops[len(loops) - (2 if dot else 1) :]
+        reduce_outer, inner = (reduce[:-1], [reduce[-1]]) if dot else (reduce, [])
+        oo, oi = sch.split(o, [None, lanes])
+        # Accumulators: xb output pixels x ob channel blocks, as many as the registers hold.
+        ob = _divisor(_extent(sch, oo), self.o_block)
+        xb = _divisor(_extent(sch, x), max(1, min(self.x_block, self.accumulators // ob)))
+        if xb * ob < self.accumulators // 2:
+            ob = _divisor(_extent(sch, oo), max(1, self.accumulators // xb))
+        xo, xi = sch.split(x, [None, xb])
+        ooo, ooi = sch.split(oo, [None, ob])
+        sch.reorder(*spatial_outer, xo, ooo, *reduce_outer, xi, ooi, oi, *inner)
+        outer = sch.fuse(*spatial_outer, xo, ooo) if spatial_outer else sch.fuse(xo, ooo)
+        # The epilogue goes into the tile before the reduction is decomposed and tensorized
+        # (reverse_compute_at needs the plain reduction block). An epilogue larger than the
+        # kernel's output (a broadcast, e.g. squeeze-excite scaling a feature map) runs on its
+        # own, in parallel, instead of inside one tile.
+        main_size = _spatial_size(sch, main)
+        for block in _inline_epilogue(sch, main):
+            if _spatial_size(sch, block) > main_size:
+                _spatial_schedule(sch, block, lanes)
+                continue
+            try:
+                sch.reverse_compute_at(block, outer)
+                last = sch.get_loops(block)[-1]
+                vec = _vector_width(_extent(sch, last), lanes)
+                if vec > 1:
+                    _, vi = sch.split(last, [None, vec])
+                    sch.vectorize(vi)
+            except Exception:  # pylint: disable=broad-except
+                _spatial_schedule(sch, block, lanes)
+        if (_extent(sch, outer) or 1) > 1:
+            sch.parallel(outer)  # before tensorize: the tensorized block is opaque to the check
+        if not dot:
+            sch.vectorize(oi)  # before decomposing, as for the depthwise kernels
+        sch.unroll(xi)
+        sch.unroll(ooi)
+        init = sch.decompose_reduction(main, reduce_outer[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        if dot:
+            sch.tensorize(oi, intrin)
+        return sch
+
+
+DotProductRule = PackedKernelRule  # the int8 use of the rule
+
+
+class DepthwiseRule(ScheduleRule):
+    """``tvmq_depthwise`` (NHWC, weights [KH, KW, C]): vectors over channels, rows in parallel."""
+
+    def __init__(self, lanes: int = 16, x_block: int = 4):
+        self.lanes = lanes
+        self.x_block = x_block
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        main = _find_block(sch, DEPTHWISE_BLOCK)
+        if main is None:
+            return None
+        try:
+            _schedule_producers(sch, main, 64)
+            n, y, x, c, kh, kw = sch.get_loops(main)
+            vec = _vector_width(_extent(sch, c), self.lanes)
+            co, ci = sch.split(c, [None, vec])
+            xo, xi = sch.split(x, [None, _divisor(_extent(sch, x), self.x_block)])
+            sch.reorder(n, y, xo, co, kh, kw, xi, ci)
+            outer = sch.fuse(n, y)
+            for block in _inline_epilogue(sch, main):
+                try:
+                    sch.reverse_compute_at(block, co)
+                    sch.vectorize(sch.get_loops(block)[-1])
+                except Exception:  # pylint: disable=broad-except
+                    _spatial_schedule(sch, block, self.lanes)
+            if (_extent(sch, outer) or 1) > 1:
+                sch.parallel(outer)
+            sch.vectorize(ci)  # before decomposing: the update block fails the check afterwards
+            sch.unroll(xi)
+            sch.unroll(kw)
+            init = sch.decompose_reduction(main, kh)
+            sch.vectorize(sch.get_loops(init)[-1])
+            return sch
+        except Exception:  # pylint: disable=broad-except
+            return None
+
+
+class InjectiveRule(ScheduleRule):
+    """Kernels with only spatial blocks: inline into the output, then parallel vectors."""
+
+    def __init__(self, lanes: int = 16):
+        self.lanes = lanes
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        if not blocks or not all(_is_spatial(sch, b) for b in blocks):
+            return None
+        try:
+            outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
+            for b in blocks:
+                if sch.get(b).name_hint not in outputs:
+                    try:
+                        sch.compute_inline(b)
+                    except Exception:  # pylint: disable=broad-except
+                        pass
+            for b in _root_blocks(sch):
+                _spatial_schedule(sch, b, self.lanes)
+            return sch
+        except Exception:  # pylint: disable=broad-except
+            return None
+
+
+class FallbackRule(ScheduleRule):
+    """Parallelize the outer spatial loops of every block; vectorize spatial inner loops."""
+
+    def __init__(self, lanes: int = 16):
+        self.lanes = lanes
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        if not blocks:
+            return None
+        changed = False
+        for b in blocks:
+            try:
+                if _is_spatial(sch, b):
+                    _spatial_schedule(sch, b, self.lanes)
+                    changed = True
+                    continue
+                loops = sch.get_loops(b)
+                ivs = sch.get(b).iter_vars
+                # Leading loops bound to spatial iterators can run in parallel.
+                lead = []
+                for l, iv in zip(loops, ivs):
+                    if int(iv.iter_type) != _SPATIAL:
+                        break
+                    lead.append(l)
+                if len(lead) >= 1 and math.prod(_extent(sch, l) or 1 for l in lead) > 1:
+                    fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+                    sch.parallel(fused)
+                    changed = True
+            except Exception:  # pylint: disable=broad-except
+                continue
+        return sch if changed else None
+
+
+def default_rules(intrinsics: dict[int, str] | None = None, lanes: int = 16) -> list[ScheduleRule]:
+    from tvm.s_tir.dlight import cpu
+
+    rules: list[ScheduleRule] = [PackedKernelRule(intrinsics)]
+
+    # DLight's CPU Reduction rule covers softmax / layer norm style kernels.
+    rules += [DepthwiseRule(lanes), cpu.Reduction(), InjectiveRule(lanes), FallbackRule(lanes)]
+    return rules

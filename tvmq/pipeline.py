@@ -1,0 +1,98 @@
+"""tvmq's compilation pipeline: Relax module -> scheduled, lowered module -> executable.
+
+It is TVM's CPU pipeline (``relax.backend.cpu_generic``) with three additions, per target
+preset: packed int8 dot-product kernels (:class:`tvmq.passes.PackKernels`) before legalization,
+kernels from a MetaSchedule tuning database when one is given, and tvmq's default schedule
+rules for every kernel the database does not cover. ``tvm.compile``'s own CPU path neither fuses
+nor schedules.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+__all__ = ["relax_passes", "lower", "build", "schedule_rules"]
+
+
+def _preset(preset):
+    from tvmq.targets import TargetPreset, get_preset
+
+    return preset if isinstance(preset, TargetPreset) else get_preset(preset)
+
+
+def schedule_rules(preset):
+    """The default schedule rules for ``preset``."""
+    from tvmq.targets import intrinsics
+    from tvmq.targets.schedules import default_rules
+
+    preset = _preset(preset)
+    if preset.kind != "llvm":
+        return []
+    dot = None
+    if preset.dot_product == "vnni":
+        intrinsics.register()
+        dot = {lanes: intrinsics.vnni_intrin(lanes) for lanes in (16, 8, 4)}
+    return default_rules(dot)
+
+
+def relax_passes(preset) -> list:
+    """Graph-level passes that depend on the target (run before legalization)."""
+    from tvmq.passes import PackKernels
+
+    preset = _preset(preset)
+    if preset.kind != "llvm":
+        return []
+    lanes = (16, 8, 4) if preset.dot_product == "vnni" else ()
+    return [PackKernels(preset.activation_dtype, lanes)]
+
+
+def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
+    """Legalize, fuse, schedule and lower ``mod`` for ``preset`` (stops before codegen)."""
+    preset = _preset(preset)
+    target = preset.tvm_target()
+    if preset.kind != "llvm":
+        with target:
+            return relax.get_default_pipeline(target)(mod)
+    from tvm.s_tir import dlight
+
+    from tvmq._compat import meta_schedule
+
+    passes = [
+        *relax_passes(preset),
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    if database is not None:
+        passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+    passes += [
+        dlight.ApplyDefaultSchedule(*schedule_rules(preset)),
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+    seq = tvm.transform.Sequential(passes, name="tvmq.lower")
+    if database is not None:
+        with target, database:
+            return seq(mod)
+    with target:
+        return seq(mod)
+
+
+def build(mod: tvm.IRModule, preset, database=None):
+    """Lower and compile; returns a ``tvm.runtime.Executable``."""
+    preset = _preset(preset)
+    return tvm.compile(lower(mod, preset, database), preset.tvm_target(), relax_pipeline=None)

@@ -25,7 +25,8 @@ import math
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
-__all__ = ["PackedKernelRule", "DepthwiseRule", "InjectiveRule", "FallbackRule", "default_rules"]
+__all__ = ["PackedKernelRule", "DepthwiseRule", "InjectiveRule", "FallbackRule", "default_rules",
+           "tunable_schedule", "is_tunable"]
 
 CONV_BLOCK = "tvmq_dot_conv2d"
 MATMUL_BLOCK = "tvmq_dot_matmul"
@@ -178,22 +179,42 @@ class PackedKernelRule(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
+        return sch if self.schedule(sch, tunable) else None
+
+    def schedule(self, sch, tunable: bool = False) -> bool:
+        """Schedule ``sch`` in place; False when the kernel is not a packed one (or TVM refuses).
+
+        With ``tunable``, the tile sizes are sampled (``sample_perfect_tile``) so MetaSchedule
+        can search and mutate them; otherwise they are fixed by the register budget.
+        """
         for name, is_conv, dot in ((CONV_BLOCK, True, True), (MATMUL_BLOCK, False, True),
                                    (FMA_CONV_BLOCK, True, False), (FMA_MATMUL_BLOCK, False, False)):
             main = _find_block(sch, name)
             if main is not None:
                 try:
-                    return self._schedule(sch, main, is_conv, dot)
+                    return self._schedule(sch, main, is_conv, dot, tunable)
                 except Exception:  # pylint: disable=broad-except
-                    return None
-        return None
+                    return False
+        return False
 
-    def _schedule(self, sch, main, is_conv, dot):
+    def _tiles(self, sch, x, oo, tunable):
+        if tunable:
+            xs = sch.sample_perfect_tile(x, n=2, max_innermost_factor=16)
+            os_ = sch.sample_perfect_tile(oo, n=2, max_innermost_factor=8)
+            return xs, os_
+        # Accumulators: xb output pixels x ob channel blocks, as many as the registers hold.
+        ob = _divisor(_extent(sch, oo), self.o_block)
+        xb = _divisor(_extent(sch, x), max(1, min(self.x_block, self.accumulators // ob)))
+        if xb * ob < self.accumulators // 2:
+            ob = _divisor(_extent(sch, oo), max(1, self.accumulators // xb))
+        return [None, xb], [None, ob]
+
+    def _schedule(self, sch, main, is_conv, dot, tunable=False):
         weight = sch.get(main).reads[-1].source  # 0.27: TensorRegion.source is the buffer
         lanes = int(weight.shape[-2] if dot else weight.shape[-1])
         intrin = self.intrinsics.get(lanes) if dot else None
         if dot and intrin is None:
-            return None
+            return False
         _schedule_producers(sch, main, 64)
         loops = sch.get_loops(main)
         if is_conv:
@@ -204,13 +225,9 @@ class PackedKernelRule(ScheduleRule):
             reduce = loops[len(loops) - (2 if dot else 1) :]
         reduce_outer, inner = (reduce[:-1], [reduce[-1]]) if dot else (reduce, [])
         oo, oi = sch.split(o, [None, lanes])
-        # Accumulators: xb output pixels x ob channel blocks, as many as the registers hold.
-        ob = _divisor(_extent(sch, oo), self.o_block)
-        xb = _divisor(_extent(sch, x), max(1, min(self.x_block, self.accumulators // ob)))
-        if xb * ob < self.accumulators // 2:
-            ob = _divisor(_extent(sch, oo), max(1, self.accumulators // xb))
-        xo, xi = sch.split(x, [None, xb])
-        ooo, ooi = sch.split(oo, [None, ob])
+        x_tiles, o_tiles = self._tiles(sch, x, oo, tunable)
+        xo, xi = sch.split(x, x_tiles)
+        ooo, ooi = sch.split(oo, o_tiles)
         sch.reorder(*spatial_outer, xo, ooo, *reduce_outer, xi, ooi, oi, *inner)
         outer = sch.fuse(*spatial_outer, xo, ooo) if spatial_outer else sch.fuse(xo, ooo)
         # The epilogue goes into the tile before the reduction is decomposed and tensorized
@@ -223,7 +240,7 @@ class PackedKernelRule(ScheduleRule):
                 _spatial_schedule(sch, block, lanes)
                 continue
             try:
-                sch.reverse_compute_at(block, outer)
+                sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
                 last = sch.get_loops(block)[-1]
                 vec = _vector_width(_extent(sch, last), lanes)
                 if vec > 1:
@@ -241,10 +258,7 @@ class PackedKernelRule(ScheduleRule):
         sch.vectorize(sch.get_loops(init)[-1])
         if dot:
             sch.tensorize(oi, intrin)
-        return sch
-
-
-DotProductRule = PackedKernelRule  # the int8 use of the rule
+        return True
 
 
 class DepthwiseRule(ScheduleRule):
@@ -258,20 +272,27 @@ class DepthwiseRule(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
+        return sch if self.schedule(sch, tunable) else None
+
+    def schedule(self, sch, tunable: bool = False) -> bool:
         main = _find_block(sch, DEPTHWISE_BLOCK)
         if main is None:
-            return None
+            return False
         try:
             _schedule_producers(sch, main, 64)
             n, y, x, c, kh, kw = sch.get_loops(main)
             vec = _vector_width(_extent(sch, c), self.lanes)
             co, ci = sch.split(c, [None, vec])
-            xo, xi = sch.split(x, [None, _divisor(_extent(sch, x), self.x_block)])
+            if tunable:
+                x_tiles = sch.sample_perfect_tile(x, n=2, max_innermost_factor=8)
+            else:
+                x_tiles = [None, _divisor(_extent(sch, x), self.x_block)]
+            xo, xi = sch.split(x, x_tiles)
             sch.reorder(n, y, xo, co, kh, kw, xi, ci)
             outer = sch.fuse(n, y)
             for block in _inline_epilogue(sch, main):
                 try:
-                    sch.reverse_compute_at(block, co)
+                    sch.reverse_compute_at(block, co, preserve_unit_loops=True)
                     sch.vectorize(sch.get_loops(block)[-1])
                 except Exception:  # pylint: disable=broad-except
                     _spatial_schedule(sch, block, self.lanes)
@@ -282,9 +303,9 @@ class DepthwiseRule(ScheduleRule):
             sch.unroll(kw)
             init = sch.decompose_reduction(main, kh)
             sch.vectorize(sch.get_loops(init)[-1])
-            return sch
+            return True
         except Exception:  # pylint: disable=broad-except
-            return None
+            return False
 
 
 class InjectiveRule(ScheduleRule):
@@ -350,6 +371,28 @@ class FallbackRule(ScheduleRule):
             except Exception:  # pylint: disable=broad-except
                 continue
         return sch if changed else None
+
+
+def tunable_schedule(intrinsics: dict[int, str] | None = None, lanes: int = 16):
+    """A MetaSchedule ``ScheduleFn`` body: tvmq's packed/depthwise schedules with sampled tiles.
+
+    Raises for kernels the rules do not cover (MetaSchedule then records no design space).
+    """
+    packed, depthwise = PackedKernelRule(intrinsics), DepthwiseRule(lanes)
+
+    def schedule(sch):
+        if not (packed.schedule(sch, tunable=True) or depthwise.schedule(sch, tunable=True)):
+            raise ValueError("not a kernel tvmq tunes")
+        return sch
+
+    return schedule
+
+
+def is_tunable(func) -> bool:
+    """Whether ``func`` holds a kernel whose schedule has tunable tiles."""
+    sch = s_tir.Schedule(func)
+    return any(_find_block(sch, n) is not None for n in (CONV_BLOCK, MATMUL_BLOCK, FMA_CONV_BLOCK,
+                                                          FMA_MATMUL_BLOCK, DEPTHWISE_BLOCK))
 
 
 def default_rules(intrinsics: dict[int, str] | None = None, lanes: int = 16) -> list[ScheduleRule]:

@@ -21,7 +21,8 @@ import numpy as np
 from tvmq.config import QuantConfig
 from tvmq.errors import TvmqError
 
-__all__ = ["CompileResult", "compile_model", "prepare_output_dir", "weight_bytes", "sha256_file"]
+__all__ = ["CompileResult", "QuantizedModel", "compile_model", "quantized_module", "prepare_output_dir",
+           "weight_bytes", "sha256_file"]
 
 log = logging.getLogger("tvmq")
 
@@ -113,6 +114,9 @@ def compile_model(
     plan=None,
     force: bool = False,
     progress: bool = False,
+    db=None,
+    tune_trials: int = 0,
+    tune_max_tasks: int | None = None,
 ) -> CompileResult:
     """Compile an ONNX model into a bundle folder.
 
@@ -132,6 +136,12 @@ def compile_model(
         ``int8`` (default) or ``fp32`` (no quantization).
     plan : QuantPlan or path, optional
         Reuse a plan instead of calibrating.
+    db : str or Path, optional
+        Tuning database folder: its kernels are verified, then used.
+    tune_trials : int
+        Tune each kernel with this many measured candidates first (needs ``db``).
+    tune_max_tasks : int, optional
+        Tune only the largest kernels.
     """
     from tvmq.targets import get_preset
 
@@ -141,6 +151,8 @@ def compile_model(
     prepare_output_dir(output_dir, force)
     if precision not in ("int8", "fp32"):
         raise TvmqError(f"--precision {precision!r} is not supported; use int8 or fp32")
+    if tune_trials and db is None:
+        raise TvmqError("--tune needs --db DIR, the folder that keeps the tuning results")
     raw = _load_raw_samples(calib)
     if precision == "int8" and raw is None and plan is None:
         raise TvmqError("int8 compilation needs calibration data: pass --calib DIR (one .npy/.npz per sample) or --plan")
@@ -148,7 +160,8 @@ def compile_model(
     parent = output_dir.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
     try:
-        result = _compile_into(tmp, model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress)
+        tuning = {"db": db, "trials": tune_trials, "max_tasks": tune_max_tasks}
+        result = _compile_into(tmp, model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress, tuning)
         if output_dir.exists():
             if force:
                 shutil.rmtree(output_dir)
@@ -162,16 +175,30 @@ def compile_model(
         raise
 
 
-def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan, progress) -> CompileResult:
+@dataclass
+class QuantizedModel:
+    """An imported model, prepared and (for int8) quantized: what gets compiled or tuned."""
+
+    module: object = field(repr=False)
+    float_module: object = field(repr=False)
+    info: object
+    plan: object
+    warnings: list[str]
+
+
+def quantized_module(model, preset, raw=None, config=None, shapes=None, precision="int8", plan=None,
+                     progress=False) -> QuantizedModel:
+    """Import ``model``, prepare it, and quantize it by calibration (``raw``) or ``plan``."""
     import tvm
 
     from tvmq.calibrate import load_samples_dir, validate_samples
     from tvmq.frontend import load_onnx
-    from tvmq.kernels import reduction_kernels
-    from tvmq.pipeline import lower
     from tvmq.plan import QuantPlan
     from tvmq.quantize import calibrate, prepare, quantize_pipeline
 
+    config = config or QuantConfig()
+    if isinstance(raw, (str, Path)):
+        raw = _load_raw_samples(raw)
     qplan = None
     if precision == "int8" and plan is not None:
         qplan = plan if isinstance(plan, QuantPlan) else _read_plan(plan)
@@ -187,20 +214,38 @@ def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan
     warnings = list(preset.warnings())
     if info.float_ops:
         warnings.append("ops kept in float (no int8 kernel for them): " + ", ".join(info.float_ops))
+    if precision != "int8":
+        return QuantizedModel(float_mod, float_mod, info, None, warnings)
+    if qplan is None:
+        if raw is None:
+            raise TvmqError("int8 compilation needs calibration data: pass --calib DIR (one .npy/.npz per sample) or --plan")
+        samples = load_samples_dir(raw, list(info.inputs)) if isinstance(raw, Path) else validate_samples(raw, list(info.inputs))
+        qplan = calibrate(float_mod, samples, config, target=preset.name, input_names=names, progress=progress)
+    try:
+        qmod = quantize_pipeline(qplan)(float_mod)
+    except tvm.error.TVMError as err:  # pragma: no cover - a bug, reported as such
+        raise TvmqError(f"quantization failed inside TVM: {str(err).splitlines()[0][:300]}; please report it") from None
+    return QuantizedModel(qmod, float_mod, info, qplan, warnings)
 
-    if precision == "int8":
-        if qplan is None:
-            samples = load_samples_dir(raw, list(info.inputs)) if isinstance(raw, Path) else validate_samples(raw, list(info.inputs))
-            qplan = calibrate(float_mod, samples, config, target=preset.name, input_names=names, progress=progress)
-        try:
-            qmod = quantize_pipeline(qplan)(float_mod)
-        except tvm.error.TVMError as err:  # pragma: no cover - a bug, reported as such
-            raise TvmqError(f"quantization failed inside TVM: {str(err).splitlines()[0][:300]}; please report it") from None
-    else:
-        qmod = float_mod
 
+def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan, progress, tuning) -> CompileResult:
+    import tvm
+
+    from tvmq.kernels import reduction_kernels
+    from tvmq.pipeline import lower
+
+    qm = quantized_module(model, preset, raw, config, shapes, precision, plan, progress)
+    qmod, float_mod, info, qplan, warnings = qm.module, qm.float_module, qm.info, qm.plan, qm.warnings
+    database, tuning_info = None, None
+    if tuning["db"] is not None:
+        from tvmq.tune import load_database, tune
+
+        if tuning["trials"]:
+            tune(qmod, preset, tuning["db"], trials=tuning["trials"], max_tasks=tuning["max_tasks"], progress=progress)
+        database = load_database(tuning["db"], qmod, preset)
+        tuning_info = {"tuned_kernels": len(database.get_all_tuning_records())}
     target = preset.tvm_target()
-    lowered = lower(qmod, preset)
+    lowered = lower(qmod, preset, database)
     kernels = reduction_kernels(lowered)
     executable = tvm.compile(lowered, target, relax_pipeline=None)
     lib_path = tmp / LIBRARY
@@ -217,6 +262,7 @@ def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan
         (tmp / "plan.json").write_text(qplan.dumps() + "\n")
 
     manifest = _manifest(model, info, preset, qplan, float_mod, qmod, kernels, warnings)
+    manifest["tuning"] = tuning_info
     (tmp / "report.md").write_text(_report(manifest))
     files = sorted(p.name for p in tmp.iterdir() if p.is_file())
     manifest["files"] = {name: sha256_file(tmp / name) for name in files}

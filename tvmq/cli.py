@@ -44,7 +44,28 @@ def _add_compile(sub):
     p.add_argument("--requantize", default="fixed_point", choices=["fixed_point", "float"],
                    help="integer fixed-point (default) or float scaling of accumulators")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--db", help="tuning database folder: use its (verified) kernels")
+    p.add_argument("--tune", type=int, default=0, metavar="N", help="tune each kernel with N trials first (needs --db)")
+    p.add_argument("--max-tasks", type=int, help="with --tune: tune only the largest kernels")
     p.set_defaults(func=cmd_compile)
+
+
+def _add_tune(sub):
+    p = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule into a database")
+    p.add_argument("model", help="ONNX model")
+    p.add_argument("--db", required=True, help="tuning database folder (created if missing, reused if present)")
+    p.add_argument("--target", default="x86", help="target preset (default: x86)")
+    p.add_argument("--calib", help="calibration folder (as for compile); omit with --precision fp32")
+    p.add_argument("--plan", help="reuse a plan.json instead of calibrating")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1,..")
+    p.add_argument("--precision", default="int8", choices=["int8", "fp32"])
+    p.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
+    p.add_argument("--percentile", type=float, default=99.999)
+    p.add_argument("--keep-float", action="append", default=[], metavar="GLOB")
+    p.add_argument("--requantize", default="fixed_point", choices=["fixed_point", "float"])
+    p.add_argument("--trials", type=int, default=32, help="measured candidates per kernel (default 32)")
+    p.add_argument("--max-tasks", type=int, help="tune only the largest kernels")
+    p.set_defaults(func=cmd_tune)
 
 
 def _add_run(sub):
@@ -68,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show progress, details and tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_compile(sub)
+    _add_tune(sub)
     _add_run(sub)
     _add_targets(sub)
     return parser
@@ -104,9 +126,30 @@ def cmd_compile(args) -> int:
         precision=args.precision,
         plan=args.plan,
         force=args.force,
-        progress=args.verbose,
+        progress=args.verbose or bool(args.tune),
+        db=args.db,
+        tune_trials=args.tune,
+        tune_max_tasks=args.max_tasks,
     )
     _print_summary(result)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from tvmq.build import quantized_module
+    from tvmq.frontend import parse_shape_arg
+    from tvmq.targets import get_preset
+    from tvmq.tune import tune
+
+    preset = get_preset(args.target)
+    shapes = dict(parse_shape_arg(s) for s in args.shape)
+    qm = quantized_module(args.model, preset, raw=args.calib, config=_config_from_args(args), shapes=shapes,
+                          precision=args.precision, plan=args.plan)
+    report = tune(qm.module, preset, args.db, trials=args.trials, max_tasks=args.max_tasks, progress=True)
+    for t in report.tasks:
+        best = f"{t['best_us']:.1f} us" if t["best_us"] is not None else "no valid candidate"
+        print(f"{t['name'][:60]:<60} x{t['weight']}  best {best}")
+    print(f"tuned {len(report.tasks)} kernels, {report.trials} trials -> {args.db}")
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-__all__ = ["relax_passes", "lower", "build", "schedule_rules"]
+__all__ = ["relax_passes", "fuse", "lower", "build", "schedule_rules", "dot_intrinsics"]
 
 
 def _preset(preset):
@@ -23,17 +23,23 @@ def _preset(preset):
 
 def schedule_rules(preset):
     """The default schedule rules for ``preset``."""
-    from tvmq.targets import intrinsics
     from tvmq.targets.schedules import default_rules
 
     preset = _preset(preset)
     if preset.kind != "llvm":
         return []
-    dot = None
+    return default_rules(dot_intrinsics(preset))
+
+
+def dot_intrinsics(preset) -> dict[int, str] | None:
+    """``{lanes: tensor intrinsic}`` for the preset's int8 dot product (registered on demand)."""
+    from tvmq.targets import intrinsics
+
+    preset = _preset(preset)
     if preset.dot_product == "vnni":
         intrinsics.register()
-        dot = {lanes: intrinsics.vnni_intrin(lanes) for lanes in (16, 8, 4)}
-    return default_rules(dot)
+        return {lanes: intrinsics.vnni_intrin(lanes) for lanes in (16, 8, 4)}
+    return None
 
 
 def relax_passes(preset) -> list:
@@ -47,18 +53,8 @@ def relax_passes(preset) -> list:
     return [PackKernels(preset.activation_dtype, lanes)]
 
 
-def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
-    """Legalize, fuse, schedule and lower ``mod`` for ``preset`` (stops before codegen)."""
-    preset = _preset(preset)
-    target = preset.tvm_target()
-    if preset.kind != "llvm":
-        with target:
-            return relax.get_default_pipeline(target)(mod)
-    from tvm.s_tir import dlight
-
-    from tvmq._compat import meta_schedule
-
-    passes = [
+def _fuse_passes(preset) -> list:
+    return [
         *relax_passes(preset),
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
@@ -68,8 +64,32 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]
+
+
+def fuse(mod: tvm.IRModule, preset) -> tvm.IRModule:
+    """Legalize and fuse: the module whose PrimFuncs are the kernels to schedule (or tune)."""
+    preset = _preset(preset)
+    with preset.tvm_target():
+        return tvm.transform.Sequential(_fuse_passes(preset), name="tvmq.fuse")(mod)
+
+
+def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
+    """Legalize, fuse, schedule and lower ``mod`` for ``preset`` (stops before codegen).
+
+    ``database`` (from :func:`tvmq.tune.load_database`) supplies tuned kernels; every other
+    kernel gets tvmq's default schedule.
+    """
+    preset = _preset(preset)
+    target = preset.tvm_target()
+    if preset.kind != "llvm":
+        with target:
+            return relax.get_default_pipeline(target)(mod)
+    from tvm.s_tir import dlight
+
+    passes = list(_fuse_passes(preset))
     if database is not None:
-        passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+        with target:  # the pass captures the current target when it is made
+            passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
     passes += [
         dlight.ApplyDefaultSchedule(*schedule_rules(preset)),
         relax.transform.RewriteDataflowReshape(),

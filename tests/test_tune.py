@@ -1,0 +1,111 @@
+"""Tuning: records are verified before use; a database is reused without new trials."""
+
+import json
+
+import numpy as np
+import pytest
+import tvm
+
+from conftest import conv_model, random_samples
+from tvmq.build import quantized_module
+from tvmq.execute import HostModule
+from tvmq.targets import get_preset
+from tvmq.targets.intrinsics import register as register_intrinsics
+from tvmq.targets.schedules import PackedKernelRule
+from tvmq.tune import extract_tasks, load_database, tune
+
+PRESET = get_preset("x86")
+pytestmark = pytest.mark.skipif(PRESET.dot_product != "vnni", reason="needs an x86 CPU with AVX-512 VNNI")
+
+
+def _broken_intrinsic():
+    """A VNNI intrinsic that forgets the accumulator: the kind of bug tuned kernels can carry."""
+    from tvm import s_tir
+    from tvm.script import tirx as T
+
+    from tvmq.targets.intrinsics import _make
+
+    desc, _ = _make(16)
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="int8x64")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                T.broadcast(T.int32(0), 16), a, B.vload([0, 0], dtype="int8x64"), dtype="int32x16",
+            )
+
+    s_tir.TensorIntrin.register("tvmq_test_broken_16x4", desc, impl, override=True)
+    return "tvmq_test_broken_16x4"
+
+
+@pytest.fixture(scope="module")
+def qmodel():
+    model, _, _ = conv_model(cin=16, cout=16, k=3, relu=True)
+    return quantized_module(model, PRESET, raw=random_samples((1, 16, 8, 8), n=8))
+
+
+def _trace(func, intrinsics):
+    sch = tvm.s_tir.Schedule(func)
+    assert PackedKernelRule(intrinsics).schedule(sch, tunable=False)
+    return sch.trace
+
+
+def test_a_wrong_tuned_kernel_is_rejected_and_the_next_best_used(qmodel, tmp_path):
+    from tvmq._compat import meta_schedule
+
+    ms = meta_schedule()
+    good_names = {l: f"tvmq_vnni_{l}x4" for l in (16, 8, 4)}
+    register_intrinsics()
+    broken = _broken_intrinsic()
+    (task,) = extract_tasks(qmodel.module, PRESET)
+    bad_trace = _trace(task.mod["main"], {**good_names, 16: broken})
+    good_trace = _trace(task.mod["main"], good_names)
+
+    db = ms.database.JSONDatabase(str(tmp_path / "database_workload.json"), str(tmp_path / "database_tuning_record.json"))
+    workload = db.commit_workload(task.mod)
+    target = PRESET.tvm_target()
+    db.commit_tuning_record(ms.database.TuningRecord(bad_trace, workload, [1e-9], target))  # "fastest"
+    db.commit_tuning_record(ms.database.TuningRecord(good_trace, workload, [1e-3], target))
+
+    chosen = load_database(tmp_path, qmodel.module, PRESET)
+    (record,) = chosen.get_all_tuning_records()
+    assert str(record.trace) == str(good_trace)
+    rejected = json.loads((tmp_path / "rejected.json").read_text())
+    assert len(rejected) == 1 and "outputs differ" in next(iter(rejected.values()))["reason"]
+
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 16, 8, 8)).astype(np.float32)
+    untuned = HostModule(qmodel.module)(x)[0]
+    np.testing.assert_array_equal(HostModule(qmodel.module, database=chosen)(x)[0], untuned)
+
+
+def test_tune_then_reuse_the_database_without_trials(qmodel, tmp_path):
+    report = tune(qmodel.module, PRESET, tmp_path, trials=2, max_tasks=1, progress=False)
+    assert len(report.tasks) == 1 and report.tasks[0]["best_us"] is not None
+    records = (tmp_path / "database_tuning_record.json").read_text().strip().splitlines()
+    assert len(records) >= 1
+    db = load_database(tmp_path, qmodel.module, PRESET)
+    assert len(db.get_all_tuning_records()) == 1
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 16, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(HostModule(qmodel.module, database=db)(x)[0], HostModule(qmodel.module)(x)[0])
+    # Reading the database again runs no trials and adds no records.
+    load_database(tmp_path, qmodel.module, PRESET)
+    assert (tmp_path / "database_tuning_record.json").read_text().strip().splitlines() == records
+
+
+def test_unreadable_database_is_an_error(tmp_path, qmodel):
+    from tvmq.errors import TvmqError
+
+    (tmp_path / "database_workload.json").write_text("{not json")
+    (tmp_path / "database_tuning_record.json").write_text("")
+    with pytest.raises(TvmqError, match="tuning database"):
+        load_database(tmp_path, qmodel.module, PRESET)
+    with pytest.raises(TvmqError, match="does not exist"):
+        load_database(tmp_path / "missing", qmodel.module, PRESET)

@@ -1,0 +1,386 @@
+"""Tuning: MetaSchedule search over tvmq's kernel schedules, and verified reuse of the results.
+
+The design space of each kernel is tvmq's own default schedule with its tile sizes sampled
+(:func:`tvmq.targets.schedules.tunable_schedule`): MetaSchedule's evolutionary search, guided
+by its XGBoost cost model, mutates them and measures candidates. So an untuned build is one
+point of the tuned space, and tuning can only pick something measured to be faster.
+
+Results go to a JSON database in ``--db DIR`` (``database_workload.json`` and
+``database_tuning_record.json``), keyed by kernel (structural hash) and target. Before a tuned
+kernel is used, :func:`load_database` runs it against the untuned build of the same kernel on
+random inputs; a kernel that disagrees is rejected (listed in ``rejected.json``) and the next
+best record is tried. MetaSchedule itself never checks results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+import tvm_ffi
+
+from tvmq.errors import TvmqError
+
+__all__ = ["Task", "TuneReport", "extract_tasks", "tune", "load_database", "verify_schedule"]
+
+log = logging.getLogger("tvmq")
+
+REJECTED = "rejected.json"
+_BUILDER_TIMEOUT = 300.0  # a fresh builder process spends 30-60 s importing TVM's intrinsics
+
+
+@dataclass
+class Task:
+    """One distinct kernel to tune; ``weight`` counts its occurrences in the model."""
+
+    name: str
+    mod: tvm.IRModule
+    weight: int = 1
+
+
+@dataclass
+class TuneReport:
+    tasks: list[dict] = field(default_factory=list)
+    trials: int = 0
+    database: str = ""
+
+
+def _normalized(func) -> tvm.IRModule:
+    if "global_symbol" not in (func.attrs or {}):
+        func = func.with_attr("global_symbol", "main")
+    return tvm.IRModule({"main": func.with_attr("tirx.noalias", True)})
+
+
+def extract_tasks(mod: tvm.IRModule, preset) -> list[Task]:
+    """The tunable kernels of ``mod`` (packed conv/matmul and depthwise), deduplicated."""
+    from tvmq._compat import tir
+    from tvmq.pipeline import dot_intrinsics, fuse
+    from tvmq.targets.schedules import is_tunable
+
+    dot_intrinsics(preset)
+    fused = fuse(mod, preset)
+    tasks: list[Task] = []
+    for gv, func in fused.functions_items():
+        if not isinstance(func, tir.PrimFunc) or not is_tunable(func):
+            continue
+        task_mod = _normalized(func)
+        for task in tasks:
+            if tvm_ffi.structural_equal(task.mod, task_mod):
+                task.weight += 1
+                break
+        else:
+            tasks.append(Task(gv.name_hint, task_mod))
+    return tasks
+
+
+def _cost(task: Task) -> float:
+    """Rough work estimate (bytes of all buffers) used to tune the biggest kernels first."""
+    func = task.mod["main"]
+    total = 0
+    for p in func.params:
+        shape = [int(s) for s in p.shape]
+        total += int(np.prod(shape)) if shape else 1
+    return total * task.weight
+
+
+class _Progress:
+    """tqdm bar over all trials, showing the best time so far of the task being tuned."""
+
+    def __init__(self, total: int, names: list[str], enabled: bool):
+        self.best: dict[int, float] = {}
+        self.names = names
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="tuning", unit="trial")
+
+    def update(self, task_id: int, seconds: list[float]) -> None:
+        good = [s for s in seconds if s is not None and np.isfinite(s)]
+        if good:
+            self.best[task_id] = min(self.best.get(task_id, float("inf")), min(good))
+        if self.bar is not None:
+            self.bar.update(len(seconds))
+            best = self.best.get(task_id)
+            self.bar.set_postfix_str(f"{self.names[task_id][:32]} best {best * 1e6:.1f} us" if best else "")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _measure_callback(progress: _Progress):
+    from tvm.ir.utils import derived_object
+
+    from tvmq._compat import meta_schedule
+
+    ms = meta_schedule()
+
+    @derived_object
+    class ProgressCallback(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            secs = []
+            for r in runner_results:
+                run = [float(x) for x in r.run_secs] if r.run_secs else []
+                secs.append(float(np.median(run)) if run and r.error_msg is None else None)
+            progress.update(task_id, secs)
+
+    return ProgressCallback()
+
+
+def tune(
+    mod: tvm.IRModule,
+    preset,
+    db_dir: str | Path,
+    *,
+    trials: int = 32,
+    max_tasks: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    runner=None,
+) -> TuneReport:
+    """Tune the kernels of ``mod`` (a quantized or float Relax module) and store the results.
+
+    Parameters
+    ----------
+    trials : int
+        Measured candidates per kernel.
+    max_tasks : int, optional
+        Tune only the largest kernels (by buffer size x occurrences).
+    runner : MetaSchedule runner, optional
+        Where candidates are measured; default this machine (``LocalRunner``). An ``RPCRunner``
+        measures on boards.
+    """
+    from tvmq._compat import meta_schedule
+    from tvmq.pipeline import _preset, dot_intrinsics
+    from tvmq.targets.schedules import tunable_schedule
+
+    ms = meta_schedule()
+    preset = _preset(preset)
+    if trials < 1:
+        raise TvmqError(f"--trials must be at least 1, got {trials}")
+    db_dir = Path(db_dir)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    target = preset.tvm_target()
+    tasks = sorted(extract_tasks(mod, preset), key=_cost, reverse=True)
+    if max_tasks is not None:
+        tasks = tasks[:max_tasks]
+    report = TuneReport(database=str(db_dir))
+    if not tasks:
+        return report
+    space = tunable_schedule(dot_intrinsics(preset))
+    contexts = []
+    for i, task in enumerate(tasks):
+        generator = ms.space_generator.ScheduleFn(
+            space, sch_rules=[], postprocs=[], mutator_probs={ms.mutator.MutateTileSize(): 1.0}
+        )
+        contexts.append(
+            ms.TuneContext(
+                mod=task.mod,
+                target=target,
+                space_generator=generator,
+                # A design space of a few tile sizes needs no 512-strong population.
+                search_strategy=ms.search_strategy.EvolutionarySearch(
+                    population_size=64, init_min_unmeasured=16, genetic_num_iters=2, genetic_max_fail_count=4
+                ),
+                task_name=task.name,
+                rand_state=seed + i,
+                num_threads=1,
+            )
+        )
+    database = _json_database(db_dir)
+    bar = _Progress(trials * len(tasks), [t.name for t in tasks], progress)
+    callbacks = [
+        ms.measure_callback.AddToDatabase(),
+        ms.measure_callback.RemoveBuildArtifact(),
+        ms.measure_callback.UpdateCostModel(),
+        _measure_callback(bar),
+    ]
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=_BUILDER_TIMEOUT, initializer=_register_intrinsics)
+    if runner is None:
+        runner = ms.runner.LocalRunner(
+            timeout_sec=60,
+            evaluator_config=ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20, enable_cpu_cache_flush=False),
+        )
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    try:
+        ms.tune_tasks(
+            tasks=contexts,
+            task_weights=[float(t.weight) for t in tasks],
+            work_dir=str(db_dir / "logs"),
+            max_trials_global=trials * len(tasks),
+            max_trials_per_task=trials,
+            num_trials_per_iter=min(trials, 16),
+            builder=builder,
+            runner=runner,
+            database=database,
+            cost_model=ms.cost_model.XGBModel(),
+            measure_callbacks=callbacks,
+            task_scheduler="round-robin",
+        )
+    finally:
+        bar.close()
+    report.trials = trials * len(tasks)
+    for i, task in enumerate(tasks):
+        best = bar.best.get(i)
+        report.tasks.append({"name": task.name, "weight": task.weight, "best_us": None if best is None else best * 1e6})
+    return report
+
+
+def _register_intrinsics():
+    from tvmq.targets import intrinsics
+
+    intrinsics.register()
+
+
+def _json_database(db_dir: Path):
+    from tvmq._compat import meta_schedule
+
+    ms = meta_schedule()
+    _register_intrinsics()  # traces name tvmq's intrinsics: register before reading
+    try:
+        return ms.database.JSONDatabase(
+            str(db_dir / "database_workload.json"), str(db_dir / "database_tuning_record.json"), allow_missing=True
+        )
+    except Exception as err:  # pylint: disable=broad-except
+        raise TvmqError(
+            f"tuning database in {db_dir} is unreadable ({str(err).splitlines()[0][:200]}); "
+            "remove the folder or point --db at another one"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- verification
+def _random_args(func, rng):
+    args = []
+    for p in func.params:
+        shape = [int(s) for s in p.shape]
+        dtype = str(p.dtype)
+        if dtype.startswith("float"):
+            arr = rng.uniform(-1, 1, shape).astype(dtype)
+        elif dtype == "bool":
+            arr = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            info = np.iinfo(dtype)
+            arr = rng.integers(max(info.min, -128), min(info.max, 127) + 1, shape).astype(dtype)
+        args.append(arr)
+    return args
+
+
+def _run(func, target, arrays):
+    lib = tvm.compile(tvm.IRModule({"main": func}), target).jit()
+    tensors = [tvm.runtime.tensor(a) for a in arrays]
+    lib["main"](*tensors)
+    return [t.numpy() for t in tensors]
+
+
+def verify_schedule(reference, candidate, target, seed: int = 0) -> str | None:
+    """Run two schedules of one kernel on the same random inputs; None if they agree.
+
+    Integer outputs must match exactly; float ones to 1e-4 of their magnitude (reassociation).
+    Returns a one-line description of the disagreement otherwise.
+    """
+    rng = np.random.default_rng(seed)
+    arrays = _random_args(reference, rng)
+    try:
+        want = _run(reference, target, [a.copy() for a in arrays])
+        got = _run(candidate, target, [a.copy() for a in arrays])
+    except Exception as err:  # pylint: disable=broad-except
+        return f"does not build or run: {str(err).splitlines()[0][:160]}"
+    for w, g in zip(want, got):
+        if w.dtype.kind in "iub":
+            bad = int(np.sum(w != g))
+            if bad:
+                return f"{bad} of {w.size} integer outputs differ"
+        else:
+            tol = 1e-4 * max(1.0, float(np.abs(w).max()))
+            bad = int(np.sum(np.abs(w - g) > tol))
+            if bad:
+                return f"{bad} of {w.size} float outputs differ by more than {tol:.2g}"
+    return None
+
+
+def _default_schedule(func, preset):
+    """``func`` as an untuned build schedules it (the reference a tuned kernel must match)."""
+    from tvmq.pipeline import schedule_rules
+
+    target = preset.tvm_target()
+    for rule in schedule_rules(preset):
+        sch = rule.apply(func, target, False)
+        if sch is not None:
+            return sch.mod["main"]
+    return func
+
+
+def load_database(db_dir: str | Path, mod: tvm.IRModule, preset, *, top_k: int = 3, verify: bool = True):
+    """The tuned kernels for ``mod`` from ``db_dir``, each checked before use.
+
+    Returns a MetaSchedule in-memory database holding, per kernel of ``mod``, the best record
+    that agrees with the untuned build (or none), ready for :func:`tvmq.pipeline.lower`.
+    """
+    from tvmq._compat import meta_schedule
+    from tvmq.pipeline import _preset
+
+    ms = meta_schedule()
+    preset = _preset(preset)
+    db_dir = Path(db_dir)
+    if not db_dir.is_dir():
+        raise TvmqError(f"tuning database folder {db_dir} does not exist; create it with `tvmq tune ... --db {db_dir}`")
+    source = _json_database(db_dir)
+    target = preset.tvm_target()
+    chosen = ms.database.MemoryDatabase()
+    rejected = _read_rejected(db_dir)
+    for task in extract_tasks(mod, preset):
+        if not source.has_workload(task.mod):
+            continue
+        records = source.get_top_k(source.commit_workload(task.mod), top_k)
+        reference = None
+        for rec in records:
+            trace_id = hashlib.sha256(str(rec.trace).encode()).hexdigest()[:16]
+            key = f"{tvm_ffi.structural_hash(task.mod)}:{trace_id}"
+            if key in rejected:
+                continue
+            sch = tvm.s_tir.Schedule(task.mod)
+            try:
+                rec.trace.apply_to_schedule(sch, remove_postproc=False)
+            except Exception as err:  # pylint: disable=broad-except
+                rejected[key] = {"task": task.name, "reason": f"trace does not apply: {str(err).splitlines()[0][:120]}"}
+                continue
+            if verify:
+                if reference is None:
+                    reference = _default_schedule(task.mod["main"], preset)
+                problem = verify_schedule(reference, sch.mod["main"], target)
+                if problem is not None:
+                    log.warning("rejected a tuned kernel for %s: %s", task.name, problem)
+                    rejected[key] = {"task": task.name, "reason": problem}
+                    continue
+            workload = chosen.commit_workload(task.mod)
+            chosen.commit_tuning_record(
+                ms.database.TuningRecord(rec.trace, workload, rec.run_secs, rec.target, rec.args_info)
+            )
+            break
+    _write_rejected(db_dir, rejected)
+    return chosen
+
+
+def _read_rejected(db_dir: Path) -> dict:
+    path = db_dir / REJECTED
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return {}
+
+
+def _write_rejected(db_dir: Path, rejected: dict) -> None:
+    if not rejected:
+        return
+    tmp = db_dir / (REJECTED + ".part")
+    tmp.write_text(json.dumps(rejected, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, db_dir / REJECTED)

@@ -18,7 +18,8 @@ uint8 activations (its fastest INT8 configuration on x86), MinMax calibration.
 Usage::
 
     pip install -e ".[bench]"
-    python scripts/bench.py [--models digits,ppocr_cls] [--runs 50] [--threads 2] [--json out.json]
+    python scripts/bench.py [--models digits,ppocr_cls,ppocr_rec] [--runs 50] [--threads 2] [--json out.json]
+    python scripts/bench.py --tune 16 --max-tasks 12     # tune FP32 and INT8 with the same budget first
 """
 
 from __future__ import annotations
@@ -150,12 +151,28 @@ def bench_model(name, case, args, workdir) -> dict:
     results = {}
 
     out = workdir / f"{name}-int8"
+    calib = [{inp: c} for c in case["calib"]]
     t0 = time.perf_counter()
-    res = compile_model(case["path"], out, calib=[{inp: c} for c in case["calib"]], shapes={inp: shape},
-                        config=QuantConfig(method=args.method))
+    res = compile_model(case["path"], out, calib=calib, shapes={inp: shape}, config=QuantConfig(method=args.method))
     compile_s = time.perf_counter() - t0
     fp32 = HostModule(res.float_module)
     bundle = Bundle(out)
+    untuned = {}
+    if args.tune:
+        # Same budget for both precisions: trials per kernel and number of kernels.
+        from tvmq.tune import load_database, tune
+
+        db_root = args.db_root or workdir
+        int8_db, fp32_db = Path(db_root) / f"{name}-int8", Path(db_root) / f"{name}-fp32"
+        t0 = time.perf_counter()
+        tuned_out = workdir / f"{name}-int8-tuned"
+        compile_model(case["path"], tuned_out, plan=res.plan, shapes={inp: shape}, db=int8_db,
+                      tune_trials=args.tune, tune_max_tasks=args.max_tasks, progress=True)
+        tune(res.float_module, "x86", fp32_db, trials=args.tune, max_tasks=args.max_tasks, progress=True)
+        tune_s = time.perf_counter() - t0
+        untuned = {"tvm_fp32": fp32.prepared(xs[0]), "tvmq_int8": bundle.prepared({inp: xs[0]})}
+        fp32 = HostModule(res.float_module, database=load_database(fp32_db, res.float_module, "x86"))
+        bundle = Bundle(tuned_out)
     out_name = bundle.outputs[0]["name"]
     sess32 = ort_session(case["path"], args.threads)
     sess8 = ort_session(ort_quantize(case["path"], inp, case["calib"], workdir), args.threads)
@@ -173,6 +190,7 @@ def bench_model(name, case, args, workdir) -> dict:
         "ort_fp32": lambda: sess32.run(None, {inp: x0}),
         "ort_int8": lambda: sess8.run(None, {inp: x0}),
     }
+    calls.update({f"{k}_untuned": v for k, v in untuned.items()})
     medians = interleaved_medians(calls, args.runs)
     for engine in ENGINES:
         scores = case["score"]([engines[engine](x) for x in xs], ys)
@@ -188,6 +206,11 @@ def bench_model(name, case, args, workdir) -> dict:
         "eval_samples": len(ys),
         "calib_samples": len(case["calib"]),
     }
+    if args.tune:
+        results["_info"].update(
+            tune_trials_per_kernel=args.tune, tune_max_tasks=args.max_tasks, tune_s=round(tune_s, 1),
+            untuned_ms={k: round(medians[f"{k}_untuned"], 4) for k in untuned},
+        )
     return results
 
 
@@ -202,6 +225,11 @@ def print_table(results: dict, threads: int) -> None:
         if "cer" in r["tvmq_int8"]:
             print(f"{'':<11}character error rate: " + ", ".join(f"{e} {r[e]['cer']:.4f}" for e in ENGINES))
         info = r["_info"]
+        if "untuned_ms" in info:
+            u = info["untuned_ms"]
+            print(f"{'':<11}untuned: tvm_fp32 {u['tvm_fp32']:.3f} ms, tvmq_int8 {u['tvmq_int8']:.3f} ms "
+                  f"(tuned is {u['tvmq_int8'] / r['tvmq_int8']['median_ms']:.2f}x faster for int8); "
+                  f"{info['tune_trials_per_kernel']} trials x {info['tune_max_tasks'] or 'all'} kernels, {info['tune_s']} s")
         print(f"{'':<11}int8 layers {info['int8_layers']}, float {info['float_layers']}; integer kernels "
               f"{info['integer_kernels']}/{info['kernels']}; vpdpbusd {info['vpdpbusd']}; "
               f"library {info['library_bytes'] / 1024:.0f} KiB; compile {info['compile_s']} s")
@@ -209,13 +237,17 @@ def print_table(results: dict, threads: int) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="digits,ppocr_cls")
+    ap.add_argument("--models", default="digits,ppocr_cls,ppocr_rec")
     ap.add_argument("--runs", type=int, default=50, help="timed runs per engine (median reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-eval", type=int, default=300)
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--method", default="minmax")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--tune", type=int, default=0, metavar="N",
+                    help="tune TVM FP32 and tvmq INT8 with N trials per kernel (same budget) before timing")
+    ap.add_argument("--max-tasks", type=int, help="with --tune: tune only the largest kernels")
+    ap.add_argument("--db-root", type=Path, help="keep tuning databases here (default: a temporary folder)")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import onnxruntime

@@ -51,6 +51,8 @@ class TargetPreset:
     dot_product : str or None
         The 4-way int8 dot-product instruction tvmq tensorizes with: ``"vnni"`` (x86
         ``vpdpbusd``, u8 x s8), ``"sdot"`` (ARM, s8 x s8), or None (widening multiply-adds).
+    vector_lanes : int
+        float32 lanes of one vector register (AVX-512: 16, AVX2: 8, NEON: 4).
     """
 
     name: str
@@ -64,6 +66,7 @@ class TargetPreset:
     emulator: str | None = None
     fp16: bool = False
     dot_product: str | None = None
+    vector_lanes: int = 4
 
     def __post_init__(self):
         if self.activation_dtype not in ("uint8", "int8"):
@@ -94,7 +97,7 @@ class TargetPreset:
         if not self.fast_int8:
             notes.append(
                 f"target {self.name!r} has no int8 dot-product instruction "
-                f"({self.target.get('mcpu', 'this CPU')}): int8 kernels still run, "
+                f"({self.target.get('mcpu') or self.target.get('mtriple') or 'this CPU'}): int8 kernels still run, "
                 "as widening multiply-adds, and may be no faster than fp32"
             )
         return notes
@@ -134,6 +137,7 @@ def _x86_host() -> TargetPreset:
         activation_dtype="uint8",
         fast_int8=vnni,
         dot_product="vnni" if "avx512_vnni" in flags and "avx512vl" in flags else None,
+        vector_lanes=16 if "avx512f" in flags else 8 if "avx2" in flags else 4,
     )
 
 
@@ -162,6 +166,7 @@ def _static_presets() -> dict[str, TargetPreset]:
             target={"kind": "llvm", "mcpu": "cascadelake"},
             activation_dtype="uint8",
             dot_product="vnni",
+            vector_lanes=16,
         ),
         TargetPreset(
             name="arm",
@@ -169,6 +174,7 @@ def _static_presets() -> dict[str, TargetPreset]:
             target={**_AARCH64, "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod", "+fullfp16"]},
             activation_dtype="int8",
             fp16=True,
+            dot_product="sdot",
             **_ARM64_CC,
         ),
         TargetPreset(
@@ -185,6 +191,7 @@ def _static_presets() -> dict[str, TargetPreset]:
             target={**_AARCH64, "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod", "+fullfp16"]},
             activation_dtype="int8",
             fp16=True,
+            dot_product="sdot",
             **_ARM64_CC,
         ),
         TargetPreset(
@@ -207,7 +214,7 @@ def _static_presets() -> dict[str, TargetPreset]:
         TargetPreset(
             name="jetson-orin",
             description="NVIDIA Jetson Orin (aarch64 host + CUDA sm_87)",
-            target={**_CUDA, "arch": "sm_87", "host": {**_AARCH64, "mcpu": "cortex-a78"}},
+            target={**_CUDA, "arch": "sm_87", "host": {**_AARCH64, "mcpu": "cortex-a78", "mattr": ["+neon", "+dotprod"]}},
             activation_dtype="int8",
             fp16=True,
             **_ARM64_CC,

@@ -1,5 +1,12 @@
 """Tensor intrinsics tvmq registers itself, with the signatures TVM 0.27's LLVM (22) accepts.
 
+All compute ``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` int32 accumulators: x86 VNNI
+(``vpdpbusd``: uint8 activations, int8 weights) at 512/256/128 bits and ARM ``sdot`` (int8 x
+int8, 128 bits). The weights must be packed so each lane's 4 weights are adjacent, which is the
+layout :mod:`tvmq.passes.pack_kernels` writes; TVM's own ARM intrinsic was seen to return wrong
+results when fed other layouts, which is why tuned kernels are verified before use.
+
+
 TVM's own ``dot_16x4_vnni`` passes 32-bit lanes to ``llvm.x86.avx512.vpdpbusd.512``, which
 LLVM 22 rejects ("Call parameter type does not match function signature"): it wants the two
 multiplicands as byte vectors. These are the same descriptions with byte-vector operands, at
@@ -14,20 +21,27 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["register", "vnni_intrin"]
+__all__ = ["register", "vnni_intrin", "sdot_intrin"]
 
 
-def _make(lanes: int):
+def _make(lanes: int, kind: str = "vnni"):
     from tvm.script import tirx as T
 
     bits = lanes * 32
     acc_t = f"int32x{lanes}"
     byte_t = f"int8x{lanes * 4}"
-    intrinsic = f"llvm.x86.avx512.vpdpbusd.{bits}"
+    a_dtype = "uint8" if kind == "vnni" else "int8"
+    a_x4 = f"{a_dtype}x4"
+    if kind == "vnni":
+        intrinsic = f"llvm.x86.avx512.vpdpbusd.{bits}"
+    elif kind == "sdot" and lanes == 4:
+        intrinsic = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+    else:
+        raise ValueError(f"no {kind} intrinsic with {lanes} lanes")
 
     @T.prim_func(s_tir=True)
     def desc(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
         B: T.Buffer((lanes, 4), "int8", offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
@@ -42,14 +56,14 @@ def _make(lanes: int):
 
     @T.prim_func(s_tir=True)
     def impl(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
         B: T.Buffer((lanes, 4), "int8", offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
-            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_i32 = T.reinterpret(A.vload([0], a_x4), dtype="int32")
             a = T.reinterpret(T.broadcast(a_i32, lanes), dtype=byte_t)
             b = B.vload([0, 0], dtype=byte_t)
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
@@ -63,6 +77,10 @@ def vnni_intrin(lanes: int) -> str:
     return f"tvmq_vnni_{lanes}x4"
 
 
+def sdot_intrin(lanes: int = 4) -> str:
+    return f"tvmq_sdot_{lanes}x4"
+
+
 @functools.lru_cache(maxsize=None)
 def register() -> tuple[str, ...]:
     """Register tvmq's intrinsics (idempotent); return their names.
@@ -73,7 +91,10 @@ def register() -> tuple[str, ...]:
 
     names = []
     for lanes in (16, 8, 4):
-        desc, impl = _make(lanes)
+        desc, impl = _make(lanes, "vnni")
         s_tir.TensorIntrin.register(vnni_intrin(lanes), desc, impl, override=True)
         names.append(vnni_intrin(lanes))
+    desc, impl = _make(4, "sdot")
+    s_tir.TensorIntrin.register(sdot_intrin(4), desc, impl, override=True)
+    names.append(sdot_intrin(4))
     return tuple(names)

@@ -25,7 +25,7 @@ def bundle(tmp_path_factory, demo_dir):
 
 def test_bundle_layout_and_manifest(bundle, demo_dir):
     names = sorted(p.name for p in bundle.iterdir())
-    assert names == ["manifest.json", "model.so", "plan.json", "report.md", "run.py"]
+    assert names == ["manifest.json", "model.so", "plan.json", "report.md", "run.py", "tvmq_run.cc"]
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}]
     assert m["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}]

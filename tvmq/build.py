@@ -256,8 +256,8 @@ def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan
     else:
         executable.export_library(str(lib_path))
 
-    runner_src = Path(__file__).with_name("runtime.py")
-    shutil.copyfile(runner_src, tmp / "run.py")
+    shutil.copyfile(Path(__file__).with_name("runtime.py"), tmp / "run.py")
+    shutil.copyfile(Path(__file__).with_name("runner") / "tvmq_run.cc", tmp / "tvmq_run.cc")
     if qplan is not None:
         (tmp / "plan.json").write_text(qplan.dumps() + "\n")
 
@@ -337,7 +337,8 @@ def _manifest(model, info, preset, plan, float_mod, qmod, kernels, warnings) -> 
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
         "library": LIBRARY,
-        "runner": "run.py",
+        "runner": {"python": "run.py", "cpp": "tvmq_run.cc",
+                   "needs": ["libtvm_runtime.so", "libtvm_ffi.so", "numpy + tvm_ffi (run.py only)"]},
         "versions": _versions(),
         "model": model_entry,
         "target": {

@@ -28,7 +28,7 @@ def schedule_rules(preset):
     preset = _preset(preset)
     if preset.kind != "llvm":
         return []
-    return default_rules(dot_intrinsics(preset))
+    return default_rules(dot_intrinsics(preset), lanes=preset.vector_lanes)
 
 
 def dot_intrinsics(preset) -> dict[int, str] | None:
@@ -39,6 +39,9 @@ def dot_intrinsics(preset) -> dict[int, str] | None:
     if preset.dot_product == "vnni":
         intrinsics.register()
         return {lanes: intrinsics.vnni_intrin(lanes) for lanes in (16, 8, 4)}
+    if preset.dot_product == "sdot":
+        intrinsics.register()
+        return {4: intrinsics.sdot_intrin(4)}
     return None
 
 
@@ -49,8 +52,8 @@ def relax_passes(preset) -> list:
     preset = _preset(preset)
     if preset.kind != "llvm":
         return []
-    lanes = (16, 8, 4) if preset.dot_product == "vnni" else ()
-    return [PackKernels(preset.activation_dtype, lanes)]
+    lanes = {"vnni": (16, 8, 4), "sdot": (4,)}.get(preset.dot_product, ())
+    return [PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes)]
 
 
 def _fuse_passes(preset) -> list:

@@ -174,7 +174,7 @@ def tune(
     report = TuneReport(database=str(db_dir))
     if not tasks:
         return report
-    space = tunable_schedule(dot_intrinsics(preset))
+    space = tunable_schedule(dot_intrinsics(preset), lanes=preset.vector_lanes)
     contexts = []
     for i, task in enumerate(tasks):
         generator = ms.space_generator.ScheduleFn(

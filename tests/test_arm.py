@@ -1,0 +1,121 @@
+"""Cross-compiled bundles: aarch64 runs under qemu-user and matches the x86 build bit for bit."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from tvmq.cli import main
+
+needs_aarch64 = pytest.mark.skipif(
+    not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
+    reason="needs g++-aarch64-linux-gnu and qemu-user",
+)
+needs_armhf = pytest.mark.skipif(not shutil.which("arm-linux-gnueabihf-g++"), reason="needs g++-arm-linux-gnueabihf")
+pytestmark = pytest.mark.arm
+
+EM_AARCH64, EM_ARM = 0xB7, 0x28
+
+
+def elf_machine(path) -> int:
+    header = open(path, "rb").read(20)
+    assert header[:4] == b"\x7fELF"
+    return int.from_bytes(header[18:20], "little")
+
+
+def kernel_instructions(objdump: str, lib, mnemonic: str) -> dict[str, int]:
+    """``{function: count of mnemonic}`` for the packed int8 kernels of a library."""
+    asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True, check=True).stdout
+    counts, current = {}, None
+    for line in asm.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if m:
+            # A kernel's code: its compute function and the parallel lambdas outlined from it.
+            name = m.group(1).replace("__tvm_ffi_", "").split("_compute_")[0]
+            current = name if re.match(r"fused_tvmq_(conv2d|matmul)", name) else None
+            if current:
+                counts.setdefault(current, 0)
+        elif current and re.search(rf"\s{mnemonic}\s", line):
+            counts[current] += 1
+    return counts
+
+
+@pytest.fixture(scope="module")
+def arm_bundle(tmp_path_factory, demo_dir):
+    out = tmp_path_factory.mktemp("arm") / "digits-arm"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"),
+                 "--target", "arm", "-o", str(out)]) == 0
+    return out
+
+
+@needs_aarch64
+def test_arm_bundle_is_aarch64_and_every_int8_kernel_uses_sdot(arm_bundle):
+    assert elf_machine(arm_bundle / "model.so") == EM_AARCH64
+    m = json.loads((arm_bundle / "manifest.json").read_text())
+    assert m["target"]["triple"] == "aarch64-linux-gnu" and "+dotprod" in m["target"]["features"]
+    assert m["target"]["activation_dtype"] == "int8"
+    counts = kernel_instructions("aarch64-linux-gnu-objdump", arm_bundle / "model.so", "sdot")
+    assert len(counts) == 5, counts  # 3 conv + 2 matmul
+    assert all(n > 0 for n in counts.values()), counts
+
+
+@needs_aarch64
+def test_arm_bundle_under_qemu_equals_x86_build_bit_for_bit(arm_bundle, tmp_path, demo_dir):
+    from tvmq.crossrt import build_runner
+
+    # The same plan (int8 activations, as on ARM) compiled for this machine is the reference.
+    x86 = tmp_path / "x86"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--plan", str(arm_bundle / "plan.json"), "-o", str(x86)]) == 0
+    runner_x86 = build_runner("g++", "x86_64")
+    runner_a64 = build_runner("aarch64-linux-gnu-g++", "aarch64")
+    xs = np.load(demo_dir / "digits_test.npz")["x"][:6]
+    for i, x in enumerate(xs):
+        np.save(tmp_path / f"x{i}.npy", x[None])
+        subprocess.run([str(runner_x86), str(x86 / "model.so"), str(tmp_path / f"x{i}.npy"), "-o", str(tmp_path / f"ref{i}_")],
+                       check=True, capture_output=True)
+        subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-cpu", "max", str(runner_a64),
+                        str(arm_bundle / "model.so"), str(tmp_path / f"x{i}.npy"), "-o", str(tmp_path / f"arm{i}_")],
+                       check=True, capture_output=True, timeout=120)
+        np.testing.assert_array_equal(np.load(tmp_path / f"arm{i}_0.npy"), np.load(tmp_path / f"ref{i}_0.npy"))
+
+
+@needs_aarch64
+def test_fp32_arm_bundle_matches_x86_within_1e5(tmp_path, demo_dir):
+    from tvmq.crossrt import build_runner
+
+    arm, x86 = tmp_path / "arm", tmp_path / "x86"
+    for target, out in (("arm", arm), ("x86", x86)):
+        assert main(["compile", str(demo_dir / "digits.onnx"), "--precision", "fp32", "--shape", "input:1,1,8,8",
+                     "--target", target, "-o", str(out)]) == 0
+    x = np.load(demo_dir / "digits_test.npz")["x"][:1]
+    np.save(tmp_path / "x.npy", x)
+    subprocess.run([str(build_runner("g++", "x86_64")), str(x86 / "model.so"), str(tmp_path / "x.npy"), "-o",
+                    str(tmp_path / "ref_")], check=True, capture_output=True)
+    subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-cpu", "max", str(build_runner("aarch64-linux-gnu-g++", "aarch64")),
+                    str(arm / "model.so"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "arm_")], check=True, capture_output=True)
+    np.testing.assert_allclose(np.load(tmp_path / "arm_0.npy"), np.load(tmp_path / "ref_0.npy"), rtol=1e-5, atol=1e-5)
+
+
+@needs_armhf
+def test_arm32_bundle_is_an_armv7_elf(tmp_path, demo_dir, capsys):
+    out = tmp_path / "arm32"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"),
+                 "--target", "arm32", "-o", str(out)]) == 0
+    assert elf_machine(out / "model.so") == EM_ARM
+    assert "no int8 dot-product instruction" in capsys.readouterr().err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"]["triple"] == "armv7a-linux-gnueabihf"
+
+
+def test_missing_cross_compiler_names_the_apt_package(tmp_path, capsys, demo_dir, monkeypatch):
+    import tvmq.targets as targets
+
+    monkeypatch.setattr(targets.shutil, "which", lambda name: None)
+    out = tmp_path / "o"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"),
+                 "--target", "rpi4", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install g++-aarch64-linux-gnu" in err and not out.exists()

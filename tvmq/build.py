@@ -125,8 +125,8 @@ def compile_model(
     model : str, Path or onnx.ModelProto
     output_dir : str or Path
         Must not exist or be empty (unless ``force``).
-    target : str
-        Target preset name (``python -m tvmq targets``).
+    target : str or TargetPreset
+        Target preset or its name (``python -m tvmq targets``).
     calib : str, Path or iterable of dict
         Calibration folder or samples; required for int8 unless ``plan`` is given.
     config : QuantConfig, optional
@@ -143,9 +143,9 @@ def compile_model(
     tune_max_tasks : int, optional
         Tune only the largest kernels.
     """
-    from tvmq.targets import get_preset
+    from tvmq.targets import TargetPreset, get_preset
 
-    preset = get_preset(target)
+    preset = target if isinstance(target, TargetPreset) else get_preset(target)
     preset.check_toolchain()
     output_dir = Path(output_dir)
     prepare_output_dir(output_dir, force)
@@ -244,10 +244,15 @@ def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan
             tune(qmod, preset, tuning["db"], trials=tuning["trials"], max_tasks=tuning["max_tasks"], progress=progress)
         database = load_database(tuning["db"], qmod, preset)
         tuning_info = {"tuned_kernels": len(database.get_all_tuning_records())}
+    if preset.kind == "cuda":
+        from tvmq.cuda import prepare_cuda_build
+
+        prepare_cuda_build()
     target = preset.tvm_target()
     lowered = lower(qmod, preset, database)
     kernels = reduction_kernels(lowered)
-    executable = tvm.compile(lowered, target, relax_pipeline=None)
+    with target:  # nvcc takes the CUDA arch from the current target
+        executable = tvm.compile(lowered, target, relax_pipeline=None)
     lib_path = tmp / LIBRARY
     if preset.cross_compiler:
         from tvmq._compat import cross_compiler

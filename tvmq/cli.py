@@ -31,6 +31,7 @@ def _add_compile(sub):
     p.add_argument("model", nargs="?", help="FP32 (or QDQ) ONNX model; omit for the demo")
     p.add_argument("-o", "--output", help="bundle folder to create (must not exist or be empty)")
     p.add_argument("--target", default="x86", help="target preset (see `tvmq targets`; default: x86)")
+    p.add_argument("--arch", help="CUDA targets: GPU architecture, e.g. sm_90 (default: the preset's)")
     p.add_argument("--calib", help="calibration folder: one .npy (single input) or .npz (name -> array) per sample")
     p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1,..",
                    help="fix an input's dynamic shape (repeatable)")
@@ -119,7 +120,7 @@ def cmd_compile(args) -> int:
     result = compile_model(
         args.model,
         args.output,
-        target=args.target,
+        target=_target(args),
         calib=args.calib,
         config=config,
         shapes=shapes,
@@ -151,6 +152,20 @@ def cmd_tune(args) -> int:
         print(f"{t['name'][:60]:<60} x{t['weight']}  best {best}")
     print(f"tuned {len(report.tasks)} kernels, {report.trials} trials -> {args.db}")
     return 0
+
+
+def _target(args):
+    """The preset for ``--target`` (with ``--arch`` applied to CUDA presets)."""
+    from tvmq.targets import get_preset
+
+    preset = get_preset(args.target)
+    if getattr(args, "arch", None):
+        if preset.kind != "cuda":
+            raise TvmqError(f"--arch applies to CUDA targets; {preset.name!r} is {preset.kind}")
+        if not args.arch.startswith("sm_") or not args.arch[3:].isdigit():
+            raise TvmqError(f"--arch {args.arch!r} is not a CUDA architecture like sm_90")
+        preset = preset.with_target(arch=args.arch)
+    return preset
 
 
 def _print_summary(result) -> None:

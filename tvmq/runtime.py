@@ -112,9 +112,12 @@ class Bundle:
             return self._vm
         import tvm_ffi
 
+        device_kind = self.manifest.get("target", {}).get("device", "cpu")
         if "tvm" not in sys.modules:
             for lib in find_runtime_library(self.path):
                 ctypes.CDLL(str(lib), ctypes.RTLD_GLOBAL)
+                if device_kind == "cuda":
+                    ctypes.CDLL(str(lib.with_name("libtvm_runtime_cuda.so")), ctypes.RTLD_GLOBAL)
         lib_path = self.path / self.manifest.get("library", "model.so")
         try:
             module = tvm_ffi.load_module(str(lib_path))
@@ -158,9 +161,9 @@ class Bundle:
         arrays = self.check_inputs(inputs)
         args = [tvm_ffi.from_dlpack(a) for a in arrays]
         if device != 1:
-            args = [a.to_device(tvm_ffi.device("cuda", 0)) if hasattr(a, "to_device") else a for a in args]
+            args = [_copy_to(a, tvm_ffi.device("cuda", 0)) for a in args]
         result = vm["main"](*args)
-        values = _flatten(result)
+        values = _flatten(result, host=device != 1)
         del arrays
         return {spec["name"]: v for spec, v in zip(self.outputs, values)}
 
@@ -206,12 +209,27 @@ def aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
     return out
 
 
-def _flatten(result) -> list[np.ndarray]:
+def _copy_to(tensor, device):
+    """A copy of ``tensor`` on ``device`` (runtime-only API: no ``tvm`` package needed)."""
+    import tvm_ffi
+
+    alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+    copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+    out = alloc(tvm_ffi.Shape(tensor.shape), tensor.dtype, device, "global")
+    copy(tensor, out, None)
+    return out
+
+
+def _flatten(result, host: bool = False) -> list[np.ndarray]:
     if isinstance(result, (list, tuple)) or type(result).__name__ in ("Array", "List"):
         out = []
         for item in result:
-            out.extend(_flatten(item))
+            out.extend(_flatten(item, host))
         return out
+    if host:
+        import tvm_ffi
+
+        result = _copy_to(result, tvm_ffi.device("cpu", 0))
     if hasattr(result, "numpy"):
         return [result.numpy()]
     return [np.from_dlpack(result).copy()]

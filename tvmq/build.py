@@ -278,15 +278,15 @@ def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan
 def _peek_sample(path: Path) -> dict | None:
     files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
     if not files:
-        return None
+        raise TvmqError(f"calibration directory {path} holds no .npy or .npz files; add one file per sample")
     f = files[0]
     try:
         if f.suffix == ".npz":
             with np.load(f, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
         arr = np.load(f, allow_pickle=False)
-    except Exception:
-        return None  # reported properly when the directory is read
+    except Exception as err:  # numpy raises several types for damaged files
+        raise TvmqError(f"cannot read calibration sample {f}: {err}; replace or remove the file") from None
     return {None: arr}  # the single input, named once the model is read
 
 

@@ -345,6 +345,12 @@ def load_onnx(model, shapes: dict[str, list[int]] | None = None, sample: dict | 
         model = onnx.ModelProto.FromString(model.SerializeToString())
     shapes = dict(shapes or {})
     graph_inputs = {i.name: _dims(i) for i in _graph_inputs(model)}
+    named = {k for k in (sample or {}) if k is not None}
+    if named and not named & set(graph_inputs):
+        raise TvmqError(
+            f"calibration samples have inputs {sorted(named)} but the model takes {sorted(graph_inputs)}; "
+            "name each array after a model input"
+        )
     for name, array in (sample or {}).items():
         if name is None and len(graph_inputs) == 1:
             name = next(iter(graph_inputs))

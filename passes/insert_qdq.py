@@ -84,7 +84,11 @@ class _Inserter(relax.PyExprMutator):
             if layer.kind == "add":
                 args = [self._quantized_input(x, qp) for x, qp in zip(layer.inputs, lp.inputs)]
             else:
-                wq, wqp = quantize_weight(layer.weight, layer.weight_axis)
+                if lp.weight is not None:  # honour given parameters (a pre-quantized model's)
+                    wqp = lp.weight
+                    wq = wqp.quantize(layer.weight) if not wqp.per_channel or wqp.axis == layer.weight_axis else None
+                if lp.weight is None or wq is None:
+                    wq, wqp = quantize_weight(layer.weight, layer.weight_axis)
                 scale, zp = qparams_args(wqp)
                 weight = relax.op.dequantize(relax.const(wq, "int8"), scale, zp, axis=wqp.axis)
                 args = [self._quantized_input(layer.inputs[0], lp.inputs[0]), self.builder_.emit(weight)]

@@ -259,6 +259,12 @@ class Activation:
             return cls("clip", scalar_arg(call.args[1]), scalar_arg(call.args[2]))
         return None
 
+    def intersect(self, other: "Activation") -> "Activation":
+        lo, hi = max(self.lo, other.lo), min(self.hi, other.hi)
+        if lo == 0.0 and hi == float("inf"):
+            return Activation("relu", lo, hi)
+        return Activation("clip", lo, hi)
+
     def apply(self, expr):
         if self.kind == "relu":
             return relax.op.nn.relu(expr)
@@ -338,10 +344,13 @@ def find_chains(graph: FunctionGraph, accept=None, lookup=None) -> list[Chain]:
                     if vec is not None:
                         chain.bias_var, chain.bias, cur = user, vec.astype(np.float32), user
         user = graph.sole_user(cur)
-        if user is not None:
+        while user is not None:  # clamps compose: relu then clip(lo, hi) is one clamp
             act = Activation.of(graph.value(user))
-            if act is not None:
-                chain.act_var, chain.act = user, act
+            if act is None:
+                break
+            chain.act = act if chain.act is None else chain.act.intersect(act)
+            chain.act_var, cur = user, user
+            user = graph.sole_user(cur)
         chains.append(chain)
     return chains
 

@@ -154,8 +154,7 @@ def compile_model(
     if tune_trials and db is None:
         raise TvmqError("--tune needs --db DIR, the folder that keeps the tuning results")
     raw = _load_raw_samples(calib)
-    if precision == "int8" and raw is None and plan is None:
-        raise TvmqError("int8 compilation needs calibration data: pass --calib DIR (one .npy/.npz per sample) or --plan")
+
 
     parent = output_dir.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
@@ -209,11 +208,23 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
     elif raw:
         first = dict(raw[0])
     mod, info = load_onnx(model, shapes, sample=first)
-    float_mod = prepare(mod)
     names = [s.name for s in info.inputs]
     warnings = list(preset.warnings())
     if info.float_ops:
         warnings.append("ops kept in float (no int8 kernel for them): " + ", ".join(info.float_ops))
+    from tvmq.passes.strip_qdq import has_qdq, strip_qdq
+
+    if has_qdq(mod):
+        # A pre-quantized (QDQ / QAT) model: its own scales are the plan; no calibration.
+        mod, source_plan = strip_qdq(mod)
+        float_mod = prepare(mod, fold_batchnorm=False)
+        if precision != "int8":
+            return QuantizedModel(float_mod, float_mod, info, None, warnings)
+        if raw is not None:
+            warnings.append("the model is already quantized (QDQ): its scales are used and --calib is ignored")
+        qplan = qplan or source_plan
+        return QuantizedModel(quantize_pipeline(qplan)(float_mod), float_mod, info, qplan, warnings)
+    float_mod = prepare(mod)
     if precision != "int8":
         return QuantizedModel(float_mod, float_mod, info, None, warnings)
     if qplan is None:

@@ -194,10 +194,15 @@ def _fold_once(model):
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
+    # Stale value_info (exporters write dynamic dims there) would win over what the static
+    # input shapes now imply, so inference starts from a copy without it.
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(probe)
     except Exception:  # shape inference is best effort here
-        inferred = model
+        inferred = probe
     static = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
         dims = _dims(vi)
@@ -277,6 +282,75 @@ def _clip_with_constant_bounds(op_name, inputs):
     return relax.op.clip(x, bounds[0], bounds[1])
 
 
+_QLINEAR = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+
+
+def rewrite_qlinear_ops(model) -> int:
+    """Rewrite QLinearConv / QLinearMatMul / ConvInteger / MatMulInteger into QDQ form.
+
+    TVM's importer does not read the QLinear ops (and reads the Integer ops as float math);
+    ``DequantizeLinear -> Conv/MatMul -> QuantizeLinear`` is the same computation, which
+    FoldQDQ turns into integer kernels again. The Integer ops (int32 results) become
+    ``DequantizeLinear`` with scale 1 around the float op and a Cast back to int32. Returns the
+    number of nodes rewritten.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, count = [], 0
+    inits = model.graph.initializer
+    one = None
+
+    def const(name, value, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    for node in model.graph.node:
+        if node.op_type not in _QLINEAR or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        count += 1
+        n = node.name
+        ins = list(node.input) + [""] * 8
+        attrs = [a for a in node.attribute]
+        if node.op_type in ("QLinearConv", "QLinearMatMul"):
+            x, xs, xz, w, ws, wz, ys, yz = ins[:8]
+            op = "Conv" if node.op_type == "QLinearConv" else "MatMul"
+            w_axis = 0 if op == "Conv" else 1
+            nodes += [
+                helper.make_node("DequantizeLinear", [x, xs, xz], [f"{n}_x"], name=f"{n}_dqx"),
+                helper.make_node("DequantizeLinear", [w, ws, wz], [f"{n}_w"], name=f"{n}_dqw", axis=w_axis),
+            ]
+            conv_in = [f"{n}_x", f"{n}_w"]
+            if op == "Conv" and ins[8]:
+                nodes += [
+                    helper.make_node("Mul", [xs, ws], [f"{n}_bs"], name=f"{n}_bscale"),
+                    helper.make_node("DequantizeLinear", [ins[8], f"{n}_bs"], [f"{n}_b"], name=f"{n}_dqb"),
+                ]
+                conv_in.append(f"{n}_b")
+            core = helper.make_node(op, conv_in, [f"{n}_y"], name=n)
+            core.attribute.extend(attrs)
+            nodes += [core, helper.make_node("QuantizeLinear", [f"{n}_y", ys, yz], [node.output[0]], name=f"{n}_q")]
+        else:  # ConvInteger / MatMulInteger: int32 = sum((x - xz) * (w - wz))
+            if one is None:
+                one = const(f"{n}_one", 1.0)
+            x, w, xz, wz = ins[:4]
+            op = "Conv" if node.op_type == "ConvInteger" else "MatMul"
+            dqx = [x, one] + ([xz] if xz else [])
+            dqw = [w, one] + ([wz] if wz else [])
+            core = helper.make_node(op, [f"{n}_x", f"{n}_w"], [f"{n}_y"], name=n)
+            core.attribute.extend(attrs)
+            nodes += [
+                helper.make_node("DequantizeLinear", dqx, [f"{n}_x"], name=f"{n}_dqx"),
+                helper.make_node("DequantizeLinear", dqw, [f"{n}_w"], name=f"{n}_dqw"),
+                core,
+                helper.make_node("Cast", [f"{n}_y"], [node.output[0]], name=f"{n}_cast", to=TensorProto.INT32),
+            ]
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return count
+
+
 @contextlib.contextmanager
 def _named_importer():
     """Swap TVM's ONNX importer for one that names each binding after its ONNX node."""
@@ -318,7 +392,7 @@ def _named_importer():
 _INT8_CAPABLE = frozenset(
     {"Conv", "MatMul", "Gemm", "Add", "Relu", "Clip", "MaxPool", "Reshape", "Flatten", "Transpose",
      "Squeeze", "Unsqueeze", "Slice", "BatchNormalization", "Identity", "Constant", "Shape", "Cast",
-     "QuantizeLinear", "DequantizeLinear"}
+     "QuantizeLinear", "DequantizeLinear", *_QLINEAR}
 )
 
 
@@ -367,6 +441,7 @@ def load_onnx(model, shapes: dict[str, list[int]] | None = None, sample: dict | 
             shapes[name] = shape
     specs = _static_inputs(model, shapes)
     _set_static_shapes(model, specs)
+    rewrite_qlinear_ops(model)
     _name_nodes(model)
 
     from tvmq._compat import onnx_frontend

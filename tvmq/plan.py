@@ -31,12 +31,16 @@ class LayerPlan:
     output : QParams or None
         Parameters of the output when an int8 consumer reads it in integers; None keeps the
         output in float (the accumulator is scaled back to float instead of requantized).
+    weight : QParams or None
+        Weight parameters to use as they are (a pre-quantized model's); None derives them
+        from the weights (symmetric, per output channel).
     """
 
     kind: str
     precision: str = "int8"
     inputs: tuple[QParams, ...] = ()
     output: QParams | None = None
+    weight: QParams | None = None
 
     def __post_init__(self):
         if self.kind not in ("conv2d", "matmul", "add"):
@@ -58,6 +62,8 @@ class LayerPlan:
             out["inputs"] = [q.to_json() for q in self.inputs]
         if self.output is not None:
             out["output"] = self.output.to_json()
+        if self.weight is not None:
+            out["weight"] = self.weight.to_json()
         return out
 
     @classmethod
@@ -67,6 +73,7 @@ class LayerPlan:
             precision=d["precision"],
             inputs=tuple(QParams.from_json(q) for q in d.get("inputs", ())),
             output=QParams.from_json(d["output"]) if d.get("output") else None,
+            weight=QParams.from_json(d["weight"]) if d.get("weight") else None,
         )
 
 

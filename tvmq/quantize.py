@@ -22,11 +22,14 @@ __all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs
 log = logging.getLogger("tvmq")
 
 
-def prepare(mod: tvm.IRModule, params: Mapping[str, np.ndarray] | None = None, layout: str = "NHWC") -> tvm.IRModule:
+def prepare(mod: tvm.IRModule, params: Mapping[str, np.ndarray] | None = None, layout: str = "NHWC",
+            fold_batchnorm: bool = True) -> tvm.IRModule:
     """Bind parameters, fold batch norms into convolutions, fold constants, convert the layout.
 
     ``layout="NHWC"`` (default) makes activations channels-last, what the int8 dot-product
     kernels and the channel-vectorized kernels want; ``"NCHW"`` keeps the model's layout.
+    ``fold_batchnorm=False`` keeps batch norms as separate (elementwise) ops: a pre-quantized
+    model's weight scales belong to the unfolded weights.
     """
     if layout not in ("NHWC", "NCHW"):
         raise ValueError(f"layout must be NHWC or NCHW, not {layout!r}")
@@ -34,7 +37,7 @@ def prepare(mod: tvm.IRModule, params: Mapping[str, np.ndarray] | None = None, l
         mod = relax.transform.BindParams("main", {k: tvm.runtime.tensor(np.asarray(v)) for k, v in params.items()})(mod)
     seq = tvm.transform.Sequential(
         [
-            relax.transform.FoldBatchnormToConv2D(),
+            *([relax.transform.FoldBatchnormToConv2D()] if fold_batchnorm else []),
             relax.transform.DecomposeOpsForInference(),
             FoldConstantsNumpy(),
             relax.transform.FoldConstant(),

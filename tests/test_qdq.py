@@ -1,0 +1,155 @@
+"""Pre-quantized models: QDQ / QAT graphs and QLinear ops compile to the same integer kernels,
+their scales honoured exactly, and agree with ONNX Runtime running the same file."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tvmq.cli import main
+
+ort = pytest.importorskip("onnxruntime")
+
+X_S, X_Z = 0.02, 128  # input:  uint8
+H_S, H_Z = 0.03, 0  # hidden: uint8 after relu
+Y_S, Y_Z = 0.05, 120  # output: uint8
+
+
+def _weights(rng, cout, cin, k):
+    w_scale = rng.uniform(0.002, 0.01, cout).astype(np.float32)  # "learned" per-channel scales
+    w_q = rng.integers(-127, 128, (cout, cin, k, k)).astype(np.int8)
+    b_q = rng.integers(-2000, 2000, cout).astype(np.int32)
+    return w_q, w_scale, b_q
+
+
+def qat_model(seed=0):
+    """x -> Q/DQ -> conv(int8 W, int32 b) -> relu -> Q/DQ -> conv -> Q/DQ -> y (float)."""
+    rng = np.random.default_rng(seed)
+    w1, s1, b1 = _weights(rng, 8, 4, 3)
+    w2, s2, b2 = _weights(rng, 8, 8, 3)
+    init = [
+        numpy_helper.from_array(np.float32(X_S), "xs"), numpy_helper.from_array(np.uint8(X_Z), "xz"),
+        numpy_helper.from_array(np.float32(H_S), "hs"), numpy_helper.from_array(np.uint8(H_Z), "hz"),
+        numpy_helper.from_array(np.float32(Y_S), "ys"), numpy_helper.from_array(np.uint8(Y_Z), "yz"),
+        numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(s1, "w1s"), numpy_helper.from_array(np.zeros(8, np.int8), "w1z"),
+        numpy_helper.from_array(b1, "b1"), numpy_helper.from_array((X_S * s1).astype(np.float32), "b1s"),
+        numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(s2, "w2s"), numpy_helper.from_array(np.zeros(8, np.int8), "w2z"),
+        numpy_helper.from_array(b2, "b2"), numpy_helper.from_array((H_S * s2).astype(np.float32), "b2s"),
+        numpy_helper.from_array(np.zeros(8, np.int32), "bz"),
+    ]
+    q = lambda i, s, z, o: helper.make_node("QuantizeLinear", [i, s, z], [o], name=o)  # noqa: E731
+    dq = lambda i, s, z, o, **kw: helper.make_node("DequantizeLinear", [i, s, z], [o], name=o, **kw)  # noqa: E731
+    nodes = [
+        q("x", "xs", "xz", "xq"), dq("xq", "xs", "xz", "xd"),
+        dq("w1", "w1s", "w1z", "w1d", axis=0), dq("b1", "b1s", "bz", "b1d", axis=0),
+        helper.make_node("Conv", ["xd", "w1d", "b1d"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        q("r1", "hs", "hz", "hq"), dq("hq", "hs", "hz", "hd"),
+        dq("w2", "w2s", "w2z", "w2d", axis=0), dq("b2", "b2s", "bz", "b2d", axis=0),
+        helper.make_node("Conv", ["hd", "w2d", "b2d"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1] * 4),
+        q("c2", "ys", "yz", "yq"), dq("yq", "ys", "yz", "y"),
+    ]
+    graph = helper.make_graph(nodes, "qat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], initializer=init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def qlinear_model(seed=0):
+    """The same network with QLinearConv nodes: uint8 in, uint8 out."""
+    rng = np.random.default_rng(seed)
+    w1, s1, b1 = _weights(rng, 8, 4, 3)
+    w2, s2, b2 = _weights(rng, 8, 8, 3)
+    init = [numpy_helper.from_array(v, k) for k, v in {
+        "xs": np.float32(X_S), "xz": np.uint8(X_Z), "hs": np.float32(H_S), "hz": np.uint8(H_Z),
+        "ys": np.float32(Y_S), "yz": np.uint8(Y_Z), "w1": w1, "w1s": s1, "w1z": np.zeros(8, np.int8), "b1": b1,
+        "w2": w2, "w2s": s2, "w2z": np.zeros(8, np.int8), "b2": b2}.items()]
+    nodes = [
+        helper.make_node("QLinearConv", ["x", "xs", "xz", "w1", "w1s", "w1z", "hs", "hz", "b1"], ["h"], name="conv1",
+                         kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("QLinearConv", ["h", "hs", "hz", "w2", "w2s", "w2z", "ys", "yz", "b2"], ["y"], name="conv2",
+                         kernel_shape=[3, 3], pads=[1] * 4),
+    ]
+    graph = helper.make_graph(nodes, "qlinear", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 8, 8, 8])], initializer=init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _compile(model, tmp_path, name):
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, path)
+    out = tmp_path / name
+    assert main(["compile", str(path), "-o", str(out)]) == 0  # no --calib: the model has its scales
+    return path, out
+
+
+def _agreement(got, want, step):
+    steps = np.abs(got.astype(np.float64) - want.astype(np.float64)) / step
+    return float(np.mean(steps <= 1.0 + 1e-6)), float(steps.max())
+
+
+def test_qat_model_keeps_its_scales_and_matches_onnx_runtime(tmp_path):
+    from tvmq.runtime import Bundle
+
+    path, out = _compile(qat_model(), tmp_path, "qat")
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["method"] == "qdq"
+    conv1, conv2 = plan["layers"]["conv1"], plan["layers"]["conv2"]
+    assert (conv1["precision"], conv2["precision"]) == ("int8", "int8")
+    assert conv1["inputs"][0] == {"dtype": "uint8", "scale": pytest.approx(X_S), "zero_point": X_Z}
+    assert conv1["output"]["scale"] == pytest.approx(H_S) and conv2["inputs"][0]["scale"] == pytest.approx(H_S)
+    w1s = numpy_helper.to_array(next(i for i in onnx.load(path).graph.initializer if i.name == "w1s"))
+    np.testing.assert_array_equal(np.float32(conv1["weight"]["scale"]), w1s)  # the learned weight scales
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["kernels"] and all(k["accumulator"] == "int32" for k in m["kernels"])
+
+    bundle, session = Bundle(out), ort.InferenceSession(str(path))
+    rng = np.random.default_rng(1)
+    got, want = [], []
+    for _ in range(20):
+        x = rng.uniform(-2.5, 2.5, (1, 4, 8, 8)).astype(np.float32)
+        got.append(bundle.run({"x": x})["y"])
+        want.append(session.run(None, {"x": x})[0])
+    within, worst = _agreement(np.stack(got), np.stack(want), Y_S)
+    assert within >= 0.995 and worst <= 3, (within, worst)
+
+
+def test_qlinear_conv_graph_is_rewritten_and_matches_onnx_runtime(tmp_path):
+    from tvmq.runtime import Bundle
+
+    path, out = _compile(qlinear_model(), tmp_path, "qlinear")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["inputs"][0]["dtype"] == "uint8" and m["outputs"][0]["dtype"] == "uint8"
+    assert len(m["kernels"]) == 2 and all(k["operands"] == ["uint8", "int8"] for k in m["kernels"])
+    bundle, session = Bundle(out), ort.InferenceSession(str(path))
+    rng = np.random.default_rng(2)
+    xs = [rng.integers(0, 256, (1, 4, 8, 8)).astype(np.uint8) for _ in range(20)]
+    got = np.stack([bundle.run({"x": x})["y"] for x in xs])
+    want = np.stack([session.run(None, {"x": x})[0] for x in xs])
+    within, worst = _agreement(got, want, 1.0)
+    assert within >= 0.995 and worst <= 3, (within, worst)
+
+
+def test_conv_integer_graph_is_exact(tmp_path):
+    """ConvInteger's int32 result is exact integer arithmetic: tvmq must equal it bit for bit."""
+    from tvmq.runtime import Bundle
+
+    rng = np.random.default_rng(3)
+    w = rng.integers(-127, 128, (6, 3, 3, 3)).astype(np.int8)
+    init = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.uint8(100), "xz")]
+    node = helper.make_node("ConvInteger", ["x", "w", "xz"], ["y"], name="ci", kernel_shape=[3, 3])
+    graph = helper.make_graph([node], "ci", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 6, 4, 4])], initializer=init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path, out = _compile(model, tmp_path, "convint")
+    bundle, session = Bundle(out), ort.InferenceSession(str(path))
+    x = rng.integers(0, 256, (1, 3, 6, 6)).astype(np.uint8)
+    np.testing.assert_array_equal(bundle.run({"x": x})["y"], session.run(None, {"x": x})[0])

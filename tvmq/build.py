@@ -154,6 +154,11 @@ def compile_model(
     if tune_trials and db is None:
         raise TvmqError("--tune needs --db DIR, the folder that keeps the tuning results")
     raw = _load_raw_samples(calib)
+    if precision == "int8" and raw is None and plan is None:
+        from tvmq.frontend import is_prequantized
+
+        if not is_prequantized(model):
+            raise TvmqError("int8 compilation needs calibration data: pass --calib DIR (one .npy/.npz per sample) or --plan")
 
 
     parent = output_dir.resolve().parent

@@ -27,7 +27,8 @@ import numpy as np
 from tvmq.calibrate import InputSpec
 from tvmq.errors import TvmqError
 
-__all__ = ["ModelInfo", "load_onnx", "read_onnx", "parse_shape_arg", "fold_constant_subgraphs"]
+__all__ = ["ModelInfo", "load_onnx", "read_onnx", "parse_shape_arg", "fold_constant_subgraphs", "is_prequantized",
+           "rewrite_qlinear_ops"]
 
 log = logging.getLogger("tvmq")
 
@@ -349,6 +350,14 @@ def rewrite_qlinear_ops(model) -> int:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     return count
+
+
+def is_prequantized(model) -> bool:
+    """Whether an ONNX model (path or proto) already carries quantization (QDQ or QLinear ops)."""
+    if isinstance(model, (str, Path)):
+        model = read_onnx(model)
+    ops = {n.op_type for n in model.graph.node}
+    return bool(ops & {"QuantizeLinear", "DequantizeLinear", *_QLINEAR})
 
 
 @contextlib.contextmanager

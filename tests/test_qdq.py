@@ -153,3 +153,45 @@ def test_conv_integer_graph_is_exact(tmp_path):
     bundle, session = Bundle(out), ort.InferenceSession(str(path))
     x = rng.integers(0, 256, (1, 3, 6, 6)).astype(np.uint8)
     np.testing.assert_array_equal(bundle.run({"x": x})["y"], session.run(None, {"x": x})[0])
+
+
+def test_export_qdq_round_trip_runs_in_onnx_runtime_at_tvmq_accuracy(tmp_path, demo_dir):
+    from tvmq.runtime import Bundle
+
+    exported = tmp_path / "digits.int8.onnx"
+    assert main(["export-qdq", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"),
+                 "-o", str(exported)]) == 0
+    model = onnx.load(exported)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") >= 5 and ops.count("DequantizeLinear") >= 10
+    int8_weights = [i for i in model.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) >= 2]
+    assert len(int8_weights) == 5  # 3 conv + 2 gemm weights, stored as int8
+    assert not [i for i in model.graph.initializer if i.name in ("conv0.w", "fc0.w")]  # float copies gone
+
+    bundle_dir = tmp_path / "tvmq"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--plan", str(exported.with_suffix(".plan.json")),
+                 "-o", str(bundle_dir)]) == 0
+    test = np.load(demo_dir / "digits_test.npz")
+    session, bundle = ort.InferenceSession(str(exported)), Bundle(bundle_dir)
+    acc_ort = np.mean([session.run(None, {"input": x[None]})[0].argmax() == y for x, y in zip(test["x"], test["y"])])
+    acc_tvmq = np.mean([bundle.run({"input": x[None]})["logits"].argmax() == y for x, y in zip(test["x"], test["y"])])
+    assert abs(acc_ort - acc_tvmq) <= 0.002, (acc_ort, acc_tvmq)
+
+    # And back: tvmq reads the exported file's scales as its plan.
+    again = tmp_path / "again"
+    assert main(["compile", str(exported), "--shape", "input:1,1,8,8", "-o", str(again)]) == 0
+    first = json.loads(exported.with_suffix(".plan.json").read_text())["layers"]["conv1"]["inputs"][0]
+    second = json.loads((again / "plan.json").read_text())["layers"]["conv1"]["inputs"][0]
+    assert first["scale"] == pytest.approx(second["scale"], rel=1e-6) and first["zero_point"] == second["zero_point"]
+
+
+def test_export_refuses_quantized_input_and_existing_output(tmp_path, demo_dir, capsys):
+    existing = tmp_path / "x.onnx"
+    existing.write_bytes(b"keep")
+    assert main(["export-qdq", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"),
+                 "-o", str(existing)]) == 2
+    assert "exists" in capsys.readouterr().err and existing.read_bytes() == b"keep"
+    path = tmp_path / "qat.onnx"
+    onnx.save(qat_model(), path)
+    assert main(["export-qdq", str(path), "-o", str(tmp_path / "y.onnx")]) == 2
+    assert "already quantized" in capsys.readouterr().err

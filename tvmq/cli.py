@@ -69,6 +69,21 @@ def _add_tune(sub):
     p.set_defaults(func=cmd_tune)
 
 
+def _add_export(sub):
+    p = sub.add_parser("export-qdq", help="calibrate and write the model as a standard ONNX QDQ file")
+    p.add_argument("model", help="FP32 ONNX model")
+    p.add_argument("-o", "--output", required=True, help="QDQ .onnx file to write (its plan goes beside it)")
+    p.add_argument("--calib", help="calibration folder (as for compile)")
+    p.add_argument("--plan", help="export this plan.json instead of calibrating")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1,..")
+    p.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
+    p.add_argument("--percentile", type=float, default=99.999)
+    p.add_argument("--keep-float", action="append", default=[], metavar="GLOB")
+    p.add_argument("--requantize", default="fixed_point", choices=["fixed_point", "float"])
+    p.add_argument("--target", default="x86", help="preset whose activation dtype to use (default: x86, uint8)")
+    p.set_defaults(func=cmd_export)
+
+
 def _add_run(sub):
     p = sub.add_parser("run", help="run a bundle on inputs (TVM runtime only)")
     p.add_argument("bundle", help="folder written by `tvmq compile`")
@@ -91,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_compile(sub)
     _add_tune(sub)
+    _add_export(sub)
     _add_run(sub)
     _add_targets(sub)
     return parser
@@ -227,6 +243,35 @@ def _demo(args, config) -> int:
     finally:
         if tmpdir is not None:
             tmpdir.cleanup()
+
+
+def cmd_export(args) -> int:
+    from tvmq.build import quantized_module
+    from tvmq.export import export_qdq
+    from tvmq.frontend import is_prequantized, parse_shape_arg
+    from tvmq.passes import find_layers
+    from tvmq.targets import get_preset
+
+    out = Path(args.output)
+    if out.exists():
+        raise TvmqError(f"{out} exists; choose another file name for -o")
+    if not out.resolve().parent.is_dir():
+        raise TvmqError(f"cannot write {out}: folder {out.resolve().parent} does not exist")
+    if is_prequantized(args.model):
+        raise TvmqError(f"{args.model} is already quantized (QDQ); export-qdq takes a float model")
+    shapes = dict(parse_shape_arg(s) for s in args.shape)
+    qm = quantized_module(args.model, get_preset(args.target), raw=args.calib, config=_config_from_args(args),
+                          shapes=shapes, plan=args.plan)
+    names = [layer.name for layer in find_layers(qm.float_module["main"])]
+    plan_path = out.with_suffix(".plan.json")
+    try:
+        counts = export_qdq(args.model, qm.plan, out, names)
+        plan_path.write_text(qm.plan.dumps() + "\n")
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    print(f"wrote {out} ({counts['int8_layers']} of {counts['layers']} layers int8) and {plan_path}")
+    return 0
 
 
 def cmd_run(args) -> int:

@@ -39,6 +39,7 @@ class _Inserter(relax.PyExprMutator):
         self.graph = FunctionGraph(func)
         self.anchors = {}
         self.outputs = {}
+        self.corrections = {}
         for layer in find_layers(func, self.graph):
             lp = plan.get(layer.name)
             if lp is None or not lp.is_int8 or lp.kind != layer.kind:
@@ -46,6 +47,9 @@ class _Inserter(relax.PyExprMutator):
             self.anchors[layer.chain.anchor] = (layer, lp)
             if lp.output is not None:
                 self.outputs[layer.output] = lp.output
+            if lp.bias_correction is not None and layer.kind != "add":
+                key = layer.chain.bias_var if layer.chain.bias_var is not None else layer.chain.anchor
+                self.corrections[key] = (layer, np.asarray(lp.bias_correction, np.float32))
         self.memo = {}
 
     def _emit_like(self, var, expr, suffix=""):
@@ -94,8 +98,20 @@ class _Inserter(relax.PyExprMutator):
                 args = [self._quantized_input(layer.inputs[0], lp.inputs[0]), self.builder_.emit(weight)]
             new = self._emit_like(var, relax.Call(call.op, args, call.attrs))
             self.set_var_remap(var, new)
+        elif var in self.corrections and self.corrections[var][0].chain.bias_var is not None:
+            layer, corr = self.corrections[var]  # the bias add: bias + correction
+            chain = layer.chain
+            shape = [1] * len(chain.out_shape)
+            shape[chain.channel_axis] = -1
+            bias = (chain.bias + corr).reshape(shape)
+            self.set_var_remap(var, self._emit_like(var, relax.op.add(self.visit_expr(chain.anchor), relax.const(bias, "float32"))))
         else:
             super().visit_var_binding_(binding)
+        if var in self.corrections and self.corrections[var][0].chain.bias_var is None:
+            layer, corr = self.corrections[var]  # no bias to correct: add one
+            shape = [1] * len(layer.chain.out_shape)
+            shape[layer.chain.channel_axis] = -1
+            self.set_var_remap(var, self._emit_like(var, relax.op.add(self.visit_expr(var), relax.const(corr.reshape(shape), "float32"))))
         if var in self.outputs:
             qp = self.outputs[var]
             dq = self._fake_quant(self.visit_expr(var), qp, var)

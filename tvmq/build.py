@@ -198,7 +198,7 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
     from tvmq.calibrate import load_samples_dir, validate_samples
     from tvmq.frontend import load_onnx
     from tvmq.plan import QuantPlan
-    from tvmq.quantize import calibrate, prepare, quantize_pipeline
+    from tvmq.quantize import calibrate, finish, prepare, quantize_pipeline, smooth
 
     config = config or QuantConfig()
     if isinstance(raw, (str, Path)):
@@ -231,14 +231,18 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
         return QuantizedModel(quantize_pipeline(qplan)(float_mod), float_mod, info, qplan, warnings)
     float_mod = prepare(mod)
     if precision != "int8":
-        return QuantizedModel(float_mod, float_mod, info, None, warnings)
+        return QuantizedModel(finish(float_mod, config), float_mod, info, None, warnings)
     if qplan is None:
         if raw is None:
             raise TvmqError("int8 compilation needs calibration data: pass --calib DIR (one .npy/.npz per sample) or --plan")
         samples = load_samples_dir(raw, list(info.inputs)) if isinstance(raw, Path) else validate_samples(raw, list(info.inputs))
+        if config.smoothquant:
+            float_mod = smooth(float_mod, samples, config.smoothquant, names)
         qplan = calibrate(float_mod, samples, config, target=preset.name, input_names=names, progress=progress)
+    elif config.smoothquant:
+        raise TvmqError("--smoothquant changes the weights the plan was made for; use it when calibrating, not with --plan")
     try:
-        qmod = quantize_pipeline(qplan)(float_mod)
+        qmod = finish(quantize_pipeline(qplan)(float_mod), config)
     except tvm.error.TVMError as err:  # pragma: no cover - a bug, reported as such
         raise TvmqError(f"quantization failed inside TVM: {str(err).splitlines()[0][:300]}; please report it") from None
     return QuantizedModel(qmod, float_mod, info, qplan, warnings)

@@ -29,6 +29,7 @@ __all__ = [
     "TensorStats",
     "observe",
     "collect_statistics",
+    "channel_statistics",
     "select_range",
 ]
 
@@ -153,10 +154,23 @@ class TensorStats:
         return np.linspace(-self.bound, self.bound, 2 * self.num_bins + 1)
 
 
-def observe(mod, tensors: list, histogram: bool):
+def _minmax(bb, t):
+    return [bb.emit(relax.op.min(t)), bb.emit(relax.op.max(t))]
+
+
+def _per_channel(bb, t):
+    """abs-max and mean over every axis but the last (channels, in NHWC / [.., K] layouts)."""
+    from tvmq.passes.patterns import static_shape
+
+    axes = list(range(len(static_shape(t)) - 1))
+    return [bb.emit(relax.op.max(relax.op.abs(t), axis=axes)), bb.emit(relax.op.mean(t, axis=axes))]
+
+
+def observe(mod, tensors: list, histogram: bool, reducer=None):
     """``mod`` with ``main`` returning ``(original output, *observations)``.
 
-    Per tensor: ``min, max`` reductions, or (``histogram=True``) the tensor itself.
+    Per tensor: ``min, max`` reductions, or (``histogram=True``) the tensor itself, or whatever
+    ``reducer(block_builder, tensor) -> [exprs]`` emits.
     """
     func = mod["main"]
     blocks = list(func.body.blocks)
@@ -170,11 +184,12 @@ def observe(mod, tensors: list, histogram: bool):
                     bb.emit_normalized(binding)
             extra = []
             for t in tensors:
-                if histogram:
+                if reducer is not None:
+                    extra.extend(reducer(bb, t))
+                elif histogram:
                     extra.append(t)
                 else:
-                    extra.append(bb.emit(relax.op.min(t)))
-                    extra.append(bb.emit(relax.op.max(t)))
+                    extra.extend(_minmax(bb, t))
             out = bb.emit_output(relax.Tuple([func.body.body, *extra]))
         bb.emit_func_output(out)
     new_mod = mod.clone()
@@ -205,6 +220,25 @@ def collect_statistics(mod, tensors: list, samples: list[dict], input_names: lis
             else:
                 st.update_range(outs[2 * i], outs[2 * i + 1])
     return stats
+
+
+def channel_statistics(mod, tensors: list, samples: list[dict], input_names: list[str]):
+    """Per tensor, ``(abs-max, mean)`` over the samples of each channel (last axis)."""
+    from tvmq.execute import HostModule
+
+    if not tensors:
+        return []
+    runner = HostModule(observe(mod, tensors, False, reducer=_per_channel))
+    n_out = _count_outputs(mod["main"].body.body)
+    absmax = [None] * len(tensors)
+    total = [None] * len(tensors)
+    for sample in samples:
+        outs = runner(*[sample[name] for name in input_names])[n_out:]
+        for i in range(len(tensors)):
+            a, m = outs[2 * i].astype(np.float64), outs[2 * i + 1].astype(np.float64)
+            absmax[i] = a if absmax[i] is None else np.maximum(absmax[i], a)
+            total[i] = m if total[i] is None else total[i] + m
+    return [(a, t / len(samples)) for a, t in zip(absmax, total)]
 
 
 def _count_outputs(expr) -> int:

@@ -45,10 +45,18 @@ def _add_compile(sub):
     p.add_argument("--requantize", default="fixed_point", choices=["fixed_point", "float"],
                    help="integer fixed-point (default) or float scaling of accumulators")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    _add_algorithm_flags(p)
     p.add_argument("--db", help="tuning database folder: use its (verified) kernels")
     p.add_argument("--tune", type=int, default=0, metavar="N", help="tune each kernel with N trials first (needs --db)")
     p.add_argument("--max-tasks", type=int, help="with --tune: tune only the largest kernels")
     p.set_defaults(func=cmd_compile)
+
+
+def _add_algorithm_flags(p):
+    p.add_argument("--bias-correction", action="store_true", help="correct biases for the mean shift of weight quantization")
+    p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="migrate matmul input outliers into weights (alpha, e.g. 0.5)")
+    p.add_argument("--weight-only", choices=["int8", "int4"], help="matmuls left in float store int8/int4 weights")
+    p.add_argument("--group", type=int, default=32, help="input rows per scale for --weight-only int4 (default 32)")
 
 
 def _add_tune(sub):
@@ -117,7 +125,11 @@ def _config_from_args(args):
 
     rules = tuple(LayerRule(name=glob, precision="fp32") for glob in args.keep_float)
     try:
-        return QuantConfig(method=args.method, percentile=args.percentile, requantize=args.requantize, rules=rules)
+        return QuantConfig(method=args.method, percentile=args.percentile, requantize=args.requantize, rules=rules,
+                           bias_correction=getattr(args, "bias_correction", False),
+                           smoothquant=getattr(args, "smoothquant", None),
+                           weight_only=getattr(args, "weight_only", None),
+                           weight_only_group=getattr(args, "group", 32))
     except ValueError as err:
         raise TvmqError(f"{err}") from None
 

@@ -94,6 +94,16 @@ class QuantConfig:
         Also run residual adds between int8 layers in integers.
     rules : tuple of LayerRule
         Per-layer overrides, first match wins.
+    bias_correction : bool
+        Correct each int8 layer's bias for the mean shift of weight quantization.
+    smoothquant : float or None
+        Migration strength alpha (0..1, 0.5 typical) to move activation outliers of matmul
+        inputs into the weights before calibrating; None is off.
+    weight_only : str or None
+        ``"int8"`` or ``"int4"``: matmul layers left in float store their weights in that many
+        bits (dequantized in the kernel); None is off.
+    weight_only_group : int
+        Input rows per scale for int4.
     """
 
     method: CalibrationMethod = CalibrationMethod.MINMAX
@@ -103,6 +113,10 @@ class QuantConfig:
     requantize: RequantizeMode = RequantizeMode.FIXED_POINT
     quantize_add: bool = True
     rules: tuple[LayerRule, ...] = field(default_factory=tuple)
+    bias_correction: bool = False
+    smoothquant: float | None = None
+    weight_only: str | None = None
+    weight_only_group: int = 32
 
     def __post_init__(self):
         object.__setattr__(self, "method", CalibrationMethod(self.method))
@@ -112,6 +126,12 @@ class QuantConfig:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.num_bins < 128:
             raise ValueError(f"num_bins must be at least 128, got {self.num_bins}")
+        if self.smoothquant is not None and not 0.0 < self.smoothquant < 1.0:
+            raise ValueError(f"smoothquant alpha must be in (0, 1), got {self.smoothquant}")
+        if self.weight_only not in (None, "int8", "int4"):
+            raise ValueError(f"weight_only must be int8 or int4, not {self.weight_only!r}")
+        if self.weight_only_group < 1:
+            raise ValueError(f"weight_only_group must be positive, got {self.weight_only_group}")
 
     def precision_for(self, name: str, op: str, default: str = "int8") -> str:
         for rule in self.rules:

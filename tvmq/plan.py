@@ -34,6 +34,9 @@ class LayerPlan:
     weight : QParams or None
         Weight parameters to use as they are (a pre-quantized model's); None derives them
         from the weights (symmetric, per output channel).
+    bias_correction : tuple of float or None
+        Added to the bias, per output channel, to cancel the mean shift weight quantization
+        causes (``QuantConfig(bias_correction=True)``).
     """
 
     kind: str
@@ -41,6 +44,7 @@ class LayerPlan:
     inputs: tuple[QParams, ...] = ()
     output: QParams | None = None
     weight: QParams | None = None
+    bias_correction: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.kind not in ("conv2d", "matmul", "add"):
@@ -64,6 +68,8 @@ class LayerPlan:
             out["output"] = self.output.to_json()
         if self.weight is not None:
             out["weight"] = self.weight.to_json()
+        if self.bias_correction is not None:
+            out["bias_correction"] = [float(v) for v in self.bias_correction]
         return out
 
     @classmethod
@@ -74,6 +80,7 @@ class LayerPlan:
             inputs=tuple(QParams.from_json(q) for q in d.get("inputs", ())),
             output=QParams.from_json(d["output"]) if d.get("output") else None,
             weight=QParams.from_json(d["weight"]) if d.get("weight") else None,
+            bias_correction=tuple(d["bias_correction"]) if d.get("bias_correction") else None,
         )
 
 

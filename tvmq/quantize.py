@@ -17,7 +17,7 @@ from tvmq.qparams import activation_qparams
 from tvmq.passes import ConvertToNHWC, DivideToMultiply, FoldConstantsNumpy, FoldQDQ, InsertQDQ
 from tvmq.passes.patterns import FunctionGraph, dtype_of, find_layers, static_shape
 
-__all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs"]
+__all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs", "smooth", "finish"]
 
 log = logging.getLogger("tvmq")
 
@@ -134,6 +134,9 @@ def calibrate(
         lo, hi = select_range(st, method, percentile=config.percentile, dtype=spec.dtype, symmetric=spec.symmetric)
         qparams[tensor] = activation_qparams(lo, hi, spec.dtype, spec.symmetric)
 
+    corrections = {}
+    if config.bias_correction:
+        corrections = _bias_corrections(mod, layers, int8, samples, [s.name for s in specs])
     plan = {}
     for layer in layers:
         if layer.name in int8:
@@ -142,6 +145,7 @@ def calibrate(
                 precision="int8",
                 inputs=tuple(qparams[r] for r in root_of[layer.name]),
                 output=qparams.get(layer.output),
+                bias_correction=corrections.get(layer.name),
             )
         else:
             plan[layer.name] = LayerPlan(kind=layer.kind, precision="fp32")
@@ -150,6 +154,43 @@ def calibrate(
         input_shapes={s.name: list(s.shape) for s in specs},
         method=method.value, activation_dtype=spec.dtype, requantize=config.requantize.value
     )
+
+
+def _bias_corrections(mod, layers, int8, samples, names):
+    """Per int8 conv/matmul layer, the bias correction from its input's channel means."""
+    from tvmq.calibrate import channel_statistics
+    from tvmq.passes.algorithms import bias_corrections
+
+    targets = [l for l in layers if l.name in int8 and l.kind != "add"]
+    # The anchor's own input (channels last), not its root: a transpose may lie between.
+    inputs = []
+    for layer in targets:
+        if layer.inputs[0] not in inputs:
+            inputs.append(layer.inputs[0])
+    stats = dict(zip(inputs, channel_statistics(mod, inputs, samples, names)))
+    out = {}
+    for layer in targets:
+        _, mean = stats[layer.inputs[0]]
+        if layer.kind == "conv2d" and str(layer.chain.call.attrs.data_layout) != "NHWC":
+            continue  # channel statistics are taken over the last axis
+        out[layer.name] = tuple(float(v) for v in bias_corrections(layer, None, mean))
+    return out
+
+
+def smooth(mod: tvm.IRModule, calib_data, alpha: float, input_names: list[str] | None = None) -> tvm.IRModule:
+    """SmoothQuant: migrate matmul input outliers into the weights (see passes.algorithms)."""
+    from tvmq.calibrate import channel_statistics
+    from tvmq.passes.algorithms import SmoothQuant, smoothing_factors
+
+    specs = input_specs(mod, input_names)
+    samples = validate_samples(calib_data, specs)
+    graph = FunctionGraph(mod["main"])
+    layers = [l for l in find_layers(mod["main"], graph) if l.kind == "matmul"]
+    if not layers:
+        return mod
+    stats = channel_statistics(mod, [l.inputs[0] for l in layers], samples, [s.name for s in specs])
+    factors = {l.name: smoothing_factors(absmax, l.weight, alpha) for l, (absmax, _) in zip(layers, stats)}
+    return SmoothQuant(factors)(mod)
 
 
 def quantize_pipeline(plan: QuantPlan) -> tvm.transform.Pass:
@@ -198,9 +239,22 @@ def quantize(
     IRModule
         The module with int8 conv2d/matmul (int32 accumulation) and fused requantization.
     """
+    config = config or QuantConfig()
     mod = prepare(mod, params)
     if plan is None:
         if calib_data is None:
             raise TvmqError("quantize needs calibration data or a plan")
+        calib_data = list(calib_data)
+        if config.smoothquant:
+            mod = smooth(mod, calib_data, config.smoothquant, input_names)
         plan = calibrate(mod, calib_data, config, target=target, input_names=input_names)
-    return quantize_pipeline(plan)(mod)
+    return finish(quantize_pipeline(plan)(mod), config)
+
+
+def finish(qmod: tvm.IRModule, config: QuantConfig) -> tvm.IRModule:
+    """Passes after quantization: weight-only storage for the matmuls left in float."""
+    if config.weight_only:
+        from tvmq.passes.algorithms import WeightOnly
+
+        qmod = WeightOnly(8 if config.weight_only == "int8" else 4, config.weight_only_group)(qmod)
+    return qmod

@@ -20,6 +20,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvmq._compat import TensorType
 from tvmq.plan import QuantPlan
 from tvmq.qparams import QParams, quantize_weight
 
@@ -34,20 +35,29 @@ def qparams_args(qp: QParams):
 
 @relax.expr_functor.mutator
 class _Inserter(relax.PyExprMutator):
-    def __init__(self, mod, func, plan: QuantPlan):
+    def __init__(self, mod, func, plan: QuantPlan, mask=None, switches=None, fp16_switch=False):
         super().__init__(mod)
+        self.mask, self.switches, self.fp16_switch = mask, switches or {}, fp16_switch
         self.graph = FunctionGraph(func)
         self.anchors = {}
         self.outputs = {}
         self.corrections = {}
         for layer in find_layers(func, self.graph):
             lp = plan.get(layer.name)
-            if lp is None or not lp.is_int8 or lp.kind != layer.kind:
+            if lp is None or lp.kind != layer.kind:
+                continue
+            if lp.precision == "fp16" and layer.kind != "add" and mask is None:
+                self.anchors[layer.chain.anchor] = (layer, lp)  # computed in fp16, accumulated in fp32
+                continue
+            if not lp.is_int8:
                 continue
             self.anchors[layer.chain.anchor] = (layer, lp)
-            if lp.output is not None:
+            # With switches, a layer's output parameters are modelled by its int8 consumers'
+            # input Q/DQ (same parameters): a float consumer then sees the float output, as
+            # in the compiled program where the producer's plan has no output parameters.
+            if lp.output is not None and mask is None:
                 self.outputs[layer.output] = lp.output
-            if lp.bias_correction is not None and layer.kind != "add":
+            if lp.bias_correction is not None and layer.kind != "add" and mask is None:
                 key = layer.chain.bias_var if layer.chain.bias_var is not None else layer.chain.anchor
                 self.corrections[key] = (layer, np.asarray(lp.bias_correction, np.float32))
         self.memo = {}
@@ -58,6 +68,60 @@ class _Inserter(relax.PyExprMutator):
         if isinstance(var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
             return self.builder_.emit(expr, name)
         return self.builder_.emit_output(expr, name)
+
+    def _select(self, switch, int8, fp32, fp16=None):
+        """The branch ``mask[switch]`` selects: 1 int8, 2 fp16 (when given), else fp32."""
+        flag = self.builder_.emit(relax.op.take(self.mask, relax.const(np.int32(switch), "int32"), axis=0, mode="clip"))
+        is_int8 = self.builder_.emit(relax.op.logical_and(
+            relax.op.greater(flag, relax.const(np.float32(0.5), "float32")),
+            relax.op.less(flag, relax.const(np.float32(1.5), "float32"))))
+        if fp16 is not None:
+            is_half = self.builder_.emit(relax.op.greater(flag, relax.const(np.float32(1.5), "float32")))
+            fp32 = self.builder_.emit(relax.op.where(is_half, fp16, fp32))
+        return relax.op.where(is_int8, int8, fp32)
+
+    def _half_call(self, call, layer):
+        """The anchor ``call`` on fp16 operands with an fp32 result (fp32 accumulation)."""
+        data = self.builder_.emit(relax.op.astype(self.visit_expr(layer.inputs[0]), "float16"))
+        weight = relax.const(layer.weight.astype(np.float16), "float16")
+        return _with_out_dtype(call, [data, weight], "float32")
+
+    def _switched_layer(self, var, layer, lp, call, switch):
+        """Sensitivity mode: the layer computed in int8 (fake-quantized), in fp32 and, with
+        fp16 candidates, on fp16-rounded operands, one picked by the mask. Every branch keeps
+        a constant weight, so each compiles to the same packed kernels as the float model."""
+        if layer.kind == "add":
+            quantized = [self._quantized_input(x, qp) for x, qp in zip(layer.inputs, lp.inputs)]
+            y_q = self.builder_.emit(relax.Call(call.op, quantized, call.attrs))
+            y_f = self.builder_.emit(relax.Call(call.op, [self.visit_expr(x) for x in layer.inputs], call.attrs))
+            return self._emit_like(var, self._select(switch, y_q, y_f))
+        wq, wqp = self._weight(layer, lp)
+        x = self.visit_expr(layer.inputs[0])
+        xq = self._quantized_input(layer.inputs[0], lp.inputs[0])
+        y_q = self.builder_.emit(relax.Call(call.op, [xq, relax.const(wqp.dequantize(wq), "float32")], call.attrs))
+        if lp.bias_correction is not None:
+            shape = [1] * len(layer.chain.out_shape)
+            shape[layer.chain.channel_axis] = -1
+            corr = np.asarray(lp.bias_correction, np.float32).reshape(shape)
+            y_q = self.builder_.emit(relax.op.add(y_q, relax.const(corr, "float32")))
+        y_f = self.builder_.emit(relax.Call(call.op, [x, relax.const(layer.weight, "float32")], call.attrs))
+        y_h = None
+        if self.fp16_switch:
+            x_h = self.builder_.emit(relax.op.astype(self.builder_.emit(relax.op.astype(x, "float16")), "float32"))
+            w_h = relax.const(layer.weight.astype(np.float16).astype(np.float32), "float32")
+            y_h = self.builder_.emit(relax.Call(call.op, [x_h, w_h], call.attrs))
+        return self._emit_like(var, self._select(switch, y_q, y_f, y_h))
+
+    @staticmethod
+    def _weight(layer, lp):
+        """The int8 weight and its parameters (a pre-quantized model's own, when they fit)."""
+        wq = None
+        if lp.weight is not None:
+            wqp = lp.weight
+            wq = wqp.quantize(layer.weight) if not wqp.per_channel or wqp.axis == layer.weight_axis else None
+        if wq is None:
+            wq, wqp = quantize_weight(layer.weight, layer.weight_axis)
+        return wq, wqp
 
     def _fake_quant(self, expr, qp: QParams, like=None):
         scale, zp = qparams_args(qp)
@@ -85,14 +149,16 @@ class _Inserter(relax.PyExprMutator):
         if var in self.anchors:
             layer, lp = self.anchors[var]
             call = binding.value
+            if lp.precision == "fp16":
+                self.set_var_remap(var, self._emit_like(var, self._half_call(call, layer)))
+                return
+            if layer.name in self.switches:
+                self.set_var_remap(var, self._switched_layer(var, layer, lp, call, self.switches[layer.name]))
+                return
             if layer.kind == "add":
                 args = [self._quantized_input(x, qp) for x, qp in zip(layer.inputs, lp.inputs)]
             else:
-                if lp.weight is not None:  # honour given parameters (a pre-quantized model's)
-                    wqp = lp.weight
-                    wq = wqp.quantize(layer.weight) if not wqp.per_channel or wqp.axis == layer.weight_axis else None
-                if lp.weight is None or wq is None:
-                    wq, wqp = quantize_weight(layer.weight, layer.weight_axis)
+                wq, wqp = self._weight(layer, lp)
                 scale, zp = qparams_args(wqp)
                 weight = relax.op.dequantize(relax.const(wq, "int8"), scale, zp, axis=wqp.axis)
                 args = [self._quantized_input(layer.inputs[0], lp.inputs[0]), self.builder_.emit(weight)]
@@ -149,6 +215,38 @@ class InsertQDQ:
         for gv, func in updates.items():
             mod[gv] = func
         return mod
+
+
+def _with_out_dtype(call, args, out_dtype):
+    """A conv2d / matmul ``call`` on new ``args`` with another result dtype."""
+    attrs = call.attrs
+    if call.op.name == "relax.matmul":
+        return relax.op.matmul(args[0], args[1], out_dtype=out_dtype)
+    return relax.op.nn.conv2d(args[0], args[1], strides=attrs.strides, padding=attrs.padding, dilation=attrs.dilation,
+                              groups=attrs.groups, data_layout=attrs.data_layout, kernel_layout=attrs.kernel_layout,
+                              out_layout=attrs.out_layout, out_dtype=out_dtype)
+
+
+def insert_switchable_qdq(mod: tvm.IRModule, plan: QuantPlan, fp16: bool = False):
+    """The fake-quantized module with every int8 layer's Q/DQ behind a switch.
+
+    ``main`` takes one more input, ``tvmq_mask`` (float32, one entry per switchable layer):
+    layer ``i`` is int8 where ``mask[i]`` is 1 and float where it is 0 (with ``fp16``, 2 runs
+    it on fp16-rounded operands), so one compiled module simulates any mix of precisions.
+    Returns ``(module, layer names)``.
+    """
+    func = mod["main"]
+    names = [name for name, lp in plan.layers.items() if lp.is_int8]
+    mask = relax.Var("tvmq_mask", TensorType((len(names),), "float32"))
+    inserter = _Inserter(mod, func, plan, mask=mask, switches={n: i for i, n in enumerate(names)}, fp16_switch=fp16)
+    body = inserter.visit_expr(func)
+    new = relax.Function([*func.params, mask], body.body, body.ret_ty, func.is_pure, func.attrs)
+    new = relax.analysis.remove_all_unused(new)
+    if new.attrs and "num_input" in new.attrs:
+        new = new.with_attr("num_input", len(func.params) + 1)
+    out = mod.clone()
+    out["main"] = new
+    return relax.transform.Normalize()(out), names
 
 
 def weight_qparams(weight: np.ndarray, axis: int) -> QParams:

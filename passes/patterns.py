@@ -386,6 +386,14 @@ class Layer:
     def output(self):
         return self.chain.end
 
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the anchor (0 for adds)."""
+        if self.weight is None:
+            return 0
+        per_output = self.weight.size // self.weight.shape[self.weight_axis]
+        return int(np.prod(self.chain.out_shape)) * per_output
+
 
 def find_layers(func: relax.Function, graph: FunctionGraph | None = None) -> list[Layer]:
     """The float conv2d / matmul / add layers tvmq knows how to quantize, named and ordered."""

@@ -20,6 +20,12 @@ Usage::
     pip install -e ".[bench]"
     python scripts/bench.py [--models digits,ppocr_cls,ppocr_rec] [--runs 50] [--threads 2] [--json out.json]
     python scripts/bench.py --tune 16 --max-tasks 12     # tune FP32 and INT8 with the same budget first
+    python scripts/bench.py --auto 0.3                   # also --precision auto (max drop 0.3 pt) and
+                                                         # INC-style fallback, on a separate validation set
+
+With ``--auto``, the plan is searched on a labelled validation set (digits: the last 150 test
+images, which are then left out of the evaluation; PP-OCR: lines rendered with another seed)
+and scored, like every engine, on the evaluation set.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 ENGINES = ("tvm_fp32", "tvmq_int8", "ort_fp32", "ort_int8")
+AUTO_ENGINES = ("tvmq_plan", "tvmq_fallback")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -69,8 +76,10 @@ def digits_case(n_eval, n_calib):
 
     test = np.load(DEMO_DIR / "digits_test.npz")
     calib = [np.load(p) for p in sorted((DEMO_DIR / "digits_calib").glob("*.npy"))][:n_calib]
+    n_eval = min(n_eval, len(test["y"]) - 150)  # the last 150 images: validation for --auto
     xs, ys = test["x"][:n_eval, None], test["y"][:n_eval]
-    return {"path": DEMO_DIR / "digits.onnx", "input": "input", "calib": calib, "x": xs, "y": ys, "score": top1}
+    return {"path": DEMO_DIR / "digits.onnx", "input": "input", "calib": calib, "x": xs, "y": ys, "score": top1,
+            "val": (test["x"][-150:, None], test["y"][-150:]), "metric": "top1"}
 
 
 def ppocr_cls_case(n_eval, n_calib):
@@ -78,7 +87,8 @@ def ppocr_cls_case(n_eval, n_calib):
 
     x, y = cls_set(n_eval, seed=1)
     calib, _ = cls_set(n_calib, seed=2)
-    return {"path": ppocr_model("cls"), "input": "x", "calib": list(calib), "x": x, "y": y, "score": top1}
+    return {"path": ppocr_model("cls"), "input": "x", "calib": list(calib), "x": x, "y": y, "score": top1,
+            "val": cls_set(150, seed=3), "metric": "top1"}
 
 
 def ppocr_rec_case(n_eval, n_calib):
@@ -94,7 +104,8 @@ def ppocr_rec_case(n_eval, n_calib):
         return {"accuracy": float(np.mean([p == t for p, t in zip(pred, labels)])),
                 "cer": errors / sum(len(t) for t in labels)}
 
-    return {"path": ppocr_model("rec"), "input": "x", "calib": list(calib), "x": x, "y": texts, "score": score}
+    return {"path": ppocr_model("rec"), "input": "x", "calib": list(calib), "x": x, "y": texts, "score": score,
+            "val": rec_set(150, seed=3), "metric": "python:ocrdata:rec_exact"}
 
 
 CASES = {"digits": digits_case, "ppocr_cls": ppocr_cls_case, "ppocr_rec": ppocr_rec_case}
@@ -174,6 +185,9 @@ def bench_model(name, case, args, workdir) -> dict:
         fp32 = HostModule(res.float_module, database=load_database(fp32_db, res.float_module, "x86"))
         bundle = Bundle(tuned_out)
     out_name = bundle.outputs[0]["name"]
+    auto_bundles, auto_info = {}, {}
+    if args.auto is not None:
+        auto_bundles, auto_info = plan_bundles(name, case, args, workdir, calib, shape)
     sess32 = ort_session(case["path"], args.threads)
     sess8 = ort_session(ort_quantize(case["path"], inp, case["calib"], workdir), args.threads)
 
@@ -191,8 +205,11 @@ def bench_model(name, case, args, workdir) -> dict:
         "ort_int8": lambda: sess8.run(None, {inp: x0}),
     }
     calls.update({f"{k}_untuned": v for k, v in untuned.items()})
+    for engine, b in auto_bundles.items():
+        engines[engine] = lambda x, b=b: b.run({inp: x})[out_name]
+        calls[engine] = b.prepared({inp: x0})
     medians = interleaved_medians(calls, args.runs)
-    for engine in ENGINES:
+    for engine in ENGINES + tuple(auto_bundles):
         scores = case["score"]([engines[engine](x) for x in xs], ys)
         results[engine] = {"median_ms": round(medians[engine], 4), **{k: round(v, 4) for k, v in scores.items()}}
     results["_info"] = {
@@ -206,12 +223,55 @@ def bench_model(name, case, args, workdir) -> dict:
         "eval_samples": len(ys),
         "calib_samples": len(case["calib"]),
     }
+    if auto_info:
+        results["_info"]["auto"] = auto_info
     if args.tune:
         results["_info"].update(
             tune_trials_per_kernel=args.tune, tune_max_tasks=args.max_tasks, tune_s=round(tune_s, 1),
             untuned_ms={k: round(medians[f"{k}_untuned"], 4) for k in untuned},
         )
     return results
+
+
+def plan_bundles(name, case, args, workdir, calib, shape):
+    """``--precision auto`` and the INC-style fallback plan, compiled as bundles."""
+    from ocrdata import write_eval_folder
+
+    from tvmq.build import AutoPrecision, compile_model
+    from tvmq.config import QuantConfig
+    from tvmq.precision import config_for
+    from tvmq.runtime import Bundle
+
+    inp = case["input"]
+    val = write_eval_folder(workdir / f"{name}-val", *case["val"])
+    out = workdir / f"{name}-plan"
+    t0 = time.perf_counter()
+    res = compile_model(case["path"], out, calib=calib, shapes={inp: shape}, config=QuantConfig(method=args.method),
+                        precision="auto", auto=AutoPrecision(metric=case["metric"], max_drop=args.auto, eval_data=val),
+                        progress=True)
+    search_s = time.perf_counter() - t0
+    p = res.manifest["precision"]
+    fallback_out = workdir / f"{name}-fallback"
+    compile_model(case["path"], fallback_out, calib=calib, shapes={inp: shape},
+                  config=config_for(QuantConfig(method=args.method), p["fallback"]["assignment"]))
+    counts = lambda a: {k: list(a.values()).count(k) for k in ("int8", "fp16", "fp32")}  # noqa: E731
+    info = {
+        "metric": p["metric"], "max_drop": args.auto, "validation_samples": p["samples"], "search_s": round(search_s, 1),
+        "evaluations": p["evaluations"], "fallback_evaluations": p["fallback"]["evaluations"],
+        "validation": {"fp32": p["fp32"], "all_int8": p["all_int8"], "plan": p["plan"],
+                       "fallback": p["fallback"]["metric"], "greedy": p["greedy"]["metric"]},
+        "estimated_ms": {"plan": p["latency_ms"]["plan"], "fallback": p["fallback"]["latency_ms"],
+                         "greedy": p["greedy"]["latency_ms"], "all_int8": p["latency_ms"]["all_int8"],
+                         "fp32": p["latency_ms"]["fp32"]},
+        "plan_layers": counts(p["assignment"]), "fallback_layers": counts(p["fallback"]["assignment"]),
+        "report": str(out / "report.html"),
+    }
+    if args.keep:
+        import shutil
+
+        shutil.copytree(out, args.keep / f"{name}-plan", dirs_exist_ok=True)
+        info["report"] = str(args.keep / f"{name}-plan" / "report.html")
+    return {"tvmq_plan": Bundle(out), "tvmq_fallback": Bundle(fallback_out)}, info
 
 
 def print_table(results: dict, threads: int) -> None:
@@ -223,13 +283,21 @@ def print_table(results: dict, threads: int) -> None:
         q = r["tvmq_int8"]["median_ms"]
         print(f"{model:<11}{cells}{q / ort_best:>17.2f}x{r['tvm_fp32']['median_ms'] / q:>17.2f}x")
         if "cer" in r["tvmq_int8"]:
-            print(f"{'':<11}character error rate: " + ", ".join(f"{e} {r[e]['cer']:.4f}" for e in ENGINES))
+            print(f"{'':<11}character error rate: " + ", ".join(f"{e} {r[e]['cer']:.4f}" for e in ENGINES + AUTO_ENGINES
+                                                            if e in r))
         info = r["_info"]
         if "untuned_ms" in info:
             u = info["untuned_ms"]
             print(f"{'':<11}untuned: tvm_fp32 {u['tvm_fp32']:.3f} ms, tvmq_int8 {u['tvmq_int8']:.3f} ms "
                   f"(tuned is {u['tvmq_int8'] / r['tvmq_int8']['median_ms']:.2f}x faster for int8); "
                   f"{info['tune_trials_per_kernel']} trials x {info['tune_max_tasks'] or 'all'} kernels, {info['tune_s']} s")
+        if "auto" in info:
+            a = info["auto"]
+            print(f"{'':<11}--precision auto (max drop {a['max_drop']}, {a['metric']}, {a['validation_samples']} validation "
+                  f"samples, search {a['search_s']} s): plan {a['plan_layers']} "
+                  f"{r['tvmq_plan']['median_ms']:.3f} ms {100 * r['tvmq_plan']['accuracy']:.2f}%; INC-style fallback "
+                  f"{a['fallback_layers']} {r['tvmq_fallback']['median_ms']:.3f} ms "
+                  f"{100 * r['tvmq_fallback']['accuracy']:.2f}% ({a['fallback_evaluations']} evaluations)")
         print(f"{'':<11}int8 layers {info['int8_layers']}, float {info['float_layers']}; integer kernels "
               f"{info['integer_kernels']}/{info['kernels']}; vpdpbusd {info['vpdpbusd']}; "
               f"library {info['library_bytes'] / 1024:.0f} KiB; compile {info['compile_s']} s")
@@ -248,6 +316,9 @@ def main(argv=None) -> int:
                     help="tune TVM FP32 and tvmq INT8 with N trials per kernel (same budget) before timing")
     ap.add_argument("--max-tasks", type=int, help="with --tune: tune only the largest kernels")
     ap.add_argument("--db-root", type=Path, help="keep tuning databases here (default: a temporary folder)")
+    ap.add_argument("--auto", type=float, metavar="DROP",
+                    help="also compile --precision auto with this max drop (points) and the INC-style fallback plan")
+    ap.add_argument("--keep", type=Path, help="with --auto: copy the plans' bundles and reports here")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import onnxruntime

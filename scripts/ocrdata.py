@@ -133,3 +133,19 @@ def edit_distance(a: str, b: str) -> int:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
         prev = cur
     return prev[-1]
+
+
+def rec_exact(outputs, labels) -> float:
+    """Exact-string accuracy of the recogniser in percent (a ``python:ocrdata:rec_exact`` metric)."""
+    charset = rec_charset(ppocr_model("rec"))
+    return 100.0 * float(np.mean([ctc_decode(o, charset).strip() == str(t) for o, t in zip(outputs, labels)]))
+
+
+def write_eval_folder(folder: Path, xs, labels) -> Path:
+    """Samples as ``NNNN.npy`` and their ``labels.npy``: a folder for ``--eval-data`` / ``tvmq eval``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(xs):
+        np.save(folder / f"{i:04d}.npy", x)
+    np.save(folder / "labels.npy", np.asarray(labels))
+    return folder

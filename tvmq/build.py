@@ -117,6 +117,7 @@ def compile_model(
     db=None,
     tune_trials: int = 0,
     tune_max_tasks: int | None = None,
+    auto: AutoPrecision | None = None,
 ) -> CompileResult:
     """Compile an ONNX model into a bundle folder.
 
@@ -149,12 +150,16 @@ def compile_model(
     preset.check_toolchain()
     output_dir = Path(output_dir)
     prepare_output_dir(output_dir, force)
-    if precision not in ("int8", "fp32"):
-        raise TvmqError(f"--precision {precision!r} is not supported; use int8 or fp32")
+    if precision not in ("int8", "fp16", "fp32", "auto"):
+        raise TvmqError(f"--precision {precision!r} is not supported; use int8, fp16, fp32 or auto")
+    if precision == "auto":
+        (auto or AutoPrecision()).budget()  # a missing budget is an input error: before any work
+        if plan is not None:
+            raise TvmqError("--plan reuses a chosen plan; drop --precision auto (or drop --plan to choose again)")
     if tune_trials and db is None:
         raise TvmqError("--tune needs --db DIR, the folder that keeps the tuning results")
     raw = _load_raw_samples(calib)
-    if precision == "int8" and raw is None and plan is None:
+    if precision in ("int8", "auto") and raw is None and plan is None:
         from tvmq.frontend import is_prequantized
 
         if not is_prequantized(model):
@@ -165,7 +170,8 @@ def compile_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
     try:
         tuning = {"db": db, "trials": tune_trials, "max_tasks": tune_max_tasks}
-        result = _compile_into(tmp, model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress, tuning)
+        result = _compile_into(tmp, model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress, tuning,
+                               auto)
         if output_dir.exists():
             if force:
                 shutil.rmtree(output_dir)
@@ -188,10 +194,131 @@ class QuantizedModel:
     info: object
     plan: object
     warnings: list[str]
+    precision: dict | None = None  # what --precision auto measured and chose
+
+
+@dataclass(frozen=True)
+class AutoPrecision:
+    """``--precision auto``: the metric, the budget and the data it is measured on."""
+
+    metric: str = "sqnr"
+    max_drop: float | None = None  # metric points (top1: percentage points)
+    min_sqnr: float | None = None  # dB
+    eval_data: object = None  # folder of samples (+ labels.npy); default: the calibration data
+
+    def budget(self) -> float:
+        """The budget in the metric's units; raises on anything missing, before any work."""
+        from tvmq.precision import Metric
+
+        metric = Metric(self.metric)
+        if metric.kind.startswith("python:"):
+            metric.function()
+        if self.metric == "sqnr":
+            if self.min_sqnr is None:
+                raise TvmqError("--precision auto with the sqnr metric needs --min-sqnr DB")
+            budget = self.min_sqnr
+        elif self.max_drop is None:
+            raise TvmqError(f"--precision auto with the {self.metric} metric needs --max-drop POINTS")
+        else:
+            budget = self.max_drop / 100 if self.metric == "top1" else self.max_drop
+        if metric.needs_labels and (self.eval_data is None or not (Path(self.eval_data) / "labels.npy").exists()):
+            raise TvmqError(f"metric {self.metric} needs labels: pass --eval-data DIR with samples and labels.npy "
+                            "(one label per sample)")
+        return budget
+
+
+def load_eval_data(path, inputs) -> tuple[list[dict], np.ndarray | None]:
+    """Samples of a data folder (as for calibration) and its ``labels.npy`` if present."""
+    from tvmq.calibrate import load_samples_dir
+
+    path = Path(path)
+    samples = load_samples_dir(path, inputs)
+    labels = None
+    if (path / "labels.npy").exists():
+        labels = np.load(path / "labels.npy", allow_pickle=False)
+        if len(labels) != len(samples):
+            raise TvmqError(f"{path}/labels.npy has {len(labels)} labels for {len(samples)} samples; give one per sample")
+    return samples, labels
+
+
+def _plan_metric(float_mod, plan, samples, names, metric, labels, ref) -> float:
+    """``metric`` of ``plan``'s integer program (compiled for this machine) against FP32 ``ref``."""
+    from tvmq.execute import HostModule
+    from tvmq.quantize import quantize_pipeline
+
+    qmod = HostModule(quantize_pipeline(plan)(float_mod))
+    out = [qmod(*[s[n] for n in names])[0] for s in samples]
+    return metric(out, ref, labels)
+
+
+def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, names, info, progress):
+    """Calibrate, measure per-layer sensitivity and latency, and choose the plan."""
+    from tvmq import precision as P
+    from tvmq.quantize import calibrate
+
+    metric = P.Metric(auto.metric)
+    budget = auto.budget()
+    full = calibrate(float_mod, samples, config, target=preset.name, input_names=names, progress=progress)
+    eval_samples, labels = (samples, None) if auto.eval_data is None else load_eval_data(auto.eval_data, list(info.inputs))
+    analysis = P.analyse(float_mod, full, eval_samples, names, metric, labels, preset=preset, progress=progress)
+    greedy, greedy_value = P.search(analysis, budget, "greedy")
+    fallback, fallback_value, evaluations = P.fallback_plan(analysis, budget)
+    # The search checks its choice on the simulation; the plan is checked once more as the
+    # integer program it compiles to, with a tighter budget should rounding differ.
+    tight = budget
+    for _ in range(4):
+        chosen, value = P.search(analysis, tight, "exact")
+        plan = full
+        if any(p != "int8" for p in chosen.values()):
+            plan = calibrate(float_mod, samples, P.config_for(config, chosen), target=preset.name, input_names=names)
+        value = _plan_metric(float_mod, plan, eval_samples, names, metric, labels, analysis.reference)
+        if P.meets(analysis, value, budget) or all(p == "fp32" for p in chosen.values()):
+            break
+        tight = tight + 1.0 if metric.kind == "sqnr" else tight / 2
+
+    def summary(assignment, value):
+        counts = Counter(assignment.values())
+        return {"int8_layers": counts["int8"], "fp16_layers": counts["fp16"], "metric": value,
+                "latency_ms": P.latency(analysis, assignment), "assignment": assignment}
+
+    report = {
+        "metric": metric.kind,
+        "budget": budget,
+        "samples": len(eval_samples),
+        "candidates": ["fp32", *analysis.candidates],
+        "latency_source": "estimated from MACs" if any(l.estimated for l in analysis.layers) else "measured kernels",
+        "fp32": analysis.fp32,
+        "all_int8": analysis.all_int8,
+        "plan": value,
+        "assignment": chosen,
+        "int8_layers": sorted(n for n, p in chosen.items() if p == "int8"),
+        "latency_ms": {"fp32": P.latency(analysis, {}), "all_int8": P.latency(analysis, analysis.names),
+                       "plan": P.latency(analysis, chosen)},
+        "greedy": summary(greedy, greedy_value),
+        "fallback": {**summary(fallback, fallback_value), "evaluations": evaluations},
+        "evaluations": analysis.evaluations,
+        "layers": [{"name": l.name, "kind": l.kind, "only_int8": l.only_int8, "only_float": l.only_float,
+                    "only_fp16": l.only_fp16, "sqnr_int8": l.sqnr_int8, "sqnr_fp16": l.sqnr_fp16, "int8_ms": l.int8_ms, "fp32_ms": l.fp32_ms, "fp16_ms": l.fp16_ms,
+                    "chosen": chosen[l.name]} for l in analysis.layers],
+    }
+    return plan, report
+
+
+def _fp16_plan(float_mod, config, info):
+    """``--precision fp16``: every conv/matmul in fp16 (fp32 accumulation) unless a rule keeps it fp32."""
+    from tvmq.passes import find_layers
+    from tvmq.plan import LayerPlan, QuantPlan
+
+    layers = {}
+    for layer in find_layers(float_mod["main"]):
+        wanted = config.precision_for(layer.name, layer.kind, default="fp16")
+        half = layer.kind != "add" and wanted in ("fp16", "int8")
+        layers[layer.name] = LayerPlan(kind=layer.kind, precision="fp16" if half else "fp32")
+    return QuantPlan(layers=layers, input_shapes={s.name: list(s.shape) for s in info.inputs})
 
 
 def quantized_module(model, preset, raw=None, config=None, shapes=None, precision="int8", plan=None,
-                     progress=False) -> QuantizedModel:
+                     progress=False, auto: AutoPrecision | None = None) -> QuantizedModel:
     """Import ``model``, prepare it, and quantize it by calibration (``raw``) or ``plan``."""
     import tvm
 
@@ -230,31 +357,40 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
         qplan = qplan or source_plan
         return QuantizedModel(quantize_pipeline(qplan)(float_mod), float_mod, info, qplan, warnings)
     float_mod = prepare(mod)
-    if precision != "int8":
+    if precision == "fp32":
         return QuantizedModel(finish(float_mod, config), float_mod, info, None, warnings)
+    if precision == "fp16":
+        qplan = _fp16_plan(float_mod, config, info)
+        if not preset.fp16:
+            warnings.append(f"target {preset.name!r} has no fast fp16 arithmetic: fp16 layers save memory, not time")
+        return QuantizedModel(finish(quantize_pipeline(qplan)(float_mod), config), float_mod, info, qplan, warnings)
+    report = None
     if qplan is None:
         if raw is None:
             raise TvmqError("int8 compilation needs calibration data: pass --calib DIR (one .npy/.npz per sample) or --plan")
         samples = load_samples_dir(raw, list(info.inputs)) if isinstance(raw, Path) else validate_samples(raw, list(info.inputs))
         if config.smoothquant:
             float_mod = smooth(float_mod, samples, config.smoothquant, names)
-        qplan = calibrate(float_mod, samples, config, target=preset.name, input_names=names, progress=progress)
+        if precision == "auto":
+            qplan, report = _auto_precision(float_mod, samples, config, auto or AutoPrecision(), preset, names, info, progress)
+        else:
+            qplan = calibrate(float_mod, samples, config, target=preset.name, input_names=names, progress=progress)
     elif config.smoothquant:
         raise TvmqError("--smoothquant changes the weights the plan was made for; use it when calibrating, not with --plan")
     try:
         qmod = finish(quantize_pipeline(qplan)(float_mod), config)
     except tvm.error.TVMError as err:  # pragma: no cover - a bug, reported as such
         raise TvmqError(f"quantization failed inside TVM: {str(err).splitlines()[0][:300]}; please report it") from None
-    return QuantizedModel(qmod, float_mod, info, qplan, warnings)
+    return QuantizedModel(qmod, float_mod, info, qplan, warnings, report)
 
 
-def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan, progress, tuning) -> CompileResult:
+def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan, progress, tuning, auto) -> CompileResult:
     import tvm
 
     from tvmq.kernels import reduction_kernels
     from tvmq.pipeline import lower
 
-    qm = quantized_module(model, preset, raw, config, shapes, precision, plan, progress)
+    qm = quantized_module(model, preset, raw, config, shapes, precision, plan, progress, auto)
     qmod, float_mod, info, qplan, warnings = qm.module, qm.float_module, qm.info, qm.plan, qm.warnings
     database, tuning_info = None, None
     if tuning["db"] is not None:
@@ -288,7 +424,14 @@ def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan
 
     manifest = _manifest(model, info, preset, qplan, float_mod, qmod, kernels, warnings)
     manifest["tuning"] = tuning_info
-    (tmp / "report.md").write_text(_report(manifest))
+    manifest["precision"] = qm.precision
+    report_md = _report(manifest)
+    if qm.precision is not None:
+        from tvmq.report import precision_markdown, write_html
+
+        report_md += precision_markdown(qm.precision)
+        write_html(tmp, manifest)
+    (tmp / "report.md").write_text(report_md)
     files = sorted(p.name for p in tmp.iterdir() if p.is_file())
     manifest["files"] = {name: sha256_file(tmp / name) for name in files}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
@@ -296,7 +439,9 @@ def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan
 
 
 def _peek_sample(path: Path) -> dict | None:
-    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
+    from tvmq.calibrate import LABELS
+
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.name != LABELS)
     if not files:
         raise TvmqError(f"calibration directory {path} holds no .npy or .npz files; add one file per sample")
     f = files[0]
@@ -383,6 +528,7 @@ def _manifest(model, info, preset, plan, float_mod, qmod, kernels, warnings) -> 
             "requantize": plan.requantize,
             "int8_layers": plan.count("int8"),
             "float_layers": plan.count("fp32") + plan.count("fp16"),
+            "fp16_layers": plan.count("fp16"),
         },
         "layers": layers,
         "kernels": [
@@ -413,7 +559,8 @@ def _report(m: dict) -> str:
     q = m["quantization"]
     if q:
         lines.append(
-            f"- quantization: {q['int8_layers']} int8 layers, {q['float_layers']} float; calibration `{q['method']}`, "
+            f"- quantization: {q['int8_layers']} int8 layers, {q['float_layers']} float ({q.get('fp16_layers', 0)} of them fp16); "
+            f"calibration `{q['method']}`, "
             f"activations {q['activation_dtype']}, requantize `{q['requantize']}`"
         )
     wb = m["weight_bytes"]

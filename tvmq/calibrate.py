@@ -21,6 +21,8 @@ from tvm import relax
 from tvmq.config import CalibrationMethod
 from tvmq.errors import TvmqError
 
+LABELS = "labels.npy"  # in a data folder: one label per sample, not a sample
+
 __all__ = [
     "DataReader",
     "InputSpec",
@@ -48,11 +50,12 @@ class InputSpec:
 
 
 def load_samples_dir(path: str | Path, inputs: list[InputSpec]) -> list[dict[str, np.ndarray]]:
-    """Read a calibration directory: one ``.npy`` or ``.npz`` file per sample, sorted by name."""
+    """Read a calibration directory: one ``.npy`` or ``.npz`` file per sample, sorted by name
+    (``labels.npy``, an evaluation folder's labels, is not a sample)."""
     path = Path(path)
     if not path.is_dir():
         raise TvmqError(f"calibration directory {path} does not exist; pass a folder of .npy/.npz samples to --calib")
-    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz"))
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.name != LABELS)
     if not files:
         raise TvmqError(f"calibration directory {path} holds no .npy or .npz files; add one file per sample")
     samples = []

@@ -38,10 +38,15 @@ def _add_compile(sub):
     p.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"],
                    help="activation range calibration (default: minmax)")
     p.add_argument("--percentile", type=float, default=99.999, help="kept %% for --method percentile")
-    p.add_argument("--precision", default="int8", choices=["int8", "fp32"], help="int8 (default) or fp32 (no quantization)")
+    p.add_argument("--precision", default="int8", choices=["int8", "fp16", "fp32", "auto"],
+                   help="int8 (default), fp16, fp32 (no quantization), or auto: per layer, the fastest plan within "
+                        "the budget (--max-drop or --min-sqnr)")
     p.add_argument("--keep-float", action="append", default=[], metavar="GLOB",
-                   help="leave layers whose name matches in float (repeatable)")
+                   help="leave layers whose name matches in float (repeatable; sugar for a --config rule)")
+    p.add_argument("--config", help="JSON/TOML file of layer rules (op type | name glob) -> int8|fp16|fp32|skip, "
+                                    "first match wins")
     p.add_argument("--plan", help="reuse a plan.json from an earlier build instead of calibrating")
+    _add_budget_flags(p)
     p.add_argument("--requantize", default="fixed_point", choices=["fixed_point", "float"],
                    help="integer fixed-point (default) or float scaling of accumulators")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
@@ -50,6 +55,18 @@ def _add_compile(sub):
     p.add_argument("--tune", type=int, default=0, metavar="N", help="tune each kernel with N trials first (needs --db)")
     p.add_argument("--max-tasks", type=int, help="with --tune: tune only the largest kernels")
     p.set_defaults(func=cmd_compile)
+
+
+def _add_metric_flags(p):
+    p.add_argument("--metric", default=None, help="top1 | cosine | sqnr | python:MODULE:FUNCTION (outputs, labels) -> score")
+    p.add_argument("--eval-data", help="labelled evaluation folder: samples as for --calib plus labels.npy")
+
+
+def _add_budget_flags(p):
+    _add_metric_flags(p)
+    p.add_argument("--max-drop", type=float, help="--precision auto: largest allowed metric drop from FP32 "
+                                                  "(top1: percentage points)")
+    p.add_argument("--min-sqnr", type=float, help="--precision auto: smallest allowed output SQNR vs FP32 (dB)")
 
 
 def _add_algorithm_flags(p):
@@ -92,6 +109,17 @@ def _add_export(sub):
     p.set_defaults(func=cmd_export)
 
 
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="FP32 vs compiled accuracy and latency of a bundle on your data")
+    p.add_argument("bundle", help="folder written by `tvmq compile`")
+    p.add_argument("--model", help="the FP32 ONNX model to compare with (default: the one named in the manifest)")
+    p.add_argument("--data", required=True, help="folder of samples (.npy/.npz, as for --calib), with labels.npy for top1")
+    p.add_argument("--metric", default=None, help="top1 | cosine | sqnr | python:MODULE:FUNCTION "
+                                                  "(default: top1 with labels, else sqnr)")
+    p.add_argument("--repeat", type=int, default=50, help="latency runs (median reported; default 50)")
+    p.set_defaults(func=cmd_eval)
+
+
 def _add_run(sub):
     p = sub.add_parser("run", help="run a bundle on inputs (TVM runtime only)")
     p.add_argument("bundle", help="folder written by `tvmq compile`")
@@ -116,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_export(sub)
     _add_run(sub)
+    _add_eval(sub)
     _add_targets(sub)
     return parser
 
@@ -123,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from_args(args):
     from tvmq.config import LayerRule, QuantConfig
 
+    from tvmq.config import load_rules
+
     rules = tuple(LayerRule(name=glob, precision="fp32") for glob in args.keep_float)
     try:
+        if getattr(args, "config", None):
+            rules += load_rules(args.config)
         return QuantConfig(method=args.method, percentile=args.percentile, requantize=args.requantize, rules=rules,
                            bias_correction=getattr(args, "bias_correction", False),
                            smoothquant=getattr(args, "smoothquant", None),
@@ -159,9 +192,32 @@ def cmd_compile(args) -> int:
         db=args.db,
         tune_trials=args.tune,
         tune_max_tasks=args.max_tasks,
+        auto=_auto_from_args(args),
     )
     _print_summary(result)
     return 0
+
+
+def _auto_from_args(args):
+    """The ``--precision auto`` settings; budget flags without auto are a mistake worth naming."""
+    from tvmq.build import AutoPrecision
+
+    budget = args.max_drop is not None or args.min_sqnr is not None
+    if args.precision != "auto":
+        if budget or args.metric or args.eval_data:
+            raise TvmqError("--max-drop/--min-sqnr/--metric/--eval-data choose a plan; add --precision auto")
+        return None
+    if args.max_drop is not None and args.min_sqnr is not None:
+        raise TvmqError("give one budget: --max-drop POINTS (with --metric) or --min-sqnr DB")
+    metric = args.metric or ("sqnr" if args.max_drop is None else "top1")
+    for value, flag in ((args.max_drop, "--max-drop"), (args.min_sqnr, "--min-sqnr")):
+        if value is not None and not (value >= 0 and value == value and value != float("inf")):
+            raise TvmqError(f"{flag} {value} is not a finite, non-negative number")
+    if args.min_sqnr is not None and metric != "sqnr":
+        raise TvmqError(f"--min-sqnr is an SQNR budget; with --metric {metric} use --max-drop POINTS")
+    if args.eval_data is not None and not Path(args.eval_data).is_dir():
+        raise TvmqError(f"--eval-data {args.eval_data}: no such folder (samples as for --calib, plus labels.npy)")
+    return AutoPrecision(metric=metric, max_drop=args.max_drop, min_sqnr=args.min_sqnr, eval_data=args.eval_data)
 
 
 def cmd_tune(args) -> int:
@@ -200,7 +256,10 @@ def _print_summary(result) -> None:
     m = result.manifest
     q = m["quantization"]
     size = (result.output_dir / m["library"]).stat().st_size
-    layers = f"{q['int8_layers']} int8 layers, {q['float_layers']} float" if q else "fp32 (not quantized)"
+    layers = "fp32 (not quantized)"
+    if q:
+        half = q.get("fp16_layers", 0)
+        layers = f"{q['int8_layers']} int8 layers, {half} fp16, {q['float_layers'] - half} fp32"
     print(f"compiled {m['model'].get('file', 'model')} for {m['target']['preset']} -> {result.output_dir} "
           f"({m['library']} {size / 1024:.0f} KiB): {layers}")
     integer = sum(1 for k in m["kernels"] if k["accumulator"] == "int32")
@@ -231,7 +290,8 @@ def _demo(args, config) -> int:
         out = Path(tmpdir.name) / "digits-int8"
     try:
         result = compile_model(model, out, target=args.target, calib=DEMO_DIR / "digits_calib", config=config,
-                               precision=args.precision, force=args.force, progress=args.verbose)
+                               precision=args.precision, force=args.force, progress=args.verbose,
+                               auto=_auto_from_args(args))
         n_calib = len(list((DEMO_DIR / "digits_calib").glob("*.npy")))
         print(f"demo: digits CNN trained on scikit-learn's load_digits; {len(ys)} held-out test images, "
               f"{n_calib} calibration samples, method {config.method.value}")
@@ -245,7 +305,7 @@ def _demo(args, config) -> int:
         acc_q = float(np.mean([bundle.run({name: x[None]})[bundle.outputs[0]["name"]].argmax() == y for x, y in zip(xs, ys)]))
         lat_f = fp32.latency_ms(xs[:1], repeat=200)
         lat_q = bundle.latency_ms({name: xs[:1]}, repeat=200)
-        label = "INT8 (tvmq)" if args.precision == "int8" else "FP32 bundle"
+        label = {"int8": "INT8 (tvmq)", "auto": "plan (tvmq)", "fp16": "FP16 bundle"}.get(args.precision, "FP32 bundle")
         print(f"{'FP32 (TVM)':<12} accuracy {acc_f * 100:6.2f}%   latency {lat_f:.3f} ms (median, batch 1)")
         print(f"{label:<12} accuracy {acc_q * 100:6.2f}%   latency {lat_q:.3f} ms (median, batch 1)")
         print(f"accuracy change {100 * (acc_q - acc_f):+.2f} pt; speed-up {lat_f / lat_q:.2f}x")
@@ -283,6 +343,18 @@ def cmd_export(args) -> int:
         out.unlink(missing_ok=True)
         raise
     print(f"wrote {out} ({counts['int8_layers']} of {counts['layers']} layers int8) and {plan_path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tvmq.evaluate import evaluate_bundle
+
+    rows = evaluate_bundle(args.bundle, args.data, model=args.model, metric=args.metric, repeat=args.repeat)
+    print(f"{'':<16}{rows['metric']:>12}{'latency (median)':>20}")
+    for label, row in rows["rows"].items():
+        print(f"{label:<16}{row['display']:>12}{row['latency_ms']:>17.3f} ms")
+    print(f"change {rows['change']}; speed-up {rows['speedup']:.2f}x on {rows['samples']} samples "
+          f"({rows['threads']} threads)")
     return 0
 
 

@@ -138,3 +138,44 @@ class QuantConfig:
             if rule.matches(name, op):
                 return "fp32" if rule.precision == "skip" else rule.precision
         return default
+
+
+def load_rules(path) -> tuple[LayerRule, ...]:
+    """Layer rules from a JSON or TOML file, in order (first match wins).
+
+    JSON: ``{"rules": [{"name": "head.*", "precision": "fp32"}, {"op": "add", "precision": "skip"}]}``;
+    TOML: ``[[rules]]`` tables with the same keys. ``op`` is conv2d, matmul or add; ``name`` a
+    glob over layer names. Raises ``ValueError`` naming the file and the problem.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"config {path}: cannot be read ({err.strerror})") from None
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise ValueError(f"config {path}: not valid {kind} ({err})") from None
+    rules = data.get("rules") if isinstance(data, dict) else None
+    if not isinstance(rules, list):
+        raise ValueError(f"config {path}: needs a list of rules (\"rules\": [{{\"name\": GLOB, \"precision\": ...}}])")
+    out = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict) or set(rule) - {"op", "name", "precision"} or "precision" not in rule:
+            raise ValueError(f"config {path}: rule {i + 1} must have 'precision' and 'op' and/or 'name', nothing else")
+        if rule.get("op") not in (None, "conv2d", "matmul", "add"):
+            raise ValueError(f"config {path}: rule {i + 1}: op {rule['op']!r} is not conv2d, matmul or add")
+        try:
+            out.append(LayerRule(**rule))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"config {path}: rule {i + 1}: {err}") from None
+    return tuple(out)

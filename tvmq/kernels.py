@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ReductionKernel", "reduction_kernels"]
+__all__ = ["ReductionKernel", "reduction_kernels", "call_order", "time_kernel"]
 
 
 @dataclass(frozen=True)
@@ -104,3 +104,44 @@ def _multiplied_loads(expr) -> list[str]:
 
     tvm_ffi.structural_walk(expr, [(tir.Mul, on_mul)])
     return dtypes
+
+
+def call_order(lowered) -> list[str]:
+    """Names of the PrimFuncs ``main`` calls, in call order (a lowered, static module)."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+
+    names = []
+    kernels = {gv.name_hint for gv, f in lowered.functions_items() if not isinstance(f, relax.Function)}
+
+    def on_call(call):
+        op = call.op
+        if isinstance(op, tvm.ir.GlobalVar) and op.name_hint in kernels:
+            names.append(op.name_hint)
+        for a in call.args:
+            if isinstance(a, tvm.ir.GlobalVar) and a.name_hint in kernels:
+                names.append(a.name_hint)
+
+    tvm_ffi.structural_walk(lowered["main"], [(relax.Call, on_call)], order="pre")
+    return names
+
+
+def time_kernel(func, target, repeat: int = 20) -> float:
+    """Median milliseconds of one PrimFunc on random inputs (this machine)."""
+    import numpy as np
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).jit()
+    rng = np.random.default_rng(0)
+    args = []
+    for p in func.params:
+        shape, dtype = [int(s) for s in p.shape], str(p.dtype)
+        if dtype.startswith("float"):
+            a = rng.uniform(-1, 1, shape).astype(dtype)
+        else:
+            info = np.iinfo(dtype)
+            a = rng.integers(max(info.min, -100), min(info.max, 100), shape).astype(dtype)
+        args.append(tvm.runtime.tensor(a))
+    timer = lib.time_evaluator("main", tvm.cpu(), number=5, repeat=repeat)
+    return float(np.median(timer(*args).results)) * 1e3

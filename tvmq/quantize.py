@@ -101,9 +101,6 @@ def calibrate(
 
     config = config or QuantConfig()
     spec = config.activation or ActivationSpec(dtype=get_preset(target).activation_dtype)
-    for rule in config.rules:
-        if rule.precision == "fp16":
-            raise TvmqError("fp16 layers are not supported by this version of tvmq; use int8 or fp32 in the rules")
     specs = input_specs(mod, input_names)
     samples = validate_samples(calib_data, specs)
     func = mod["main"]
@@ -148,7 +145,8 @@ def calibrate(
                 bias_correction=corrections.get(layer.name),
             )
         else:
-            plan[layer.name] = LayerPlan(kind=layer.kind, precision="fp32")
+            wanted = config.precision_for(layer.name, layer.kind, default="fp32")
+            plan[layer.name] = LayerPlan(kind=layer.kind, precision="fp16" if wanted == "fp16" and layer.kind != "add" else "fp32")
     return QuantPlan(
         layers=plan,
         input_shapes={s.name: list(s.shape) for s in specs},

@@ -1,0 +1,301 @@
+"""Precision per layer: sensitivity, budgets, the plan search, overrides, the report and eval."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from conftest import make_model, random_samples, sqnr_db
+from tvmq import precision as P
+from tvmq.build import AutoPrecision, compile_model
+from tvmq.config import LayerRule, QuantConfig, load_rules
+from tvmq.errors import TvmqError
+from tvmq.plan import QuantPlan
+from tvmq.runtime import Bundle
+
+OUTLIER = 300.0
+
+
+def sensitive_model(seed=0):
+    """conv0 -> relu -> conv1 -> relu -> conv2, where conv1's input has one channel 300x larger
+    than the rest (and conv1 reads it with 1/300 the weight): quantizing conv1's input per tensor
+    wipes out the other channels, so conv1 alone is sensitive."""
+    rng = np.random.default_rng(seed)
+    w0 = rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32)
+    w0[0] *= OUTLIER
+    b0 = rng.uniform(0.05, 0.2, 8).astype(np.float32)
+    w1 = rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
+    w1[:, 0] /= OUTLIER
+    w2 = rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)
+    conv = dict(kernel_shape=[3, 3], pads=[1] * 4)
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", **conv),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", "w1"], ["c1"], name="conv1", **conv),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", **conv),
+    ]
+    return make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 8, 8, 8])], [("w0", w0), ("b0", b0), ("w1", w1), ("w2", w2)])
+
+
+@pytest.fixture(scope="module")
+def sensitive(tmp_path_factory):
+    import onnx
+
+    d = tmp_path_factory.mktemp("sensitive")
+    onnx.save(sensitive_model(), d / "model.onnx")
+    calib = d / "calib"
+    calib.mkdir()
+    for i, s in enumerate(random_samples([1, 4, 8, 8], n=12, seed=3)):
+        np.save(calib / f"{i}.npy", s["x"])
+    return d
+
+
+def _bundle_sqnr(bundle_dir, model_dir):
+    """SQNR of the compiled bundle vs the FP32 model on the calibration samples."""
+    from tvmq.build import quantized_module
+    from tvmq.execute import HostModule
+    from tvmq.targets import get_preset
+
+    fp32 = HostModule(quantized_module(model_dir / "model.onnx", get_preset("x86"), precision="fp32").module)
+    bundle = Bundle(bundle_dir)
+    xs = [np.load(p) for p in sorted((model_dir / "calib").glob("*.npy"))]
+    ref = np.concatenate([fp32(x)[0].ravel() for x in xs])
+    out = np.concatenate([bundle.run({"x": x})["y"].ravel() for x in xs])
+    return sqnr_db(ref, out)
+
+
+def test_budget_respected_on_a_model_with_a_sensitive_layer(sensitive, tmp_path):
+    out = tmp_path / "auto"
+    compile_model(sensitive / "model.onnx", out, calib=sensitive / "calib", precision="auto",
+                  auto=AutoPrecision(metric="sqnr", min_sqnr=30.0))
+    manifest = json.loads((out / "manifest.json").read_text())
+    p = manifest["precision"]
+    layers = {l["name"]: l for l in p["layers"]}
+    # the analysis finds the planted layer: by far the worst alone, and the one that all-int8 lacks
+    assert min(layers, key=lambda n: layers[n]["only_int8"]) == "conv1"
+    assert layers["conv1"]["only_int8"] < 20 < 30 < min(layers["conv0"]["only_int8"], layers["conv2"]["only_int8"])
+    assert p["all_int8"] < 30.0
+    assert p["assignment"] == {"conv0": "int8", "conv1": "fp32", "conv2": "int8"}
+    assert {k: v["precision"] for k, v in manifest["layers"].items()} == p["assignment"]
+    # the budget holds for the compiled integer program itself, not only the simulation
+    assert _bundle_sqnr(out, sensitive) >= 30.0
+    integer = [k for k in manifest["kernels"] if k["accumulator"] == "int32"]
+    assert len(integer) == 2 and all(k["operands"] == ["uint8", "int8"] for k in integer)
+    # and an all-int8 build of the same model misses it
+    allq = tmp_path / "int8"
+    compile_model(sensitive / "model.onnx", allq, calib=sensitive / "calib")
+    assert _bundle_sqnr(allq, sensitive) < 30.0
+    # report: html with its charts, markdown with the same plan
+    html = (out / "report.html").read_text()
+    for png in ("sensitivity.png", "latency.png", "tradeoff.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png in html
+    section = (out / "report.md").read_text().split("## Precision plan")[1]
+    rows = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in section.splitlines()
+            if line.startswith("| conv")}
+    assert rows == p["assignment"]
+
+
+def test_a_user_metric_and_labels_drive_the_budget(sensitive, tmp_path, monkeypatch):
+    """python:module:function with labels: the drop in the user's score is what is budgeted."""
+    (tmp_path / "usermetric.py").write_text(
+        "import numpy as np\n"
+        "def mean_abs_err(outputs, labels):\n"
+        "    return -float(np.mean([np.abs(o - l).mean() for o, l in zip(outputs, labels)]))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = tmp_path / "eval"
+    data.mkdir()
+    xs = [np.load(p) for p in sorted((sensitive / "calib").glob("*.npy"))]
+    from tvmq.build import quantized_module
+    from tvmq.execute import HostModule
+    from tvmq.targets import get_preset
+
+    fp32 = HostModule(quantized_module(sensitive / "model.onnx", get_preset("x86"), precision="fp32").module)
+    labels = np.stack([fp32(x)[0] for x in xs])  # the FP32 outputs are the "ground truth" here
+    for i, x in enumerate(xs):
+        np.save(data / f"{i:02d}.npy", x)
+    np.save(data / "labels.npy", labels)
+    out = tmp_path / "b"
+    budget = 0.05 * float(np.mean(np.abs(labels)))
+    compile_model(sensitive / "model.onnx", out, calib=sensitive / "calib", precision="auto",
+                  auto=AutoPrecision(metric="python:usermetric:mean_abs_err", max_drop=budget, eval_data=data))
+    p = json.loads((out / "manifest.json").read_text())["precision"]
+    assert p["assignment"]["conv1"] == "fp32" and p["assignment"]["conv0"] == "int8"
+    assert p["fp32"] - p["plan"] <= budget < p["fp32"] - p["all_int8"]
+
+
+def _fake_analysis(layers, fp16=False):
+    """An Analysis whose simulation adds the layers' noise powers (the search's own model)."""
+    a = P.Analysis(P.Metric("sqnr"), float("inf"), 0.0, layers=layers, names=[l.name for l in layers], fp16=fp16)
+
+    def evaluate(assignment):
+        if not isinstance(assignment, dict):
+            assignment = {n: "int8" for n in assignment}
+        noise = sum(10 ** (-(l.only_int8 if assignment.get(l.name) == "int8" else l.only_fp16) / 10)
+                    for l in layers if assignment.get(l.name, "fp32") != "fp32")
+        return float("inf") if noise == 0 else -10 * np.log10(noise)
+
+    a.evaluate = evaluate
+    a.all_int8 = evaluate([l.name for l in layers])
+    return a
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_search_is_optimal_and_never_slower_than_greedy_or_fallback(seed):
+    rng = np.random.default_rng(seed)
+    fp16 = seed % 2 == 1
+    layers = []
+    for i in range(7):
+        fp32_ms = float(rng.uniform(0.1, 2.0))
+        layers.append(P.LayerInfo(f"l{i}", "conv2d", only_int8=float(rng.uniform(25, 50)), only_float=0.0,
+                                  only_fp16=float(rng.uniform(55, 70)) if fp16 else None,
+                                  int8_ms=fp32_ms * float(rng.uniform(0.2, 0.6)), fp32_ms=fp32_ms,
+                                  fp16_ms=fp32_ms * 0.6 if fp16 else None))
+    a = _fake_analysis(layers, fp16)
+    budget = 34.0
+    exact, value = P.search(a, budget, "exact")
+    greedy, _ = P.search(a, budget, "greedy")
+    fallback, _, _ = P.fallback_plan(a, budget)
+    assert value >= budget
+    candidates = ["fp32", "int8", "fp16"] if fp16 else ["fp32", "int8"]
+    best = min(P.latency(a, dict(zip([l.name for l in layers], combo)))
+               for combo in itertools.product(candidates, repeat=len(layers))
+               if a.evaluate(dict(zip([l.name for l in layers], combo))) >= budget)
+    assert P.latency(a, exact) <= best * 1.01  # knapsack on a discretized budget: within 1%
+    assert P.latency(a, exact) <= P.latency(a, greedy) + 1e-9
+    assert P.latency(a, exact) <= P.latency(a, fallback) + 1e-9
+
+
+def test_slower_int8_kernels_stay_float_and_ties_go_to_int8():
+    layers = [P.LayerInfo("fast", "conv2d", 60, 0, int8_ms=0.2, fp32_ms=1.0),
+              P.LayerInfo("noise", "conv2d", 60, 0, int8_ms=1.05, fp32_ms=1.0),  # within 10%: a tie
+              P.LayerInfo("slow", "matmul", 60, 0, int8_ms=2.0, fp32_ms=1.0)]
+    chosen, _ = P.search(_fake_analysis(layers), 30.0)
+    assert chosen == {"fast": "int8", "noise": "int8", "slow": "fp32"}
+
+
+def test_override_rules_from_a_file_first_match_wins(tmp_path, sensitive):
+    cfg = tmp_path / "rules.toml"
+    cfg.write_text('[[rules]]\nname = "conv2"\nprecision = "int8"\n\n'
+                   '[[rules]]\nop = "conv2d"\nname = "conv[12]"\nprecision = "fp32"\n\n'
+                   '[[rules]]\nname = "conv0"\nprecision = "fp16"\n')
+    rules = load_rules(cfg)
+    assert rules == (LayerRule(name="conv2", precision="int8"), LayerRule(op="conv2d", name="conv[12]", precision="fp32"),
+                     LayerRule(name="conv0", precision="fp16"))
+    out = tmp_path / "b"
+    compile_model(sensitive / "model.onnx", out, calib=sensitive / "calib", config=QuantConfig(rules=rules))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {k: v["precision"] for k, v in manifest["layers"].items()} == {"conv0": "fp16", "conv1": "fp32", "conv2": "int8"}
+    kernels = {tuple(k["operands"]) for k in manifest["kernels"]}
+    assert kernels == {("float16", "float16"), ("float32", "float32"), ("uint8", "int8")}
+    (tmp_path / "bad.json").write_text('{"rules": [{"name": "x", "precision": "int4"}]}')
+    with pytest.raises(ValueError, match="rule 1"):
+        load_rules(tmp_path / "bad.json")
+
+
+def test_plan_round_trips_through_json_and_rebuilds_the_same_library(sensitive, tmp_path):
+    a = tmp_path / "a"
+    compile_model(sensitive / "model.onnx", a, calib=sensitive / "calib", precision="auto",
+                  auto=AutoPrecision(metric="sqnr", min_sqnr=30.0))
+    text = (a / "plan.json").read_text()
+    plan = QuantPlan.loads(text)
+    assert QuantPlan.loads(plan.dumps()) == plan and plan.dumps() + "\n" == text
+    b = tmp_path / "b"
+    compile_model(sensitive / "model.onnx", b, plan=a / "plan.json")
+    assert (a / "model.so").read_bytes() == (b / "model.so").read_bytes()
+
+
+def test_fp16_precision_computes_in_half(tmp_path, sensitive):
+    out = tmp_path / "h"
+    res = compile_model(sensitive / "model.onnx", out, precision="fp16")
+    kernels = json.loads((out / "manifest.json").read_text())["kernels"]
+    assert [tuple(k["operands"]) for k in kernels] == [("float16", "float16")] * 3
+    assert all(k["accumulator"] == "float32" for k in kernels)
+    assert any("no fast fp16" in w for w in res.warnings)
+    # fp16 operands, fp32 accumulation: relative error near fp16's 2^-11 per operand
+    assert _bundle_sqnr(out, sensitive) > 50
+
+
+def test_fp16_candidate_in_the_simulation(sensitive):
+    """With fp16 as a candidate, the sensitive layer is nearly harmless in fp16."""
+    from tvmq.frontend import load_onnx
+    from tvmq.quantize import calibrate, prepare
+
+    import onnx
+
+    mod, _ = load_onnx(onnx.load(sensitive / "model.onnx"))
+    float_mod = prepare(mod)
+    samples = random_samples([1, 4, 8, 8], n=6, seed=3)
+    plan = calibrate(float_mod, samples, input_names=["x"])
+    a = P.analyse(float_mod, plan, samples, ["x"], P.Metric("sqnr"), measure_latency=False, fp16=True)
+    conv1 = next(l for l in a.layers if l.name == "conv1")
+    assert conv1.only_int8 < 20 and conv1.only_fp16 > 50
+    assert a.evaluate({"conv1": "fp16", "conv0": "int8", "conv2": "int8"}) > 30
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tvmq", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_budget_errors_are_one_line(tmp_path, sensitive):
+    model = str(sensitive / "model.onnx")
+    cases = [
+        (["--precision", "auto"], "needs --min-sqnr"),
+        (["--precision", "auto", "--metric", "top1"], "needs --max-drop"),
+        (["--max-drop", "1"], "add --precision auto"),
+        (["--precision", "auto", "--metric", "python:nosuchmod:f", "--max-drop", "1"], "cannot be loaded"),
+        (["--precision", "auto", "--metric", "f1", "--max-drop", "1"], "unknown metric"),
+        (["--precision", "auto", "--min-sqnr", "30", "--max-drop", "1"], "give one budget"),
+        (["--precision", "auto", "--metric", "top1", "--max-drop", "1"], "needs labels"),
+        (["--config", str(tmp_path / "missing.toml")], "cannot be read"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "o"
+        r = _cli("compile", model, "-o", str(out), "--calib", str(sensitive / "calib"), *extra)
+        assert r.returncode == 2, (extra, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (extra, r.stderr)
+        assert not out.exists()
+
+
+def test_eval_command_reports_fp32_vs_bundle(tmp_path, sensitive):
+    out = tmp_path / "b"
+    r = _cli("compile", str(sensitive / "model.onnx"), "-o", str(out), "--calib", str(sensitive / "calib"),
+             "--precision", "auto", "--min-sqnr", "30")
+    assert r.returncode == 0, r.stderr
+    r = _cli("eval", str(out), "--model", str(sensitive / "model.onnx"), "--data", str(sensitive / "calib"), "--repeat", "5")
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("plan (bundle)"))
+    assert float(row.split()[2]) >= 30.0  # "plan (bundle)  NN.NN dB  x.xxx ms"
+    r = _cli("eval", str(out), "--data", str(sensitive / "calib"))
+    assert r.returncode == 2 and r.stderr.startswith("error: pass --model")
+
+
+def test_discrete_metric_budget_is_searched_on_measurements_not_assumed():
+    """Exact-match accuracy: no layer alone loses a sample, together they lose several. The
+    additive model would either take every layer (and miss) or none; the allowance search finds
+    the fastest plan that measures within budget."""
+    rng = np.random.default_rng(7)
+    layers = [P.LayerInfo(f"l{i}", "conv2d", only_int8=100.0, only_float=0.0, sqnr_int8=float(rng.uniform(30, 45)),
+                          int8_ms=0.3, fp32_ms=1.0 + i * 0.1) for i in range(12)]
+    a = P.Analysis(P.Metric("python:none:none"), 100.0, 0.0, layers=layers, names=[l.name for l in layers])
+
+    def evaluate(assignment):
+        if not isinstance(assignment, dict):
+            assignment = {n: "int8" for n in assignment}
+        noise = sum(10 ** (-l.sqnr_int8 / 10) for l in layers if assignment.get(l.name) == "int8")
+        return 100.0 - np.floor(noise * 2e3) * (100 / 150)  # samples flip as the noise grows
+
+    a.evaluate = evaluate
+    a.all_int8 = evaluate([l.name for l in layers])
+    assert 100 - a.all_int8 > 0.3
+    chosen, value = P.search(a, 0.3)
+    assert 100 - value <= 0.3
+    n_int8 = sum(p == "int8" for p in chosen.values())
+    assert 0 < n_int8 < len(layers)
+    fallback, _, _ = P.fallback_plan(a, 0.3)
+    assert P.latency(a, chosen) <= P.latency(a, fallback)

@@ -1,0 +1,405 @@
+"""Precision per layer: sensitivity, an accuracy budget, and the fastest plan that meets it.
+
+Runtime-side quantizers make users exclude layers by hand until accuracy comes back, or stop
+at the first plan that passes. tvmq measures, per layer, what quantizing it costs in accuracy
+and what it saves in time on the target, then picks the fastest plan within the budget.
+
+* Sensitivity: one compiled simulation (:func:`tvmq.passes.insert_qdq.insert_switchable_qdq`)
+  whose layers are switched between int8 and float by an input mask, run over the evaluation
+  data with each layer alone quantized and alone left in float. No recompilation per layer.
+* Latency: the int8 and the float build are compiled once; each layer's kernel is timed.
+* Search: a layer's cost is the output noise power it causes alone (noise powers add up across
+  layers, as in HAWQ's additivity assumption); for a given noise allowance the fastest plan is a
+  multiple-choice knapsack (one of fp32/int8/fp16 per layer), solved exactly by dynamic
+  programming over a finely discretized allowance; the greedy ratio order is the baseline. The
+  allowance is then chosen by bisection on the *measured* metric of the simulated plan, so
+  discrete metrics (top-1, exact-match) are budgeted as measured, not as assumed.
+* ``fallback_plan`` is INC's strategy, for comparison: start all-int8 and put the most
+  sensitive remaining layer back in float until the budget is met.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tvmq.errors import TvmqError
+
+__all__ = ["Metric", "LayerInfo", "Analysis", "analyse", "search", "fallback_plan", "config_for", "latency"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How good a set of outputs is (higher is better) and how a budget is expressed.
+
+    ``kind``: ``sqnr`` (dB vs FP32), ``cosine`` (vs FP32), ``top1`` (needs labels) or
+    ``python:module:function`` (``function(outputs, labels) -> float``, higher is better).
+    """
+
+    kind: str = "sqnr"
+
+    def __post_init__(self):
+        if self.kind not in ("sqnr", "cosine", "top1") and not self.kind.startswith("python:"):
+            raise TvmqError(f"unknown metric {self.kind!r}; use top1, cosine, sqnr or python:module:function")
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.kind == "top1" or self.kind.startswith("python:")
+
+    def __call__(self, outputs: list[np.ndarray], reference: list[np.ndarray], labels=None) -> float:
+        if self.kind == "sqnr":
+            ref = np.concatenate([r.ravel() for r in reference]).astype(np.float64)
+            out = np.concatenate([o.ravel() for o in outputs]).astype(np.float64)
+            noise = np.sum((out - ref) ** 2)
+            return float("inf") if noise == 0 else float(10 * np.log10(max(np.sum(ref**2), 1e-30) / noise))
+        if self.kind == "cosine":
+            vals = []
+            for o, r in zip(outputs, reference):
+                o, r = o.ravel().astype(np.float64), r.ravel().astype(np.float64)
+                vals.append(float(o @ r / max(np.linalg.norm(o) * np.linalg.norm(r), 1e-30)))
+            return float(np.mean(vals))
+        if self.kind == "top1":
+            return float(np.mean([np.argmax(o) == y for o, y in zip(outputs, labels)]))
+        return float(self.function()(outputs, labels))
+
+    def function(self):
+        """The user's ``python:module:function`` (loaded, so a typo fails before any work)."""
+        _, module, func = (self.kind.split(":", 2) + ["", ""])[:3]
+        try:
+            fn = getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise TvmqError(f"metric {self.kind!r} cannot be loaded ({err}); give python:MODULE:FUNCTION "
+                            "with MODULE importable (on PYTHONPATH)") from None
+        if not callable(fn):
+            raise TvmqError(f"metric {self.kind!r}: {func} is not a function (outputs, labels) -> score")
+        return fn
+
+
+def sqnr_db(outputs, reference) -> float:
+    """Output SQNR (dB) of ``outputs`` against ``reference`` (lists of arrays)."""
+    return Metric("sqnr")(outputs, reference)
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    kind: str
+    only_int8: float  # metric with this layer alone in int8
+    only_float: float  # metric with every other layer in int8
+    only_fp16: float | None = None  # metric with this layer alone in fp16 (fp16 targets)
+    int8_ms: float = 0.0
+    fp32_ms: float = 0.0
+    fp16_ms: float | None = None
+    estimated: bool = False  # latencies from a MAC-count model, not measured
+    sqnr_int8: float | None = None  # output SQNR with this layer alone in int8 (the search's cost)
+    sqnr_fp16: float | None = None
+
+    def __post_init__(self):
+        if self.sqnr_int8 is None:  # the metric is SQNR itself
+            self.sqnr_int8 = self.only_int8
+        if self.sqnr_fp16 is None:
+            self.sqnr_fp16 = self.only_fp16
+
+    def ms(self, precision: str) -> float:
+        return {"int8": self.int8_ms, "fp16": self.fp16_ms, "fp32": self.fp32_ms}[precision] or 0.0
+
+    def saving_ms(self, precision: str = "int8") -> float:
+        """Time saved by the ``precision`` kernel; negative where it is clearly (>10%) slower.
+
+        Differences within 10% of the float kernel's time are timing noise and count as a tie,
+        which the lower precision wins (smaller weights)."""
+        diff = self.fp32_ms - self.ms(precision)
+        return diff if diff > 0 or -diff > 0.1 * self.fp32_ms else 0.0
+
+
+_CODE = {"fp32": 0.0, "int8": 1.0, "fp16": 2.0}
+
+
+@dataclass
+class Analysis:
+    metric: Metric
+    fp32: float  # metric of the float model (inf for sqnr, 1 for cosine, accuracy for top1)
+    all_int8: float
+    layers: list[LayerInfo] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # switchable layers, mask order
+    fp16: bool = False  # fp16 is a candidate
+    runner: object = field(default=None, repr=False)
+    samples: list = field(default_factory=list, repr=False)
+    reference: list = field(default_factory=list, repr=False)
+    labels: object = None
+    input_names: list = field(default_factory=list)
+    evaluations: int = 0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return ("int8", "fp16") if self.fp16 else ("int8",)
+
+    def outputs(self, assignment) -> list[np.ndarray]:
+        """The simulation's first output per sample under ``assignment``."""
+        if not isinstance(assignment, dict):
+            assignment = {n: "int8" for n in assignment}
+        mask = np.array([_CODE[assignment.get(n, "fp32")] for n in self.names], np.float32)
+        self.evaluations += 1
+        return [self.runner(*[s[k] for k in self.input_names], mask)[0] for s in self.samples]
+
+    def evaluate(self, assignment) -> float:
+        """The metric of the simulation with ``assignment`` (layer -> int8|fp16|fp32, or a list
+        of the int8 layers; unnamed layers are fp32). Repeated assignments are not rerun."""
+        if not isinstance(assignment, dict):
+            assignment = {n: "int8" for n in assignment}
+        key = tuple(assignment.get(n, "fp32") for n in self.names)
+        if key not in self._cache:
+            self._cache[key] = self.metric(self.outputs(assignment), self.reference, self.labels)
+        return self._cache[key]
+
+
+def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, preset="x86",
+            measure_latency: bool = True, progress: bool = False, fp16: bool | None = None) -> Analysis:
+    """Per-layer sensitivity (and latency) of ``plan``'s int8 layers on ``samples``.
+
+    For each layer: the metric (and the output SQNR) with it alone in int8 (and alone in fp16
+    where that is a candidate), and with every other layer in int8. ``fp16`` adds fp16 as a
+    candidate (default: where the target has fast fp16).
+    """
+    from tvmq.execute import HostModule
+    from tvmq.passes.insert_qdq import insert_switchable_qdq
+    from tvmq.pipeline import _preset
+
+    preset = _preset(preset)
+    fp16 = preset.fp16 if fp16 is None else fp16
+    if metric.needs_labels and labels is None:
+        raise TvmqError(f"metric {metric.kind} needs labels: put labels.npy (one label per sample) in the data folder")
+    switchable, names = insert_switchable_qdq(float_mod, plan, fp16=fp16)
+    runner = HostModule(switchable)
+    zeros = np.zeros(len(names), np.float32)
+    reference = [runner(*[s[k] for k in input_names], zeros)[0] for s in samples]
+    a = Analysis(metric, 0.0, 0.0, names=names, fp16=fp16, runner=runner, samples=samples, reference=reference,
+                 labels=labels, input_names=input_names)
+    a.fp32 = metric(reference, reference, labels)
+    a.all_int8 = a.evaluate(names)
+
+    def measure(assignment):
+        outs = a.outputs(assignment)
+        return metric(outs, reference, labels), sqnr_db(outs, reference)
+
+    iterator = names
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(names, desc="sensitivity", unit="layer", leave=False)
+    for name in iterator:
+        only_int8, sqnr_int8 = measure({name: "int8"})
+        info = LayerInfo(name, plan.layers[name].kind, only_int8, a.evaluate([n for n in names if n != name]),
+                         sqnr_int8=sqnr_int8)
+        if fp16 and info.kind != "add":
+            info.only_fp16, info.sqnr_fp16 = measure({name: "fp16"})
+        a.layers.append(info)
+    if measure_latency:
+        _layer_latency(float_mod, plan, a, preset)
+    return a
+
+
+def _layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
+    """Each layer's kernel time per precision: measured on this machine for host targets,
+    else estimated from its multiply-accumulates and the target's relative throughput."""
+    from tvmq.kernels import call_order, reduction_kernels, time_kernel
+    from tvmq.passes.patterns import find_layers
+    from tvmq.pipeline import lower
+    from tvmq.quantize import quantize_pipeline
+
+    mac_layers = [l for l in analysis.layers if l.kind != "add"]
+    if preset.is_host:
+        builds = {"int8": quantize_pipeline(plan)(float_mod), "fp32": float_mod}
+        if analysis.fp16:
+            builds["fp16"] = quantize_pipeline(_all_fp16(plan))(float_mod)
+        times = {}
+        for precision, mod in builds.items():
+            lowered = lower(mod, preset)
+            # A layer's kernel is one of tvmq's packed conv/depthwise/matmul kernels; products
+            # of two activations (attention) are reductions too, but no layer of the plan.
+            heavy = {k.func for k in reduction_kernels(lowered) if "tvmq_" in k.func}
+            order = [n for n in call_order(lowered) if n in heavy]
+            if len(order) != len(mac_layers):
+                break
+            measured = {n: time_kernel(lowered[n], preset.tvm_target()) for n in dict.fromkeys(order)}
+            times[precision] = [measured[n] for n in order]
+        if len(times) == len(builds):
+            for i, layer in enumerate(mac_layers):
+                layer.int8_ms, layer.fp32_ms = times["int8"][i], times["fp32"][i]
+                if analysis.fp16:
+                    layer.fp16_ms = times["fp16"][i]
+            return
+    # A model, not a measurement: time proportional to MACs at the target's relative rates.
+    macs = {l.name: l.macs for l in find_layers(float_mod["main"])}
+    speedup = {"int8": 4.0 if preset.fast_int8 else 1.0, "fp16": 2.0}  # dot-product int8, fp16 lanes vs fp32
+    for layer in mac_layers:
+        layer.fp32_ms = macs.get(layer.name, 0) * 1e-6  # 1 GMAC/s: only ratios matter
+        layer.int8_ms = layer.fp32_ms / speedup["int8"]
+        layer.fp16_ms = layer.fp32_ms / speedup["fp16"] if analysis.fp16 else None
+        layer.estimated = True
+
+
+def _all_fp16(plan):
+    """``plan`` with every conv/matmul layer in fp16."""
+    import dataclasses
+
+    layers = {n: dataclasses.replace(lp, precision="fp16", inputs=(), output=None, weight=None, bias_correction=None)
+              if lp.kind != "add" else dataclasses.replace(lp, precision="fp32", inputs=(), output=None)
+              for n, lp in plan.layers.items()}
+    return dataclasses.replace(plan, layers=layers)
+
+
+def _noise(sqnr: float | None) -> float | None:
+    """Output noise power relative to the signal, 10^(-SQNR/10): what adds across layers."""
+    if sqnr is None:
+        return None
+    return 10 ** (-sqnr / 10) if np.isfinite(sqnr) else 0.0
+
+
+def _options(analysis: Analysis, layer: LayerInfo) -> list[tuple[str, float, float]]:
+    """(precision, noise cost, time saved) for each candidate of ``layer``."""
+    out = []
+    for precision in analysis.candidates:
+        cost = _noise(layer.sqnr_int8 if precision == "int8" else layer.sqnr_fp16)
+        if cost is None:
+            continue
+        saving = layer.saving_ms(precision)
+        if saving < 0:
+            continue  # slower than float: never worth it
+        # ties: int8 first (smallest weights), then fp16
+        out.append((precision, cost, saving + (2e-6 if precision == "int8" else 1e-6)))
+    return out
+
+
+def meets(analysis: Analysis, value: float, budget: float) -> bool:
+    """``budget``: a minimum SQNR (dB) for the sqnr metric, else the largest drop from FP32."""
+    if analysis.metric.kind == "sqnr":
+        return value >= budget
+    return analysis.fp32 - value <= budget + 1e-12
+
+
+def _knapsack(options: list[list[tuple[str, float, float]]], allowance: float, buckets: int = 2000) -> list[str]:
+    """Multiple-choice knapsack: one option (or fp32) per layer, maximizing the total saving
+    with the total cost <= allowance (costs rounded up to 1/buckets of it)."""
+    n = len(options)
+    if allowance <= 0:
+        return [next((p for p, c, _ in opts if c == 0), "fp32") for opts in options]
+    best = np.full(buckets + 1, -np.inf)
+    best[0] = 0.0
+    pick = np.zeros((n, buckets + 1), np.int8)  # 0: fp32, k: options[i][k-1]
+    weights = [[int(np.ceil(min(c / allowance, 2.0) * buckets)) for _, c, _ in opts] for opts in options]
+    for i, opts in enumerate(options):
+        new = best.copy()
+        for k, ((_, _, saving), w) in enumerate(zip(opts, weights[i]), start=1):
+            if w > buckets:
+                continue
+            cand = np.full(buckets + 1, -np.inf)
+            cand[w:] = best[: buckets + 1 - w] + saving
+            better = cand > new
+            new = np.where(better, cand, new)
+            pick[i] = np.where(better, k, pick[i])
+        best = new
+    cap = int(np.argmax(best))
+    chosen = ["fp32"] * n
+    for i in range(n - 1, -1, -1):
+        k = int(pick[i, cap])
+        if k:
+            chosen[i] = options[i][k - 1][0]
+            cap -= weights[i][k - 1]
+    return chosen
+
+
+def _greedy(options: list[list[tuple[str, float, float]]], allowance: float) -> list[str]:
+    """Baseline: the best time saved per unit of noise first, while the allowance lasts."""
+    chosen = ["fp32"] * len(options)
+    steps = sorted(((saving / max(cost, 1e-30), i, p, cost) for i, opts in enumerate(options) for p, cost, saving in opts),
+                   key=lambda t: -t[0])
+    total = 0.0
+    for _, i, precision, cost in steps:
+        if chosen[i] == "fp32" and total + cost <= allowance:
+            chosen[i], total = precision, total + cost
+    return chosen
+
+
+def search(analysis: Analysis, budget: float, method: str = "exact", max_evaluations: int = 12) -> tuple[dict, float]:
+    """The fastest assignment (layer -> int8|fp16|fp32) meeting ``budget``, and its metric.
+
+    ``budget`` is a minimum SQNR (dB) for the sqnr metric, else the largest allowed drop from
+    FP32 in the metric's units. Each layer's cost is the output noise it causes alone (noise
+    powers add); for a noise allowance, the fastest assignment is a multiple-choice knapsack
+    (``exact``) or the greedy ratio order (``greedy``). The allowance itself is searched: the
+    SQNR budget's own noise level first, or everything for other metrics, then bisection (in
+    log scale) on the measured metric, keeping the fastest assignment that meets the budget.
+    """
+    if method not in ("exact", "greedy"):
+        raise TvmqError(f"unknown search method {method!r}; use exact or greedy")
+    layers = analysis.layers
+    options = [_options(analysis, layer) for layer in layers]
+    pick = _knapsack if method == "exact" else _greedy
+
+    def at(allowance):
+        assignment = {layer.name: p for layer, p in zip(layers, pick(options, allowance))}
+        return assignment, analysis.evaluate(assignment)
+
+    everything = sum(max((c for _, c, _ in opts), default=0.0) for opts in options) * 1.001
+    hi = min(_noise(budget), everything) if analysis.metric.kind == "sqnr" else everything
+    best = None
+    assignment, value = at(hi)
+    if meets(analysis, value, budget):
+        return assignment, value
+    lo = 0.0
+    assignment, value = at(lo)
+    if meets(analysis, value, budget):
+        best = (assignment, value)
+    lo = min((c for opts in options for _, c, _ in opts if c > 0), default=hi) / 2
+    for _ in range(max_evaluations):
+        if hi / lo < 1.05:
+            break
+        mid = float(np.sqrt(lo * hi))
+        assignment, value = at(mid)
+        if meets(analysis, value, budget):
+            best, lo = (assignment, value), mid
+        else:
+            hi = mid
+    if best is None:
+        return {layer.name: "fp32" for layer in layers}, analysis.fp32
+    return best
+
+
+def fallback_plan(analysis: Analysis, budget: float) -> tuple[dict, float, int]:
+    """INC-style: all int8, then put the most sensitive layer back in fp32 until the budget
+    is met. Returns ``(assignment, metric, evaluations)``."""
+    order = sorted(analysis.layers, key=lambda l: (l.only_int8, l.sqnr_int8))  # worst alone-quantized first
+    assignment = {l.name: "int8" for l in analysis.layers}
+    value, evaluations = analysis.all_int8, 1
+    for layer in order:
+        if meets(analysis, value, budget):
+            break
+        assignment[layer.name] = "fp32"
+        value = analysis.evaluate(assignment)
+        evaluations += 1
+    return assignment, value, evaluations
+
+
+def config_for(config, assignment: dict):
+    """``config`` with rules (first in order) giving each layer its assigned precision."""
+    import dataclasses
+
+    from tvmq.config import LayerRule
+
+    rules = tuple(LayerRule(name=_glob_escape(n), precision=p) for n, p in sorted(assignment.items()))
+    return dataclasses.replace(config, rules=rules + tuple(config.rules))
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def latency(analysis: Analysis, assignment) -> float:
+    """Estimated kernel time of an assignment (or a list of int8 layers)."""
+    if not isinstance(assignment, dict):
+        assignment = {n: "int8" for n in assignment}
+    return float(sum(l.ms(assignment.get(l.name, "fp32")) for l in analysis.layers))

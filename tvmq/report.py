@@ -1,0 +1,227 @@
+"""The precision report: ``report.html`` with matplotlib charts, and its text twin in report.md.
+
+Written for ``--precision auto`` builds, from ``manifest["precision"]`` alone, so a report can
+be redrawn from any bundle's manifest.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+__all__ = ["precision_markdown", "write_html"]
+
+_COLORS = {"int8": "#2b7bba", "fp16": "#59a14f", "fp32": "#e4572e"}
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _time(ms: float) -> str:
+    """A plan's latency, readable at any scale."""
+    return f"{ms * 1e3:.2f} us" if ms < 0.1 else f"{ms:.3f} ms"
+
+
+def _fmt(value: float, metric: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if metric == "top1":
+        return f"{100 * value:.2f}%"
+    if metric == "sqnr":
+        return f"{value:.2f} dB"
+    return f"{value:.5f}"
+
+
+def _budget_text(p: dict) -> str:
+    if p["metric"] == "sqnr":
+        return f"SQNR >= {p['budget']:g} dB vs FP32"
+    drop = 100 * p["budget"] if p["metric"] == "top1" else p["budget"]
+    unit = " points" if p["metric"] == "top1" else ""
+    return f"{p['metric']} drop <= {drop:g}{unit} from FP32"
+
+
+def _count(precisions, n: int) -> str:
+    precisions = list(precisions)
+    text = f"{precisions.count('int8')} / {n}"
+    return text + (f" (+{precisions.count('fp16')} fp16)" if "fp16" in precisions else "")
+
+
+def _count_summary(s: dict, n: int) -> str:
+    return f"{s['int8_layers']} / {n}" + (f" (+{s['fp16_layers']} fp16)" if s.get("fp16_layers") else "")
+
+
+def _summary_rows(p: dict) -> list[tuple[str, str, str, str]]:
+    """(plan, int8 layers, metric, estimated kernel latency) rows."""
+    n = len(p["layers"])
+    lat = p["latency_ms"]
+    m = p["metric"]
+    return [
+        ("FP32", f"0 / {n}", _fmt(p["fp32"], m), _time(lat["fp32"])),
+        ("all INT8", f"{n} / {n}", _fmt(p["all_int8"], m), _time(lat["all_int8"])),
+        ("tvmq plan (exact search)", _count(p["assignment"].values(), n), _fmt(p["plan"], m), _time(lat["plan"])),
+        ("greedy (sensitivity per ms)", _count_summary(p["greedy"], n), _fmt(p["greedy"]["metric"], m),
+         _time(p["greedy"]["latency_ms"])),
+        (f"fallback, INC-style ({p['fallback']['evaluations']} evaluations)", _count_summary(p["fallback"], n),
+         _fmt(p["fallback"]["metric"], m), _time(p["fallback"]["latency_ms"])),
+    ]
+
+
+def precision_markdown(p: dict) -> str:
+    """The precision section of report.md: the same numbers as report.html."""
+    lines = ["", "## Precision plan (--precision auto)", "",
+             f"Budget: {_budget_text(p)}; measured on {p['samples']} samples ({p['evaluations']} compiled-simulation "
+             f"runs). Candidates: {', '.join(p['candidates'])}. Latency is the sum of the layers' kernel times "
+             f"({p['latency_source']}).", "",
+             "| plan | int8 layers | metric | kernel latency |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _summary_rows(p)]
+    lines += ["", "| layer | kind | only this layer int8 | all but this layer int8 | only this layer fp16 | fp32 ms | "
+              "int8 ms | fp16 ms | chosen |", "|---|---|---|---|---|---|---|---|---|"]
+    m = p["metric"]
+    for layer in p["layers"]:
+        lines.append(
+            f"| {layer['name']} | {layer['kind']} | {_fmt(layer['only_int8'], m)} | {_fmt(layer['only_float'], m)} | "
+            f"{_fmt(layer['only_fp16'], m)} | {layer['fp32_ms']:.4f} | {layer['int8_ms']:.4f} | "
+            f"{_ms(layer['fp16_ms'])} | {layer['chosen']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _charts(out: Path, p: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = p["layers"]
+    names = [layer["name"] for layer in layers]
+    chosen = {layer["name"]: layer["chosen"] for layer in layers}
+    colors = [_COLORS[chosen[n]] for n in names]
+    height = max(3.0, 0.28 * len(layers) + 1.5)
+    files = []
+
+    # sensitivity: how much each layer alone costs when quantized (and, for other metrics, the
+    # output SQNR the search budgets with, which separates layers a discrete metric cannot)
+    y = list(range(len(layers)))
+    panels = 1 if p["metric"] == "sqnr" else 2
+    fig, axes = plt.subplots(1, panels, figsize=(9 if panels == 1 else 12, height), sharey=True, squeeze=False)
+    sqnr_ax = axes[0][panels - 1]
+    sqnr_ax.barh(y, [min(layer.get("sqnr_int8", layer["only_int8"]), 120.0) for layer in layers], color=colors)
+    sqnr_ax.set_xlabel("output SQNR vs FP32, only this layer int8 (dB; lower = more sensitive)")
+    if p["metric"] == "sqnr":
+        sqnr_ax.axvline(p["budget"], color="black", linestyle="--", linewidth=1, label=f"budget {p['budget']:g} dB")
+        sqnr_ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+    else:
+        ax = axes[0][0]
+        scale = 100 if p["metric"] == "top1" else 1
+        ax.barh(y, [scale * max(p["fp32"] - layer["only_int8"], 0.0) for layer in layers], color=colors)
+        ax.set_xlabel(f"{p['metric']} drop, only this layer int8" + (" (points)" if scale == 100 else ""))
+        ax.axvline(scale * p["budget"], color="black", linestyle="--", linewidth=1, label="budget")
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
+    axes[0][0].set_yticks(y, names, fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("Per-layer sensitivity (colour: the plan's choice; blue int8, green fp16, red fp32)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "sensitivity.png", dpi=110)
+    plt.close(fig)
+    files.append("sensitivity.png")
+
+    # latency per layer: FP32 kernel, INT8 kernel, and what the plan uses
+    fig, ax = plt.subplots(figsize=(9, height))
+    ax.barh([v - 0.2 for v in y], [layer["fp32_ms"] for layer in layers], height=0.4, color="#999999", label="FP32 kernel")
+    ax.barh([v + 0.2 for v in y], [layer[f"{layer['chosen']}_ms"] or 0.0 for layer in layers],
+            height=0.4, color=colors, label="plan (blue int8, green fp16, red fp32)")
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"kernel time (ms; {p['latency_source']})")
+    fig.suptitle("Latency per layer before (FP32) and after (plan)", fontsize=10)
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    plt.close(fig)
+    files.append("latency.png")
+
+    # accuracy vs latency of the candidate plans; plans landing on the same point share a label
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    rows = [("FP32", p["fp32"], p["latency_ms"]["fp32"]), ("all INT8", p["all_int8"], p["latency_ms"]["all_int8"]),
+            ("tvmq plan", p["plan"], p["latency_ms"]["plan"]), ("greedy", p["greedy"]["metric"], p["greedy"]["latency_ms"]),
+            ("fallback (INC)", p["fallback"]["metric"], p["fallback"]["latency_ms"])]
+    finite = [v for _, v, _ in rows if v is not None and math.isfinite(v)]
+    top = max(finite) if finite else 0.0
+    shown = [(label, value if value is not None and math.isfinite(value) else top + 3.0, ms)  # FP32's SQNR: inf
+             for label, value, ms in rows]
+    xspan = max(max(r[2] for r in shown) - min(r[2] for r in shown), 1e-12)
+    yspan = max(max(r[1] for r in shown) - min(r[1] for r in shown), 1e-12)
+    points = {}  # plans within 2% of the axes of each other share a point and a label
+    for label, value, ms in shown:
+        key = next((k for k in points if abs(k[0] - ms) < 0.02 * xspan and abs(k[1] - value) < 0.02 * yspan), (ms, value))
+        inf = label == "FP32" and not math.isfinite(p["fp32"])
+        points.setdefault(key, []).append(label + (" (inf)" if inf else ""))
+    scale, unit = (1e3, "us") if max(ms for _, _, ms in rows) < 0.1 else (1.0, "ms")
+    for (ms, value), labels in points.items():
+        colour = "#2b7bba" if "tvmq plan" in labels else "#777777"
+        ax.scatter(ms * scale, value, s=60, color=colour, zorder=3)
+        ax.annotate(" = ".join(labels), (ms * scale, value), textcoords="offset points", xytext=(8, -3), fontsize=8)
+    xs = [ms * scale for ms, _ in points]
+    span = max(max(xs) - min(xs), 0.05 * max(xs), 1e-9)
+    ax.set_xlim(min(xs) - 0.15 * span, max(xs) + 0.6 * span)
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.set_xlabel(f"estimated kernel latency ({unit})")
+    ax.set_ylabel(p["metric"] + (" (dB)" if p["metric"] == "sqnr" else ""))
+    ax.set_title("Accuracy vs latency of the candidate plans")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "tradeoff.png", dpi=110)
+    plt.close(fig)
+    files.append("tradeoff.png")
+    return files
+
+
+def write_html(out: Path, manifest: dict) -> list[str]:
+    """Write ``report.html`` and its PNG charts into ``out``; returns the files written."""
+    out = Path(out)
+    p = manifest["precision"]
+    charts = _charts(out, p)
+    esc = html.escape
+    summary = "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td><td>{esc(d)}</td></tr>"
+                      for a, b, c, d in _summary_rows(p))
+    m = p["metric"]
+    layer_rows = "".join(
+        f"<tr class='{layer['chosen']}'><td>{esc(layer['name'])}</td><td>{esc(layer['kind'])}</td>"
+        f"<td>{esc(_fmt(layer['only_int8'], m))}</td><td>{esc(_fmt(layer['only_float'], m))}</td>"
+        f"<td>{esc(_fmt(layer['only_fp16'], m))}</td><td>{layer['fp32_ms']:.4f}</td><td>{layer['int8_ms']:.4f}</td>"
+        f"<td>{_ms(layer['fp16_ms'])}</td><td>{layer['chosen']}</td></tr>"
+        for layer in p["layers"])
+    model = esc(str(manifest["model"].get("file", "model")))
+    target = manifest["target"]
+    images = "".join(f"<figure><img src='{c}' alt='{c}'></figure>" for c in charts)
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tvmq precision report: {model}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1000px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+th {{ background: #f0f0f0; }}
+tr.fp32 td:last-child {{ color: {_COLORS['fp32']}; font-weight: bold; }}
+tr.int8 td:last-child {{ color: {_COLORS['int8']}; }}
+tr.fp16 td:last-child {{ color: {_COLORS['fp16']}; font-weight: bold; }}
+img {{ max-width: 100%; border: 1px solid #ddd; }}
+</style></head><body>
+<h1>tvmq precision report: {model}</h1>
+<p>Target <code>{esc(target['preset'])}</code> ({esc(target['triple'])}). Budget: <b>{esc(_budget_text(p))}</b>,
+measured on {p['samples']} samples with {p['evaluations']} runs of a compiled simulation. Candidates:
+{esc(', '.join(p['candidates']))}. Latencies: {esc(p['latency_source'])}.</p>
+<h2>Plans</h2>
+<table><tr><th>plan</th><th>int8 layers</th><th>{esc(m)}</th><th>kernel latency</th></tr>{summary}</table>
+{images}
+<h2>Layers</h2>
+<table><tr><th>layer</th><th>kind</th><th>only this layer int8</th><th>all but this layer int8</th>
+<th>only this layer fp16</th><th>FP32 ms</th><th>INT8 ms</th><th>FP16 ms</th><th>chosen</th></tr>{layer_rows}</table>
+</body></html>
+"""
+    (out / "report.html").write_text(page)
+    return ["report.html", *charts]

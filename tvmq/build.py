@@ -241,18 +241,46 @@ def load_eval_data(path, inputs) -> tuple[list[dict], np.ndarray | None]:
     return samples, labels
 
 
-def _plan_metric(float_mod, plan, samples, names, metric, labels, ref) -> float:
-    """``metric`` of ``plan``'s integer program (compiled for this machine) against FP32 ``ref``."""
-    from tvmq.execute import HostModule
-    from tvmq.quantize import quantize_pipeline
+class _Candidate:
+    """A plan compiled for this machine: its integer program's metric and, later, its latency."""
 
-    qmod = HostModule(quantize_pipeline(plan)(float_mod))
-    out = [qmod(*[s[n] for n in names])[0] for s in samples]
-    return metric(out, ref, labels)
+    def __init__(self, float_mod, plan, samples, names, metric, labels, ref):
+        from tvmq.execute import HostModule
+        from tvmq.quantize import quantize_pipeline
+
+        self.plan = plan
+        self.module = HostModule(quantize_pipeline(plan)(float_mod))
+        self.first = [samples[0][n] for n in names]
+        out = [self.module(*[s[n] for n in names])[0] for s in samples]
+        self.metric = metric(out, ref, labels)
+        self.ms = None
+
+
+def _race(candidates: list, rounds: int = 7, runs: int = 10) -> None:
+    """Median latency of each compiled candidate, timed in turns (drift hits all alike)."""
+    import time
+
+    calls = [c.module.prepared(*c.first) for c in candidates]
+    times = [[] for _ in candidates]
+    for _ in range(rounds):
+        for call, t in zip(calls, times):
+            call()  # not timed: the previous model's worker threads may still spin
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                call()
+                t.append((time.perf_counter() - t0) * 1e3)
+    for c, t in zip(candidates, times):
+        c.ms = float(np.median(t))
 
 
 def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, names, info, progress):
-    """Calibrate, measure per-layer sensitivity and latency, and choose the plan."""
+    """Calibrate, measure per-layer sensitivity and latency, and choose the plan.
+
+    The exact search, the greedy baseline and the INC-style fallback each propose a plan; each
+    is compiled as the integer program it will be and checked against the budget, and on a
+    target that runs here the passing ones race (whole-model latency, which also counts the
+    conversions between int8 and float regions that per-layer kernel times leave out).
+    """
     from tvmq import precision as P
     from tvmq.quantize import calibrate
 
@@ -263,23 +291,44 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
     analysis = P.analyse(float_mod, full, eval_samples, names, metric, labels, preset=preset, progress=progress)
     greedy, greedy_value = P.search(analysis, budget, "greedy")
     fallback, fallback_value, evaluations = P.fallback_plan(analysis, budget)
-    # The search checks its choice on the simulation; the plan is checked once more as the
-    # integer program it compiles to, with a tighter budget should rounding differ.
-    tight = budget
-    for _ in range(4):
-        chosen, value = P.search(analysis, tight, "exact")
-        plan = full
-        if any(p != "int8" for p in chosen.values()):
-            plan = calibrate(float_mod, samples, P.config_for(config, chosen), target=preset.name, input_names=names)
-        value = _plan_metric(float_mod, plan, eval_samples, names, metric, labels, analysis.reference)
-        if P.meets(analysis, value, budget) or all(p == "fp32" for p in chosen.values()):
-            break
-        tight = tight + 1.0 if metric.kind == "sqnr" else tight / 2
+    seeds = [a for a, v in ((fallback, fallback_value), (greedy, greedy_value)) if P.meets(analysis, v, budget)]
 
     def summary(assignment, value):
         counts = Counter(assignment.values())
         return {"int8_layers": counts["int8"], "fp16_layers": counts["fp16"], "metric": value,
                 "latency_ms": P.latency(analysis, assignment), "assignment": assignment}
+
+    compiled = {}
+
+    def candidate(assignment):
+        key = tuple(assignment[n] for n in sorted(assignment))
+        if key not in compiled:
+            plan = full
+            if any(p != "int8" for p in assignment.values()):
+                plan = calibrate(float_mod, samples, P.config_for(config, assignment), target=preset.name,
+                                 input_names=names)
+            compiled[key] = _Candidate(float_mod, plan, eval_samples, names, metric, labels, analysis.reference)
+        return compiled[key]
+
+    # The simulation and the integer program round alike up to requantization; should the
+    # exact plan miss as an integer program, search again with a tighter budget.
+    tight = budget
+    for _ in range(4):
+        chosen, _ = P.search(analysis, tight, "exact", seeds=seeds if tight == budget else ())
+        if P.meets(analysis, candidate(chosen).metric, budget) or all(p == "fp32" for p in chosen.values()):
+            break
+        tight = tight + 1.0 if metric.kind == "sqnr" else tight / 2
+    proposals = {"exact search": chosen, "greedy": greedy, "fallback (INC-style)": fallback}
+    race = {label: candidate(a) for label, a in proposals.items()}
+    passing = {label: c for label, c in race.items() if P.meets(analysis, c.metric, budget)}
+    winner = "exact search"
+    if passing and winner not in passing:
+        winner = min(passing, key=lambda label: P.latency(analysis, proposals[label]))
+    if preset.is_host and len({id(c) for c in passing.values()}) > 1:
+        _race(list({id(c): c for c in passing.values()}.values()))
+        winner = min(passing, key=lambda label: (passing[label].ms, label != "exact search"))
+    exact = summary(proposals["exact search"], analysis.evaluate(proposals["exact search"]))
+    chosen, plan, value = proposals[winner], race[winner].plan, race[winner].metric
 
     report = {
         "metric": metric.kind,
@@ -291,9 +340,13 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
         "all_int8": analysis.all_int8,
         "plan": value,
         "assignment": chosen,
+        "chosen_from": winner,
+        "race": {label: {"metric": c.metric, "passes": P.meets(analysis, c.metric, budget), "measured_ms": c.ms}
+                 for label, c in race.items()},
         "int8_layers": sorted(n for n, p in chosen.items() if p == "int8"),
         "latency_ms": {"fp32": P.latency(analysis, {}), "all_int8": P.latency(analysis, analysis.names),
                        "plan": P.latency(analysis, chosen)},
+        "exact": exact,
         "greedy": summary(greedy, greedy_value),
         "fallback": {**summary(fallback, fallback_value), "evaluations": evaluations},
         "evaluations": analysis.evaluations,

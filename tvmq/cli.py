@@ -91,6 +91,8 @@ def _add_tune(sub):
     p.add_argument("--requantize", default="fixed_point", choices=["fixed_point", "float"])
     p.add_argument("--trials", type=int, default=32, help="measured candidates per kernel (default 32)")
     p.add_argument("--max-tasks", type=int, help="tune only the largest kernels")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on boards registered with this TVM RPC tracker")
+    p.add_argument("--rpc-key", default="", help="with --rpc-tracker: the kind of board (the servers' --key)")
     p.set_defaults(func=cmd_tune)
 
 
@@ -125,6 +127,10 @@ def _add_run(sub):
     p.add_argument("bundle", help="folder written by `tvmq compile`")
     p.add_argument("--input", required=True, help=".npy (single input) or .npz (name -> array)")
     p.add_argument("--output", help="write outputs to this .npz (default: print them)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="run on a board's TVM RPC server instead of here")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="run on a board from this TVM RPC tracker")
+    p.add_argument("--rpc-key", default="", help="the board's key (with --rpc-tracker, or a keyed --rpc server)")
+    p.add_argument("--repeat", type=int, default=0, help="also time N runs (on the board with --rpc) and print the median")
     p.set_defaults(func=cmd_run)
 
 
@@ -228,11 +234,20 @@ def cmd_tune(args) -> int:
 
     preset = get_preset(args.target)
     shapes = dict(parse_shape_arg(s) for s in args.shape)
+    runner = None
+    if args.rpc_tracker:
+        from tvmq.remote import RemoteTarget, rpc_runner
+
+        runner = rpc_runner(RemoteTarget(tracker=args.rpc_tracker, key=args.rpc_key))
+    elif preset.cross_compiler:
+        raise TvmqError(f"kernels for {preset.name} are measured on the board: pass --rpc-tracker HOST:PORT "
+                        "--rpc-key KEY (a tracker with the board's RPC server registered)")
     qm = quantized_module(args.model, preset, raw=args.calib, config=_config_from_args(args), shapes=shapes,
                           precision=args.precision, plan=args.plan)
-    report = tune(qm.module, preset, args.db, trials=args.trials, max_tasks=args.max_tasks, progress=True)
+    report = tune(qm.module, preset, args.db, trials=args.trials, max_tasks=args.max_tasks, progress=True,
+                  runner=runner)
     for t in report.tasks:
-        best = f"{t['best_us']:.1f} us" if t["best_us"] is not None else "no valid candidate"
+        best = f"{t['best_us']:.1f} us" if t["best_us"] is not None else f"no valid candidate ({t['error']})"
         print(f"{t['name'][:60]:<60} x{t['weight']}  best {best}")
     print(f"tuned {len(report.tasks)} kernels, {report.trials} trials -> {args.db}")
     return 0
@@ -359,12 +374,30 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from tvmq.runtime import BundleError, run_cli
+    from tvmq.runtime import Bundle, BundleError, read_inputs, write_outputs
 
+    remote = None
+    if args.rpc or args.rpc_tracker:
+        from tvmq.remote import RemoteTarget
+
+        remote = RemoteTarget(rpc=args.rpc, tracker=args.rpc_tracker, key=args.rpc_key)
     try:
-        return run_cli(args.bundle, args.input, args.output)
+        bundle = Bundle(args.bundle)
+        inputs = read_inputs(Path(args.input), bundle)
+        if remote is None:
+            outputs = bundle.run(inputs)
+            latency = bundle.latency_ms(inputs, repeat=args.repeat) if args.repeat > 0 else None
+        else:
+            from tvmq.remote import run_remote
+
+            outputs, latency = run_remote(bundle.path, inputs, remote, repeat=args.repeat)
     except BundleError as err:
         raise TvmqError(str(err)) from None
+    write_outputs(outputs, args.output)
+    if latency is not None:
+        where = (remote.rpc or f"a {remote.key} board") if remote else "this machine"
+        print(f"latency {latency:.3f} ms (median of {args.repeat} runs on {where})")
+    return 0
 
 
 def cmd_targets(args) -> int:

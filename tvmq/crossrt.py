@@ -26,9 +26,11 @@ from pathlib import Path
 
 from tvmq.errors import TvmqError
 
-__all__ = ["runtime_libraries", "build_runner", "cache_dir", "RUNNER_SOURCE", "triple_arch"]
+__all__ = ["runtime_libraries", "build_runner", "build_rpc_server", "cache_dir", "RUNNER_SOURCE", "RPC_SERVER_SOURCE",
+           "triple_arch"]
 
 RUNNER_SOURCE = Path(__file__).with_name("runner") / "tvmq_run.cc"
+RPC_SERVER_SOURCE = Path(__file__).with_name("runner") / "tvmq_rpc_server.cc"
 _LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
 _WHEEL_PLATFORMS = {
     "aarch64": ["manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_24_aarch64", "manylinux2014_aarch64"],
@@ -102,19 +104,28 @@ def runtime_libraries(arch: str) -> list[Path]:
     return libs
 
 
-def _key(compiler: str, libs: list[Path]) -> str:
-    raw = f"{compiler}|{[str(p) for p in libs]}|{RUNNER_SOURCE.read_text()}"
+def _key(compiler: str, libs: list[Path], source: Path) -> str:
+    raw = f"{compiler}|{[str(p) for p in libs]}|{source.read_text()}"
     return hashlib.sha256(raw.encode()).hexdigest()[:12]
 
 
 def build_runner(compiler: str, arch: str) -> Path:
     """Build ``tvmq_run`` for ``arch`` with ``compiler`` (cached); it sits beside copies of the
     runtime libraries it loads (``$ORIGIN`` rpath), so the folder can be copied to a board."""
+    return _build(compiler, arch, RUNNER_SOURCE, "runner")
+
+
+def build_rpc_server(compiler: str, arch: str) -> Path:
+    """Build ``tvmq_rpc_server`` (a TVM RPC server without Python) for ``arch`` (cached)."""
+    return _build(compiler, arch, RPC_SERVER_SOURCE, "rpc-server")
+
+
+def _build(compiler: str, arch: str, source: Path, kind: str) -> Path:
     if shutil.which(compiler) is None:
         raise TvmqError(f"compiler {compiler} not found; install it (e.g. apt-get install g++-aarch64-linux-gnu)")
     libs = runtime_libraries(arch)
-    out = cache_dir() / f"runner-{arch}-{_key(compiler, libs)}"
-    exe = out / "tvmq_run"
+    out = cache_dir() / f"{kind}-{arch}-{_key(compiler, libs, source)}"
+    exe = out / source.stem
     if exe.exists():
         return exe
     out.mkdir(parents=True, exist_ok=True)
@@ -122,13 +133,13 @@ def build_runner(compiler: str, arch: str) -> Path:
         shutil.copyfile(lib, out / lib.name)
     ffi = _package_dir("tvm_ffi")
     cmd = [
-        compiler, "-std=c++17", "-O2", str(RUNNER_SOURCE), "-o", str(exe) + ".part",
+        compiler, "-std=c++17", "-O2", str(source), "-o", str(exe) + ".part",
         f"-I{ffi / 'include'}", f"-I{ffi / '3rdparty' / 'dlpack' / 'include'}",
         f"-L{out}", "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed",
         "-Wl,-rpath,$ORIGIN", "-Wl,--allow-shlib-undefined", "-lpthread", "-ldl",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        raise TvmqError(f"building tvmq_run with {compiler} failed: {proc.stderr.strip()[:400]}")
+        raise TvmqError(f"building {source.stem} with {compiler} failed: {proc.stderr.strip()[:400]}")
     os.replace(str(exe) + ".part", exe)
     return exe

@@ -259,18 +259,20 @@ def _noise(sqnr: float | None) -> float | None:
     return 10 ** (-sqnr / 10) if np.isfinite(sqnr) else 0.0
 
 
-def _options(analysis: Analysis, layer: LayerInfo) -> list[tuple[str, float, float]]:
-    """(precision, noise cost, time saved) for each candidate of ``layer``."""
+def _options(analysis: Analysis, layer: LayerInfo, budget: float | None = None) -> list[tuple[str, float, float]]:
+    """(precision, noise cost, time saved) for each candidate of ``layer``; a precision that
+    breaks ``budget`` on its own (this layer alone in it) is no candidate."""
     out = []
     for precision in analysis.candidates:
-        cost = _noise(layer.sqnr_int8 if precision == "int8" else layer.sqnr_fp16)
-        if cost is None:
+        sqnr = layer.sqnr_int8 if precision == "int8" else layer.sqnr_fp16
+        alone = layer.only_int8 if precision == "int8" else layer.only_fp16
+        if sqnr is None or (budget is not None and alone is not None and not meets(analysis, alone, budget)):
             continue
         saving = layer.saving_ms(precision)
         if saving < 0:
             continue  # slower than float: never worth it
         # ties: int8 first (smallest weights), then fp16
-        out.append((precision, cost, saving + (2e-6 if precision == "int8" else 1e-6)))
+        out.append((precision, _noise(sqnr), saving + (2e-6 if precision == "int8" else 1e-6)))
     return out
 
 
@@ -324,49 +326,74 @@ def _greedy(options: list[list[tuple[str, float, float]]], allowance: float) -> 
     return chosen
 
 
-def search(analysis: Analysis, budget: float, method: str = "exact", max_evaluations: int = 12) -> tuple[dict, float]:
+def search(analysis: Analysis, budget: float, method: str = "exact", seeds=(), max_evaluations: int = 32
+           ) -> tuple[dict, float]:
     """The fastest assignment (layer -> int8|fp16|fp32) meeting ``budget``, and its metric.
 
     ``budget`` is a minimum SQNR (dB) for the sqnr metric, else the largest allowed drop from
-    FP32 in the metric's units. Each layer's cost is the output noise it causes alone (noise
-    powers add); for a noise allowance, the fastest assignment is a multiple-choice knapsack
-    (``exact``) or the greedy ratio order (``greedy``). The allowance itself is searched: the
-    SQNR budget's own noise level first, or everything for other metrics, then bisection (in
-    log scale) on the measured metric, keeping the fastest assignment that meets the budget.
+    FP32 in the metric's units. A precision that breaks the budget for a layer on its own is
+    not offered for it. Each remaining option costs the output noise it causes alone (noise
+    powers add); for a noise allowance the fastest assignment is a multiple-choice knapsack
+    (``exact``) or the greedy ratio order (``greedy``, the baseline). Allowances are tried from
+    the largest (the SQNR budget's own noise, or everything) down by halves until the measured
+    metric meets the budget. ``exact`` then also considers ``seeds`` (other passing plans, e.g.
+    the fallback plan) and climbs from the fastest passing plan, moving single layers to faster
+    precisions in order of time saved per noise while the budget still holds.
     """
     if method not in ("exact", "greedy"):
         raise TvmqError(f"unknown search method {method!r}; use exact or greedy")
     layers = analysis.layers
-    options = [_options(analysis, layer) for layer in layers]
+    names = [layer.name for layer in layers]
+    options = [_options(analysis, layer, budget) for layer in layers]
     pick = _knapsack if method == "exact" else _greedy
+    passing: list[tuple[float, dict, float]] = []  # (estimated latency, assignment, metric)
+    spent = 0
 
-    def at(allowance):
-        assignment = {layer.name: p for layer, p in zip(layers, pick(options, allowance))}
-        return assignment, analysis.evaluate(assignment)
-
-    everything = sum(max((c for _, c, _ in opts), default=0.0) for opts in options) * 1.001
-    hi = min(_noise(budget), everything) if analysis.metric.kind == "sqnr" else everything
-    best = None
-    assignment, value = at(hi)
-    if meets(analysis, value, budget):
-        return assignment, value
-    lo = 0.0
-    assignment, value = at(lo)
-    if meets(analysis, value, budget):
-        best = (assignment, value)
-    lo = min((c for opts in options for _, c, _ in opts if c > 0), default=hi) / 2
-    for _ in range(max_evaluations):
-        if hi / lo < 1.05:
-            break
-        mid = float(np.sqrt(lo * hi))
-        assignment, value = at(mid)
+    def check(assignment) -> bool:
+        nonlocal spent
+        spent += 1
+        value = analysis.evaluate(assignment)
         if meets(analysis, value, budget):
-            best, lo = (assignment, value), mid
-        else:
-            hi = mid
-    if best is None:
-        return {layer.name: "fp32" for layer in layers}, analysis.fp32
-    return best
+            passing.append((latency(analysis, assignment), dict(assignment), value))
+            return True
+        return False
+
+    costs = [c for opts in options for _, c, _ in opts]
+    everything = sum(max((c for _, c, _ in opts), default=0.0) for opts in options) * 1.001
+    allowance = min(_noise(budget), everything) if analysis.metric.kind == "sqnr" else everything
+    floor = min((c for c in costs if c > 0), default=0.0) / 4
+    tried = set()
+    while spent < max_evaluations // 2:
+        assignment = dict(zip(names, pick(options, allowance)))
+        key = tuple(assignment.values())
+        if key not in tried:
+            tried.add(key)
+            if check(assignment):
+                break
+        if allowance <= floor:
+            break
+        allowance /= 2
+    if method == "exact":
+        for seed in seeds:
+            check(seed)
+    if not passing:
+        if not check({n: "fp32" for n in names}):  # the float model itself misses the budget
+            return {n: "fp32" for n in names}, analysis.fp32
+    if method == "exact":
+        best = min(passing, key=lambda t: t[0])[1]
+        moves = sorted(((saving / max(cost, 1e-30), i, p) for i, opts in enumerate(options) for p, cost, saving in opts),
+                       key=lambda t: -t[0])
+        for _, i, precision in moves:
+            if spent >= max_evaluations:
+                break
+            now = best[names[i]]
+            if now == precision or (now != "fp32" and layers[i].ms(precision) >= layers[i].ms(now)):
+                continue  # already there, or no faster than the precision it has
+            trial = {**best, names[i]: precision}
+            if check(trial):
+                best = trial
+    lat, assignment, value = min(passing, key=lambda t: t[0])
+    return assignment, value
 
 
 def fallback_plan(analysis: Analysis, budget: float) -> tuple[dict, float, int]:

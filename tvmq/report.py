@@ -54,19 +54,32 @@ def _count_summary(s: dict, n: int) -> str:
     return f"{s['int8_layers']} / {n}" + (f" (+{s['fp16_layers']} fp16)" if s.get("fp16_layers") else "")
 
 
-def _summary_rows(p: dict) -> list[tuple[str, str, str, str]]:
-    """(plan, int8 layers, metric, estimated kernel latency) rows."""
+def _summary_rows(p: dict) -> list[tuple[str, ...]]:
+    """(plan, int8 layers, metric, estimated kernel latency, compiled model: metric, latency) rows."""
     n = len(p["layers"])
     lat = p["latency_ms"]
     m = p["metric"]
+    race = p.get("race", {})
+
+    def measured(label):
+        r = race.get(label)
+        if not r:
+            return "-", "-"
+        ms = "-" if r["measured_ms"] is None else _time(r["measured_ms"])
+        return _fmt(r["metric"], m) + ("" if r["passes"] else " (misses)"), ms
+
+    winner = p.get("chosen_from", "exact search")
+    mark = lambda label: " <- chosen" if label == winner else ""  # noqa: E731
     return [
-        ("FP32", f"0 / {n}", _fmt(p["fp32"], m), _time(lat["fp32"])),
-        ("all INT8", f"{n} / {n}", _fmt(p["all_int8"], m), _time(lat["all_int8"])),
-        ("tvmq plan (exact search)", _count(p["assignment"].values(), n), _fmt(p["plan"], m), _time(lat["plan"])),
-        ("greedy (sensitivity per ms)", _count_summary(p["greedy"], n), _fmt(p["greedy"]["metric"], m),
-         _time(p["greedy"]["latency_ms"])),
-        (f"fallback, INC-style ({p['fallback']['evaluations']} evaluations)", _count_summary(p["fallback"], n),
-         _fmt(p["fallback"]["metric"], m), _time(p["fallback"]["latency_ms"])),
+        ("FP32", f"0 / {n}", _fmt(p["fp32"], m), _time(lat["fp32"]), "-", "-"),
+        ("all INT8", f"{n} / {n}", _fmt(p["all_int8"], m), _time(lat["all_int8"]), "-", "-"),
+        ("exact search" + mark("exact search"), _count_summary(p["exact"], n), _fmt(p["exact"]["metric"], m),
+         _time(p["exact"]["latency_ms"]), *measured("exact search")),
+        ("greedy (time saved per noise)" + mark("greedy"), _count_summary(p["greedy"], n), _fmt(p["greedy"]["metric"], m),
+         _time(p["greedy"]["latency_ms"]), *measured("greedy")),
+        (f"fallback, INC-style ({p['fallback']['evaluations']} evaluations)" + mark("fallback (INC-style)"),
+         _count_summary(p["fallback"], n), _fmt(p["fallback"]["metric"], m), _time(p["fallback"]["latency_ms"]),
+         *measured("fallback (INC-style)")),
     ]
 
 
@@ -76,8 +89,9 @@ def precision_markdown(p: dict) -> str:
              f"Budget: {_budget_text(p)}; measured on {p['samples']} samples ({p['evaluations']} compiled-simulation "
              f"runs). Candidates: {', '.join(p['candidates'])}. Latency is the sum of the layers' kernel times "
              f"({p['latency_source']}).", "",
-             "| plan | int8 layers | metric | kernel latency |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _summary_rows(p)]
+             "| plan | int8 layers | simulated metric | kernel latency (sum) | compiled: metric | compiled: latency |",
+             "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in _summary_rows(p)]
     lines += ["", "| layer | kind | only this layer int8 | all but this layer int8 | only this layer fp16 | fp32 ms | "
               "int8 ms | fp16 ms | chosen |", "|---|---|---|---|---|---|---|---|---|"]
     m = p["metric"]
@@ -148,7 +162,8 @@ def _charts(out: Path, p: dict) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     rows = [("FP32", p["fp32"], p["latency_ms"]["fp32"]), ("all INT8", p["all_int8"], p["latency_ms"]["all_int8"]),
-            ("tvmq plan", p["plan"], p["latency_ms"]["plan"]), ("greedy", p["greedy"]["metric"], p["greedy"]["latency_ms"]),
+            ("exact search", p["exact"]["metric"], p["exact"]["latency_ms"]),
+            ("greedy", p["greedy"]["metric"], p["greedy"]["latency_ms"]),
             ("fallback (INC)", p["fallback"]["metric"], p["fallback"]["latency_ms"])]
     finite = [v for _, v, _ in rows if v is not None and math.isfinite(v)]
     top = max(finite) if finite else 0.0
@@ -163,7 +178,7 @@ def _charts(out: Path, p: dict) -> list[str]:
         points.setdefault(key, []).append(label + (" (inf)" if inf else ""))
     scale, unit = (1e3, "us") if max(ms for _, _, ms in rows) < 0.1 else (1.0, "ms")
     for (ms, value), labels in points.items():
-        colour = "#2b7bba" if "tvmq plan" in labels else "#777777"
+        colour = "#2b7bba" if "exact search" in labels else "#777777"
         ax.scatter(ms * scale, value, s=60, color=colour, zorder=3)
         ax.annotate(" = ".join(labels), (ms * scale, value), textcoords="offset points", xytext=(8, -3), fontsize=8)
     xs = [ms * scale for ms, _ in points]
@@ -187,8 +202,7 @@ def write_html(out: Path, manifest: dict) -> list[str]:
     p = manifest["precision"]
     charts = _charts(out, p)
     esc = html.escape
-    summary = "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td><td>{esc(d)}</td></tr>"
-                      for a, b, c, d in _summary_rows(p))
+    summary = "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in _summary_rows(p))
     m = p["metric"]
     layer_rows = "".join(
         f"<tr class='{layer['chosen']}'><td>{esc(layer['name'])}</td><td>{esc(layer['kind'])}</td>"
@@ -216,7 +230,11 @@ img {{ max-width: 100%; border: 1px solid #ddd; }}
 measured on {p['samples']} samples with {p['evaluations']} runs of a compiled simulation. Candidates:
 {esc(', '.join(p['candidates']))}. Latencies: {esc(p['latency_source'])}.</p>
 <h2>Plans</h2>
-<table><tr><th>plan</th><th>int8 layers</th><th>{esc(m)}</th><th>kernel latency</th></tr>{summary}</table>
+<table><tr><th>plan</th><th>int8 layers</th><th>simulated {esc(m)}</th><th>kernel latency (sum)</th>
+<th>compiled: {esc(m)}</th><th>compiled: latency</th></tr>{summary}</table>
+<p>Simulated: the switchable simulation the search runs; compiled: the integer program each plan
+compiles to, timed as a whole model on this machine (which also counts the conversions between int8
+and float regions).</p>
 {images}
 <h2>Layers</h2>
 <table><tr><th>layer</th><th>kind</th><th>only this layer int8</th><th>all but this layer int8</th>

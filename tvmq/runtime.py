@@ -251,9 +251,16 @@ def read_inputs(path: Path, bundle: Bundle) -> dict:
     return {bundle.inputs[0]["name"]: array}
 
 
-def run_cli(bundle_dir, input_path, output_path=None, verify=True, stdout=sys.stdout) -> int:
+def run_cli(bundle_dir, input_path, output_path=None, verify=True, stdout=None) -> int:
     bundle = Bundle(bundle_dir, verify=verify)
     outputs = bundle.run(read_inputs(Path(input_path), bundle))
+    write_outputs(outputs, output_path, stdout)
+    return 0
+
+
+def write_outputs(outputs: dict, output_path=None, stdout=None) -> None:
+    """Save ``outputs`` to an .npz (atomically), or print them."""
+    stdout = stdout or sys.stdout
     if output_path:
         output_path = Path(output_path)
         tmp = output_path.with_name(output_path.name + ".part")
@@ -265,7 +272,6 @@ def run_cli(bundle_dir, input_path, output_path=None, verify=True, stdout=sys.st
         for name, value in outputs.items():
             with np.printoptions(precision=5, suppress=True, threshold=64):
                 print(f"{name} {list(value.shape)} {value.dtype}\n{value}", file=stdout)
-    return 0
 
 
 def main(argv=None) -> int:

@@ -94,6 +94,7 @@ class _Progress:
 
     def __init__(self, total: int, names: list[str], enabled: bool):
         self.best: dict[int, float] = {}
+        self.errors: dict[int, str] = {}  # first build/run error of each task
         self.names = names
         self.bar = None
         if enabled:
@@ -126,9 +127,13 @@ def _measure_callback(progress: _Progress):
     class ProgressCallback(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             secs = []
-            for r in runner_results:
+            for b, r in zip(builder_results, runner_results):
                 run = [float(x) for x in r.run_secs] if r.run_secs else []
                 secs.append(float(np.median(run)) if run and r.error_msg is None else None)
+                error = b.error_msg or r.error_msg
+                if error and task_id not in progress.errors:
+                    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+                    progress.errors[task_id] = (lines[-1] if lines else "unknown error")[:300]
             progress.update(task_id, secs)
 
     return ProgressCallback()
@@ -202,7 +207,16 @@ def tune(
         ms.measure_callback.UpdateCostModel(),
         _measure_callback(bar),
     ]
-    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=_BUILDER_TIMEOUT, initializer=_register_intrinsics)
+    if preset.cross_compiler:
+        if runner is None:
+            raise TvmqError(f"kernels for {preset.name} are measured on the board: pass --rpc-tracker HOST:PORT "
+                            "--rpc-key KEY (a tracker with the board's RPC server registered)")
+        from tvmq.remote import EXPORT_FUNC, cross_export_initializer
+
+        builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=_BUILDER_TIMEOUT, f_export=EXPORT_FUNC,
+                                          initializer=cross_export_initializer(preset.cross_compiler))
+    else:
+        builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=_BUILDER_TIMEOUT, initializer=_register_intrinsics)
     if runner is None:
         runner = ms.runner.LocalRunner(
             timeout_sec=60,
@@ -229,7 +243,8 @@ def tune(
     report.trials = trials * len(tasks)
     for i, task in enumerate(tasks):
         best = bar.best.get(i)
-        report.tasks.append({"name": task.name, "weight": task.weight, "best_us": None if best is None else best * 1e6})
+        report.tasks.append({"name": task.name, "weight": task.weight, "best_us": None if best is None else best * 1e6,
+                             "error": bar.errors.get(i) if best is None else None})
     return report
 
 

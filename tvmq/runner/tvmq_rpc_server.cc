@@ -1,0 +1,265 @@
+// tvmq_rpc_server: a TVM RPC server for boards without Python.
+//
+//   tvmq_rpc_server [--host 0.0.0.0] [--port 9090] [--key KEY] [--tracker HOST:PORT]
+//                   [--workdir DIR] [--once]
+//
+// Speaks TVM's own RPC protocol (the handshake of tvm.rpc.server, then the runtime's
+// rpc.ServerLoop), so `tvm.rpc.connect(host, port, key)` and `tvmq run OUT --rpc host:port`
+// reach it like `python -m tvm.exec.rpc_server`; with --tracker it registers with a
+// tvm.exec.rpc_tracker under KEY, as the Python server does, so MetaSchedule's RPCRunner
+// (`tvmq tune --rpc-tracker`) can measure on it. Uploaded files land in the work folder and
+// `load_module` loads them with the runtime. Built like tvmq_run: only tvm-ffi's headers,
+// linked against libtvm_runtime.so and libtvm_ffi.so (tvmq.crossrt.build_rpc_server).
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <tvm/ffi/any.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/string.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+using tvm::ffi::Function;
+using tvm::ffi::Module;
+
+namespace {
+
+constexpr int32_t kMagic = 0xff271;  // tvm.rpc.base.RPC_MAGIC
+constexpr int32_t kSuccess = kMagic;
+constexpr int32_t kMismatch = kMagic + 2;
+
+bool RecvAll(int fd, void* buf, size_t n) {
+  char* p = static_cast<char*>(buf);
+  while (n) {
+    ssize_t got = recv(fd, p, n, 0);
+    if (got <= 0) return false;
+    p += got;
+    n -= static_cast<size_t>(got);
+  }
+  return true;
+}
+
+bool SendAll(int fd, const void* buf, size_t n) {
+  const char* p = static_cast<const char*>(buf);
+  while (n) {
+    ssize_t sent = send(fd, p, n, 0);
+    if (sent <= 0) return false;
+    p += sent;
+    n -= static_cast<size_t>(sent);
+  }
+  return true;
+}
+
+bool SendInt(int fd, int32_t v) { return SendAll(fd, &v, sizeof(v)); }
+
+// The tracker speaks length-prefixed JSON (tvm.rpc.base.sendjson / recvjson).
+constexpr int32_t kTrackerMagic = 0x2f271;  // tvm.rpc.base.RPC_TRACKER_MAGIC
+constexpr int kTrackerSuccess = 0, kTrackerPut = 3, kTrackerUpdateInfo = 5, kTrackerPendingKeys = 7;
+
+bool SendJson(int fd, const std::string& json) {
+  return SendInt(fd, static_cast<int32_t>(json.size())) && SendAll(fd, json.data(), json.size());
+}
+
+bool RecvJson(int fd, std::string* json) {
+  int32_t len = 0;
+  if (!RecvAll(fd, &len, 4) || len < 0 || len > (1 << 20)) return false;
+  json->assign(static_cast<size_t>(len), '\0');
+  return len == 0 || RecvAll(fd, &(*json)[0], static_cast<size_t>(len));
+}
+
+std::string Quote(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out + "\"";
+}
+
+int ConnectTo(const std::string& host, int port) {
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res) != 0) return -1;
+  int fd = socket(res->ai_family, res->ai_socktype, res->ai_protocol);
+  if (fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) != 0) {
+    close(fd);
+    fd = -1;
+  }
+  freeaddrinfo(res);
+  return fd;
+}
+
+// Registration with a tracker: UPDATE_INFO once, then PUT a fresh match key for each session.
+struct Tracker {
+  int fd = -1;
+  std::string key;
+  int port = 0;
+  std::string matchkey;
+  std::mt19937_64 rng{std::random_device{}()};
+
+  bool Connect(const std::string& address, const std::string& rpc_key, int server_port) {
+    size_t colon = address.rfind(':');
+    if (colon == std::string::npos) return false;
+    fd = ConnectTo(address.substr(0, colon), std::atoi(address.substr(colon + 1).c_str()));
+    int32_t magic = 0;
+    if (fd < 0 || !SendInt(fd, kTrackerMagic) || !RecvAll(fd, &magic, 4) || magic != kTrackerMagic) return false;
+    key = rpc_key;
+    port = server_port;
+    std::string reply;
+    return SendJson(fd, "[" + std::to_string(kTrackerUpdateInfo) + ", {\"key\": " + Quote("server:" + key) +
+                            ", \"addr\": [null, " + std::to_string(port) + "]}]") &&
+           RecvJson(fd, &reply) && std::atoi(reply.c_str()) == kTrackerSuccess;
+  }
+
+  bool Put() {
+    matchkey = key + ":" + std::to_string(std::uniform_real_distribution<double>(0, 1)(rng));
+    std::string reply;
+    return SendJson(fd, "[" + std::to_string(kTrackerPut) + ", " + Quote(key) + ", [" + std::to_string(port) + ", " +
+                            Quote(matchkey) + "], null]") &&
+           RecvJson(fd, &reply) && std::atoi(reply.c_str()) == kTrackerSuccess;
+  }
+
+  // While idle: is our match key still waiting for a client? (False: it was handed out but
+  // never used, so offer a new one, as tvm.rpc.server does.)
+  bool Pending() {
+    std::string reply;
+    if (!SendJson(fd, "[" + std::to_string(kTrackerPendingKeys) + "]") || !RecvJson(fd, &reply)) return false;
+    return reply.find(Quote(matchkey)) != std::string::npos;
+  }
+};
+
+// The client sends magic, then "client:EXPECTED [-timeout=N ...]" (the key, or the tracker's
+// match key); the server answers success and "server:KEY". Returns false when the connection is not a matching TVM RPC client.
+bool Handshake(int fd, const std::string& expected, const std::string& key) {
+  int32_t magic = 0, len = 0;
+  if (!RecvAll(fd, &magic, 4) || magic != kMagic) return false;
+  if (!RecvAll(fd, &len, 4) || len < 0 || len > 4096) return false;
+  std::string client(static_cast<size_t>(len), '\0');
+  if (len && !RecvAll(fd, &client[0], static_cast<size_t>(len))) return false;
+  std::string header = client.substr(0, client.find(' '));
+  if (header != "client:" + expected) {
+    std::fprintf(stderr, "rejected a client asking for '%s' (expected 'client:%s')\n", header.c_str(), expected.c_str());
+    SendInt(fd, kMismatch);
+    return false;
+  }
+  std::string server = "server:" + key;
+  return SendInt(fd, kSuccess) && SendInt(fd, static_cast<int32_t>(server.size())) &&
+         SendAll(fd, server.data(), server.size());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string host = "0.0.0.0", key, workdir, tracker_address;
+  int port = 9090;
+  bool once = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "error: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--host") host = next();
+    else if (a == "--port") port = std::atoi(next().c_str());
+    else if (a == "--key") key = next();
+    else if (a == "--workdir") workdir = next();
+    else if (a == "--tracker") tracker_address = next();
+    else if (a == "--once") once = true;
+    else {
+      std::fprintf(stderr, "usage: %s [--host H] [--port P] [--key K] [--tracker H:P] [--workdir DIR] [--once]\n",
+                   argv[0]);
+      return 2;
+    }
+  }
+  if (workdir.empty()) {
+    char tmpl[] = "/tmp/tvmq_rpc_XXXXXX";
+    if (!mkdtemp(tmpl)) {
+      std::perror("error: cannot create a work folder");
+      return 2;
+    }
+    workdir = tmpl;
+  }
+  Function::SetGlobal("tvm.rpc.server.workpath",
+                      Function::FromTyped([workdir](std::string path) { return workdir + "/" + path; }), true);
+  Function::SetGlobal("tvm.rpc.server.load_module", Function::FromTyped([workdir](std::string file) {
+                        return Module::LoadFromFile(workdir + "/" + file);
+                      }),
+                      true);
+  Function serve = Function::GetGlobalRequired("rpc.ServerLoop");
+
+  int listener = socket(AF_INET, SOCK_STREAM, 0);
+  int on = 1;
+  setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  if (inet_pton(AF_INET, host.c_str(), &addr.sin_addr) != 1 ||
+      bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(listener, 4) != 0) {
+    std::fprintf(stderr, "error: cannot listen on %s:%d\n", host.c_str(), port);
+    return 2;
+  }
+  Tracker tracker;
+  if (!tracker_address.empty() && !tracker.Connect(tracker_address, key, port)) {
+    std::fprintf(stderr, "error: cannot register with the tracker at %s\n", tracker_address.c_str());
+    return 2;
+  }
+  std::printf("tvmq_rpc_server listening on %s:%d (key '%s', work folder %s)\n", host.c_str(), port, key.c_str(),
+              workdir.c_str());
+  std::fflush(stdout);
+  bool offer = true;  // a fresh match key is due: at start and after each session
+  while (true) {
+    std::string expected = key;
+    if (tracker.fd >= 0) {
+      if (offer && !tracker.Put()) {
+        std::fprintf(stderr, "error: the tracker dropped the registration\n");
+        return 2;
+      }
+      offer = false;
+      int idle = 0;
+      while (true) {  // wait for a client, pinging the tracker every 2 s
+        fd_set fds;
+        FD_ZERO(&fds);
+        FD_SET(listener, &fds);
+        timeval tv{2, 0};
+        if (select(listener + 1, &fds, nullptr, nullptr, &tv) > 0) break;
+        idle = tracker.Pending() ? 0 : idle + 1;
+        if (idle > 3) {  // our key was handed out but nobody came: offer another
+          if (!tracker.Put()) return 2;
+          idle = 0;
+        }
+      }
+      expected = tracker.matchkey;
+    }
+    int conn = accept(listener, nullptr, nullptr);
+    if (conn < 0) continue;
+    if (Handshake(conn, expected, key)) {  // not a client of ours (a port probe, a stale key): keep waiting
+      try {
+        serve(conn);
+      } catch (const std::exception& err) {
+        std::fprintf(stderr, "session ended with an error: %s\n", err.what());
+      }
+      offer = true;
+      close(conn);
+      if (once) break;
+    } else {
+      close(conn);
+    }
+  }
+  close(listener);
+  return 0;
+}

@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,51 @@ class CompileResult:
     plan: object = None
     info: object = None
     warnings: list[str] = field(default_factory=list)
+
+
+_interrupt_requested = False
+
+
+def on_sigint(signum, frame):  # pylint: disable=unused-argument
+    """SIGINT handler for the CLI: remembers the request, so an interrupt that Python swallows (one
+    raised inside a weakref callback or a ``__del__`` is only printed as "Exception ignored") still stops
+    the build before its output is renamed into place."""
+    global _interrupt_requested  # pylint: disable=global-statement
+    _interrupt_requested = True
+    raise KeyboardInterrupt
+
+
+def _record_sigint(signum, frame):  # pylint: disable=unused-argument
+    global _interrupt_requested  # pylint: disable=global-statement
+    _interrupt_requested = True
+
+
+def interrupt_requested() -> bool:
+    return _interrupt_requested
+
+
+def import_compiler():
+    """Import TVM and the compiler modules with SIGINT deferred, then honour a pending interrupt.
+
+    A KeyboardInterrupt that lands inside a C extension's module initialisation can crash the
+    interpreter (a segfault in module_dealloc), so the CLI loads them first with the interrupt held back.
+    """
+    global _interrupt_requested  # pylint: disable=global-statement
+    _interrupt_requested = False
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.signal(signal.SIGINT, _record_sigint)
+    try:
+        import onnx  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+        import tvm  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+        from tvm import relax  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+
+        from tvmq import frontend, pipeline, quantize  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, on_sigint)
+    if _interrupt_requested:
+        raise KeyboardInterrupt
 
 
 def sha256_file(path) -> str:
@@ -172,6 +219,8 @@ def compile_model(
         tuning = {"db": db, "trials": tune_trials, "max_tasks": tune_max_tasks}
         result = _compile_into(tmp, model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress, tuning,
                                auto)
+        if _interrupt_requested:
+            raise KeyboardInterrupt
         if output_dir.exists():
             if force:
                 shutil.rmtree(output_dir)

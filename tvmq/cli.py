@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import tempfile
 from pathlib import Path
 
@@ -409,6 +411,11 @@ def cmd_targets(args) -> int:
     return 0
 
 
+def _interrupted() -> int:
+    print("error: interrupted; nothing was written (partial output removed)", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -416,19 +423,32 @@ def main(argv=None) -> int:
         parser.print_help()
         return EXIT_ERROR
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from tvmq import build
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT)
     try:
+        # From here on SIGINT raises KeyboardInterrupt and is also remembered: TVM turns an interrupt
+        # inside a Python callback into a RuntimeError, which must still read as an interruption.
+        build.import_compiler()
         return args.func(args)
     except TvmqError as err:
+        if build.interrupt_requested():
+            return _interrupted()
         if args.verbose:
             raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written (partial output removed)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except Exception as err:  # pylint: disable=broad-except
+        if build.interrupt_requested():
+            return _interrupted()
         if args.verbose:
             raise
         first = (str(err).strip().splitlines() or [""])[0][:300]
         print(f"error: internal error ({type(err).__name__}: {first}); rerun with -v and report it", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)

@@ -387,6 +387,12 @@ class Layer:
         return self.chain.end
 
     @property
+    def io_elements(self) -> int:
+        """Elements of the activation inputs and of the output (what precision changes convert)."""
+        inputs = sum(int(np.prod(static_shape(x) or ())) for x in self.inputs)
+        return inputs + int(np.prod(self.chain.out_shape))
+
+    @property
     def macs(self) -> int:
         """Multiply-accumulates of the anchor (0 for adds)."""
         if self.weight is None:

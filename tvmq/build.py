@@ -400,7 +400,8 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
         "fallback": {**summary(fallback, fallback_value), "evaluations": evaluations},
         "evaluations": analysis.evaluations,
         "layers": [{"name": l.name, "kind": l.kind, "only_int8": l.only_int8, "only_float": l.only_float,
-                    "only_fp16": l.only_fp16, "sqnr_int8": l.sqnr_int8, "sqnr_fp16": l.sqnr_fp16, "int8_ms": l.int8_ms, "fp32_ms": l.fp32_ms, "fp16_ms": l.fp16_ms,
+                    "only_fp16": l.only_fp16, "sqnr_int8": l.sqnr_int8, "sqnr_fp16": l.sqnr_fp16,
+                    "int8_ms": l.int8_ms, "fp32_ms": l.fp32_ms, "fp16_ms": l.fp16_ms, "boundary_ms": l.boundary_ms,
                     "chosen": chosen[l.name]} for l in analysis.layers],
     }
     return plan, report

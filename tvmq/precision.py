@@ -95,6 +95,7 @@ class LayerInfo:
     estimated: bool = False  # latencies from a MAC-count model, not measured
     sqnr_int8: float | None = None  # output SQNR with this layer alone in int8 (the search's cost)
     sqnr_fp16: float | None = None
+    boundary_ms: float = 0.0  # converting its input to float and its output back, when it stays float amid int8
 
     def __post_init__(self):
         if self.sqnr_int8 is None:  # the metric is SQNR itself
@@ -110,7 +111,7 @@ class LayerInfo:
 
         Differences within 10% of the float kernel's time are timing noise and count as a tie,
         which the lower precision wins (smaller weights)."""
-        diff = self.fp32_ms - self.ms(precision)
+        diff = self.fp32_ms + self.boundary_ms - self.ms(precision)
         return diff if diff > 0 or -diff > 0.1 * self.fp32_ms else 0.0
 
 
@@ -212,6 +213,10 @@ def _layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
 
     mac_layers = [l for l in analysis.layers if l.kind != "add"]
     if preset.is_host:
+        ns = _conversion_ns_per_element(preset)
+        sizes = {l.name: l.io_elements for l in find_layers(float_mod["main"])}
+        for layer in analysis.layers:
+            layer.boundary_ms = ns * sizes.get(layer.name, 0) * 1e-6
         builds = {"int8": quantize_pipeline(plan)(float_mod), "fp32": float_mod}
         if analysis.fp16:
             builds["fp16"] = quantize_pipeline(_all_fp16(plan))(float_mod)
@@ -240,6 +245,30 @@ def _layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
         layer.int8_ms = layer.fp32_ms / speedup["int8"]
         layer.fp16_ms = layer.fp32_ms / speedup["fp16"] if analysis.fp16 else None
         layer.estimated = True
+
+
+def _conversion_ns_per_element(preset) -> float:
+    """Nanoseconds per element to dequantize a tensor and quantize it again on this machine
+    (what a float layer between int8 layers adds: its input to float, its output to 8 bits)."""
+    import tvm
+    from tvm import relax
+
+    from tvmq._compat import TensorType
+    from tvmq.execute import HostModule
+
+    n = 1 << 18
+    x = relax.Var("x", TensorType((n,), "uint8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            scale, zp = relax.const(np.float32(0.05)), relax.const(np.int32(128))
+            f = bb.emit(relax.op.dequantize(x, scale, zp))
+            g = bb.emit(relax.op.nn.relu(f))  # a float layer's epilogue stands between the two
+            q = bb.emit_output(relax.op.quantize(g, scale, zp, out_dtype="uint8"))
+        bb.emit_func_output(q)
+    module = HostModule(bb.get(), preset)
+    ms = module.latency_ms(np.random.default_rng(0).integers(0, 255, n).astype(np.uint8), repeat=20)
+    return ms * 1e6 / n
 
 
 def _all_fp16(plan):
@@ -426,7 +455,10 @@ def _glob_escape(name: str) -> str:
 
 
 def latency(analysis: Analysis, assignment) -> float:
-    """Estimated kernel time of an assignment (or a list of int8 layers)."""
+    """Estimated time of an assignment (or a list of int8 layers): each layer's kernel in its
+    precision, plus, in a plan with int8 layers, the conversions around each float layer."""
     if not isinstance(assignment, dict):
         assignment = {n: "int8" for n in assignment}
-    return float(sum(l.ms(assignment.get(l.name, "fp32")) for l in analysis.layers))
+    mixed = any(p != "fp32" for p in assignment.values())  # float layers then convert in and out
+    return float(sum(l.ms(p) + (l.boundary_ms if mixed and p == "fp32" else 0.0)
+                     for l in analysis.layers for p in [assignment.get(l.name, "fp32")]))

@@ -15,6 +15,9 @@ needs_aarch64 = pytest.mark.skipif(
     reason="needs g++-aarch64-linux-gnu and qemu-user",
 )
 needs_armhf = pytest.mark.skipif(not shutil.which("arm-linux-gnueabihf-g++"), reason="needs g++-arm-linux-gnueabihf")
+needs_armv7_run = pytest.mark.skipif(
+    not (shutil.which("arm-linux-gnueabihf-g++") and shutil.which("qemu-arm")), reason="needs g++-arm-linux-gnueabihf and qemu-user"
+)
 pytestmark = pytest.mark.arm
 
 EM_AARCH64, EM_ARM = 0xB7, 0x28
@@ -43,6 +46,21 @@ def kernel_instructions(objdump: str, lib, mnemonic: str) -> dict[str, int]:
     return counts
 
 
+def assert_board_equals_x86(emulator: list[str], runner, bundle, x86_bundle, xs, tmp_path) -> None:
+    """Each input through the x86 build (native runner) and the board build (runner under qemu-user):
+    the int8 outputs must be the same numbers exactly."""
+    from tvmq.crossrt import build_runner
+
+    runner_x86 = build_runner("g++", "x86_64")
+    for i, x in enumerate(xs):
+        np.save(tmp_path / f"x{i}.npy", x[None])
+        subprocess.run([str(runner_x86), str(x86_bundle / "model.so"), str(tmp_path / f"x{i}.npy"), "-o",
+                        str(tmp_path / f"ref{i}_")], check=True, capture_output=True)
+        subprocess.run([*emulator, "-cpu", "max", str(runner), str(bundle / "model.so"), str(tmp_path / f"x{i}.npy"),
+                        "-o", str(tmp_path / f"arm{i}_")], check=True, capture_output=True, timeout=120)
+        np.testing.assert_array_equal(np.load(tmp_path / f"arm{i}_0.npy"), np.load(tmp_path / f"ref{i}_0.npy"))
+
+
 @pytest.fixture(scope="module")
 def arm_bundle(tmp_path_factory, demo_dir):
     out = tmp_path_factory.mktemp("arm") / "digits-arm"
@@ -69,17 +87,9 @@ def test_arm_bundle_under_qemu_equals_x86_build_bit_for_bit(arm_bundle, tmp_path
     # The same plan (int8 activations, as on ARM) compiled for this machine is the reference.
     x86 = tmp_path / "x86"
     assert main(["compile", str(demo_dir / "digits.onnx"), "--plan", str(arm_bundle / "plan.json"), "-o", str(x86)]) == 0
-    runner_x86 = build_runner("g++", "x86_64")
-    runner_a64 = build_runner("aarch64-linux-gnu-g++", "aarch64")
     xs = np.load(demo_dir / "digits_test.npz")["x"][:6]
-    for i, x in enumerate(xs):
-        np.save(tmp_path / f"x{i}.npy", x[None])
-        subprocess.run([str(runner_x86), str(x86 / "model.so"), str(tmp_path / f"x{i}.npy"), "-o", str(tmp_path / f"ref{i}_")],
-                       check=True, capture_output=True)
-        subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-cpu", "max", str(runner_a64),
-                        str(arm_bundle / "model.so"), str(tmp_path / f"x{i}.npy"), "-o", str(tmp_path / f"arm{i}_")],
-                       check=True, capture_output=True, timeout=120)
-        np.testing.assert_array_equal(np.load(tmp_path / f"arm{i}_0.npy"), np.load(tmp_path / f"ref{i}_0.npy"))
+    assert_board_equals_x86(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"], build_runner("aarch64-linux-gnu-g++", "aarch64"),
+                            arm_bundle, x86, xs, tmp_path)
 
 
 @needs_aarch64
@@ -110,6 +120,23 @@ def test_arm32_bundle_is_an_armv7_elf(tmp_path, demo_dir, capsys):
     assert m["target"]["triple"] == "armv7a-linux-gnueabihf"
 
 
+@needs_armv7_run
+def test_arm32_bundle_under_qemu_equals_x86_build_bit_for_bit(tmp_path, demo_dir):
+    """armv7 has no TVM wheel: `tvmq runtime` cross-compiles it from source, and the int8 bundle run
+    with it under qemu-arm gives the x86 build's integers exactly."""
+    arm, x86 = tmp_path / "arm32", tmp_path / "x86"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"),
+                 "--target", "arm32", "-o", str(arm)]) == 0
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--plan", str(arm / "plan.json"), "-o", str(x86)]) == 0
+    board = tmp_path / "board"  # what gets copied onto the board
+    assert main(["runtime", "--target", "arm32", "-o", str(board)]) == 0
+    names = ["libtvm_ffi.so", "libtvm_runtime.so", "tvmq_rpc_server", "tvmq_run"]
+    assert sorted(p.name for p in board.iterdir()) == names
+    assert all(elf_machine(board / name) == EM_ARM for name in names)
+    xs = np.load(demo_dir / "digits_test.npz")["x"][:4]
+    assert_board_equals_x86(["qemu-arm", "-L", "/usr/arm-linux-gnueabihf"], board / "tvmq_run", arm, x86, xs, tmp_path)
+
+
 def test_missing_cross_compiler_names_the_apt_package(tmp_path, capsys, demo_dir, monkeypatch):
     import tvmq.targets as targets
 
@@ -119,3 +146,15 @@ def test_missing_cross_compiler_names_the_apt_package(tmp_path, capsys, demo_dir
                  "--target", "rpi4", "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "apt-get install g++-aarch64-linux-gnu" in err and not out.exists()
+
+
+@needs_armhf
+def test_runtime_without_the_source_download_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """armv7's runtime needs tvm-ffi's sources from PyPI: unreachable, the command says so and writes nothing."""
+    monkeypatch.setenv("TVMQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TVMQ_PYPI_SIMPLE", "http://127.0.0.1:9/simple")
+    out = tmp_path / "board"
+    assert main(["runtime", "--target", "arm32", "-o", str(out)]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(err) == 1 and "tvm-ffi's sources" in err[0] and "TVMQ_PYPI_SIMPLE" in err[0], err
+    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == []  # no board folder, no staging folder

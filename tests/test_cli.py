@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,9 @@ def bundle(tmp_path_factory, demo_dir):
 def test_bundle_layout_and_manifest(bundle, demo_dir):
     names = sorted(p.name for p in bundle.iterdir())
     assert names == ["manifest.json", "model.so", "plan.json", "report.md", "run.py", "tvmq_run.cc"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o777 & ~umask  # not the staging folder's private 0700
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["inputs"] == [{"name": "input", "shape": [1, 1, 8, 8], "dtype": "float32"}]
     assert m["outputs"] == [{"name": "logits", "shape": [1, 10], "dtype": "float32"}]

@@ -104,22 +104,30 @@ def test_unreachable_board_is_one_error_line(tmp_path, x86_bundle, demo_dir):
     assert not (tmp_path / "db").exists()
 
 
-@pytest.mark.skipif(not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("qemu-aarch64")),
-                    reason="needs g++-aarch64-linux-gnu and qemu-user")
-def test_aarch64_board_without_python_runs_the_arm_bundle(tmp_path, demo_dir):
-    """tvmq_rpc_server (C++, TVM runtime only) under qemu-aarch64 runs the arm bundle sent over
-    RPC, and its int8 output equals the x86 build's (same plan) bit for bit."""
+BOARDS = {  # target preset: (cross compiler, runtime arch, qemu, sysroot)
+    "arm": ("aarch64-linux-gnu-g++", "aarch64", "qemu-aarch64", "/usr/aarch64-linux-gnu"),
+    "arm32": ("arm-linux-gnueabihf-g++", "armv7", "qemu-arm", "/usr/arm-linux-gnueabihf"),
+}
+
+
+@pytest.mark.parametrize("target", sorted(BOARDS))
+def test_board_without_python_runs_the_bundle(tmp_path, demo_dir, target):
+    """tvmq_rpc_server (C++, TVM runtime only; armv7's runtime built from source) under qemu-user
+    runs the bundle sent over RPC, and its int8 output equals the x86 build's (same plan) bit for bit."""
     from tvmq.crossrt import build_rpc_server
 
-    arm = tmp_path / "digits-arm"
-    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"), "--target", "arm",
+    compiler, arch, qemu, sysroot = BOARDS[target]
+    if not (shutil.which(compiler) and shutil.which(qemu)):
+        pytest.skip(f"needs {compiler} and qemu-user")
+    arm = tmp_path / f"digits-{target}"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"), "--target", target,
                  "-o", str(arm)]) == 0
     x86 = tmp_path / "digits-x86"  # the same plan (int8 activations, as on ARM) built for this machine
     assert main(["compile", str(demo_dir / "digits.onnx"), "--plan", str(arm / "plan.json"), "-o", str(x86)]) == 0
-    server = build_rpc_server("aarch64-linux-gnu-g++", "aarch64")
+    server = build_rpc_server(compiler, arch)
     port = free_port()
-    cmd = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-cpu", "max", str(server), "--host", "127.0.0.1",
-           "--port", str(port), "--workdir", str(tmp_path)]
+    cmd = [qemu, "-L", sysroot, "-cpu", "max", str(server), "--host", "127.0.0.1", "--port", str(port),
+           "--workdir", str(tmp_path)]
     x = _input(tmp_path, demo_dir)
     with process(cmd, "127.0.0.1", port):
         assert main(["run", str(arm), "--input", str(x), "--output", str(tmp_path / "arm.npz"),

@@ -92,6 +92,16 @@ def import_compiler():
         raise KeyboardInterrupt
 
 
+def make_staging_dir(output_dir: Path) -> Path:
+    """A temporary folder beside ``output_dir``, renamed into place when complete. mkdtemp makes it
+    private (0700); the finished folder gets the permissions a plain ``mkdir`` would give it."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
 def sha256_file(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -212,9 +222,7 @@ def compile_model(
         if not is_prequantized(model):
             raise TvmqError("int8 compilation needs calibration data: pass --calib DIR (one .npy/.npz per sample) or --plan")
 
-
-    parent = output_dir.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
+    tmp = make_staging_dir(output_dir)
     try:
         tuning = {"db": db, "trials": tune_trials, "max_tasks": tune_max_tasks}
         result = _compile_into(tmp, model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress, tuning,

@@ -136,6 +136,15 @@ def _add_run(sub):
     p.set_defaults(func=cmd_run)
 
 
+def _add_runtime(sub):
+    p = sub.add_parser("runtime", help="write what a board needs to run bundles: TVM runtime + C++ runner/RPC server",
+                       description="Write the TVM runtime libraries for a target's ISA (armv7: built from source, "
+                       "a few minutes once), tvmq_run and tvmq_rpc_server into a folder to copy onto the board.")
+    p.add_argument("-o", "--output", required=True, help="folder to create (must not exist or be empty)")
+    p.add_argument("--target", default="x86", help="target preset (default: x86)")
+    p.set_defaults(func=cmd_runtime)
+
+
 def _add_targets(sub):
     p = sub.add_parser("targets", help="list target presets")
     p.set_defaults(func=cmd_targets)
@@ -153,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_run(sub)
     _add_eval(sub)
+    _add_runtime(sub)
     _add_targets(sub)
     return parser
 
@@ -399,6 +409,41 @@ def cmd_run(args) -> int:
     if latency is not None:
         where = (remote.rpc or f"a {remote.key} board") if remote else "this machine"
         print(f"latency {latency:.3f} ms (median of {args.repeat} runs on {where})")
+    return 0
+
+
+def cmd_runtime(args) -> int:
+    import os
+    import shutil
+
+    from tvmq import crossrt
+    from tvmq.build import make_staging_dir, prepare_output_dir
+    from tvmq.targets import get_preset
+
+    preset = get_preset(args.target)
+    if preset.kind != "llvm":
+        raise TvmqError(f"target {preset.name!r} runs on a CUDA device: install the apache-tvm wheel (with CUDA) on "
+                        "its host, or use `tvmq run --rpc` against it; `tvmq runtime` writes CPU board runtimes")
+    preset.check_toolchain()
+    out = Path(args.output)
+    prepare_output_dir(out)
+    arch = crossrt.triple_arch(preset.target.get("mtriple") if not preset.is_host else None)
+    compiler = preset.cross_compiler or "g++"
+    tmp = make_staging_dir(out)
+    try:
+        for exe in (crossrt.build_runner(compiler, arch), crossrt.build_rpc_server(compiler, arch)):
+            shutil.copy2(exe, tmp / exe.name)
+        for lib in crossrt.runtime_libraries(arch):
+            shutil.copyfile(lib, tmp / lib.name)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    names = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"wrote {out}/ for {preset.name} ({arch}): {names}")
+    print("on the board: ./tvmq_run model.so x.npy -o out_   or   ./tvmq_rpc_server --port 9090")
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 
 from tvmq.cli import main
@@ -195,3 +196,65 @@ def test_export_refuses_quantized_input_and_existing_output(tmp_path, demo_dir, 
     onnx.save(qat_model(), path)
     assert main(["export-qdq", str(path), "-o", str(tmp_path / "y.onnx")]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def paddle_style_model(seed=0):
+    """Opset 11, as PaddlePaddle exports: Conv -> BatchNormalization -> Relu, and a Conv whose bias
+    is Add(conv, Reshape(constant)), then pooling and a Gemm."""
+    rng = np.random.default_rng(seed)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [
+        numpy_helper.from_array(f32(8, 3, 3, 3) * 0.3, "w1"),
+        numpy_helper.from_array(rng.uniform(0.3, 3.0, 8).astype(np.float32), "gamma"),
+        numpy_helper.from_array(f32(8), "beta"),
+        numpy_helper.from_array(f32(8) * 0.5, "mean"),
+        numpy_helper.from_array(rng.uniform(0.2, 4.0, 8).astype(np.float32), "var"),
+        numpy_helper.from_array(f32(8, 8, 3, 3) * 0.2, "w2"),
+        numpy_helper.from_array(f32(8) * 2.0, "b2"),
+        numpy_helper.from_array(np.array([1, 8, 1, 1], np.int64), "b2_shape"),
+        numpy_helper.from_array(f32(4, 8) * 0.5, "fc_w"),
+        numpy_helper.from_array(f32(4) * 0.1, "fc_b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["bn1"], epsilon=1e-5),
+        helper.make_node("Relu", ["bn1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["b2", "b2_shape"], ["b2r"]),
+        helper.make_node("Add", ["c2", "b2r"], ["c2b"]),
+        helper.make_node("Relu", ["c2b"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(nodes, "paddle_style", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+
+
+def test_export_folds_batchnorm_and_bias_add_like_the_integer_program(tmp_path):
+    """An opset-11 model with unfolded BatchNormalization and Reshape'd biases exports as opset 13
+    with the folded weights (what tvmq computes), so ONNX Runtime on the export tracks tvmq."""
+    from tvmq.runtime import Bundle
+
+    path = tmp_path / "paddle.onnx"
+    onnx.save(paddle_style_model(), path)
+    rng = np.random.default_rng(1)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(16):
+        np.save(calib / f"{i}.npy", rng.standard_normal((1, 3, 12, 12)).astype(np.float32))
+    exported = tmp_path / "paddle.qdq.onnx"
+    assert main(["export-qdq", str(path), "--calib", str(calib), "-o", str(exported)]) == 0
+    model = onnx.load(exported)
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 13
+    ops = [n.op_type for n in model.graph.node]
+    assert "BatchNormalization" not in ops and ops.count("Conv") == 2 and ops.count("Add") == 0
+    assert main(["compile", str(path), "--plan", str(exported.with_suffix(".plan.json")), "-o", str(tmp_path / "b")]) == 0
+    session, bundle, ref = ort.InferenceSession(str(exported)), Bundle(tmp_path / "b"), ort.InferenceSession(str(path))
+    xs = [rng.standard_normal((1, 3, 12, 12)).astype(np.float32) for _ in range(8)]
+    ours = np.concatenate([bundle.run({"x": x})["y"] for x in xs])
+    theirs = np.concatenate([session.run(None, {"x": x})[0] for x in xs])
+    fp32 = np.concatenate([ref.run(None, {"x": x})[0] for x in xs])
+    assert sqnr_db(fp32, theirs) >= 25, sqnr_db(fp32, theirs)  # unfolded weights with folded scales: ~0 dB
+    assert sqnr_db(ours, theirs) >= 35, sqnr_db(ours, theirs)

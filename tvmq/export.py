@@ -29,7 +29,113 @@ def _constants(model) -> dict:
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type in _SHAPE_OPS and node.input and all(i in values for i in node.input if i):
+            # A constant only reshaped (PaddlePaddle exports conv biases as Add(conv, Reshape(bias))):
+            # still a constant, so that Add is a bias, not a layer.
+            values[node.output[0]] = _SHAPE_OPS[node.op_type](node, [values[i] for i in node.input if i])
     return values
+
+
+def _fold_into_conv(model, consts) -> None:
+    """Fold each Conv's following BatchNormalization and constant bias Add into the Conv, as tvmq's
+    import does, so the exported weights, bias and output Q/DQ are those of the integer program
+    (quantizing the unfolded weights with the folded weights' scales would be wrong)."""
+    from onnx import numpy_helper
+
+    graph_outputs = {o.name for o in model.graph.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    removed = set()
+    for conv in list(model.graph.node):
+        if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in consts:
+            continue
+        w = consts[conv.input[1]].astype(np.float64)
+        b = consts[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] in consts else np.zeros(w.shape[0])
+        if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in consts:
+            continue
+        folded = False
+        while conv.output[0] not in graph_outputs and len(consumers.get(conv.output[0], [])) == 1:
+            user = consumers[conv.output[0]][0]
+            if user.op_type == "BatchNormalization" and len(user.output) == 1 and all(i in consts for i in user.input[1:5]):
+                gamma, beta, mean, var = (consts[i].astype(np.float64) for i in user.input[1:5])
+                eps = next((a.f for a in user.attribute if a.name == "epsilon"), 1e-5)
+                k = gamma / np.sqrt(var + eps)
+                w, b = w * k.reshape(-1, *[1] * (w.ndim - 1)), (b - mean) * k + beta
+            elif user.op_type == "Add" and len(user.input) == 2 and sum(i in consts for i in user.input) == 1:
+                c = consts[next(i for i in user.input if i in consts)]
+                channel = c.ndim - (w.ndim - 1)  # (C, 1, 1) or (1, C, 1, 1) against an NCHW output
+                if channel < 0 or c.shape[channel] != w.shape[0] or c.size != w.shape[0]:
+                    break
+                b = b + c.reshape(-1).astype(np.float64)
+            else:
+                break
+            conv.output[0] = user.output[0]
+            removed.add(id(user))
+            folded = True
+        if folded:
+            name = conv.name or conv.output[0]
+            for value, suffix in ((w, "weight"), (b, "bias")):
+                tensor = f"{name}_tvmq_folded_{suffix}"
+                model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), tensor))
+                consts[tensor] = value.astype(np.float32)
+            del conv.input[1:]
+            conv.input.extend([f"{name}_tvmq_folded_weight", f"{name}_tvmq_folded_bias"])
+    if removed:
+        kept = [n for n in model.graph.node if id(n) not in removed]
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+
+
+def _with_opset_13(model):
+    """Per-channel DequantizeLinear (its ``axis``) needs opset 13: older models are converted with
+    ONNX's version converter, which rewrites the ops whose signature changed since."""
+    import onnx
+    from onnx import version_converter
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= 13:
+        return model
+    try:
+        converted = version_converter.convert_version(model, 13)
+        onnx.checker.check_model(converted)
+    except Exception as err:  # pylint: disable=broad-except
+        raise TvmqError(f"the model's opset {opset} is older than 13, which per-channel QDQ needs, and ONNX's version "
+                        f"converter failed on it ({str(err).splitlines()[0][:200]}); convert the model to opset 13+ "
+                        "first") from None
+    return converted
+
+
+def _reshape(node, args):
+    data, shape = args[0], [int(d) for d in args[1]]
+    allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+    shape = [data.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(shape)]
+    return data.reshape(shape)
+
+
+def _axes(node, args):
+    from onnx import helper
+
+    if len(args) > 1:
+        return [int(a) for a in args[1]]
+    attr = [helper.get_attribute_value(a) for a in node.attribute if a.name == "axes"]
+    return list(attr[0]) if attr else None
+
+
+def _unsqueeze(node, args):
+    out = args[0]
+    for axis in sorted(a % (out.ndim + len(_axes(node, args))) for a in _axes(node, args)):
+        out = np.expand_dims(out, axis)
+    return out
+
+
+def _squeeze(node, args):
+    axes = _axes(node, args)
+    return np.squeeze(args[0], axis=None if axes is None else tuple(axes))
+
+
+_SHAPE_OPS = {"Reshape": _reshape, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Identity": lambda node, args: args[0]}
 
 
 def _onnx_layers(model, consts) -> list[tuple[str, object]]:
@@ -134,9 +240,10 @@ def export_qdq(model_path, plan: QuantPlan, out_path, layer_names: list[str]) ->
 
     from tvmq.frontend import _name_nodes, read_onnx
 
-    model = read_onnx(model_path)
+    model = _with_opset_13(read_onnx(model_path))
     _name_nodes(model)
     consts = _constants(model)
+    _fold_into_conv(model, consts)
     onnx_layers = _onnx_layers(model, consts)
     kinds = [plan.layers[n].kind for n in layer_names]
     if [k for k, _ in onnx_layers] != kinds:

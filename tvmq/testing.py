@@ -161,6 +161,7 @@ class FuzzResult:
     sqnr_vs_fp32: float
     max_steps_vs_simulation: float  # |integer - simulation| in units of the output step
     int8_layers: int
+    step_bound: float = 1.0  # what max_steps_vs_simulation may reach (see check_graph)
 
 
 def _sqnr(ref, test) -> float:
@@ -197,4 +198,29 @@ def check_graph(case: GraphCase, n_calib: int = 4) -> FuzzResult:
         sqnr_vs_fp32=_sqnr(ref, out),
         max_steps_vs_simulation=float(np.abs(out - simulated).max()) / step,
         int8_layers=plan.count("int8"),
+        step_bound=1.0 + _float_output_gain(mod, plan) / step,
     )
+
+
+def _float_output_gain(mod, plan) -> float:
+    """How far a layer with a float output can carry its inputs' rounding differences.
+
+    Each int8 tensor of the integer program agrees with the simulation's to one step of its
+    scale (the two land on different sides of a rounding tie at most once). A layer whose output
+    is not requantized passes those differences on: a conv/matmul by at most
+    ``s_in * max_o sum|W[o, :]|``, an add by ``s_a + s_b``; the float ops after it (relu, pooling,
+    concat, reshape) do not grow them.
+    """
+    from tvmq.passes import find_layers
+
+    gain = 0.0
+    for layer in find_layers(mod["main"]):
+        lp = plan.layers.get(layer.name)
+        if lp is None or not lp.is_int8 or lp.output is not None:
+            continue
+        if layer.weight is not None:
+            w = np.abs(np.moveaxis(np.asarray(layer.weight, np.float64), layer.weight_axis, 0))
+            gain = max(gain, float(lp.inputs[0].scale) * float(w.reshape(w.shape[0], -1).sum(axis=1).max()))
+        else:
+            gain = max(gain, sum(float(i.scale) for i in lp.inputs))
+    return gain

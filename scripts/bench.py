@@ -132,8 +132,24 @@ def ort_quantize(path, name, calib, out_dir):
         def get_next(self):
             return next(self.it, None)
 
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # ONNX Runtime's recommended pre-processing (shape inference, BatchNormalization folded, weights
+    # held in Constant nodes made initializers). Without it, PaddlePaddle exports keep their weights
+    # in Constant nodes, which the quantizer then treats as activations: uint8, per tensor.
+    # Per-channel weights need opset 13 (PP-OCR's models are opset 11).
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(path))
+    if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:
+        model = version_converter.convert_version(model, 13)
+    opset13 = Path(out_dir) / "ort_opset13.onnx"
+    onnx.save(model, str(opset13))
+    prepped = Path(out_dir) / "ort_prepped.onnx"
+    quant_pre_process(str(opset13), str(prepped), skip_symbolic_shape=True)
     out = Path(out_dir) / "ort_int8.onnx"
-    quantize_static(str(path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(prepped), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return out
 

@@ -2,7 +2,8 @@
 
 1. PP-OCR's classifier quantized by ONNX Runtime (QDQ, per-channel, MinMax) is compiled by tvmq
    with the file's own scales (no calibration): agreement with ONNX Runtime running the same
-   file (top-1, probability differences), accuracy, and latency of both, interleaved.
+   file (logits in units of their quantization step, top-1, probabilities), accuracy, and
+   latency of both, interleaved.
 2. Round trip: tvmq calibrates the demo and the classifier, exports them as ONNX QDQ
    (``export-qdq``), and ONNX Runtime runs the export; its accuracy is compared with tvmq's own
    compiled artifact.
@@ -26,6 +27,32 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+
+def logits_model(path, out_path):
+    """``path`` cut before its Softmax (outputs: the Softmax input) and that tensor's quantization step."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    producer = {o: n for n in model.graph.node for o in n.output}
+    dq = producer[softmax.input[0]]
+    if dq.op_type != "DequantizeLinear":
+        raise SystemExit(f"the Softmax input comes from {dq.op_type}, not a DequantizeLinear")
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"})
+    dead = {softmax.output[0]}
+    for node in model.graph.node:  # graph order: everything downstream of the Softmax
+        if any(i in dead for i in node.input):
+            dead.update(node.output)
+    kept = [n for n in model.graph.node if n is not softmax and not any(i in dead for i in n.input)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    del model.graph.output[:]
+    model.graph.output.extend([onnx.helper.make_empty_tensor_value_info(softmax.input[0])])
+    onnx.save(model, str(out_path))
+    return out_path, float(consts[dq.input[1]])
 
 
 def main(argv=None) -> int:
@@ -60,7 +87,17 @@ def main(argv=None) -> int:
         diff = np.abs(ours - theirs)
         medians = interleaved_medians({"tvmq": bundle.prepared({inp: xs[0]}), "ort": lambda: sess.run(None, {inp: xs[0]})},
                                       args.runs)
+        # Element-wise, in output quantization steps: the same file cut before its Softmax, whose
+        # input is a DequantizeLinear (the logits' step), run by both.
+        cut, step = logits_model(qdq, tmp / "cls-logits.onnx")
+        compile_model(cut, tmp / "cls-logits", shapes={inp: list(xs[0].shape)})
+        lb, ls = Bundle(tmp / "cls-logits"), ort_session(cut, args.threads)
+        lname = lb.outputs[0]["name"]
+        steps = np.abs(np.stack([lb.run({inp: x})[lname] for x in xs]) - np.stack([ls.run(None, {inp: x})[0] for x in xs]))
+        steps = steps / step
         out["ort_qdq_cls"] = {
+            "logits_within_1_step": float(np.mean(steps <= 1 + 1e-5)), "logits_within_half_step": float(np.mean(steps <= 0.5 + 1e-5)),
+            "logits_max_steps": float(steps.max()), "logits_step": step,
             "integer_kernels": sum(1 for k in res.manifest["kernels"] if k["accumulator"] == "int32"),
             "kernels": len(res.manifest["kernels"]),
             "top1_agreement": float(np.mean(ours.reshape(len(xs), -1).argmax(1) == theirs.reshape(len(xs), -1).argmax(1))),
@@ -93,6 +130,8 @@ def main(argv=None) -> int:
 
     r = out["ort_qdq_cls"]
     print(f"ONNX Runtime's QDQ classifier compiled by tvmq: {r['integer_kernels']}/{r['kernels']} integer kernels; "
+          f"logits within 1 step of ORT's {100 * r['logits_within_1_step']:.1f}% (within half a step "
+          f"{100 * r['logits_within_half_step']:.1f}%, at most {r['logits_max_steps']:.1f} steps of {r['logits_step']:.3g}); "
           f"top-1 agreement {100 * r['top1_agreement']:.1f}%, |p_tvmq - p_ort| mean {r['prob_abs_diff_mean']:.2e} "
           f"max {r['prob_abs_diff_max']:.2e}; accuracy tvmq {100 * r['accuracy_tvmq']:.2f}% vs ORT "
           f"{100 * r['accuracy_ort']:.2f}%; latency tvmq {r['median_ms_tvmq']:.3f} ms vs ORT {r['median_ms_ort']:.3f} ms "

@@ -123,7 +123,7 @@ def test_budget_respected_on_a_model_with_a_sensitive_layer(sensitive, tmp_path,
     assert rows == p["assignment"]
 
 
-def test_a_user_metric_and_labels_drive_the_budget(sensitive, tmp_path, monkeypatch):
+def test_a_user_metric_and_labels_drive_the_budget(sensitive, tmp_path, monkeypatch, steady_timing):
     """python:module:function with labels: the drop in the user's score is what is budgeted."""
     (tmp_path / "usermetric.py").write_text(
         "import numpy as np\n"

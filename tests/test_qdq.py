@@ -258,3 +258,21 @@ def test_export_folds_batchnorm_and_bias_add_like_the_integer_program(tmp_path):
     fp32 = np.concatenate([ref.run(None, {"x": x})[0] for x in xs])
     assert sqnr_db(fp32, theirs) >= 25, sqnr_db(fp32, theirs)  # unfolded weights with folded scales: ~0 dB
     assert sqnr_db(ours, theirs) >= 35, sqnr_db(ours, theirs)
+
+
+def test_asymmetric_uint8_weights_are_requantized_with_a_warning(tmp_path, capsys):
+    """Weights a quantizer took for activations (uint8, zero point 10) have no symmetric int8
+    reading: the layer still compiles to an integer kernel, and the user is told why its outputs
+    differ from the file's arithmetic."""
+    model = qat_model()
+    rng = np.random.default_rng(5)
+    for init in model.graph.initializer:
+        if init.name == "w1":
+            init.CopyFrom(numpy_helper.from_array(rng.integers(0, 256, (8, 4, 3, 3)).astype(np.uint8), "w1"))
+        if init.name == "w1z":
+            init.CopyFrom(numpy_helper.from_array(np.full(8, 10, np.uint8), "w1z"))
+    _, out = _compile(model, tmp_path, "asym")
+    err = capsys.readouterr().err
+    assert "1 layer(s) (conv1) hold weights quantized asymmetrically" in err and "quant_pre_process" in err
+    kernels = json.loads((out / "manifest.json").read_text())["kernels"]
+    assert len(kernels) == 2 and all(k["accumulator"] == "int32" for k in kernels)

@@ -465,6 +465,14 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
             return QuantizedModel(float_mod, float_mod, info, None, warnings)
         if raw is not None:
             warnings.append("the model is already quantized (QDQ): its scales are used and --calib is ignored")
+        requantized = [n for n, lp in source_plan.layers.items() if lp.is_int8 and lp.kind != "add" and lp.weight is None]
+        if requantized and not qplan:
+            warnings.append(
+                f"{len(requantized)} layer(s) ({', '.join(requantized[:3])}{', ...' if len(requantized) > 3 else ''}) hold "
+                "weights quantized asymmetrically (uint8 with a zero point: the quantizer took them for activations); "
+                "the int8 kernels take symmetric weights, so tvmq re-quantizes those per channel and the outputs differ "
+                "from the file's own arithmetic. Quantize with int8 weights (ONNX Runtime: run quant_pre_process first)"
+            )
         qplan = qplan or source_plan
         return QuantizedModel(quantize_pipeline(qplan)(float_mod), float_mod, info, qplan, warnings)
     float_mod = prepare(mod)

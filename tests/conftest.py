@@ -97,3 +97,19 @@ def demo_dir():
     from tvmq.cli import DEMO_DIR
 
     return DEMO_DIR
+
+
+def board_runtime_or_skip(arch: str) -> None:
+    """Make sure the TVM runtime for ``arch`` is available. armv7's is built from tvm-ffi's
+    source distribution, downloaded from PyPI once: a machine that cannot reach PyPI skips the
+    tests that run armv7 code (the download failure itself is tested separately); any other
+    failure (the build, the link) fails the test."""
+    from tvmq.crossrt import runtime_libraries
+    from tvmq.errors import TvmqError
+
+    try:
+        runtime_libraries(arch)
+    except TvmqError as err:
+        if "downloading tvm-ffi's sources" in str(err):
+            pytest.skip(f"no network to PyPI for the {arch} runtime's sources: {err}")
+        raise

@@ -7,6 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import board_runtime_or_skip
 
 from tvmq.cli import main
 
@@ -124,6 +125,7 @@ def test_arm32_bundle_is_an_armv7_elf(tmp_path, demo_dir, capsys):
 def test_arm32_bundle_under_qemu_equals_x86_build_bit_for_bit(tmp_path, demo_dir):
     """armv7 has no TVM wheel: `tvmq runtime` cross-compiles it from source, and the int8 bundle run
     with it under qemu-arm gives the x86 build's integers exactly."""
+    board_runtime_or_skip("armv7")
     arm, x86 = tmp_path / "arm32", tmp_path / "x86"
     assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"),
                  "--target", "arm32", "-o", str(arm)]) == 0

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import board_runtime_or_skip
 
 from tvmq.cli import main
 from tvmq.remote import wait_for_port
@@ -119,6 +120,7 @@ def test_board_without_python_runs_the_bundle(tmp_path, demo_dir, target):
     compiler, arch, qemu, sysroot = BOARDS[target]
     if not (shutil.which(compiler) and shutil.which(qemu)):
         pytest.skip(f"needs {compiler} and qemu-user")
+    board_runtime_or_skip(arch)
     arm = tmp_path / f"digits-{target}"
     assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"), "--target", target,
                  "-o", str(arm)]) == 0

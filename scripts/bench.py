@@ -139,13 +139,11 @@ def ort_quantize(path, name, calib, out_dir):
     # in Constant nodes, which the quantizer then treats as activations: uint8, per tensor.
     # Per-channel weights need opset 13 (PP-OCR's models are opset 11).
     import onnx
-    from onnx import version_converter
 
-    model = onnx.load(str(path))
-    if next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:
-        model = version_converter.convert_version(model, 13)
+    from tvmq.export import with_opset_13
+
     opset13 = Path(out_dir) / "ort_opset13.onnx"
-    onnx.save(model, str(opset13))
+    onnx.save(with_opset_13(onnx.load(str(path))), str(opset13))
     prepped = Path(out_dir) / "ort_prepped.onnx"
     quant_pre_process(str(opset13), str(prepped), skip_symbolic_shape=True)
     out = Path(out_dir) / "ort_int8.onnx"

@@ -19,7 +19,7 @@ from tvmq.errors import TvmqError
 from tvmq.plan import QuantPlan
 from tvmq.qparams import QParams, quantize_weight
 
-__all__ = ["export_qdq"]
+__all__ = ["export_qdq", "with_opset_13"]
 
 
 def _constants(model) -> dict:
@@ -29,10 +29,6 @@ def _constants(model) -> dict:
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-        elif node.op_type in _SHAPE_OPS and node.input and all(i in values for i in node.input if i):
-            # A constant only reshaped (PaddlePaddle exports conv biases as Add(conv, Reshape(bias))):
-            # still a constant, so that Add is a bias, not a layer.
-            values[node.output[0]] = _SHAPE_OPS[node.op_type](node, [values[i] for i in node.input if i])
     return values
 
 
@@ -88,7 +84,7 @@ def _fold_into_conv(model, consts) -> None:
         model.graph.node.extend(kept)
 
 
-def _with_opset_13(model):
+def with_opset_13(model):
     """Per-channel DequantizeLinear (its ``axis``) needs opset 13: older models are converted with
     ONNX's version converter, which rewrites the ops whose signature changed since."""
     import onnx
@@ -105,37 +101,6 @@ def _with_opset_13(model):
                         f"converter failed on it ({str(err).splitlines()[0][:200]}); convert the model to opset 13+ "
                         "first") from None
     return converted
-
-
-def _reshape(node, args):
-    data, shape = args[0], [int(d) for d in args[1]]
-    allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
-    shape = [data.shape[i] if d == 0 and not allowzero else d for i, d in enumerate(shape)]
-    return data.reshape(shape)
-
-
-def _axes(node, args):
-    from onnx import helper
-
-    if len(args) > 1:
-        return [int(a) for a in args[1]]
-    attr = [helper.get_attribute_value(a) for a in node.attribute if a.name == "axes"]
-    return list(attr[0]) if attr else None
-
-
-def _unsqueeze(node, args):
-    out = args[0]
-    for axis in sorted(a % (out.ndim + len(_axes(node, args))) for a in _axes(node, args)):
-        out = np.expand_dims(out, axis)
-    return out
-
-
-def _squeeze(node, args):
-    axes = _axes(node, args)
-    return np.squeeze(args[0], axis=None if axes is None else tuple(axes))
-
-
-_SHAPE_OPS = {"Reshape": _reshape, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Identity": lambda node, args: args[0]}
 
 
 def _onnx_layers(model, consts) -> list[tuple[str, object]]:
@@ -238,9 +203,12 @@ def export_qdq(model_path, plan: QuantPlan, out_path, layer_names: list[str]) ->
     """
     import onnx
 
-    from tvmq.frontend import _name_nodes, read_onnx
+    from tvmq.frontend import _name_nodes, fold_constant_subgraphs, read_onnx
 
-    model = _with_opset_13(read_onnx(model_path))
+    model = with_opset_13(read_onnx(model_path))
+    # Constant subgraphs become initializers, as on import: PaddlePaddle's conv biases arrive as
+    # Add(conv, Reshape(bias)), which is then a bias, not a layer.
+    fold_constant_subgraphs(model)
     _name_nodes(model)
     consts = _constants(model)
     _fold_into_conv(model, consts)

@@ -6,6 +6,7 @@ end, so a failed or interrupted build leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -92,14 +93,28 @@ def import_compiler():
         raise KeyboardInterrupt
 
 
-def make_staging_dir(output_dir: Path) -> Path:
-    """A temporary folder beside ``output_dir``, renamed into place when complete. mkdtemp makes it
-    private (0700); the finished folder gets the permissions a plain ``mkdir`` would give it."""
+@contextlib.contextmanager
+def staged_output(output_dir: Path, force: bool = False):
+    """Yield a temporary folder beside ``output_dir``; on success it replaces ``output_dir``
+    (empty, or any folder with ``force``), on any failure or interrupt it is removed. mkdtemp
+    makes it private (0700); the finished folder gets the permissions ``mkdir`` would give it."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.resolve().parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
-    return tmp
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        yield tmp
+        if _interrupt_requested:  # one Python swallowed: still never rename a half-made folder into place
+            raise KeyboardInterrupt
+        if output_dir.exists():
+            if force:
+                shutil.rmtree(output_dir)
+            else:
+                output_dir.rmdir()  # empty, checked by prepare_output_dir
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def sha256_file(path) -> str:
@@ -222,24 +237,12 @@ def compile_model(
         if not is_prequantized(model):
             raise TvmqError("int8 compilation needs calibration data: pass --calib DIR (one .npy/.npz per sample) or --plan")
 
-    tmp = make_staging_dir(output_dir)
-    try:
+    with staged_output(output_dir, force) as tmp:
         tuning = {"db": db, "trials": tune_trials, "max_tasks": tune_max_tasks}
         result = _compile_into(tmp, model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress, tuning,
                                auto)
-        if _interrupt_requested:
-            raise KeyboardInterrupt
-        if output_dir.exists():
-            if force:
-                shutil.rmtree(output_dir)
-            else:
-                output_dir.rmdir()  # empty, checked above
-        os.replace(tmp, output_dir)
-        result.output_dir = output_dir
-        return result
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    result.output_dir = output_dir
+    return result
 
 
 @dataclass

@@ -413,11 +413,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_runtime(args) -> int:
-    import os
     import shutil
 
     from tvmq import crossrt
-    from tvmq.build import make_staging_dir, prepare_output_dir
+    from tvmq.build import prepare_output_dir, staged_output
     from tvmq.targets import get_preset
 
     preset = get_preset(args.target)
@@ -429,18 +428,11 @@ def cmd_runtime(args) -> int:
     prepare_output_dir(out)
     arch = crossrt.triple_arch(preset.target.get("mtriple") if not preset.is_host else None)
     compiler = preset.cross_compiler or "g++"
-    tmp = make_staging_dir(out)
-    try:
+    with staged_output(out) as tmp:
         for exe in (crossrt.build_runner(compiler, arch), crossrt.build_rpc_server(compiler, arch)):
             shutil.copy2(exe, tmp / exe.name)
         for lib in crossrt.runtime_libraries(arch):
             shutil.copyfile(lib, tmp / lib.name)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     names = ", ".join(sorted(p.name for p in out.iterdir()))
     print(f"wrote {out}/ for {preset.name} ({arch}): {names}")
     print("on the board: ./tvmq_run model.so x.npy -o out_   or   ./tvmq_rpc_server --port 9090")

@@ -99,6 +99,16 @@ def demo_dir():
     return DEMO_DIR
 
 
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory, demo_dir):
+    """The demo compiled for this machine with default settings (read-only: copy it to change it)."""
+    from tvmq.cli import main
+
+    out = tmp_path_factory.mktemp("demo-bundle") / "digits"
+    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"), "-o", str(out)]) == 0
+    return out
+
+
 def board_runtime_or_skip(arch: str) -> None:
     """Make sure the TVM runtime for ``arch`` is available. armv7's is built from tvm-ffi's
     source distribution, downloaded from PyPI once: a machine that cannot reach PyPI skips the

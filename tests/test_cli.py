@@ -17,13 +17,6 @@ from tvmq.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, demo_dir):
-    out = tmp_path_factory.mktemp("b") / "digits"
-    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"), "-o", str(out)]) == 0
-    return out
-
-
 def test_bundle_layout_and_manifest(bundle, demo_dir):
     names = sorted(p.name for p in bundle.iterdir())
     assert names == ["manifest.json", "model.so", "plan.json", "report.md", "run.py", "tvmq_run.cc"]

@@ -26,13 +26,6 @@ def demo(demo_dir):
     return demo_dir
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, demo):
-    out = tmp_path_factory.mktemp("good") / "bundle"
-    assert main(["compile", str(demo / "digits.onnx"), "--calib", str(demo / "digits_calib"), "-o", str(out)]) == 0
-    return out
-
-
 def two_input_model(path):
     nodes = [helper.make_node("Add", ["a", "b"], ["y"], name="add")]
     onnx.save(make_model(nodes, [("a", [1, 4]), ("b", [1, 4])], [("y", [1, 4])]), path)

@@ -51,24 +51,17 @@ def tracker_with_board():
         yield f"127.0.0.1:{tport}", f"127.0.0.1:{sport}"
 
 
-@pytest.fixture(scope="module")
-def x86_bundle(tmp_path_factory, demo_dir):
-    out = tmp_path_factory.mktemp("rpc") / "digits"
-    assert main(["compile", str(demo_dir / "digits.onnx"), "--calib", str(demo_dir / "digits_calib"), "-o", str(out)]) == 0
-    return out
-
-
 def _input(tmp_path, demo_dir):
     x = np.load(demo_dir / "digits_test.npz")["x"][:1]
     np.save(tmp_path / "x.npy", x)
     return tmp_path / "x.npy"
 
 
-def test_run_through_a_tracker_equals_local_run(tracker_with_board, x86_bundle, tmp_path, demo_dir, capsys):
+def test_run_through_a_tracker_equals_local_run(tracker_with_board, bundle, tmp_path, demo_dir, capsys):
     tracker, _ = tracker_with_board
     x = _input(tmp_path, demo_dir)
-    assert main(["run", str(x86_bundle), "--input", str(x), "--output", str(tmp_path / "local.npz")]) == 0
-    assert main(["run", str(x86_bundle), "--input", str(x), "--output", str(tmp_path / "remote.npz"),
+    assert main(["run", str(bundle), "--input", str(x), "--output", str(tmp_path / "local.npz")]) == 0
+    assert main(["run", str(bundle), "--input", str(x), "--output", str(tmp_path / "remote.npz"),
                  "--rpc-tracker", tracker, "--rpc-key", "x86", "--repeat", "5"]) == 0
     assert "median of 5 runs on a x86 board" in capsys.readouterr().out
     local, remote = np.load(tmp_path / "local.npz"), np.load(tmp_path / "remote.npz")
@@ -88,15 +81,15 @@ def test_tune_measures_on_the_tracker_board(tracker_with_board, tmp_path, demo_d
     assert any(secs and min(secs) < 1.0 for secs in run_secs), run_secs
 
 
-def test_unreachable_board_is_one_error_line(tmp_path, x86_bundle, demo_dir):
+def test_unreachable_board_is_one_error_line(tmp_path, bundle, demo_dir):
     x = _input(tmp_path, demo_dir)
     port = free_port()  # nothing listens there
-    r = subprocess.run([sys.executable, "-m", "tvmq", "run", str(x86_bundle), "--input", str(x), "--rpc",
+    r = subprocess.run([sys.executable, "-m", "tvmq", "run", str(bundle), "--input", str(x), "--rpc",
                         f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach the board at 127.0.0.1:"), r.stderr
-    r = subprocess.run([sys.executable, "-m", "tvmq", "run", str(x86_bundle), "--input", str(x), "--rpc", "nohostport"],
+    r = subprocess.run([sys.executable, "-m", "tvmq", "run", str(bundle), "--input", str(x), "--rpc", "nohostport"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "is not HOST:PORT" in r.stderr
     # tuning for a board measures on the board: without a tracker, say so before any work

@@ -8,12 +8,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 
-def make_model(nodes, inputs, outputs, inits=(), opset=17):
+def make_model(nodes, inputs, outputs, inits=(), opset=17, elem_type=TensorProto.FLOAT):
+    """A checked ONNX model; ``inputs``/``outputs``: (name, shape) of ``elem_type``; ``inits``: (name, array)."""
     graph = helper.make_graph(
         nodes,
         "test",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+        [helper.make_tensor_value_info(n, elem_type, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, elem_type, s) for n, s in outputs],
         initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

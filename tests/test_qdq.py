@@ -6,7 +6,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import sqnr_db
+from conftest import make_model, sqnr_db
 from onnx import TensorProto, helper, numpy_helper
 
 from tvmq.cli import main
@@ -30,16 +30,12 @@ def qat_model(seed=0):
     rng = np.random.default_rng(seed)
     w1, s1, b1 = _weights(rng, 8, 4, 3)
     w2, s2, b2 = _weights(rng, 8, 8, 3)
-    init = [
-        numpy_helper.from_array(np.float32(X_S), "xs"), numpy_helper.from_array(np.uint8(X_Z), "xz"),
-        numpy_helper.from_array(np.float32(H_S), "hs"), numpy_helper.from_array(np.uint8(H_Z), "hz"),
-        numpy_helper.from_array(np.float32(Y_S), "ys"), numpy_helper.from_array(np.uint8(Y_Z), "yz"),
-        numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(s1, "w1s"), numpy_helper.from_array(np.zeros(8, np.int8), "w1z"),
-        numpy_helper.from_array(b1, "b1"), numpy_helper.from_array((X_S * s1).astype(np.float32), "b1s"),
-        numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(s2, "w2s"), numpy_helper.from_array(np.zeros(8, np.int8), "w2z"),
-        numpy_helper.from_array(b2, "b2"), numpy_helper.from_array((H_S * s2).astype(np.float32), "b2s"),
-        numpy_helper.from_array(np.zeros(8, np.int32), "bz"),
-    ]
+    init = {
+        "xs": np.float32(X_S), "xz": np.uint8(X_Z), "hs": np.float32(H_S), "hz": np.uint8(H_Z),
+        "ys": np.float32(Y_S), "yz": np.uint8(Y_Z), "w1": w1, "w1s": s1, "w1z": np.zeros(8, np.int8), "b1": b1,
+        "b1s": (X_S * s1).astype(np.float32), "w2": w2, "w2s": s2, "w2z": np.zeros(8, np.int8), "b2": b2,
+        "b2s": (H_S * s2).astype(np.float32), "bz": np.zeros(8, np.int32),
+    }
     q = lambda i, s, z, o: helper.make_node("QuantizeLinear", [i, s, z], [o], name=o)  # noqa: E731
     dq = lambda i, s, z, o, **kw: helper.make_node("DequantizeLinear", [i, s, z], [o], name=o, **kw)  # noqa: E731
     nodes = [
@@ -52,12 +48,7 @@ def qat_model(seed=0):
         helper.make_node("Conv", ["hd", "w2d", "b2d"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1] * 4),
         q("c2", "ys", "yz", "yq"), dq("yq", "ys", "yz", "y"),
     ]
-    graph = helper.make_graph(nodes, "qat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], initializer=init)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 8, 8, 8])], init.items())
 
 
 def qlinear_model(seed=0):
@@ -65,22 +56,18 @@ def qlinear_model(seed=0):
     rng = np.random.default_rng(seed)
     w1, s1, b1 = _weights(rng, 8, 4, 3)
     w2, s2, b2 = _weights(rng, 8, 8, 3)
-    init = [numpy_helper.from_array(v, k) for k, v in {
+    init = {
         "xs": np.float32(X_S), "xz": np.uint8(X_Z), "hs": np.float32(H_S), "hz": np.uint8(H_Z),
         "ys": np.float32(Y_S), "yz": np.uint8(Y_Z), "w1": w1, "w1s": s1, "w1z": np.zeros(8, np.int8), "b1": b1,
-        "w2": w2, "w2s": s2, "w2z": np.zeros(8, np.int8), "b2": b2}.items()]
+        "w2": w2, "w2s": s2, "w2z": np.zeros(8, np.int8), "b2": b2}
     nodes = [
         helper.make_node("QLinearConv", ["x", "xs", "xz", "w1", "w1s", "w1z", "hs", "hz", "b1"], ["h"], name="conv1",
                          kernel_shape=[3, 3], pads=[1] * 4),
         helper.make_node("QLinearConv", ["h", "hs", "hz", "w2", "w2s", "w2z", "ys", "yz", "b2"], ["y"], name="conv2",
                          kernel_shape=[3, 3], pads=[1] * 4),
     ]
-    graph = helper.make_graph(nodes, "qlinear", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 8, 8, 8])], initializer=init)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 8, 8, 8])], init.items(), opset=13,
+                      elem_type=TensorProto.UINT8)
 
 
 def _compile(model, tmp_path, name):
@@ -203,18 +190,11 @@ def paddle_style_model(seed=0):
     is Add(conv, Reshape(constant)), then pooling and a Gemm."""
     rng = np.random.default_rng(seed)
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
-    inits = [
-        numpy_helper.from_array(f32(8, 3, 3, 3) * 0.3, "w1"),
-        numpy_helper.from_array(rng.uniform(0.3, 3.0, 8).astype(np.float32), "gamma"),
-        numpy_helper.from_array(f32(8), "beta"),
-        numpy_helper.from_array(f32(8) * 0.5, "mean"),
-        numpy_helper.from_array(rng.uniform(0.2, 4.0, 8).astype(np.float32), "var"),
-        numpy_helper.from_array(f32(8, 8, 3, 3) * 0.2, "w2"),
-        numpy_helper.from_array(f32(8) * 2.0, "b2"),
-        numpy_helper.from_array(np.array([1, 8, 1, 1], np.int64), "b2_shape"),
-        numpy_helper.from_array(f32(4, 8) * 0.5, "fc_w"),
-        numpy_helper.from_array(f32(4) * 0.1, "fc_b"),
-    ]
+    inits = {
+        "w1": f32(8, 3, 3, 3) * 0.3, "gamma": rng.uniform(0.3, 3.0, 8).astype(np.float32), "beta": f32(8),
+        "mean": f32(8) * 0.5, "var": rng.uniform(0.2, 4.0, 8).astype(np.float32), "w2": f32(8, 8, 3, 3) * 0.2,
+        "b2": f32(8) * 2.0, "b2_shape": np.array([1, 8, 1, 1], np.int64), "fc_w": f32(4, 8) * 0.5, "fc_b": f32(4) * 0.1,
+    }
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["bn1"], epsilon=1e-5),
@@ -227,9 +207,7 @@ def paddle_style_model(seed=0):
         helper.make_node("Flatten", ["p"], ["f"]),
         helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], transB=1),
     ]
-    graph = helper.make_graph(nodes, "paddle_style", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 12, 12])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    return make_model(nodes, [("x", [1, 3, 12, 12])], [("y", [1, 4])], inits.items(), opset=11)
 
 
 def test_export_folds_batchnorm_and_bias_add_like_the_integer_program(tmp_path):

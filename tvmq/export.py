@@ -45,12 +45,12 @@ def _fold_into_conv(model, consts) -> None:
             consumers.setdefault(i, []).append(node)
     removed = set()
     for conv in list(model.graph.node):
-        if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in consts:
+        has_bias = len(conv.input) > 2 and conv.input[2]
+        if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in consts or (
+                has_bias and conv.input[2] not in consts):
             continue
         w = consts[conv.input[1]].astype(np.float64)
-        b = consts[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] in consts else np.zeros(w.shape[0])
-        if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in consts:
-            continue
+        b = consts[conv.input[2]].astype(np.float64) if has_bias else np.zeros(w.shape[0])
         folded = False
         while conv.output[0] not in graph_outputs and len(consumers.get(conv.output[0], [])) == 1:
             user = consumers[conv.output[0]][0]

@@ -58,6 +58,7 @@ class _DQ:
 class _Acc:
     acc: relax.Expr  # int32 accumulator with bias and zero-point correction
     scale: np.ndarray  # real value of one accumulator step, per channel (float64)
+    scale32: np.ndarray  # the same as float32 ``sx * sw``, rounded the way ONNX Runtime's kernels round it
     axis: int
     ndim: int
     act: object
@@ -84,6 +85,24 @@ def _clamp_bounds(qp: QParams, act) -> tuple[int, int]:
         if act.hi < np.inf:
             hi = min(hi, zp + int(np.round(act.hi / scale)))
     return lo, max(lo, hi)
+
+
+def _float_sum(terms, zp_out):
+    """``round(sum_i (x_i - off_i) * r_i + zp_out)`` computed as ONNX Runtime's QLinearAdd computes it.
+
+    The offsets and the output zero point go into one float32 constant ``K = zp_out - sum_i r_i *
+    off_i`` and the sum is the chain ``x_0 * r_0 + (x_1 * r_1 + K)``, which LLVM contracts into
+    fused multiply-adds as MLAS's kernel does; a sum that is a rounding tie in exact arithmetic
+    (frequent when two scales are in a ratio like 1:2) then rounds the same way in both.
+    """
+    ratios = [np.float32(np.asarray(mult, np.float64).reshape(-1)[0]) for _, _, mult in terms]
+    k = np.float32(0)
+    for (_, off, _), r in zip(terms, ratios):
+        k = np.float32(k + np.float32(r * np.float32(off)))
+    total = relax.const(np.float32(np.float32(zp_out) - k), "float32")
+    for (x, _, _), r in reversed(list(zip(terms, ratios))):
+        total = relax.op.add(relax.op.multiply(relax.op.astype(x, "float32"), relax.const(r, "float32")), total)
+    return relax.op.round(total)
 
 
 @relax.expr_functor.mutator
@@ -169,17 +188,19 @@ class _Folder(relax.PyExprMutator):
             total = self._emit(relax.op.right_shift(total, _channel_const(shifts, axis, ndim, "int64")))
             if zp_out:
                 total = self._emit(relax.op.add(total, relax.const(np.int64(zp_out), "int64")))
-        else:
-            total = None
-            for x, off, mult in terms:
-                t = self._emit(relax.op.astype(x, "float32"))
-                if off:
-                    t = self._emit(relax.op.subtract(t, relax.const(np.float32(off), "float32")))
-                t = self._emit(relax.op.multiply(t, _channel_const(np.asarray(mult).reshape(-1), axis, ndim, "float32")))
-                total = t if total is None else self._emit(relax.op.add(total, t))
+        elif len(terms) == 1:
+            # ONNX Runtime's arithmetic: float32(acc) * float32 multiplier, round half to even, + zp.
+            x, off, mult = terms[0]
+            total = self._emit(relax.op.astype(x, "float32"))
+            if off:
+                total = self._emit(relax.op.subtract(total, relax.const(np.float32(off), "float32")))
+            mult = np.asarray(mult, np.float32).reshape(-1)
+            total = self._emit(relax.op.multiply(total, _channel_const(mult, axis, ndim, "float32")))
             total = self._emit(relax.op.round(total))
             if zp_out:
                 total = self._emit(relax.op.add(total, relax.const(np.float32(zp_out), "float32")))
+        else:
+            total = self._emit(_float_sum(terms, zp_out))
         total = self._emit(relax.op.clip(total, lo, hi))
         return relax.op.astype(total, out_dtype)
 
@@ -241,7 +262,8 @@ class _Folder(relax.PyExprMutator):
         if np.any(bias != 0):
             acc = self._emit(relax.op.add(acc, _channel_const(bias, chain.channel_axis, ndim, "int32")))
         scale = sx * sw
-        self.accs[var] = _Acc(acc, scale, chain.channel_axis, ndim, chain.act)
+        scale32 = np.float32(dq.qp.scale) * np.asarray(sw, np.float32)
+        self.accs[var] = _Acc(acc, scale, scale32, chain.channel_axis, ndim, chain.act)
         # Float view for consumers that stay in float; dead code when a quantize follows.
         y = self._emit(relax.op.astype(acc, "float32"))
         y = relax.op.multiply(y, _channel_const(scale, chain.channel_axis, ndim, "float32"))
@@ -265,6 +287,8 @@ class _Folder(relax.PyExprMutator):
             a = self.accs[src]
             lo, hi = _clamp_bounds(out, a.act)
             m = a.scale / float(out.scale)
+            if self.mode == RequantizeMode.FLOAT:
+                m = a.scale32 / np.float32(out.scale)
             self._bind(var, self._requantize([(a.acc, 0, m)], m, int(out.zero_point), lo, hi, out_dtype, a.axis, a.ndim))
             return True
         chain = self.chains.get(src)
@@ -339,7 +363,9 @@ class FoldQDQ:
     ----------
     requantize : RequantizeMode or str
         ``"fixed_point"`` (default): int64 multiply and rounding shift, integers only;
-        ``"float"``: scale the accumulator in float32 and round.
+        ``"float"``: scale the accumulator in float32 and round half to even, with ONNX Runtime's
+        float32 multipliers and operation order (the default for pre-quantized models, which then
+        match ONNX Runtime bit for bit).
     """
 
     def __init__(self, requantize: RequantizeMode | str = RequantizeMode.FIXED_POINT):

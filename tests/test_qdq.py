@@ -109,6 +109,42 @@ def test_qat_model_keeps_its_scales_and_matches_onnx_runtime(tmp_path):
     assert within >= 0.995 and worst <= 3, (within, worst)
 
 
+def tie_add_model():
+    """``a + b`` between two quantized activations, with the scales of one of PP-OCR's classifier layers (the ``+ 3``
+    of a hard-swish): at ``a = 0, b = 3`` the sum lands on 127.5 output steps in exact arithmetic."""
+    sa, za, sb, sc = 0.09059707820415497, 126, 0.0117647061124444, 0.0235294122248888
+    init = {"sa": np.float32(sa), "za": np.uint8(za), "sb": np.float32(sb), "sc": np.float32(sc), "z": np.uint8(0)}
+    q = lambda i, s, z, o: helper.make_node("QuantizeLinear", [i, s, z], [o], name=o)  # noqa: E731
+    dq = lambda i, s, z, o: helper.make_node("DequantizeLinear", [i, s, z], [o], name=o)  # noqa: E731
+    nodes = [
+        q("a", "sa", "za", "aq"), dq("aq", "sa", "za", "ad"), q("b", "sb", "z", "bq"), dq("bq", "sb", "z", "bd"),
+        helper.make_node("Add", ["ad", "bd"], ["s"], name="add"), q("s", "sc", "z", "sq"), dq("sq", "sc", "z", "y"),
+    ]
+    model = make_model(nodes, [("a", [1, 256]), ("b", [1, 256])], [("y", [1, 256])], init.items(), opset=13)
+    return model, sa, za, sb, sc
+
+
+def test_integer_add_rounds_like_onnx_runtime_on_ties(tmp_path):
+    """Every level of ``a`` plus ``b = 3``: tvmq's integer add equals ONNX Runtime's QLinearAdd bit for bit.
+
+    ONNX Runtime folds both zero points into one float32 constant and sums with fused multiply-adds, so the level
+    that is an exact tie rounds down there and up (half to even, 127.5 -> 128) in exact arithmetic. A pre-quantized
+    model is requantized the way its reference runtime does it, so the two agree everywhere, not just within a step."""
+    from tvmq.runtime import Bundle
+
+    model, sa, za, sb, sc = tie_add_model()
+    path, out = _compile(model, tmp_path, "tie")
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["layers"]["add"]["precision"] == "int8" and plan["requantize"] == "float"
+    feed = {"a": ((np.arange(256) - za) * np.float32(sa)).astype(np.float32)[None],
+            "b": np.full((1, 256), 255 * np.float32(sb), np.float32)}
+    got = Bundle(out).run(feed)["y"]
+    want = ort.InferenceSession(str(path)).run(None, feed)[0]
+    np.testing.assert_array_equal(got, want)
+    exact = (np.arange(256) - za) * (sa / sc) + 255 * (sb / sc)
+    assert np.any(np.abs(exact - np.floor(exact) - 0.5) < 1e-6)  # the input does reach the tie
+
+
 def test_qlinear_conv_graph_is_rewritten_and_matches_onnx_runtime(tmp_path):
     from tvmq.runtime import Bundle
 

@@ -63,9 +63,11 @@ def _make(lanes: int, kind: str = "vnni"):
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
-            a_i32 = T.reinterpret(A.vload([0], a_x4), dtype="int32")
-            a = T.reinterpret(T.broadcast(a_i32, lanes), dtype=byte_t)
-            b = B.vload([0, 0], dtype=byte_t)
+            # meta_var: inline expressions. A plain assignment makes TVMScript allocate a local
+            # buffer, which is lowered to a workspace alloc/free pair per tile inside parallel loops.
+            a_i32 = T.meta_var(T.reinterpret(A.vload([0], a_x4), dtype="int32"))
+            a = T.meta_var(T.reinterpret(T.broadcast(a_i32, lanes), dtype=byte_t))
+            b = T.meta_var(B.vload([0, 0], dtype=byte_t))
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(intrinsic), C.vload([0], dtype=acc_t), a, b, dtype=acc_t
             )

@@ -25,7 +25,7 @@ import math
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
-__all__ = ["PackedKernelRule", "DepthwiseRule", "InjectiveRule", "FallbackRule", "default_rules",
+__all__ = ["PackedKernelRule", "DepthwiseRule", "ChannelReductionRule", "InjectiveRule", "FallbackRule", "default_rules",
            "tunable_schedule", "is_tunable"]
 
 CONV_BLOCK = "tvmq_dot_conv2d"
@@ -308,6 +308,71 @@ class DepthwiseRule(ScheduleRule):
             return False
 
 
+class ChannelReductionRule(ScheduleRule):
+    """Reductions over the spatial axes of an NHWC tensor (global / squeeze-excite average pools).
+
+    The channels are the innermost, contiguous axis and are not reduced, so the kernel sums
+    whole channel vectors row by row (``acc[c:c+16] += x[h, w, c:c+16]``), in parallel over
+    channel blocks, and requantizes each block while it is in registers. A last-axis reduction
+    rule would instead walk each channel with a stride of the channel count, one lane at a time.
+    """
+
+    def __init__(self, lanes: int = 16):
+        self.lanes = lanes
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        reductions = [b for b in blocks if not _is_spatial(sch, b)]
+        if len(reductions) != 1 or not all(_is_spatial(sch, b) for b in blocks[blocks.index(reductions[0]) + 1:]):
+            return None
+        main = reductions[0]
+        block = sch.get(main)
+        ivs = list(block.iter_vars)
+        kinds = [int(iv.iter_type) for iv in ivs]
+        # [spatial..., reduce...], the last spatial one indexing the innermost axis of the input
+        if _REDUCE not in kinds or kinds != sorted(kinds) or _SPATIAL not in kinds:
+            return None
+        channel = ivs[kinds.index(_REDUCE) - 1].var
+        if len(block.reads) != 1 or not _is_var(block.reads[0].region[-1].min, channel):
+            return None
+        try:
+            return sch if self._schedule(sch, main, len([k for k in kinds if k == _SPATIAL])) else None
+        except Exception:  # pylint: disable=broad-except
+            return None
+
+    def _schedule(self, sch, main, n_spatial) -> bool:
+        _schedule_producers(sch, main, self.lanes)
+        loops = sch.get_loops(main)
+        spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+        vec = _vector_width(_extent(sch, spatial[-1]), self.lanes)
+        co, ci = sch.split(spatial[-1], [None, vec])
+        sch.reorder(*spatial[:-1], co, *reduce, ci)
+        outer = sch.fuse(*spatial[:-1], co) if len(spatial) > 1 else co
+        for block in _inline_epilogue(sch, main):
+            sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
+            last = sch.get_loops(block)[-1]
+            if _extent(sch, last) == vec and vec > 1:
+                sch.vectorize(last)
+        total = 1
+        for l in sch.get_loops(main):
+            total *= _extent(sch, l) or 1
+        if total >= _PARALLEL_MIN and (_extent(sch, outer) or 1) > 1:
+            sch.parallel(outer)
+        if vec > 1:
+            sch.vectorize(ci)  # before decomposing, as for the depthwise kernels
+        init = sch.decompose_reduction(main, reduce[0])
+        if vec > 1:
+            sch.vectorize(sch.get_loops(init)[-1])
+        return True
+
+
+def _is_var(expr, var) -> bool:
+    return isinstance(expr, tirx.Var) and expr.same_as(var)
+
+
 class InjectiveRule(ScheduleRule):
     """Kernels with only spatial blocks: inline into the output, then parallel vectors."""
 
@@ -401,5 +466,6 @@ def default_rules(intrinsics: dict[int, str] | None = None, lanes: int = 16) -> 
     rules: list[ScheduleRule] = [PackedKernelRule(intrinsics)]
 
     # DLight's CPU Reduction rule covers softmax / layer norm style kernels.
-    rules += [DepthwiseRule(lanes), cpu.Reduction(), InjectiveRule(lanes), FallbackRule(lanes)]
+    rules += [DepthwiseRule(lanes), ChannelReductionRule(lanes), cpu.Reduction(), InjectiveRule(lanes),
+              FallbackRule(lanes)]
     return rules

@@ -1,0 +1,43 @@
+"""tvmq's default schedule rules: the kernels they produce are vectorized the intended way and exact."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvmq._compat import tir
+from tvmq.pipeline import build, lower
+
+
+def _nhwc_module(op):
+    x = relax.Var("x", relax.TensorType((1, 6, 10, 40), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(op(x))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+OPS = {
+    "global average pool": (lambda x: relax.op.mean(x, axis=[1, 2], keepdims=True),
+                            lambda a: a.mean(axis=(1, 2), keepdims=True)),
+    "max pool": (lambda x: relax.op.nn.max_pool2d(x, pool_size=(2, 2), strides=(2, 2), layout="NHWC"),
+                 lambda a: a.reshape(1, 3, 2, 5, 2, 40).max(axis=(2, 4))),
+}
+
+
+@pytest.mark.parametrize("name", list(OPS))
+def test_spatial_reductions_over_nhwc_sum_channel_vectors(name):
+    """Pools over H and W read whole channel vectors (the innermost, contiguous axis) instead of walking each
+    channel with a stride of the channel count; the result is the same."""
+    op, reference = OPS[name]
+    mod = _nhwc_module(op)
+    kernels = [f for _, f in lower(mod, "x86").functions_items() if isinstance(f, tir.PrimFunc)]
+    assert len(kernels) == 1
+    lines = kernels[0].script().splitlines()
+    update = next(i for i, line in enumerate(lines) if 'sblock("' in line and '_update")' in line)
+    assert "in T.vectorized(T.int64(8))" in lines[update - 1], "\n".join(lines)  # 40 channels: vectors of 8
+    x = np.random.default_rng(0).uniform(-3, 3, (1, 6, 10, 40)).astype(np.float32)
+    vm = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), reference(x), rtol=1e-6, atol=1e-6)

@@ -14,7 +14,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvmq._compat import constant_array, is_constant
+from tvmq._compat import constant_array, is_constant, make_call
 
 from .fold_constants import FoldConstantsNumpy
 from .patterns import Activation, FunctionGraph, call_op, dtype_of
@@ -25,10 +25,36 @@ __all__ = ["ConvertToNHWC"]
 DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 
 
+_ELEMENTWISE = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",
+                "relax.power")
+
+
+def _as_scalar(expr, other):
+    """A one-element constant of rank >= 1 as a 0-d constant, where broadcasting it against
+    ``other`` (of at least its rank) gives the same result; else None."""
+    if not is_constant(expr):
+        return None
+    value = constant_array(expr)
+    shape = getattr(getattr(other, "ty", None), "shape", None)
+    if value.size != 1 or value.ndim == 0 or shape is None or len(shape.values) < value.ndim:
+        return None
+    return relax.const(value.reshape(()), str(value.dtype))
+
+
 @relax.expr_functor.mutator
 class _ClipToMinMax(relax.PyExprMutator):
+    """Clips to maximum/minimum with scalars, and one-element constant operands (Paddle exports
+    write ``x + c`` with ``c`` of shape ``[1]``) to 0-d scalars: ConvertLayout infers layouts for
+    those, while a rank-1 operand against an NCHW tensor makes it keep NCHW and wrap the op in
+    transposes."""
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
+        if call_op(call) in _ELEMENTWISE and len(call.args) == 2:
+            lhs, rhs = call.args
+            new_rhs, new_lhs = _as_scalar(rhs, lhs), _as_scalar(lhs, rhs)
+            if new_rhs is not None or new_lhs is not None:
+                call = make_call(call, [new_lhs if new_lhs is not None else lhs, new_rhs if new_rhs is not None else rhs])
         act = Activation.of(call) if call_op(call) in ("relax.clip", "relax.nn.relu6") else None
         if act is None:
             return call

@@ -224,3 +224,37 @@ def test_fold_constants_numpy_evaluates_batchnorm_style_chains():
     tvm.ir.assert_structural_equal(folded, bind(Expected, c=np.sqrt(v + 1).reshape(1, 2)))
     # Nothing constant: untouched.
     tvm.ir.assert_structural_equal(FoldConstantsNumpy()(ConstantChain), ConstantChain)
+
+
+@I.ir_module
+class AffineBetweenConvs:
+    """Paddle exports write per-tensor affine steps as ``x * a + b`` with ``a``, ``b`` of shape ``[1]``."""
+
+    @R.function
+    def main(x: R.Tensor((1, 8, 6, 6), "float32"), w1: R.Tensor((8, 8, 1, 1), "float32"),
+             w2: R.Tensor((8, 8, 1, 1), "float32"), a: R.Tensor((1,), "float32"), b: R.Tensor((1,), "float32")):
+        R.func_attr({"num_input": 1})
+        with R.dataflow():
+            c1 = R.nn.conv2d(x, w1)
+            m = R.multiply(c1, a)
+            s = R.add(m, b)
+            h = R.clip(s, 0.0, 6.0)
+            gv = R.nn.conv2d(h, w2)
+            R.output(gv)
+        return gv
+
+
+def test_nhwc_conversion_keeps_one_element_constant_ops_channels_last():
+    """Only the model's input and output are transposed: the ``[1]``-shaped operands become scalars, for which
+    ConvertLayout infers the layout, instead of wrapping the multiply and the add in transpose pairs."""
+    from tvmq.passes.layout import ConvertToNHWC
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.normal(0, 0.3, (8, 8, 1, 1)).astype(np.float32) for _ in range(2))
+    a, b = np.array([1.5], np.float32), np.array([-0.25], np.float32)
+    mod = bind(AffineBetweenConvs, w1=w1, w2=w2, a=a, b=b)
+    out = ConvertToNHWC()(mod)
+    assert count_ops(out).get("relax.permute_dims", 0) == 2
+    x = rng.normal(0, 1, (1, 8, 6, 6)).astype(np.float32)
+    run = lambda m: relax.VirtualMachine(tvm.compile(m, "llvm"), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()  # noqa: E731
+    np.testing.assert_allclose(run(out), run(mod), rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
-"""DivideToMultiply: ``x / c`` with a constant ``c`` becomes ``x * (1/c)``.
+"""Cheaper float arithmetic.
 
-A vector divide costs several times a multiply on every CPU tvmq targets; exporters write
+DivideToMultiply: ``x / c`` with a constant ``c`` becomes ``x * (1/c)``. A vector divide costs several times a multiply on every CPU tvmq targets; exporters write
 ``x / 6`` (hard-swish), ``x / sqrt(d)`` (attention) and the like. The result differs from the
 division by at most one unit in the last place.
 """
@@ -15,7 +15,7 @@ from tvmq._compat import constant_array, is_constant
 
 from .patterns import call_op, dtype_of
 
-__all__ = ["DivideToMultiply"]
+__all__ = ["DivideToMultiply", "FastSoftmax"]
 
 
 @relax.expr_functor.mutator
@@ -42,6 +42,35 @@ class DivideToMultiply:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         rewriter = _Rewriter(mod)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+
+@relax.expr_functor.mutator
+class _SoftmaxRewriter(relax.PyExprMutator):
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if call_op(call) != "relax.nn.softmax" or dtype_of(call) != "float32":
+            return call
+        from tvm import topi
+
+        return self.builder_.call_te(topi.nn.fast_softmax, call.args[0], int(call.attrs.axis),
+                                     primfunc_name_hint="fast_softmax")
+
+
+@tvm.transform.module_pass(opt_level=0, name="FastSoftmax")
+class FastSoftmax:
+    """float32 softmax with TVM's polynomial ``fast_exp`` instead of ``exp``.
+
+    LLVM turns a vector ``exp`` into one libm call per lane; the polynomial vectorizes. Relative
+    error below 5e-5 of the exact softmax (tested); PP-OCR's recogniser ends in a 6625-class
+    softmax over 40 steps, which took a fifth of its int8 kernel time with ``exp``.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        rewriter = _SoftmaxRewriter(mod)
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))

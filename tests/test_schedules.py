@@ -41,3 +41,21 @@ def test_spatial_reductions_over_nhwc_sum_channel_vectors(name):
     x = np.random.default_rng(0).uniform(-3, 3, (1, 6, 10, 40)).astype(np.float32)
     vm = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), reference(x), rtol=1e-6, atol=1e-6)
+
+
+def test_softmax_uses_a_vectorizable_exp_and_stays_within_5e5():
+    """A 6625-class softmax (PP-OCR's recogniser head): no libm ``exp`` per element, same probabilities."""
+    x = relax.Var("x", relax.TensorType((4, 6625), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.softmax(x, axis=-1))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    kernels = [f.script() for _, f in lower(mod, "x86").functions_items() if isinstance(f, tir.PrimFunc)]
+    assert kernels and not any("T.exp(" in k for k in kernels)
+    a = np.random.default_rng(0).normal(0, 4, (4, 6625)).astype(np.float32)
+    ref = np.exp(a.astype(np.float64) - a.max(1, keepdims=True))
+    ref /= ref.sum(1, keepdims=True)
+    got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=5e-5, atol=1e-9)

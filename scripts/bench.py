@@ -278,6 +278,7 @@ def plan_bundles(name, case, args, workdir, calib, shape):
                          "greedy": p["greedy"]["latency_ms"], "all_int8": p["latency_ms"]["all_int8"],
                          "fp32": p["latency_ms"]["fp32"]},
         "plan_layers": counts(p["assignment"]), "fallback_layers": counts(p["fallback"]["assignment"]),
+        "same_assignment": p["assignment"] == p["fallback"]["assignment"],
         "report": str(out / "report.html"),
     }
     if args.keep:
@@ -311,7 +312,9 @@ def print_table(results: dict, threads: int) -> None:
                   f"samples, search {a['search_s']} s): plan {a['plan_layers']} "
                   f"{r['tvmq_plan']['median_ms']:.3f} ms {100 * r['tvmq_plan']['accuracy']:.2f}%; INC-style fallback "
                   f"{a['fallback_layers']} {r['tvmq_fallback']['median_ms']:.3f} ms "
-                  f"{100 * r['tvmq_fallback']['accuracy']:.2f}% ({a['fallback_evaluations']} evaluations)")
+                  f"{100 * r['tvmq_fallback']['accuracy']:.2f}% ({a['fallback_evaluations']} evaluations)"
+                  + ("; the SAME assignment, so their latency difference is measurement noise"
+                     if a.get("same_assignment") else ""))
         print(f"{'':<11}int8 layers {info['int8_layers']}, float {info['float_layers']}; integer kernels "
               f"{info['integer_kernels']}/{info['kernels']}; vpdpbusd {info['vpdpbusd']}; "
               f"library {info['library_bytes'] / 1024:.0f} KiB; compile {info['compile_s']} s")

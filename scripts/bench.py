@@ -152,8 +152,10 @@ def ort_quantize(path, name, calib, out_dir):
     return out
 
 
-def count_vnni(lib: Path) -> dict:
-    """zmm/ymm/xmm ``vpdpbusd`` instructions in a compiled library (objdump)."""
+def count_vnni(lib: Path, kernels=()) -> dict:
+    """zmm/ymm/xmm ``vpdpbusd`` instructions in a compiled library (objdump), and how many of
+    ``kernels`` (function names) contain a VNNI instruction (``vpdpbusd`` or, in the depthwise
+    kernels, ``vpdpwssd``)."""
     try:
         asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
                              check=True).stdout
@@ -162,6 +164,14 @@ def count_vnni(lib: Path) -> dict:
     counts = {}
     for reg in ("zmm", "ymm", "xmm"):
         counts[reg] = len(re.findall(rf"vpdpbusds?\s+%{reg}", asm))
+    with_vnni, current = set(), None
+    for line in asm.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            current = head.group(1).removeprefix("__tvm_ffi_").split("_compute_")[0]
+        elif current and re.search(r"\bvpdp(busd|wssd)s?\b", line):
+            with_vnni.add(current)
+    counts["kernels_with_vnni"] = f"{sum(1 for k in kernels if k in with_vnni)}/{len(kernels)}"
     return counts
 
 
@@ -231,7 +241,7 @@ def bench_model(name, case, args, workdir) -> dict:
         "float_layers": res.manifest["quantization"]["float_layers"],
         "integer_kernels": sum(1 for k in res.manifest["kernels"] if k["accumulator"] == "int32"),
         "kernels": len(res.manifest["kernels"]),
-        "vpdpbusd": count_vnni(out / "model.so"),
+        "vpdpbusd": count_vnni(out / "model.so", [k["func"] for k in res.manifest["kernels"] if k["accumulator"] == "int32"]),
         "library_bytes": (out / "model.so").stat().st_size,
         "compile_s": round(compile_s, 1),
         "eval_samples": len(ys),

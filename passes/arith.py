@@ -18,6 +18,14 @@ from .patterns import call_op, dtype_of
 __all__ = ["DivideToMultiply", "FastSoftmax"]
 
 
+def _rewrite_functions(rewriter, mod):
+    """``mod`` with every Relax function passed through ``rewriter`` (a PyExprMutator made on it)."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def visit_call_(self, call):
@@ -41,11 +49,7 @@ class DivideToMultiply:
     """Replace division by a constant with multiplication by its reciprocal."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return _rewrite_functions(_Rewriter(mod), mod)
 
 
 @relax.expr_functor.mutator
@@ -70,8 +74,4 @@ class FastSoftmax:
     """
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        rewriter = _SoftmaxRewriter(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
+        return _rewrite_functions(_SoftmaxRewriter(mod), mod)

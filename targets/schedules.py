@@ -308,7 +308,23 @@ class DepthwiseRule(ScheduleRule):
             return False
 
 
-class ChannelReductionRule(ScheduleRule):
+class _LanesRule(ScheduleRule):
+    """A rule with a vector width, scheduling a PrimFunc's root blocks."""
+
+    def __init__(self, lanes: int = 16):
+        self.lanes = lanes
+
+    @staticmethod
+    def _blocks(func):
+        """``(schedule, root blocks)`` of ``func``, or None for anything but a PrimFunc with blocks."""
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = _root_blocks(sch)
+        return (sch, blocks) if blocks else None
+
+
+class ChannelReductionRule(_LanesRule):
     """Reductions over the spatial axes of an NHWC tensor (global / squeeze-excite average pools).
 
     The channels are the innermost, contiguous axis and are not reduced, so the kernel sums
@@ -317,14 +333,11 @@ class ChannelReductionRule(ScheduleRule):
     rule would instead walk each channel with a stride of the channel count, one lane at a time.
     """
 
-    def __init__(self, lanes: int = 16):
-        self.lanes = lanes
-
     def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc):
+        found = self._blocks(func)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
+        sch, blocks = found
         reductions = [b for b in blocks if not _is_spatial(sch, b)]
         if len(reductions) != 1 or not all(_is_spatial(sch, b) for b in blocks[blocks.index(reductions[0]) + 1:]):
             return None
@@ -373,19 +386,14 @@ def _is_var(expr, var) -> bool:
     return isinstance(expr, tirx.Var) and expr.same_as(var)
 
 
-class InjectiveRule(ScheduleRule):
+class InjectiveRule(_LanesRule):
     """Kernels with only spatial blocks: inline into the output, then parallel vectors."""
 
-    def __init__(self, lanes: int = 16):
-        self.lanes = lanes
-
     def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc):
+        found = self._blocks(func)
+        if found is None or not all(_is_spatial(found[0], b) for b in found[1]):
             return None
-        sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
-        if not blocks or not all(_is_spatial(sch, b) for b in blocks):
-            return None
+        sch, blocks = found
         try:
             outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
             for b in blocks:
@@ -401,19 +409,14 @@ class InjectiveRule(ScheduleRule):
             return None
 
 
-class FallbackRule(ScheduleRule):
+class FallbackRule(_LanesRule):
     """Parallelize the outer spatial loops of every block; vectorize spatial inner loops."""
 
-    def __init__(self, lanes: int = 16):
-        self.lanes = lanes
-
     def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc):
+        found = self._blocks(func)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
-        if not blocks:
-            return None
+        sch, blocks = found
         changed = False
         for b in blocks:
             try:

@@ -322,3 +322,28 @@ def test_discrete_metric_budget_is_searched_on_measurements_not_assumed():
     assert 0 < n_int8 < len(layers)
     fallback, _, _ = P.fallback_plan(a, 0.3)
     assert P.latency(a, chosen) <= P.latency(a, fallback)
+
+
+def test_an_exact_plan_that_misses_as_an_integer_program_is_repaired(sensitive, tmp_path, monkeypatch, steady_timing):
+    """The simulation and the integer program can disagree by a rounding; when the exact plan's integer program
+    misses the budget, its most sensitive int8 layers go back to float one at a time until it meets it."""
+    import tvmq.build
+
+    real = tvmq.build._Candidate
+
+    class Disagreeing(real):
+        """The integer program misses whenever conv0 and conv2 are both int8 (the simulation does not)."""
+
+        def __init__(self, float_mod, plan, *args):
+            super().__init__(float_mod, plan, *args)
+            if all(plan.layers[n].is_int8 for n in ("conv0", "conv2")):
+                self.metric = 0.0
+
+    monkeypatch.setattr(tvmq.build, "_Candidate", Disagreeing)
+    out = tmp_path / "auto"
+    compile_model(sensitive / "model.onnx", out, calib=sensitive / "calib", precision="auto",
+                  auto=AutoPrecision(metric="sqnr", min_sqnr=30.0))
+    p = json.loads((out / "manifest.json").read_text())["precision"]
+    # The search proposes conv1 alone in float (the other tests' plan); repaired, one more layer is float.
+    assert p["chosen_from"] == "exact search" and p["race"]["exact search"]["passes"]
+    assert p["assignment"]["conv1"] == "fp32" and sorted(p["assignment"].values()) == ["fp32", "fp32", "int8"]

@@ -371,13 +371,16 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
         return compiled[key]
 
     # The simulation and the integer program round alike up to requantization; should the
-    # exact plan miss as an integer program, search again with a tighter budget.
-    tight = budget
-    for _ in range(4):
-        chosen, _ = P.search(analysis, tight, "exact", seeds=seeds if tight == budget else ())
-        if P.meets(analysis, candidate(chosen).metric, budget) or all(p == "fp32" for p in chosen.values()):
+    # exact plan miss as an integer program, it is repaired: the most sensitive layer it still
+    # quantizes goes back to float, until it meets the budget. (Searching again with a tighter
+    # budget changes nothing when the metric moves in whole samples, as accuracy does.)
+    chosen, _ = P.search(analysis, budget, "exact", seeds=seeds)
+    order = [l.name for l in sorted(analysis.layers, key=lambda l: (l.only_int8, l.sqnr_int8))]  # as the fallback's
+    repairs = [n for n in order if chosen[n] != "fp32"][:8]
+    for name in repairs:
+        if P.meets(analysis, candidate(chosen).metric, budget):
             break
-        tight = tight + 1.0 if metric.kind == "sqnr" else tight / 2
+        chosen = {**chosen, name: "fp32"}
     proposals = {"exact search": chosen, "greedy": greedy, "fallback (INC-style)": fallback}
     race = {label: candidate(a) for label, a in proposals.items()}
     passing = {label: c for label, c in race.items() if P.meets(analysis, c.metric, budget)}

@@ -142,7 +142,15 @@ def test_integer_add_rounds_like_onnx_runtime_on_ties(tmp_path):
     want = ort.InferenceSession(str(path)).run(None, feed)[0]
     np.testing.assert_array_equal(got, want)
     exact = (np.arange(256) - za) * (sa / sc) + 255 * (sb / sc)
-    assert np.any(np.abs(exact - np.floor(exact) - 0.5) < 1e-6)  # the input does reach the tie
+    tie = np.abs(exact - np.floor(exact) - 0.5) < 1e-6
+    assert tie.sum() == 1  # the input does reach the tie
+    # --requantize fixed_point is honoured: integer arithmetic rounds the tie up, one step from ONNX Runtime.
+    out_fp = tmp_path / "tie-fixed"
+    assert main(["compile", str(path), "-o", str(out_fp), "--requantize", "fixed_point"]) == 0
+    assert json.loads((out_fp / "plan.json").read_text())["requantize"] == "fixed_point"
+    fixed = Bundle(out_fp).run(feed)["y"]
+    np.testing.assert_array_equal(fixed[~tie[None]], want[~tie[None]])
+    np.testing.assert_allclose(fixed[tie[None]] - want[tie[None]], sc, rtol=1e-5)
 
 
 def test_qlinear_conv_graph_is_rewritten_and_matches_onnx_runtime(tmp_path):

@@ -7,6 +7,7 @@ end, so a failed or interrupted build leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -480,6 +481,8 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
                 "from the file's own arithmetic. Quantize with int8 weights (ONNX Runtime: run quant_pre_process first)"
             )
         qplan = qplan or source_plan
+        if config.requantize is not None and config.requantize.value != qplan.requantize:
+            qplan = dataclasses.replace(qplan, requantize=config.requantize.value)
         return QuantizedModel(quantize_pipeline(qplan)(float_mod), float_mod, info, qplan, warnings)
     float_mod = prepare(mod)
     if precision == "fp32":

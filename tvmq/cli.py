@@ -49,8 +49,9 @@ def _add_compile(sub):
                                     "first match wins")
     p.add_argument("--plan", help="reuse a plan.json from an earlier build instead of calibrating")
     _add_budget_flags(p)
-    p.add_argument("--requantize", default="fixed_point", choices=["fixed_point", "float"],
-                   help="integer fixed-point (default) or float scaling of accumulators")
+    p.add_argument("--requantize", choices=["fixed_point", "float"],
+                   help="integer fixed-point or float scaling of accumulators (default: fixed_point, and for "
+                        "pre-quantized models float computed as ONNX Runtime does)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     _add_algorithm_flags(p)
     p.add_argument("--db", help="tuning database folder: use its (verified) kernels")
@@ -90,7 +91,7 @@ def _add_tune(sub):
     p.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
     p.add_argument("--percentile", type=float, default=99.999)
     p.add_argument("--keep-float", action="append", default=[], metavar="GLOB")
-    p.add_argument("--requantize", default="fixed_point", choices=["fixed_point", "float"])
+    p.add_argument("--requantize", choices=["fixed_point", "float"])
     p.add_argument("--trials", type=int, default=32, help="measured candidates per kernel (default 32)")
     p.add_argument("--max-tasks", type=int, help="tune only the largest kernels")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on boards registered with this TVM RPC tracker")
@@ -108,7 +109,7 @@ def _add_export(sub):
     p.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
     p.add_argument("--percentile", type=float, default=99.999)
     p.add_argument("--keep-float", action="append", default=[], metavar="GLOB")
-    p.add_argument("--requantize", default="fixed_point", choices=["fixed_point", "float"])
+    p.add_argument("--requantize", choices=["fixed_point", "float"])
     p.add_argument("--target", default="x86", help="preset whose activation dtype to use (default: x86, uint8)")
     p.set_defaults(func=cmd_export)
 

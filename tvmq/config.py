@@ -88,8 +88,10 @@ class QuantConfig:
         Histogram bins on each side of zero for the histogram methods.
     activation : ActivationSpec or None
         ``None`` takes the target preset's choice (u8 on x86 VNNI, s8 on ARM sdot).
-    requantize : RequantizeMode
-        Integer fixed-point (default) or float scaling of accumulators.
+    requantize : RequantizeMode or None
+        Integer fixed-point or float scaling of accumulators. ``None`` (default): fixed-point for
+        calibrated models; float for pre-quantized ones, computed as ONNX Runtime does, so they
+        match the runtime their scales were made for.
     quantize_add : bool
         Also run residual adds between int8 layers in integers.
     rules : tuple of LayerRule
@@ -110,7 +112,7 @@ class QuantConfig:
     percentile: float = 99.999
     num_bins: int = 2048
     activation: ActivationSpec | None = None
-    requantize: RequantizeMode = RequantizeMode.FIXED_POINT
+    requantize: RequantizeMode | None = None
     quantize_add: bool = True
     rules: tuple[LayerRule, ...] = field(default_factory=tuple)
     bias_correction: bool = False
@@ -120,7 +122,8 @@ class QuantConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "method", CalibrationMethod(self.method))
-        object.__setattr__(self, "requantize", RequantizeMode(self.requantize))
+        if self.requantize is not None:
+            object.__setattr__(self, "requantize", RequantizeMode(self.requantize))
         object.__setattr__(self, "rules", tuple(self.rules))
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")

@@ -10,7 +10,7 @@ import tvm
 from tvm import relax
 
 from tvmq.calibrate import InputSpec, collect_statistics, select_range, validate_samples
-from tvmq.config import ActivationSpec, CalibrationMethod, QuantConfig
+from tvmq.config import ActivationSpec, CalibrationMethod, QuantConfig, RequantizeMode
 from tvmq.errors import TvmqError
 from tvmq.plan import LayerPlan, QuantPlan
 from tvmq.qparams import activation_qparams
@@ -150,7 +150,8 @@ def calibrate(
     return QuantPlan(
         layers=plan,
         input_shapes={s.name: list(s.shape) for s in specs},
-        method=method.value, activation_dtype=spec.dtype, requantize=config.requantize.value
+        method=method.value, activation_dtype=spec.dtype,
+        requantize=(config.requantize or RequantizeMode.FIXED_POINT).value,
     )
 
 

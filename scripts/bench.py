@@ -236,12 +236,13 @@ def bench_model(name, case, args, workdir) -> dict:
     for engine in ENGINES + tuple(auto_bundles):
         scores = case["score"]([engines[engine](x) for x in xs], ys)
         results[engine] = {"median_ms": round(medians[engine], 4), **{k: round(v, 4) for k, v in scores.items()}}
+    integer = [k["func"] for k in res.manifest["kernels"] if k["accumulator"] == "int32"]
     results["_info"] = {
         "int8_layers": res.manifest["quantization"]["int8_layers"],
         "float_layers": res.manifest["quantization"]["float_layers"],
-        "integer_kernels": sum(1 for k in res.manifest["kernels"] if k["accumulator"] == "int32"),
+        "integer_kernels": len(integer),
         "kernels": len(res.manifest["kernels"]),
-        "vpdpbusd": count_vnni(out / "model.so", [k["func"] for k in res.manifest["kernels"] if k["accumulator"] == "int32"]),
+        "vpdpbusd": count_vnni(out / "model.so", integer),
         "library_bytes": (out / "model.so").stat().st_size,
         "compile_s": round(compile_s, 1),
         "eval_samples": len(ys),

@@ -19,6 +19,7 @@ def time_primfuncs(lowered, target, repeat=50):
     import tvm
 
     from tvmq._compat import tir
+    from tvmq.kernels import random_argument
 
     dev = tvm.cpu()
     rows = []
@@ -26,18 +27,9 @@ def time_primfuncs(lowered, target, repeat=50):
         if not isinstance(func, tir.PrimFunc):
             continue
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).jit()
-        args = []
         rng = np.random.default_rng(0)
-        for p in func.params:
-            buf = p  # 0.27: PrimFunc params are buffer-typed vars
-            shape = [int(s) for s in buf.shape]
-            dtype = str(buf.dtype)
-            if dtype.startswith("float"):
-                a = rng.uniform(-1, 1, shape).astype(dtype)
-            else:
-                info = np.iinfo(dtype)
-                a = rng.integers(max(info.min, -100), min(info.max, 100), shape).astype(dtype)
-            args.append(tvm.runtime.tensor(a, dev))
+        # 0.27: PrimFunc params are buffer-typed vars
+        args = [tvm.runtime.tensor(random_argument(rng, [int(s) for s in p.shape], str(p.dtype)), dev) for p in func.params]
         timer = lib.time_evaluator("main", dev, number=10, repeat=repeat)
         ms = float(np.median(timer(*args).results)) * 1e3
         rows.append((ms, gv.name_hint))

@@ -52,12 +52,11 @@ class CompileResult:
 _interrupt_requested = False
 
 
-def on_sigint(signum, frame):  # pylint: disable=unused-argument
+def on_sigint(signum, frame):
     """SIGINT handler for the CLI: remembers the request, so an interrupt that Python swallows (one
     raised inside a weakref callback or a ``__del__`` is only printed as "Exception ignored") still stops
     the build before its output is renamed into place."""
-    global _interrupt_requested  # pylint: disable=global-statement
-    _interrupt_requested = True
+    _record_sigint(signum, frame)
     raise KeyboardInterrupt
 
 
@@ -376,8 +375,7 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
     # quantizes goes back to float, until it meets the budget. (Searching again with a tighter
     # budget changes nothing when the metric moves in whole samples, as accuracy does.)
     chosen, _ = P.search(analysis, budget, "exact", seeds=seeds)
-    order = [l.name for l in sorted(analysis.layers, key=lambda l: (l.only_int8, l.sqnr_int8))]  # as the fallback's
-    repairs = [n for n in order if chosen[n] != "fp32"][:8]
+    repairs = [n for n in P.most_sensitive_first(analysis) if chosen[n] != "fp32"][:8]
     for name in repairs:
         if P.meets(analysis, candidate(chosen).metric, budget):
             break

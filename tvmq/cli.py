@@ -243,7 +243,7 @@ def cmd_tune(args) -> int:
     from tvmq.build import quantized_module
     from tvmq.frontend import parse_shape_arg
     from tvmq.targets import get_preset
-    from tvmq.tune import tune
+    from tvmq.tune import require_board_runner, tune
 
     preset = get_preset(args.target)
     shapes = dict(parse_shape_arg(s) for s in args.shape)
@@ -252,9 +252,7 @@ def cmd_tune(args) -> int:
         from tvmq.remote import RemoteTarget, rpc_runner
 
         runner = rpc_runner(RemoteTarget(tracker=args.rpc_tracker, key=args.rpc_key))
-    elif preset.cross_compiler:
-        raise TvmqError(f"kernels for {preset.name} are measured on the board: pass --rpc-tracker HOST:PORT "
-                        "--rpc-key KEY (a tracker with the board's RPC server registered)")
+    require_board_runner(preset, runner)  # before calibrating, which takes a while
     qm = quantized_module(args.model, preset, raw=args.calib, config=_config_from_args(args), shapes=shapes,
                           precision=args.precision, plan=args.plan)
     report = tune(qm.module, preset, args.db, trials=args.trials, max_tasks=args.max_tasks, progress=True,

@@ -127,6 +127,16 @@ def call_order(lowered) -> list[str]:
     return names
 
 
+def random_argument(rng, shape, dtype):
+    """Timing data for a kernel argument: floats in [-1, 1), integers in [-100, 100) clipped to the dtype."""
+    import numpy as np
+
+    if np.dtype(dtype).kind == "f":
+        return rng.uniform(-1, 1, shape).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(max(info.min, -100), min(info.max, 100), shape).astype(dtype)
+
+
 def time_kernel(func, target, repeat: int = 20) -> float:
     """Milliseconds of one PrimFunc on random inputs (this machine): the best of ``repeat``
     averages of 5 calls. Interference (another process taking a core while the thread pool
@@ -136,14 +146,6 @@ def time_kernel(func, target, repeat: int = 20) -> float:
 
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).jit()
     rng = np.random.default_rng(0)
-    args = []
-    for p in func.params:
-        shape, dtype = [int(s) for s in p.shape], str(p.dtype)
-        if dtype.startswith("float"):
-            a = rng.uniform(-1, 1, shape).astype(dtype)
-        else:
-            info = np.iinfo(dtype)
-            a = rng.integers(max(info.min, -100), min(info.max, 100), shape).astype(dtype)
-        args.append(tvm.runtime.tensor(a))
+    args = [tvm.runtime.tensor(random_argument(rng, [int(s) for s in p.shape], str(p.dtype))) for p in func.params]
     timer = lib.time_evaluator("main", tvm.cpu(), number=5, repeat=repeat)
     return float(np.min(timer(*args).results)) * 1e3

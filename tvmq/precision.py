@@ -425,16 +425,20 @@ def search(analysis: Analysis, budget: float, method: str = "exact", seeds=(), m
     return assignment, value
 
 
+def most_sensitive_first(analysis: Analysis) -> list[str]:
+    """Layer names, the worst when quantized alone first (the order layers go back to float)."""
+    return [l.name for l in sorted(analysis.layers, key=lambda l: (l.only_int8, l.sqnr_int8))]
+
+
 def fallback_plan(analysis: Analysis, budget: float) -> tuple[dict, float, int]:
     """INC-style: all int8, then put the most sensitive layer back in fp32 until the budget
     is met. Returns ``(assignment, metric, evaluations)``."""
-    order = sorted(analysis.layers, key=lambda l: (l.only_int8, l.sqnr_int8))  # worst alone-quantized first
     assignment = {l.name: "int8" for l in analysis.layers}
     value, evaluations = analysis.all_int8, 1
-    for layer in order:
+    for name in most_sensitive_first(analysis):
         if meets(analysis, value, budget):
             break
-        assignment[layer.name] = "fp32"
+        assignment[name] = "fp32"
         value = analysis.evaluate(assignment)
         evaluations += 1
     return assignment, value, evaluations

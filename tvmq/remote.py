@@ -121,6 +121,8 @@ def alloc_from_host(session, device, args_info, alloc_repeat):
     """
     import tvm
 
+    from tvmq.kernels import random_argument
+
     rng = np.random.default_rng(0)
     repeated = []
     for _ in range(alloc_repeat):
@@ -128,11 +130,7 @@ def alloc_from_host(session, device, args_info, alloc_repeat):
         for kind, dtype, shape in args_info:
             if kind != "TENSOR":
                 raise NotImplementedError(f"cannot allocate a {kind} argument")
-            if np.dtype(dtype).kind == "f":
-                data = rng.uniform(-1, 1, shape).astype(dtype)
-            else:
-                info = np.iinfo(dtype)
-                data = rng.integers(max(info.min, -100), min(info.max, 100), shape, endpoint=True).astype(dtype)
+            data = random_argument(rng, shape, dtype)
             tensor = tvm.runtime.empty(shape, dtype, device)
             tensor.copyfrom(data)
             args.append(tensor)

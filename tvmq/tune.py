@@ -139,6 +139,13 @@ def _measure_callback(progress: _Progress):
     return ProgressCallback()
 
 
+def require_board_runner(preset, runner) -> None:
+    """A cross target's kernels run on its boards: tuning needs an RPC runner for them."""
+    if preset.cross_compiler and runner is None:
+        raise TvmqError(f"kernels for {preset.name} are measured on the board: pass --rpc-tracker HOST:PORT "
+                        "--rpc-key KEY (a tracker with the board's RPC server registered)")
+
+
 def tune(
     mod: tvm.IRModule,
     preset,
@@ -208,9 +215,7 @@ def tune(
         _measure_callback(bar),
     ]
     if preset.cross_compiler:
-        if runner is None:
-            raise TvmqError(f"kernels for {preset.name} are measured on the board: pass --rpc-tracker HOST:PORT "
-                            "--rpc-key KEY (a tracker with the board's RPC server registered)")
+        require_board_runner(preset, runner)
         from tvmq.remote import EXPORT_FUNC, cross_export_initializer
 
         builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=_BUILDER_TIMEOUT, f_export=EXPORT_FUNC,

@@ -32,7 +32,8 @@ sys.path.insert(0, str(HERE))
 def logits_model(path, out_path):
     """``path`` cut before its Softmax (outputs: the Softmax input) and that tensor's quantization step."""
     import onnx
-    from onnx import numpy_helper
+
+    from tvmq.export import onnx_constants
 
     model = onnx.load(str(path))
     softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
@@ -40,8 +41,7 @@ def logits_model(path, out_path):
     dq = producer[softmax.input[0]]
     if dq.op_type != "DequantizeLinear":
         raise SystemExit(f"the Softmax input comes from {dq.op_type}, not a DequantizeLinear")
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"})
+    consts = onnx_constants(model)
     dead = {softmax.output[0]}
     for node in model.graph.node:  # graph order: everything downstream of the Softmax
         if any(i in dead for i in node.input):

@@ -19,10 +19,11 @@ from tvmq.errors import TvmqError
 from tvmq.plan import QuantPlan
 from tvmq.qparams import QParams, quantize_weight
 
-__all__ = ["export_qdq", "with_opset_13"]
+__all__ = ["export_qdq", "with_opset_13", "onnx_constants"]
 
 
-def _constants(model) -> dict:
+def onnx_constants(model) -> dict:
+    """``{name: array}`` of an ONNX model's initializers and Constant-node values."""
     from onnx import numpy_helper
 
     values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
@@ -210,7 +211,7 @@ def export_qdq(model_path, plan: QuantPlan, out_path, layer_names: list[str]) ->
     # Add(conv, Reshape(bias)), which is then a bias, not a layer.
     fold_constant_subgraphs(model)
     _name_nodes(model)
-    consts = _constants(model)
+    consts = onnx_constants(model)
     _fold_into_conv(model, consts)
     onnx_layers = _onnx_layers(model, consts)
     kinds = [plan.layers[n].kind for n in layer_names]

@@ -58,13 +58,53 @@ def test_runner_needs_only_the_tvm_runtime(bundle, tmp_path, demo_dir):
         "import sys, runpy; sys.argv = ['run.py', sys.argv[1], '--input', sys.argv[2], '--output', sys.argv[3]];\n"
         "try:\n    runpy.run_path(sys.argv[0] if False else sys.argv[1] + '/run.py', run_name='__main__')\n"
         "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
-        "assert 'tvm' not in sys.modules, 'runner imported tvm'\nprint('tvm-free')"
+        "assert 'tvm' not in sys.modules, 'runner imported tvm'\nprint('tvm-free')\n"
+        "import tvm_ffi; print('threads', tvm_ffi.get_global_func('runtime.NumThreads')())"
     )
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", code, str(bundle), str(tmp_path / "x.npy"), str(tmp_path / "y.npz")],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "tvm-free" in out.stdout
+    from tvmq.runtime import physical_cores
+
+    # Unset, TVM 0.27 would use half the CPUs on x86 and read sysfs at every kernel launch.
+    assert f"threads {physical_cores()}" in out.stdout
     assert np.load(tmp_path / "y.npz")["logits"].shape == (1, 10)
+
+
+def _fake_cpus(root, cores):
+    for cpu, (package, core) in enumerate(cores):
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text(f"{package}\n")
+        (topology / "core_id").write_text(f"{core}\n")
+
+
+def test_default_threads_are_the_physical_cores(tmp_path, monkeypatch):
+    from tvmq.runtime import BundleError, configure_threads, physical_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    _fake_cpus(tmp_path / "smt", [(0, 0), (0, 0), (0, 1), (0, 1)])  # 2 cores x 2 SMT threads
+    _fake_cpus(tmp_path / "two", [(0, 0), (1, 0), (0, 1), (1, 1)])  # 2 packages x 2 cores
+    assert physical_cores(tmp_path / "smt") == 2
+    assert physical_cores(tmp_path / "two") == 4
+    assert physical_cores(tmp_path / "none") == 4  # no topology: one per CPU
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2})
+    assert physical_cores(tmp_path / "smt") == 1
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert configure_threads() == 3 and "TVM_NUM_THREADS" not in os.environ  # the user's setting is kept
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert configure_threads() == physical_cores() == int(os.environ["TVM_NUM_THREADS"])
+    assert configure_threads(5) == 5 and os.environ["TVM_NUM_THREADS"] == "5"
+    for bad in ("0", "-1"):
+        with pytest.raises(BundleError, match="at least 1"):
+            configure_threads(int(bad))
+    monkeypatch.setenv("TVM_NUM_THREADS", "many")
+    with pytest.raises(BundleError, match="whole number"):
+        configure_threads()
 
 
 def error_line(capsys):

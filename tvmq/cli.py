@@ -134,6 +134,7 @@ def _add_run(sub):
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="run on a board from this TVM RPC tracker")
     p.add_argument("--rpc-key", default="", help="the board's key (with --rpc-tracker, or a keyed --rpc server)")
     p.add_argument("--repeat", type=int, default=0, help="also time N runs (on the board with --rpc) and print the median")
+    p.add_argument("--threads", type=int, help="CPU threads here (default: TVM_NUM_THREADS, else the physical cores)")
     p.set_defaults(func=cmd_run)
 
 
@@ -385,7 +386,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from tvmq.runtime import Bundle, BundleError, read_inputs, write_outputs
+    from tvmq.runtime import Bundle, BundleError, configure_threads, read_inputs, write_outputs
 
     remote = None
     if args.rpc or args.rpc_tracker:
@@ -393,6 +394,7 @@ def cmd_run(args) -> int:
 
         remote = RemoteTarget(rpc=args.rpc, tracker=args.rpc_tracker, key=args.rpc_key)
     try:
+        configure_threads(args.threads)
         bundle = Bundle(args.bundle)
         inputs = read_inputs(Path(args.input), bundle)
         if remote is None:
@@ -406,7 +408,7 @@ def cmd_run(args) -> int:
         raise TvmqError(str(err)) from None
     write_outputs(outputs, args.output)
     if latency is not None:
-        where = (remote.rpc or f"a {remote.key} board") if remote else "this machine"
+        where = (remote.rpc or f"a {remote.key} board") if remote else f"this machine, {bundle.threads} threads"
         print(f"latency {latency:.3f} ms (median of {args.repeat} runs on {where})")
     return 0
 
@@ -460,15 +462,17 @@ def main(argv=None) -> int:
         return EXIT_ERROR
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     from tvmq import build
+    from tvmq.runtime import BundleError, configure_threads
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT)
     try:
         # From here on SIGINT raises KeyboardInterrupt and is also remembered: TVM turns an interrupt
         # inside a Python callback into a RuntimeError, which must still read as an interruption.
+        configure_threads()  # before TVM runs a kernel: calibration and latency measurement use them too
         build.import_compiler()
         return args.func(args)
-    except TvmqError as err:
+    except (TvmqError, BundleError) as err:
         if build.interrupt_requested():
             return _interrupted()
         if args.verbose:

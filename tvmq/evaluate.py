@@ -7,7 +7,6 @@ threads); the compiled side is the bundle itself, loaded with the TVM runtime as
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +29,12 @@ def evaluate_bundle(bundle_dir, data_dir, model=None, metric: str | None = None,
     from tvmq.build import load_eval_data, quantized_module, sha256_file
     from tvmq.execute import HostModule
     from tvmq.precision import Metric
-    from tvmq.runtime import Bundle, BundleError
+    from tvmq.runtime import Bundle, BundleError, configure_threads
     from tvmq.targets import get_preset
 
     bundle_dir = Path(bundle_dir)
     try:
+        threads = configure_threads()  # the same for the FP32 model and the bundle
         bundle = Bundle(bundle_dir)
     except BundleError as err:
         raise TvmqError(str(err)) from None
@@ -82,7 +82,7 @@ def evaluate_bundle(bundle_dir, data_dir, model=None, metric: str | None = None,
     return {
         "metric": m.kind,
         "samples": len(samples),
-        "threads": os.environ.get("TVM_NUM_THREADS", str(os.cpu_count())),
+        "threads": threads,
         "rows": {
             "FP32 (TVM)": {"score": fp32_score, "display": _display(fp32_score, m.kind), "latency_ms": lat_f},
             f"{label} (bundle)": {"score": compiled, "display": _display(compiled, m.kind), "latency_ms": lat_c},

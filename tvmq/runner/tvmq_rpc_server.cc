@@ -13,6 +13,7 @@
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/select.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -159,9 +160,21 @@ bool Handshake(int fd, const std::string& expected, const std::string& key) {
          SendAll(fd, server.data(), server.size());
 }
 
+// TVM 0.27 without TVM_NUM_THREADS runs on half the CPUs on x86 and calls
+// std::thread::hardware_concurrency() (a sysfs read in glibc, ~6 us) at every parallel kernel
+// launch. Default it to the CPUs this process may use (boards have no SMT; on an x86 host with
+// SMT, set TVM_NUM_THREADS to the physical cores).
+void DefaultThreads() {
+  if (std::getenv("TVM_NUM_THREADS") || std::getenv("OMP_NUM_THREADS")) return;
+  cpu_set_t cpus;
+  int n = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+  setenv("TVM_NUM_THREADS", std::to_string(n > 0 ? n : 1).c_str(), 0);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  DefaultThreads();
   std::string host = "0.0.0.0", key, workdir, tracker_address;
   int port = 9090;
   bool once = false;

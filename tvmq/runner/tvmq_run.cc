@@ -14,9 +14,10 @@
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
 
-#include <cstdlib>
+#include <sched.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -133,9 +134,21 @@ void Collect(const Any& value, std::vector<Tensor>* out) {
   }
 }
 
+// TVM 0.27 without TVM_NUM_THREADS runs on half the CPUs on x86 and calls
+// std::thread::hardware_concurrency() (a sysfs read in glibc, ~6 us) at every parallel kernel
+// launch. Default it to the CPUs this process may use (boards have no SMT; on an x86 host with
+// SMT, set TVM_NUM_THREADS to the physical cores).
+void DefaultThreads() {
+  if (std::getenv("TVM_NUM_THREADS") || std::getenv("OMP_NUM_THREADS")) return;
+  cpu_set_t cpus;
+  int n = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+  setenv("TVM_NUM_THREADS", std::to_string(n > 0 ? n : 1).c_str(), 0);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  DefaultThreads();
   std::vector<std::string> inputs;
   std::string lib, prefix = "output";
   for (int i = 1; i < argc; ++i) {

@@ -193,6 +193,15 @@ def test_exact_search_is_optimal_and_never_slower_than_greedy_or_fallback(seed):
     assert P.latency(a, exact) <= P.latency(a, fallback) + 1e-9
 
 
+def test_layer_latency_counts_the_kernels_fusion_left_after_it():
+    """A float conv whose swish runs as a kernel of its own is charged for it, as the int8 conv
+    that fused it is; the input's quantization goes to the first layer."""
+    measured = {"quantize": 1.0, "conv_a": 10.0, "sigmoid": 3.0, "conv_b": 20.0, "pad": 0.5, "head": 2.0}
+    calls = ["quantize", "conv_a", "sigmoid", "conv_b", "pad", "conv_a", "head"]
+    assert P._attribute(calls, {"conv_a", "conv_b"}, measured) == [11.0 + 3.0, 20.5, 12.0]
+    assert P._attribute(["conv_a"], {"conv_a"}, measured) == [10.0]
+
+
 def test_slower_int8_kernels_stay_float_and_ties_go_to_int8():
     layers = [P.LayerInfo("fast", "conv2d", 60, 0, int8_ms=0.2, fp32_ms=1.0),
               P.LayerInfo("noise", "conv2d", 60, 0, int8_ms=1.05, fp32_ms=1.0),  # within 10%: a tie

@@ -226,11 +226,11 @@ def _layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
             # A layer's kernel is one of tvmq's packed conv/depthwise/matmul kernels; products
             # of two activations (attention) are reductions too, but no layer of the plan.
             heavy = {k.func for k in reduction_kernels(lowered) if "tvmq_" in k.func}
-            order = [n for n in call_order(lowered) if n in heavy]
-            if len(order) != len(mac_layers):
+            calls = call_order(lowered)
+            if sum(n in heavy for n in calls) != len(mac_layers):
                 break
-            measured = {n: time_kernel(lowered[n], preset.tvm_target()) for n in dict.fromkeys(order)}
-            times[precision] = [measured[n] for n in order]
+            measured = {n: time_kernel(lowered[n], preset.tvm_target()) for n in dict.fromkeys(calls)}
+            times[precision] = _attribute(calls, heavy, measured)
         if len(times) == len(builds):
             for i, layer in enumerate(mac_layers):
                 layer.int8_ms, layer.fp32_ms = times["int8"][i], times["fp32"][i]
@@ -245,6 +245,26 @@ def _layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
         layer.int8_ms = layer.fp32_ms / speedup["int8"]
         layer.fp16_ms = layer.fp32_ms / speedup["fp16"] if analysis.fp16 else None
         layer.estimated = True
+
+
+def _attribute(calls: list[str], heavy: set, measured: dict) -> list[float]:
+    """Per layer (each call of a ``heavy`` kernel, in order): its kernel's time plus that of
+    every other kernel called before the next layer's (an activation, pad or quantize the
+    fusion left on its own), and, for the first layer, of those before it (the input's
+    quantization). Fusion differs between precisions (a swish's sigmoid fuses into the int8
+    kernel's requantize but runs apart after a float conv), so timing the layer's kernel alone
+    would charge the int8 layer for work the float one does too."""
+    out: list[float] = []
+    pending = 0.0
+    for name in calls:
+        if name in heavy:
+            out.append(measured[name] + pending)
+            pending = 0.0
+        elif out:
+            out[-1] += measured[name]
+        else:
+            pending += measured[name]
+    return out
 
 
 def _conversion_ns_per_element(preset) -> float:

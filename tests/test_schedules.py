@@ -59,3 +59,26 @@ def test_softmax_uses_a_vectorizable_exp_and_stays_within_5e5():
     ref /= ref.sum(1, keepdims=True)
     got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
     np.testing.assert_allclose(got, ref, rtol=5e-5, atol=1e-9)
+
+
+def test_few_channel_layout_change_runs_rows_in_parallel_and_is_exact():
+    """An NCHW image quantized, transposed to NHWC and padded (a model's first int8 layer input): the parallel
+    loop runs whole rows (no division per pixel), the 3 channels are unrolled, and the bytes equal numpy's."""
+    x = relax.Var("x", relax.TensorType((1, 3, 20, 36), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = bb.emit(relax.op.quantize(x, relax.const(np.float32(1 / 100)), relax.const(np.int32(128)),
+                                          axis=1, out_dtype="uint8"))
+            t = bb.emit(relax.op.permute_dims(q, [0, 2, 3, 1]))
+            y = bb.emit_output(relax.op.nn.pad(t, [0, 0, 1, 1, 1, 1, 0, 0], pad_value=128.0))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    kernels = [f.script() for _, f in lower(mod, "x86").functions_items() if isinstance(f, tir.PrimFunc)]
+    assert len(kernels) == 1
+    assert "T.parallel(T.int64(22))" in kernels[0] and "T.unroll(T.int64(3))" in kernels[0], kernels[0]
+    a = np.random.default_rng(0).uniform(-1.5, 1.5, (1, 3, 20, 36)).astype(np.float32)
+    want = np.full((1, 22, 38, 3), 128, np.uint8)
+    want[0, 1:21, 1:37] = np.clip(np.round(a / np.float32(1 / 100)) + 128, 0, 255).astype(np.uint8)[0].transpose(1, 2, 0)
+    got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
+    np.testing.assert_array_equal(got, want)

@@ -53,7 +53,8 @@ def relax_passes(preset) -> list:
     if preset.kind != "llvm":
         return []
     lanes = {"vnni": (16, 8, 4), "sdot": (4,)}.get(preset.dot_product, ())
-    return [PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes), FastSoftmax()]
+    return [PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes),
+            FastSoftmax(preset.vector_lanes)]
 
 
 def _fuse_passes(preset) -> list:

@@ -277,7 +277,7 @@ class PackedKernelRule(ScheduleRule):
 class DepthwiseRule(ScheduleRule):
     """``tvmq_depthwise`` (NHWC, weights [KH, KW, C]): vectors over channels, rows in parallel."""
 
-    def __init__(self, lanes: int = 16, x_block: int = 4):
+    def __init__(self, lanes: int = 16, x_block: int = 12):
         self.lanes = lanes
         self.x_block = x_block
 

@@ -338,12 +338,15 @@ class _LanesRule(ScheduleRule):
 
 
 class ChannelReductionRule(_LanesRule):
-    """Reductions over the spatial axes of an NHWC tensor (global / squeeze-excite average pools).
+    """Reductions whose output's innermost axis is not reduced: pools over the spatial axes of an
+    NHWC tensor (global / squeeze-excite average pools) and activation x activation matmuls
+    (attention's ``Q K^T`` and ``A V``: ``C[.., i, j] += A[.., i, k] * B[.., k, j]``).
 
-    The channels are the innermost, contiguous axis and are not reduced, so the kernel sums
-    whole channel vectors row by row (``acc[c:c+16] += x[h, w, c:c+16]``), in parallel over
-    channel blocks, and requantizes each block while it is in registers. A last-axis reduction
-    rule would instead walk each channel with a stride of the channel count, one lane at a time.
+    The innermost axis is contiguous in the output and in the inputs that use it, so the kernel
+    accumulates whole vectors along it (``acc[c:c+16] += x[h, w, c:c+16]``), in parallel over
+    the other output axes, and runs the epilogue (a requantize) on each block while it is in
+    registers. A last-axis reduction rule would instead walk each output element on its own,
+    one lane at a time.
     """
 
     def apply(self, func, target, tunable):
@@ -362,7 +365,12 @@ class ChannelReductionRule(_LanesRule):
         if _REDUCE not in kinds or kinds != sorted(kinds) or _SPATIAL not in kinds:
             return None
         channel = ivs[kinds.index(_REDUCE) - 1].var
-        if len(block.reads) != 1 or not _is_var(block.reads[0].region[-1].min, channel):
+        # Every input either runs along the output's innermost axis (a vector) or does not
+        # depend on it (broadcast): a pool reads one NHWC tensor; an activation x activation
+        # matmul (attention) reads A[.., i, k] and B[.., k, j].
+        inner = [r.region[-1].min for r in block.reads]
+        if not any(_is_var(e, channel) for e in inner) or any(
+                not _is_var(e, channel) and _uses(e, channel) for e in inner):
             return None
         try:
             return sch if self._schedule(sch, main, len([k for k in kinds if k == _SPATIAL])) else None
@@ -373,30 +381,44 @@ class ChannelReductionRule(_LanesRule):
         _schedule_producers(sch, main, self.lanes)
         loops = sch.get_loops(main)
         spatial, reduce = loops[:n_spatial], loops[n_spatial:]
-        vec = _vector_width(_extent(sch, spatial[-1]), self.lanes)
-        co, ci = sch.split(spatial[-1], [None, vec])
-        sch.reorder(*spatial[:-1], co, *reduce, ci)
-        outer = sch.fuse(*spatial[:-1], co) if len(spatial) > 1 else co
+        extent = _extent(sch, spatial[-1]) or 0
+        vec = _vector_width(extent, self.lanes)
+        # An odd width no vector divides (attention's 15-wide heads): whole rows per task, the
+        # row unrolled inside the reduction for LLVM's SLP vectorizer.
+        short = vec == 1 and 1 < extent <= 2 * self.lanes and n_spatial > 1
+        if short:
+            ci = spatial[-1]
+            sch.reorder(*spatial[:-1], *reduce, ci)
+            outer = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
+        else:
+            co, ci = sch.split(spatial[-1], [None, vec])
+            sch.reorder(*spatial[:-1], co, *reduce, ci)
+            outer = sch.fuse(*spatial[:-1], co) if len(spatial) > 1 else co
+        width = extent if short else vec
         for block in _inline_epilogue(sch, main):
             sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
             last = sch.get_loops(block)[-1]
-            if _extent(sch, last) == vec and vec > 1:
-                sch.vectorize(last)
+            if _extent(sch, last) == width and width > 1:
+                (sch.unroll if short else sch.vectorize)(last)
         total = 1
         for l in sch.get_loops(main):
             total *= _extent(sch, l) or 1
         if total >= _PARALLEL_MIN and (_extent(sch, outer) or 1) > 1:
             sch.parallel(outer)
-        if vec > 1:
-            sch.vectorize(ci)  # before decomposing, as for the depthwise kernels
+        if width > 1:
+            (sch.unroll if short else sch.vectorize)(ci)  # before decomposing, as for the depthwise kernels
         init = sch.decompose_reduction(main, reduce[0])
-        if vec > 1:
-            sch.vectorize(sch.get_loops(init)[-1])
+        if width > 1:
+            (sch.unroll if short else sch.vectorize)(sch.get_loops(init)[-1])
         return True
 
 
 def _is_var(expr, var) -> bool:
     return isinstance(expr, tirx.Var) and expr.same_as(var)
+
+
+def _uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
 
 
 class InjectiveRule(_LanesRule):

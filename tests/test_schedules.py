@@ -90,3 +90,25 @@ def test_few_channel_layout_change_runs_rows_in_parallel_and_is_exact():
     want[0, 1:21, 1:37] = np.clip(np.round(a / np.float32(1 / 100)) + 128, 0, 255).astype(np.uint8)[0].transpose(1, 2, 0)
     got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("a_shape, b_shape, marker", [((1, 8, 40, 15), (1, 8, 15, 40), "T.vectorized(T.int64(8))"),
+                                                       ((1, 8, 40, 40), (1, 8, 40, 15), "T.unroll(T.int64(15))")])
+def test_activation_matmul_accumulates_along_the_output_rows(a_shape, b_shape, marker):
+    """Attention's ``Q K^T`` and ``A V`` (both operands activations, no packed weights): whole output rows are
+    accumulated per step of the reduction, as vectors where a vector width divides the row, else unrolled; the
+    products equal numpy's within float32 rounding."""
+    a = relax.Var("a", relax.TensorType(a_shape, "float32"))
+    b = relax.Var("b", relax.TensorType(b_shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [a, b]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.matmul(a, b))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    kernels = [f.script() for _, f in lower(mod, "x86").functions_items() if isinstance(f, tir.PrimFunc)]
+    assert len(kernels) == 1 and marker in kernels[0] and "T.parallel" in kernels[0], kernels[0]
+    rng = np.random.default_rng(0)
+    x, w = rng.uniform(-1, 1, a_shape).astype(np.float32), rng.uniform(-1, 1, b_shape).astype(np.float32)
+    got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-5)

@@ -9,8 +9,9 @@ Same machine, same thread count, same calibration samples for both quantizers, m
 * ``ppocr_rec`` PP-OCRv4's text recogniser (same wheel), exact-string accuracy (and character
   error rate) on rendered text lines, greedy CTC decoding.
 
-Timing interleaves the engines in short blocks (round robin), so drift in a shared machine's
-speed hits all of them alike.
+Each engine is timed in a process of its own, as in deployment (two runtimes in one process
+disturb each other, see ``isolated_medians``), in rounds: every engine in turn, so drift in a
+shared machine's speed hits all of them alike.
 
 ONNX Runtime INT8 is its ``quantize_static`` in QDQ format with per-channel int8 weights and
 uint8 activations (its fastest INT8 configuration on x86), MinMax calibration.
@@ -48,22 +49,80 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def interleaved_medians(calls: dict, runs: int, block: int = 10) -> dict:
-    """``{name: zero-arg callable}`` -> ``{name: median ms}``.
+def isolated_medians(engines: dict, runs: int, threads: int, rounds: int = 10) -> dict:
+    """``{name: engine}`` -> ``{name: median ms}``, each engine timed alone in a fresh process.
 
-    Engines take turns in blocks of ``block`` calls until each has ``runs`` timed calls; the
-    first call of each block is not timed, so one engine's spinning worker threads (ONNX
-    Runtime's and TVM's pools both spin after a call) do not land on the next engine's clock.
+    An engine is ``{"tvm": library path}`` (a bundle's ``model.so`` or an exported executable) or
+    ``{"ort": model path}``, plus ``"inputs": [[name, .npy path], ...]`` in the model's order.
+    Two runtimes in one process disturb each other: ONNX Runtime's idle workers spin and TVM
+    pins its workers to cores. Measured on the PP-OCR classifier: tvmq 0.22 ms alone, 0.45 ms
+    with ONNX Runtime sessions in the process (timed in turns, the first call of each turn
+    untimed); with their spinning turned off, tvmq 0.22 ms and ONNX Runtime 0.55 -> 0.92 ms. So
+    each engine runs alone, as in deployment: ``rounds`` rounds, each engine in turn in a new
+    process (warm-up, then ``runs / rounds`` timed calls); the median of all its calls.
     """
-    samples = {name: [] for name in calls}
-    while any(len(v) < runs for v in samples.values()):
-        for name, fn in calls.items():
-            fn()
-            for _ in range(block):
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: float(np.median(v[:runs])) for name, v in samples.items()}
+    samples = {name: [] for name in engines}
+    per_round = max(1, -(-runs // rounds))
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            spec = json.dumps({**engine, "runs": per_round, "threads": threads})
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--time-worker", spec],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode:
+                raise RuntimeError(f"timing {name} failed: {proc.stderr.strip()[-800:]}")
+            samples[name] += json.loads(proc.stdout.strip().splitlines()[-1])
+    return {name: float(np.median(v)) for name, v in samples.items()}
+
+
+def _time_worker(spec: dict) -> list[float]:
+    """One engine's call times (ms) in this process: what ``isolated_medians`` runs."""
+    inputs = [(name, np.load(path)) for name, path in spec["inputs"]]
+    if "ort" in spec:
+        sess = ort_session(spec["ort"], spec["threads"])
+        feed = dict(inputs)
+
+        def call():
+            sess.run(None, feed)
+    else:
+        import ctypes
+
+        import tvm_ffi
+
+        from tvmq.runtime import aligned, configure_threads, find_runtime_library
+
+        configure_threads(spec["threads"])
+        for lib in find_runtime_library():
+            ctypes.CDLL(str(lib), ctypes.RTLD_GLOBAL)
+        vm = tvm_ffi.load_module(spec["tvm"])["vm_load_executable"]()
+        vm["vm_initialization"](1, 0, 2)  # CPU, pooled allocator
+        arrays = [aligned(a) for _, a in inputs]
+        args, main = [tvm_ffi.from_dlpack(a) for a in arrays], vm["main"]
+
+        def call():
+            main(*args)
+
+    # Warm up for a while, not a few calls: with 5 warm-up calls a fresh process's timed calls
+    # were sometimes twice as slow as the same engine's after 0.3 s of calls.
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.3:
+        call()
+    times = []
+    for _ in range(spec["runs"]):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def input_files(folder: Path, inputs: dict) -> list:
+    """``{name: array}`` saved as .npy files, as ``isolated_medians`` takes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, (name, array) in enumerate(inputs.items()):
+        np.save(folder / f"{i}.npy", np.ascontiguousarray(array))
+        out.append([name, str(folder / f"{i}.npy")])
+    return out
 
 
 def top1(outputs, labels) -> dict:
@@ -152,6 +211,12 @@ def ort_quantize(path, name, calib, out_dir):
     return out
 
 
+def export_executable(module, path: Path) -> str:
+    """A HostModule's compiled executable as a library file (for ``isolated_medians``)."""
+    module.executable.export_library(str(path))
+    return str(path)
+
+
 def count_vnni(lib: Path, kernels=()) -> dict:
     """zmm/ymm/xmm ``vpdpbusd`` instructions in a compiled library (objdump), and how many of
     ``kernels`` (function names) contain a VNNI instruction (``vpdpbusd`` or, in the depthwise
@@ -205,7 +270,9 @@ def bench_model(name, case, args, workdir) -> dict:
                       tune_trials=args.tune, tune_max_tasks=args.max_tasks, progress=True)
         tune(res.float_module, "x86", fp32_db, trials=args.tune, max_tasks=args.max_tasks, progress=True)
         tune_s = time.perf_counter() - t0
-        untuned = {"tvm_fp32": fp32.prepared(xs[0]), "tvmq_int8": bundle.prepared({inp: xs[0]})}
+        feed = input_files(workdir / f"{name}-x", {inp: xs[0]})
+        untuned = {"tvm_fp32": {"tvm": export_executable(fp32, workdir / f"{name}-fp32-untuned.so"), "inputs": feed},
+                   "tvmq_int8": {"tvm": str(bundle.path / bundle.manifest["library"]), "inputs": feed}}
         fp32 = HostModule(res.float_module, database=load_database(fp32_db, res.float_module, "x86"))
         bundle = Bundle(tuned_out)
     out_name = bundle.outputs[0]["name"]
@@ -213,7 +280,8 @@ def bench_model(name, case, args, workdir) -> dict:
     if args.auto is not None:
         auto_bundles, auto_info = plan_bundles(name, case, args, workdir, calib, shape)
     sess32 = ort_session(case["path"], args.threads)
-    sess8 = ort_session(ort_quantize(case["path"], inp, case["calib"], workdir), args.threads)
+    ort8_path = ort_quantize(case["path"], inp, case["calib"], workdir)
+    sess8 = ort_session(ort8_path, args.threads)
 
     engines = {
         "tvm_fp32": lambda x: fp32(x)[0],
@@ -221,18 +289,18 @@ def bench_model(name, case, args, workdir) -> dict:
         "ort_fp32": lambda x: sess32.run(None, {inp: x})[0],
         "ort_int8": lambda x: sess8.run(None, {inp: x})[0],
     }
-    x0 = xs[0]
+    feed = input_files(workdir / f"{name}-x", {inp: xs[0]})
     calls = {
-        "tvm_fp32": fp32.prepared(x0),
-        "tvmq_int8": bundle.prepared({inp: x0}),
-        "ort_fp32": lambda: sess32.run(None, {inp: x0}),
-        "ort_int8": lambda: sess8.run(None, {inp: x0}),
+        "tvm_fp32": {"tvm": export_executable(fp32, workdir / f"{name}-fp32.so"), "inputs": feed},
+        "tvmq_int8": {"tvm": str(bundle.path / bundle.manifest["library"]), "inputs": feed},
+        "ort_fp32": {"ort": str(case["path"]), "inputs": feed},
+        "ort_int8": {"ort": str(ort8_path), "inputs": feed},
     }
     calls.update({f"{k}_untuned": v for k, v in untuned.items()})
     for engine, b in auto_bundles.items():
         engines[engine] = lambda x, b=b: b.run({inp: x})[out_name]
-        calls[engine] = b.prepared({inp: x0})
-    medians = interleaved_medians(calls, args.runs)
+        calls[engine] = {"tvm": str(b.path / b.manifest["library"]), "inputs": feed}
+    medians = isolated_medians(calls, args.runs, args.threads)
     for engine in ENGINES + tuple(auto_bundles):
         scores = case["score"]([engines[engine](x) for x in xs], ys)
         results[engine] = {"median_ms": round(medians[engine], 4), **{k: round(v, 4) for k, v in scores.items()}}
@@ -332,6 +400,10 @@ def print_table(results: dict, threads: int) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--time-worker"]:
+        print(json.dumps(_time_worker(json.loads(argv[1]))))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="digits,ppocr_cls,ppocr_rec")
     ap.add_argument("--runs", type=int, default=50, help="timed runs per engine (median reported)")

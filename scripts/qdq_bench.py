@@ -3,7 +3,7 @@
 1. PP-OCR's classifier quantized by ONNX Runtime (QDQ, per-channel, MinMax) is compiled by tvmq
    with the file's own scales (no calibration): agreement with ONNX Runtime running the same
    file (logits in units of their quantization step, top-1, probabilities), accuracy, and
-   latency of both, interleaved.
+   latency of both, each timed alone (bench.isolated_medians).
 2. Round trip: tvmq calibrates the demo and the classifier, exports them as ONNX QDQ
    (``export-qdq``), and ONNX Runtime runs the export; its accuracy is compared with tvmq's own
    compiled artifact.
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
-    from bench import digits_case, interleaved_medians, ort_quantize, ort_session, ppocr_cls_case
+    from bench import digits_case, input_files, isolated_medians, ort_quantize, ort_session, ppocr_cls_case
 
     from tvmq.build import compile_model
     from tvmq.cli import main as cli
@@ -85,8 +85,9 @@ def main(argv=None) -> int:
         ours = np.stack([bundle.run({inp: x})[name] for x in xs])
         theirs = np.stack([sess.run(None, {inp: x})[0] for x in xs])
         diff = np.abs(ours - theirs)
-        medians = interleaved_medians({"tvmq": bundle.prepared({inp: xs[0]}), "ort": lambda: sess.run(None, {inp: xs[0]})},
-                                      args.runs)
+        feed = input_files(tmp / "x", {inp: xs[0]})
+        medians = isolated_medians({"tvmq": {"tvm": str(bundle.path / bundle.manifest["library"]), "inputs": feed},
+                                    "ort": {"ort": str(qdq), "inputs": feed}}, args.runs, args.threads)
         # Element-wise, in output quantization steps: the same file cut before its Softmax, whose
         # input is a DequantizeLinear (the logits' step), run by both.
         cut, step = logits_model(qdq, tmp / "cls-logits.onnx")

@@ -202,6 +202,21 @@ def test_layer_latency_counts_the_kernels_fusion_left_after_it():
     assert P._attribute(["conv_a"], {"conv_a"}, measured) == [10.0]
 
 
+def test_a_seed_plan_gives_back_the_int8_layers_that_are_slower_than_float():
+    """The fallback quantizes every layer it did not put back in float, even one whose int8 kernel is slower than
+    its float one; the exact search starting from it returns that layer to float when the budget still holds."""
+    layers = [P.LayerInfo("culprit", "conv2d", 60, 0, int8_ms=0.2, fp32_ms=1.0),
+              P.LayerInfo("slow", "conv2d", 60, 0, int8_ms=0.5, fp32_ms=0.3),
+              P.LayerInfo("fast", "conv2d", 60, 0, int8_ms=0.1, fp32_ms=0.9)]
+    a = P.Analysis(P.Metric("python:none:none"), 100.0, 0.0, layers=layers, names=[l.name for l in layers])
+    a.evaluate = lambda assignment: 100.0 if assignment.get("culprit", "fp32") == "fp32" else 98.0
+    a.all_int8 = 98.0
+    seed = {"culprit": "fp32", "slow": "int8", "fast": "int8"}
+    chosen, value = P.search(a, 0.3, seeds=[seed], max_evaluations=2)
+    assert value == 100.0 and chosen == {"culprit": "fp32", "slow": "fp32", "fast": "int8"}
+    assert P.latency(a, chosen) < P.latency(a, seed)
+
+
 def test_slower_int8_kernels_stay_float_and_ties_go_to_int8():
     layers = [P.LayerInfo("fast", "conv2d", 60, 0, int8_ms=0.2, fp32_ms=1.0),
               P.LayerInfo("noise", "conv2d", 60, 0, int8_ms=1.05, fp32_ms=1.0),  # within 10%: a tie

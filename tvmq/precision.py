@@ -387,7 +387,9 @@ def search(analysis: Analysis, budget: float, method: str = "exact", seeds=(), m
     the largest (the SQNR budget's own noise, or everything) down by halves until the measured
     metric meets the budget. ``exact`` then also considers ``seeds`` (other passing plans, e.g.
     the fallback plan) and climbs from the fastest passing plan, moving single layers to faster
-    precisions in order of time saved per noise while the budget still holds.
+    precisions in order of time saved per noise while the budget still holds; then it puts back
+    in float the layers of the fastest passing plan whose quantized kernel is clearly slower
+    than their float one (with its conversions), if the budget still holds.
     """
     if method not in ("exact", "greedy"):
         raise TvmqError(f"unknown search method {method!r}; use exact or greedy")
@@ -439,6 +441,16 @@ def search(analysis: Analysis, budget: float, method: str = "exact", seeds=(), m
             if now == precision or (now != "fp32" and layers[i].ms(precision) >= layers[i].ms(now)):
                 continue  # already there, or no faster than the precision it has
             trial = {**best, names[i]: precision}
+            if check(trial):
+                best = trial
+        # A seed (the fallback) quantizes every layer it did not need in float, including those
+        # whose quantized kernel is slower than the float one: back to float, the slowest first,
+        # while the budget holds (one evaluation each, beyond ``max_evaluations``).
+        best = min(passing, key=lambda t: t[0])[1]
+        slower = sorted(((layers[i].saving_ms(best[n]), i) for i, n in enumerate(names)
+                         if best[n] != "fp32" and layers[i].saving_ms(best[n]) < 0))
+        for _, i in slower:
+            trial = {**best, names[i]: "fp32"}
             if check(trial):
                 best = trial
     lat, assignment, value = min(passing, key=lambda t: t[0])

@@ -186,3 +186,17 @@ def test_targets_lists_presets(capsys):
 def test_python_m_tvmq_entry_point():
     out = subprocess.run([sys.executable, "-m", "tvmq", "--version"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.startswith("tvmq ")
+
+
+def test_runtime_copy_between_devices_calls_the_runtime_as_0_27_declares_it():
+    """``run.py`` moves CUDA bundles' inputs and outputs with ``runtime.TVMTensorCopyFromTo`` (from, to); it was
+    called with a third (stream) argument, which TVM 0.27's runtime refuses: every CUDA bundle failed on a GPU.
+    The same call copies host to host here."""
+    import tvm  # noqa: F401  (loads the runtime's global functions)
+    import tvm_ffi
+
+    from tvmq.runtime import _copy_to, aligned
+
+    a = aligned(np.arange(12, dtype=np.float32).reshape(3, 4))
+    copy = _copy_to(tvm_ffi.from_dlpack(a), tvm_ffi.device("cpu", 0))
+    np.testing.assert_array_equal(np.from_dlpack(copy), a)

@@ -255,7 +255,7 @@ def _copy_to(tensor, device):
     alloc = tvm_ffi.get_global_func("runtime.TVMTensorAllocWithScope")
     copy = tvm_ffi.get_global_func("runtime.TVMTensorCopyFromTo")
     out = alloc(tvm_ffi.Shape(tensor.shape), tensor.dtype, device, "global")
-    copy(tensor, out, None)
+    copy(tensor, out)  # (from, to): TVM 0.27's runtime takes no stream argument here
     return out
 
 

@@ -25,7 +25,7 @@ import math
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
-__all__ = ["PackedKernelRule", "DepthwiseRule", "ChannelReductionRule", "InjectiveRule", "FallbackRule", "default_rules",
+__all__ = ["NoInt8TensorCores", "PackedKernelRule", "DepthwiseRule", "ChannelReductionRule", "InjectiveRule", "FallbackRule", "default_rules",
            "tunable_schedule", "is_tunable"]
 
 CONV_BLOCK = "tvmq_dot_conv2d"
@@ -474,6 +474,22 @@ class FallbackRule(_LanesRule):
             except Exception:  # pylint: disable=broad-except
                 continue
         return sch if changed else None
+
+
+class NoInt8TensorCores(ScheduleRule):
+    """``rule`` (DLight's GPU Matmul) with tensor-core tensorization turned off for kernels with
+    8-bit integer operands (``dlight.do_not_tensorize``): TVM 0.27 compiles an int8 matmul it
+    tensorizes into a failed check (``fragment_info_``, TensorCoreFragmentInfer) and aborts the
+    build. Its plain tiled schedule remains, for which nvcc emits dp4a (IDP.4A)."""
+
+    def __init__(self, rule: ScheduleRule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        # 0.27: a PrimFunc's params are buffer-typed variables
+        if isinstance(func, tirx.PrimFunc) and any(str(p.dtype) in ("int8", "uint8") for p in func.params):
+            func = func.with_attr("dlight.do_not_tensorize", True)
+        return self.rule.apply(func, target, tunable)
 
 
 def tunable_schedule(intrinsics: dict[int, str] | None = None, lanes: int = 16):

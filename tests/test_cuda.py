@@ -62,3 +62,33 @@ def test_cuda_bundle_runs_and_matches_the_cpu_build(cuda_bundle, tmp_path, demo_
     got = Bundle(cuda_bundle).run({"input": x})["logits"]
     want = Bundle(cpu).run({"input": x})["logits"]
     np.testing.assert_array_equal(got, want)
+
+
+@needs_nvcc
+def test_int8_matmul_compiles_for_cuda_without_tensor_core_tensorization(tmp_path):
+    """TVM 0.27's DLight Matmul rule tensorizes a large int8 matmul for tensor cores and the build then aborts
+    (``fragment_info_`` check); tvmq turns that tensorization off for 8-bit kernels, keeping the tiled schedule
+    (dp4a on the GPU: on an H100 this 512x1024x1024 GEMM equalled the CPU int8 build bit for bit)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.05, (256, 256)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [128, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [128, 256])],
+                              [onnx.numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "gemm.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):
+        np.save(calib / f"{i}.npy", rng.uniform(-1, 1, (128, 256)).astype(np.float32))
+    out = tmp_path / "gemm-cuda"
+    assert main(["compile", str(tmp_path / "gemm.onnx"), "--calib", str(calib), "--target", "cuda", "--arch", "sm_90",
+                 "-o", str(out)]) == 0
+    from tvmq.cuda import library_has_cuda_source
+
+    m = json.loads((out / "manifest.json").read_text())
+    assert [k["accumulator"] for k in m["kernels"]] == ["int32"] and not library_has_cuda_source(out / "model.so")

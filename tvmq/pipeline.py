@@ -77,6 +77,22 @@ def fuse(mod: tvm.IRModule, preset) -> tvm.IRModule:
         return tvm.transform.Sequential(_fuse_passes(preset), name="tvmq.fuse")(mod)
 
 
+def _lower_gpu(mod: tvm.IRModule, target) -> tvm.IRModule:
+    """TVM's CUDA pipeline, with DLight's Matmul rule not tensorizing 8-bit kernels (TVM 0.27
+    aborts the build of an int8 matmul it tensorizes; see ``NoInt8TensorCores``)."""
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    from tvmq.targets.schedules import NoInt8TensorCores
+
+    schedule = dl.ApplyDefaultSchedule(NoInt8TensorCores(dl.gpu.Matmul()), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    legalize = cuda.legalize_passes(target)[:-1] + [schedule]  # its last pass is DLight's default schedule
+    with target:
+        return tvm.transform.Sequential(cuda.library_dispatch_passes(target) + legalize + cuda.dataflow_lower_passes(target)
+                                        + cuda.finalize_passes(target), name="tvmq.lower_gpu")(mod)
+
+
 def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
     """Legalize, fuse, schedule and lower ``mod`` for ``preset`` (stops before codegen).
 
@@ -86,8 +102,7 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
     preset = _preset(preset)
     target = preset.tvm_target()
     if preset.kind != "llvm":
-        with target:
-            return relax.get_default_pipeline(target)(mod)
+        return _lower_gpu(mod, target)
     from tvm.s_tir import dlight
 
     passes = list(_fuse_passes(preset))

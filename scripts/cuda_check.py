@@ -177,7 +177,12 @@ def run(root: Path) -> dict:
         fat.write_bytes(data[i:i + header + size])
         text = subprocess.run(["cuobjdump", "-sass", str(fat)], capture_output=True, text=True).stdout
         ops = {op: text.count(op) for op in ("IDP.4A", "IMMA", "HMMA", "IMAD", "FFMA", "HFMA2")}
-        ops["kernels"] = text.count("Function :")
+        functions = text.split("Function :")[1:]
+        ops["kernels"] = len(functions)
+        # int8 kernels (int32 accumulators, from the manifest) whose device code has dp4a or IMMA
+        integer = {k["func"] for k in json.loads((b / "manifest.json").read_text())["kernels"] if k["accumulator"] == "int32"}
+        dot = {f.split()[0] for f in functions if "IDP.4A" in f or "IMMA" in f}
+        ops["int8_kernels_with_dp4a"] = f"{sum(1 for k in integer if any(d.startswith(k) for d in dot))}/{len(integer)}"
         out["sass"][b.name] = ops
         print(b.name, ops, flush=True)
     dest = Path(os.environ.get("OUT") or root) / "gpu.json"

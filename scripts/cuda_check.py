@@ -34,11 +34,11 @@ sys.path.insert(0, str(HERE))
 
 def build(root: Path) -> None:
     import onnx
-    from onnx import TensorProto, helper
 
     from bench import ppocr_cls_case
     from tvmq.cli import DEMO_DIR, main as cli
     from tvmq.runtime import Bundle
+    from tvmq.testing import matmul_model
 
     B = root / "bundles"
     B.mkdir(parents=True, exist_ok=True)
@@ -68,14 +68,7 @@ def build(root: Path) -> None:
     cls_calib.mkdir(exist_ok=True)
     for i, c in enumerate(cls["calib"]):
         np.save(cls_calib / f"{i:03d}.npy", c)
-    w = rng.normal(0, 0.05, (1024, 1024)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "gemm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512, 1024])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [512, 1024])],
-                              [onnx.numpy_helper.from_array(w, "W")])
-    gemm = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    gemm.ir_version = 8
-    onnx.save(gemm, work / "gemm.onnx")
+    onnx.save(matmul_model(512, 1024, 1024), work / "gemm.onnx")
     gemm_calib = work / "gemm_calib"
     gemm_calib.mkdir(exist_ok=True)
     for i in range(8):

@@ -70,17 +70,11 @@ def test_int8_matmul_compiles_for_cuda_without_tensor_core_tensorization(tmp_pat
     (``fragment_info_`` check); tvmq turns that tensorization off for 8-bit kernels, keeping the tiled schedule
     (dp4a on the GPU: on an H100 this 512x1024x1024 GEMM equalled the CPU int8 build bit for bit)."""
     import onnx
-    from onnx import TensorProto, helper
+
+    from tvmq.testing import matmul_model
 
     rng = np.random.default_rng(0)
-    w = rng.normal(0, 0.05, (256, 256)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "gemm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [128, 256])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [128, 256])],
-                              [onnx.numpy_helper.from_array(w, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, tmp_path / "gemm.onnx")
+    onnx.save(matmul_model(128, 256, 256), tmp_path / "gemm.onnx")
     calib = tmp_path / "calib"
     calib.mkdir()
     for i in range(4):

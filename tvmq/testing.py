@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["GraphCase", "graphs", "check_graph", "FuzzResult"]
+__all__ = ["GraphCase", "graphs", "check_graph", "FuzzResult", "matmul_model"]
 
 
 @dataclass
@@ -24,6 +24,21 @@ class GraphCase:
     high: float
     description: str
     seed: int
+
+
+def matmul_model(m: int, k: int, n: int, seed: int = 0):
+    """An ONNX model ``y[m, n] = x[m, k] @ W[k, n]`` with fixed normal(0, 0.05) weights: a plain GEMM."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(seed).normal(0, 0.05, (k, n)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                              [onnx.numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
 
 
 def graphs():

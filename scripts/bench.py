@@ -85,17 +85,13 @@ def _time_worker(spec: dict) -> list[float]:
         def call():
             sess.run(None, feed)
     else:
-        import ctypes
-
         import tvm_ffi
 
-        from tvmq.runtime import aligned, configure_threads, find_runtime_library
+        from tvmq.runtime import aligned, configure_threads, init_vm, load_runtime
 
         configure_threads(spec["threads"])
-        for lib in find_runtime_library():
-            ctypes.CDLL(str(lib), ctypes.RTLD_GLOBAL)
-        vm = tvm_ffi.load_module(spec["tvm"])["vm_load_executable"]()
-        vm["vm_initialization"](1, 0, 2)  # CPU, pooled allocator
+        load_runtime()
+        vm, _ = init_vm(tvm_ffi.load_module(spec["tvm"]))
         arrays = [aligned(a) for _, a in inputs]
         args, main = [tvm_ffi.from_dlpack(a) for a in arrays], vm["main"]
 

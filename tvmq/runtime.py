@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Bundle", "BundleError", "configure_threads", "find_runtime_library", "main", "physical_cores"]
+__all__ = ["Bundle", "BundleError", "configure_threads", "find_runtime_library", "init_vm", "load_runtime", "main",
+           "physical_cores"]
 
 MANIFEST = "manifest.json"
 _DEVICE = {"cpu": 1, "cuda": 2}
@@ -101,6 +102,28 @@ def find_runtime_library(bundle: Path | None = None) -> list[Path]:
     )
 
 
+def load_runtime(device: str = "cpu", bundle: Path | None = None) -> None:
+    """Load ``libtvm_runtime.so`` (and, for ``device="cuda"``, its CUDA part) into the process,
+    unless the full ``tvm`` package, which has them, is imported."""
+    if "tvm" in sys.modules:
+        return
+    for lib in find_runtime_library(bundle):
+        ctypes.CDLL(str(lib), ctypes.RTLD_GLOBAL)
+        if device == "cuda":
+            ctypes.CDLL(str(lib.with_name("libtvm_runtime_cuda.so")), ctypes.RTLD_GLOBAL)
+
+
+def init_vm(module, device: str = "cpu"):
+    """``(vm, device type)``: the Relax VM of a loaded library, on ``device``, pooled allocator."""
+    vm = module["vm_load_executable"]()
+    code = _DEVICE.get(device, 1)
+    if code == 1:
+        vm["vm_initialization"](code, 0, _POOLED_ALLOCATOR)
+    else:
+        vm["vm_initialization"](code, 0, _POOLED_ALLOCATOR, 1, 0, _POOLED_ALLOCATOR)
+    return vm, code
+
+
 class Bundle:
     """A compiled model folder: ``model.so`` + ``manifest.json``.
 
@@ -152,11 +175,7 @@ class Bundle:
 
         self.threads = configure_threads()
         device_kind = self.manifest.get("target", {}).get("device", "cpu")
-        if "tvm" not in sys.modules:
-            for lib in find_runtime_library(self.path):
-                ctypes.CDLL(str(lib), ctypes.RTLD_GLOBAL)
-                if device_kind == "cuda":
-                    ctypes.CDLL(str(lib.with_name("libtvm_runtime_cuda.so")), ctypes.RTLD_GLOBAL)
+        load_runtime(device_kind, self.path)
         lib_path = self.path / self.manifest.get("library", "model.so")
         try:
             module = tvm_ffi.load_module(str(lib_path))
@@ -165,13 +184,7 @@ class Bundle:
                 f"cannot load {lib_path} on this machine ({str(err).splitlines()[0][:200]}); "
                 f"it was built for {self.manifest.get('target', {}).get('triple', 'another target')}"
             ) from None
-        vm = module["vm_load_executable"]()
-        device = _DEVICE.get(self.manifest.get("target", {}).get("device", "cpu"), 1)
-        if device == 1:
-            vm["vm_initialization"](device, 0, _POOLED_ALLOCATOR)
-        else:
-            vm["vm_initialization"](device, 0, _POOLED_ALLOCATOR, 1, 0, _POOLED_ALLOCATOR)
-        self._vm = (vm, device)
+        self._vm = init_vm(module, device_kind)
         return self._vm
 
     def check_inputs(self, inputs: dict) -> list[np.ndarray]:

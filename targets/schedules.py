@@ -137,6 +137,7 @@ def _spatial_schedule(sch, block, lanes):
         return
     inner = loops[-1]
     inner_ext = _extent(sch, inner) or 1
+    total = math.prod(_extent(sch, l) or 1 for l in loops)  # elements (splitting keeps it)
     if len(loops) > 2 and inner_ext <= _FEW_LANES:
         # A few channels innermost (an NHWC image, often read transposed from NCHW): a vector
         # of them is mostly gathers, and fusing the columns into the parallel loop costs a
@@ -144,7 +145,6 @@ def _spatial_schedule(sch, block, lanes):
         # classifier's input quantize + transpose + pad went from 25.4 to 2.7 us.
         if inner_ext > 1:
             sch.unroll(inner)
-        total = math.prod(_extent(sch, l) or 1 for l in loops)
         if total >= _PARALLEL_MIN:
             rows = loops[:-2]
             sch.parallel(sch.fuse(*rows) if len(rows) > 1 else rows[0])
@@ -153,10 +153,7 @@ def _spatial_schedule(sch, block, lanes):
     if vec > 1:
         _, vi = sch.split(inner, [None, vec])
         sch.vectorize(vi)
-    outer = sch.get_loops(block)[:-1] if vec > 1 else sch.get_loops(block)[:-1]
-    total = 1
-    for l in sch.get_loops(block):
-        total *= _extent(sch, l) or 1
+    outer = sch.get_loops(block)[:-1]
     if outer and total >= _PARALLEL_MIN:
         keep = [l for l in outer[: max(1, len(outer) - 1)]]
         fused = sch.fuse(*keep) if len(keep) > 1 else keep[0]
@@ -394,22 +391,22 @@ class ChannelReductionRule(_LanesRule):
             co, ci = sch.split(spatial[-1], [None, vec])
             sch.reorder(*spatial[:-1], co, *reduce, ci)
             outer = sch.fuse(*spatial[:-1], co) if len(spatial) > 1 else co
-        width = extent if short else vec
+        width, widen = (extent, sch.unroll) if short else (vec, sch.vectorize)
         for block in _inline_epilogue(sch, main):
             sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
             last = sch.get_loops(block)[-1]
             if _extent(sch, last) == width and width > 1:
-                (sch.unroll if short else sch.vectorize)(last)
+                widen(last)
         total = 1
         for l in sch.get_loops(main):
             total *= _extent(sch, l) or 1
         if total >= _PARALLEL_MIN and (_extent(sch, outer) or 1) > 1:
             sch.parallel(outer)
         if width > 1:
-            (sch.unroll if short else sch.vectorize)(ci)  # before decomposing, as for the depthwise kernels
+            widen(ci)  # before decomposing, as for the depthwise kernels
         init = sch.decompose_reduction(main, reduce[0])
         if width > 1:
-            (sch.unroll if short else sch.vectorize)(sch.get_loops(init)[-1])
+            widen(sch.get_loops(init)[-1])
         return True
 
 

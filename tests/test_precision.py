@@ -217,6 +217,33 @@ def test_a_seed_plan_gives_back_the_int8_layers_that_are_slower_than_float():
     assert P.latency(a, chosen) < P.latency(a, seed)
 
 
+def test_a_layer_that_loses_a_sample_alone_is_still_tried_with_the_plan_around_it():
+    """Exact match on 150 samples: ``big`` alone in int8 loses a borderline sample that the
+    quantized ``helper`` wins back (as PP-OCR's recogniser does); ``s1`` loses one in any plan.
+    The fallback puts ``big`` and ``s1`` in float; the search starts from it and finds that
+    ``big`` can be int8 after all, a plan faster than the fallback's."""
+    layers = [P.LayerInfo("big", "conv2d", 100 - 100 / 150, 0, sqnr_int8=20.0, int8_ms=0.2, fp32_ms=1.0),
+              P.LayerInfo("s1", "conv2d", 100 - 100 / 150, 0, sqnr_int8=25.0, int8_ms=0.1, fp32_ms=0.3),
+              P.LayerInfo("helper", "conv2d", 100.0, 0, sqnr_int8=35.0, int8_ms=0.1, fp32_ms=0.3),
+              P.LayerInfo("other", "conv2d", 100.0, 0, sqnr_int8=40.0, int8_ms=0.1, fp32_ms=0.3)]
+    a = P.Analysis(P.Metric("python:none:none"), 100.0, 0.0, layers=layers, names=[l.name for l in layers])
+
+    def evaluate(assignment):
+        if not isinstance(assignment, dict):
+            assignment = {n: "int8" for n in assignment}
+        q = {n: assignment.get(n, "fp32") == "int8" for n in a.names}
+        lost = int(q["s1"]) + int(q["big"] and not q["helper"])
+        return 100.0 - lost * 100 / 150
+
+    a.evaluate = evaluate
+    a.all_int8 = evaluate(a.names)
+    fallback, value, _ = P.fallback_plan(a, 0.3)
+    assert value == 100.0 and fallback == {"big": "fp32", "s1": "fp32", "helper": "int8", "other": "int8"}
+    chosen, value = P.search(a, 0.3, seeds=[fallback])
+    assert value == 100.0 and chosen == {"big": "int8", "s1": "fp32", "helper": "int8", "other": "int8"}
+    assert P.latency(a, chosen) < P.latency(a, fallback)
+
+
 def test_slower_int8_kernels_stay_float_and_ties_go_to_int8():
     layers = [P.LayerInfo("fast", "conv2d", 60, 0, int8_ms=0.2, fp32_ms=1.0),
               P.LayerInfo("noise", "conv2d", 60, 0, int8_ms=1.05, fp32_ms=1.0),  # within 10%: a tie

@@ -305,3 +305,34 @@ def test_interrupted_compile_leaves_nothing(tmp_path, demo, delay):
         "error: interrupted; nothing was written (partial output removed)"
     ]
     assert os.listdir(tmp_path) == []
+
+
+def test_a_bundle_recompiled_into_the_same_folder_runs_the_new_model(tmp_path):
+    """dlopen hands back the library already mapped for a path; a model recompiled into the same
+    folder and loaded again in the same process must run the new weights, not the old ones."""
+    from tvmq.build import compile_model
+    from tvmq.runtime import Bundle
+
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.normal(0, 1, (1, 4, 8, 8)).astype(np.float32)} for _ in range(4)]
+    x = calib[0]["x"]
+    out = tmp_path / "bundle"
+    results = []
+    for seed in (0, 1):
+        model, w, b = conv_model(seed=seed)
+        compile_model(model, out, calib=calib, force=True)
+        got = Bundle(out).run({"x": x})["y"]
+        # int8 error: a few output quantization steps (range/255 each); the two models differ by ~100%
+        ref = np.maximum(_conv_ref(x, w, b), 0)
+        assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max() + 1e-6
+        results.append(got)
+    assert not np.allclose(results[0], results[1])
+
+
+def _conv_ref(x, w, b):
+    """NCHW conv, stride 1, padding 1 (float64)."""
+    cout, cin, k, _ = w.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    h = x.shape[2]
+    cols = np.stack([xp[0, :, i:i + h, j:j + h] for i in range(k) for j in range(k)], axis=1)  # cin, k*k, h, w
+    return (np.einsum("ckhw,ock->ohw", cols, w.reshape(cout, cin, k * k)) + b[:, None, None])[None]

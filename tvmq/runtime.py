@@ -19,7 +19,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -124,6 +126,26 @@ def init_vm(module, device: str = "cpu"):
     return vm, code
 
 
+_LOADED: dict[str, str] = {}  # library path -> sha256 of what was loaded from it in this process
+
+
+def _load_library(tvm_ffi, path: Path):
+    """``tvm_ffi.load_module(path)``, also when ``path`` was loaded before in this process and
+    has been replaced since (a model recompiled into the same folder): dlopen returns the
+    library already mapped for a path it has seen, so a changed file is loaded from a private
+    copy, removed again once mapped."""
+    key, digest = str(path.resolve()), sha256_file(path)
+    if _LOADED.setdefault(key, digest) == digest:
+        return tvm_ffi.load_module(str(path))
+    fd, copy = tempfile.mkstemp(prefix="tvmq-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        shutil.copyfile(path, copy)
+        return tvm_ffi.load_module(copy)
+    finally:
+        os.unlink(copy)
+
+
 class Bundle:
     """A compiled model folder: ``model.so`` + ``manifest.json``.
 
@@ -178,7 +200,7 @@ class Bundle:
         load_runtime(device_kind, self.path)
         lib_path = self.path / self.manifest.get("library", "model.so")
         try:
-            module = tvm_ffi.load_module(str(lib_path))
+            module = _load_library(tvm_ffi, lib_path)
         except Exception as err:  # wrong ISA, missing symbols, ...
             raise BundleError(
                 f"cannot load {lib_path} on this machine ({str(err).splitlines()[0][:200]}); "

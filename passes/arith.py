@@ -58,8 +58,25 @@ class _SoftmaxRewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.lanes = lanes
 
+    def _reshaped(self, expr):
+        """``(source, shape)`` when ``expr`` is a variable bound to ``reshape(source, shape)``."""
+        bound = self.lookup_binding(expr) if isinstance(expr, relax.Var) else None
+        if call_op(bound) == "relax.reshape" and static_shape(bound.args[0]) and static_shape(bound):
+            return bound.args[0], static_shape(bound)
+        return None
+
     def visit_call_(self, call):
         call = super().visit_call_(call)
+        if call_op(call) == "relax.reshape" and static_shape(call):
+            # reshape(reshape(a)) -> reshape(a), and a reshape back to a's own shape -> a. What the
+            # row kernel below leaves of ONNX's flatten-softmax-unflatten (opset < 13): a model
+            # whose output is that softmax would otherwise copy it (a reshape TVM keeps as a
+            # kernel where it makes the output; 20 us for PP-OCR's 40 x 6625 probabilities).
+            inner = self._reshaped(call.args[0])
+            if inner is not None:
+                source, _ = inner
+                return source if static_shape(source) == static_shape(call) else relax.op.reshape(source, static_shape(call))
+            return call
         if call_op(call) != "relax.nn.softmax" or dtype_of(call) != "float32":
             return call
         x = call.args[0]
@@ -67,14 +84,17 @@ class _SoftmaxRewriter(relax.PyExprMutator):
         axis = int(call.attrs.axis)
         if shape and axis in (-1, len(shape) - 1) and shape[-1] >= self.lanes:
             # Last axis, static shape: tvmq's row kernel (DLight's reduction rule scalarizes rows
-            # whose length is not a multiple of the vector width).
+            # whose length is not a multiple of the vector width), on the tensor before a reshape
+            # that only merged its leading axes.
             from tvmq.targets.softmax import row_softmax
 
-            rows = int(np.prod(shape[:-1], dtype=np.int64))
-            kernel = self.builder_.add_func(row_softmax(rows, shape[-1], self.lanes), "tvmq_softmax")
-            flat = self.builder_.emit(relax.op.reshape(x, (rows, shape[-1]))) if len(shape) != 2 else x
-            y = self.builder_.emit(relax.call_tir(kernel, [flat], TensorType((rows, shape[-1]), "float32")))
-            return relax.op.reshape(y, shape) if len(shape) != 2 else y
+            inner = self._reshaped(x)
+            source = inner[0] if inner is not None and static_shape(inner[0])[-1] == shape[-1] else x
+            full = static_shape(source)
+            rows = int(np.prod(full[:-1], dtype=np.int64))
+            kernel = self.builder_.add_func(row_softmax(rows, full[-1], self.lanes, full), "tvmq_softmax")
+            y = relax.call_tir(kernel, [source], TensorType(tuple(full), "float32"))
+            return y if source is x else relax.op.reshape(self.builder_.emit(y), shape)
         from tvm import topi
 
         return self.builder_.call_te(topi.nn.fast_softmax, x, axis, primfunc_name_hint="fast_softmax")

@@ -10,6 +10,8 @@ with scalars: 59 us, within 3e-6 (relative) of the exact softmax.
 
 from __future__ import annotations
 
+import numpy as np
+
 __all__ = ["fast_exp", "row_softmax"]
 
 
@@ -29,23 +31,30 @@ def fast_exp(v):
     return T.max(T.reinterpret("float32", T.shift_left(T.Cast("int32", n + c(127.0)), 23)) * p, v)
 
 
-def row_softmax(rows: int, n: int, lanes: int = 16):
+def row_softmax(rows: int, n: int, lanes: int = 16, shape=None):
     """A scheduled PrimFunc ``(x[rows, n]) -> y[rows, n]``: softmax of each row, rows in parallel.
 
     Needs ``n >= lanes``. Three passes per row: lane-wise maxima; ``fast_exp(x - max)`` into
-    ``y`` with lane-wise sums; ``y / sum``.
+    ``y`` with lane-wise sums; ``y / sum``. With ``shape`` (``rows`` x ``n`` elements, last axis
+    ``n``) the parameters have that shape and the kernel views them as rows: no reshape around
+    the call, which TVM would run as a copy where the result is the model's output.
     """
     from tvm.script import tirx as T
 
+    shape = tuple(int(d) for d in (shape or (rows, n)))
+    if shape[-1] != n or int(np.prod(shape, dtype=np.int64)) != rows * n:
+        raise ValueError(f"shape {shape} does not hold {rows} rows of {n}")
     if n < lanes:
         raise ValueError(f"row_softmax needs rows of at least {lanes} elements, not {n}")
     whole, tail = n // lanes, n % lanes
 
     @T.prim_func(private=True, s_tir=True)
-    def tvmq_softmax(x: T.Buffer((rows, n), "float32"), y: T.Buffer((rows, n), "float32")):
+    def tvmq_softmax(x_in: T.Buffer(shape, "float32"), y_out: T.Buffer(shape, "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         # One opaque root block: TVM's reshape detection (RewriteDataflowReshape) requires a root block.
         with T.sblock("root"):
+            x = T.decl_buffer((rows, n), "float32", data=x_in.data)
+            y = T.decl_buffer((rows, n), "float32", data=y_out.data)
             # Allocated once per call, outside the parallel loop (inside it, TVM would allocate per row).
             acc = T.sblock_alloc_buffer((rows, lanes), "float32")
             top = T.sblock_alloc_buffer((rows,), "float32")

@@ -46,8 +46,8 @@ def test_spatial_reductions_over_nhwc_sum_channel_vectors(name):
 @pytest.mark.parametrize("shape, axis", [((4, 6625), -1), ((1, 40, 37), 2), ((2, 9, 5), -1), ((3, 20, 6), 1)])
 def test_softmax_uses_a_vectorizable_exp_and_stays_within_5e5(shape, axis):
     """A 6625-class softmax (PP-OCR's recogniser head): no libm ``exp`` per element, same probabilities. A last
-    axis of at least 16 runs in tvmq's row kernel (whole vectors, then the remainder); shorter rows and other
-    axes in TVM's ``fast_softmax``."""
+    axis of at least 16 runs in tvmq's row kernel (whole vectors, then the remainder) on the tensor's own shape;
+    shorter rows and other axes in TVM's ``fast_softmax``."""
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
@@ -60,11 +60,36 @@ def test_softmax_uses_a_vectorizable_exp_and_stays_within_5e5(shape, axis):
     row_kernel = [k for name, k in kernels.items() if name.startswith("tvmq_softmax")]
     if shape[axis] >= 16 and axis in (-1, len(shape) - 1):
         assert len(row_kernel) == 1 and "T.vectorized(16)" in row_kernel[0] and "T.where" not in row_kernel[0]
+        # the kernel takes the tensor's own shape: no reshape copied the model's output (20 us at 40 x 6625)
+        assert not any(name.startswith("reshape") for name in kernels), sorted(kernels)
     else:
         assert not row_kernel
     a = np.random.default_rng(0).normal(0, 4, shape).astype(np.float32)
     ref = np.exp(a.astype(np.float64) - a.max(axis, keepdims=True))
     ref /= ref.sum(axis, keepdims=True)
+    got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=5e-5, atol=1e-9)
+
+
+def test_flatten_softmax_unflatten_is_one_kernel_on_the_original_shape():
+    """ONNX Softmax before opset 13 imports as reshape to 2-D, softmax, reshape back. As a model's output the
+    reshape back was a copy kernel (TVM keeps reshapes that make a function's output); now the row kernel runs
+    on the 3-D tensor and both reshapes are gone."""
+    shape = (1, 40, 37)
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            flat = bb.emit(relax.op.reshape(x, (40, 37)))
+            probs = bb.emit(relax.op.nn.softmax(flat, axis=1))
+            y = bb.emit_output(relax.op.reshape(probs, shape))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    kernels = [gv.name_hint for gv, f in lower(mod, "x86").functions_items() if isinstance(f, tir.PrimFunc)]
+    assert kernels == ["tvmq_softmax"], kernels
+    a = np.random.default_rng(1).normal(0, 4, shape).astype(np.float32)
+    ref = np.exp(a.astype(np.float64) - a.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
     got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
     np.testing.assert_allclose(got, ref, rtol=5e-5, atol=1e-9)
 
@@ -112,3 +137,4 @@ def test_activation_matmul_accumulates_along_the_output_rows(a_shape, b_shape, m
     x, w = rng.uniform(-1, 1, a_shape).astype(np.float32), rng.uniform(-1, 1, b_shape).astype(np.float32)
     got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
     np.testing.assert_allclose(got, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-5)
+

@@ -138,3 +138,43 @@ def test_activation_matmul_accumulates_along_the_output_rows(a_shape, b_shape, m
     got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
     np.testing.assert_allclose(got, x.astype(np.float64) @ w.astype(np.float64), rtol=1e-5, atol=1e-5)
 
+
+def test_a_ragged_channel_epilogue_is_vectorized_where_every_lane_is_inside():
+    """An int8 matmul to 100 outputs (not a multiple of 16): the per-tile epilogue carries ``c < 100``, which made
+    TVM scalarize it in every tile. Versioned, the tiles inside run a vector epilogue, the edge tile the scalar one;
+    the bytes equal the unversioned kernel's."""
+    from tvm import s_tir
+
+    from tvmq.frontend import load_onnx
+    from tvmq.pipeline import _preset, dot_intrinsics, fuse
+    from tvmq.quantize import calibrate, prepare, quantize_pipeline
+    from tvmq.targets.schedules import PackedKernelRule
+    from tvmq.targets.tails import version_vector_tails
+    from tvmq.testing import matmul_model
+
+    rng = np.random.default_rng(0)
+    mod, _ = load_onnx(matmul_model(24, 64, 100))
+    mod = prepare(mod)
+    plan = calibrate(mod, [{"x": rng.uniform(-1, 1, (24, 64)).astype(np.float32)} for _ in range(2)], input_names=["x"])
+    fused = fuse(quantize_pipeline(plan)(mod), _preset("x86"))
+    (func,) = [f for gv, f in fused.functions_items() if "matmul" in gv.name_hint and isinstance(f, tir.PrimFunc)]
+    sch = s_tir.Schedule(func)
+    assert PackedKernelRule(dot_intrinsics(_preset("x86"))).schedule(sch)
+    before = sch.mod["main"]
+    after = version_vector_tails(before)
+    assert "T.where" in before.script()
+    text = after.script()
+    assert "if " in text and text.count("T.where") == before.script().count("T.where")  # the edge keeps its guard
+    target = _preset("x86").tvm_target()
+    args = [rng.integers(0, 256, [int(d) for d in p.shape]).astype(str(p.dtype)) if "int" in str(p.dtype)
+            else rng.uniform(0.5, 1.5, [int(d) for d in p.shape]).astype(str(p.dtype)) for p in before.params]
+    outs = []
+    for f in (before, after):
+        lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)
+        tensors = [tvm.runtime.tensor(a) for a in args]
+        lib["main"](*tensors)
+        outs.append(tensors[-1].numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    asm = [tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target).mod.inspect_source("asm")
+           for f in (before, after)]
+    assert asm[1].count("vcvtdq2ps") > asm[0].count("vcvtdq2ps")  # int32 -> float conversions, 16 at a time

@@ -109,8 +109,11 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
     if database is not None:
         with target:  # the pass captures the current target when it is made
             passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+    from tvmq.targets.tails import VersionVectorTails
+
     passes += [
         dlight.ApplyDefaultSchedule(*schedule_rules(preset)),
+        VersionVectorTails(),  # predicated vector loops: a clean vector body where every lane is inside
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
         relax.transform.RemovePurityChecking(),

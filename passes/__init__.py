@@ -3,7 +3,7 @@
 >>> seq = tvm.transform.Sequential([InsertQDQ(plan), FoldQDQ()])   # doctest: +SKIP
 """
 
-from .arith import DivideToMultiply, FastSoftmax
+from .arith import DivideToMultiply, FastSoftmax, FoldAffineChains
 from .fold_constants import FoldConstantsNumpy
 from .fold_qdq import FoldQDQ
 from .insert_qdq import InsertQDQ
@@ -11,4 +11,4 @@ from .layout import ConvertToNHWC
 from .pack_kernels import PackKernels
 from .patterns import count_ops, find_layers
 
-__all__ = ["DivideToMultiply", "FastSoftmax", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "find_layers", "count_ops"]
+__all__ = ["DivideToMultiply", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "find_layers", "count_ops"]

@@ -15,7 +15,7 @@ from tvmq._compat import TensorType, constant_array, is_constant
 
 from .patterns import call_op, dtype_of, static_shape
 
-__all__ = ["DivideToMultiply", "FastSoftmax"]
+__all__ = ["DivideToMultiply", "FastSoftmax", "FoldAffineChains"]
 
 
 def _rewrite_functions(rewriter, mod):
@@ -116,3 +116,119 @@ class FastSoftmax:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         return _rewrite_functions(_SoftmaxRewriter(mod, self.lanes), mod)
+
+
+_AFFINE_OPS = ("relax.multiply", "relax.add", "relax.subtract")
+
+
+def _affine_step(call):
+    """``(x, c, op)`` when ``call`` is ``x * c``, ``x + c`` or ``x - c`` (either order for the
+    first two) of a float32 variable and a constant that keeps ``x``'s shape; else None."""
+    op = call_op(call)
+    if op not in _AFFINE_OPS or dtype_of(call) != "float32":
+        return None
+    a, b = call.args
+    if is_constant(b) and isinstance(a, relax.Var):
+        x, c = a, b
+    elif is_constant(a) and isinstance(b, relax.Var) and op != "relax.subtract":
+        x, c = b, a
+    else:
+        return None
+    shape = static_shape(x)
+    if shape is None or static_shape(call) != shape:
+        return None
+    value = constant_array(c)
+    if value.dtype != np.float32 or not np.all(np.isfinite(value)):
+        return None
+    try:
+        if np.broadcast_shapes(value.shape, shape) != tuple(shape):
+            return None
+    except ValueError:
+        return None
+    return x, value.astype(np.float64), op
+
+
+def _count_uses(expr, uses):
+    if isinstance(expr, relax.Var):
+        uses[expr] = uses.get(expr, 0) + 1
+    elif isinstance(expr, relax.Call):
+        for arg in expr.args:
+            _count_uses(arg, uses)
+    elif isinstance(expr, relax.Tuple):
+        for field in expr.fields:
+            _count_uses(field, uses)
+    elif isinstance(expr, relax.TupleGetItem):
+        _count_uses(expr.tuple_value, uses)
+
+
+def _affine_forms(func) -> dict:
+    """``var -> (base, A, B)`` for each binding equal to ``base * A + B`` through a chain of
+    constant multiplies/adds whose intermediate results have no other use."""
+    uses, steps = {}, {}
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = getattr(binding, "value", None)
+            _count_uses(value, uses)
+            step = _affine_step(value) if isinstance(value, relax.Call) else None
+            if step is not None:
+                steps[binding.var] = step
+    _count_uses(func.body.body, uses)
+    forms = {}
+    for var, (x, c, op) in steps.items():  # bindings in order: x's form is known before var's
+        base, a, b, length = x, np.float64(1.0), np.float64(0.0), 0
+        if x in forms and uses.get(x, 0) == 1:
+            base, a, b, length = forms[x]
+        if op == "relax.multiply":
+            a, b = a * c, b * c
+        elif op == "relax.add":
+            b = b + c
+        else:
+            b = b - c
+        forms[var] = (base, a, b, length + 1)
+    return {v: f for v, f in forms.items() if f[3] > 1}
+
+
+@relax.expr_functor.mutator
+class _AffineFolder(relax.PyExprMutator):
+    def __init__(self, mod, forms):
+        super().__init__(mod)
+        self.forms = forms
+
+    def visit_var_binding_(self, binding):
+        if binding.var not in self.forms:
+            return super().visit_var_binding_(binding)
+        base, a, b, _ = self.forms[binding.var]
+        expr = self.visit_expr(base)
+        if np.any(a != 1.0):
+            expr = relax.op.multiply(expr, relax.const(np.asarray(a, np.float32), "float32"))
+        if np.any(b != 0.0):
+            expr = relax.op.add(self.builder_.emit(expr) if np.any(a != 1.0) else expr,
+                                relax.const(np.asarray(b, np.float32), "float32"))
+        # the same variable (a dataflow block's output stays one), bound to the folded value
+        self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(expr)))
+
+
+@tvm.transform.module_pass(opt_level=0, name="FoldAffineChains")
+class FoldAffineChains:
+    """``((x * a1 + b1) * a2 + b2) ...`` with constant ``a``/``b`` becomes ``x * A + B``.
+
+    Exporters and tvmq's own folding leave such chains around every layer: an int8 conv's
+    dequantize scale, PP-LCNetV3's learnable scalar affine, hard-swish's ``/ 6``, the next
+    affine and the requantize scale are five multiplies and two adds per element where one
+    multiply and one add (an FMA) do. Only results with no other use are folded, so nothing
+    is computed twice; the coefficients are combined in float64. The folded value may differ
+    from the chain in the last bit of float32; an int8 layer's output can move by one step
+    where it sat on a rounding boundary.
+    """
+
+    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+                continue
+            forms = _affine_forms(func)
+            if forms:
+                folder = _AffineFolder(mod, forms)
+                folder.builder_.update_func(gv, folder.visit_expr(func))
+                mod = folder.builder_.get()
+        entries = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
+        return relax.transform.DeadCodeElimination(entries)(mod)

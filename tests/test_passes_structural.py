@@ -258,3 +258,33 @@ def test_nhwc_conversion_keeps_one_element_constant_ops_channels_last():
     x = rng.normal(0, 1, (1, 8, 6, 6)).astype(np.float32)
     run = lambda m: relax.VirtualMachine(tvm.compile(m, "llvm"), tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()  # noqa: E731
     np.testing.assert_allclose(run(out), run(mod), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_affine_chains_leaves_one_multiply_and_one_add_per_chain():
+    """conv-style epilogue: ``(x * s_c) * 2 + 1`` feeds hard-swish (two uses: kept), then ``* (1/6) * 0.2 - 0.3``
+    then a requantize scale: each chain folds into one multiply and one add, values within float32 rounding."""
+    from tvmq.passes import FoldAffineChains
+    from tvmq.pipeline import build
+
+    rng = np.random.default_rng(0)
+    s_c = rng.uniform(0.5, 2, 8).astype(np.float32)
+    x = relax.Var("x", relax.TensorType((1, 4, 4, 8), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.multiply(x, relax.const(s_c)))
+            t = bb.emit(relax.op.add(relax.op.multiply(relax.const(np.float32(2.0)), a), relax.const(np.float32(1.0))))
+            clip = bb.emit(relax.op.clip(relax.op.add(t, relax.const(np.float32(3.0))), 0, 6))
+            h = bb.emit(relax.op.multiply(t, clip))  # t's second use
+            d = bb.emit(relax.op.multiply(h, relax.const(np.float32(1 / 6))))
+            e = bb.emit(relax.op.subtract(relax.op.multiply(relax.const(np.float32(0.2)), d), relax.const(np.float32(0.3))))
+            y = bb.emit_output(relax.op.multiply(e, relax.const(np.float32(37.5))))
+        bb.emit_func_output(y)
+    mod = relax.transform.Normalize()(bb.get())
+    folded = FoldAffineChains()(mod)
+    ops = count_ops
+    assert ops(mod)["relax.multiply"] == 6 and ops(folded)["relax.multiply"] == 3  # x*A, t*clip, h*B
+    assert ops(folded)["relax.add"] == 3 and ops(folded).get("relax.subtract", 0) == 0  # t's +1, +3, B's offset
+    data = rng.normal(0, 2, (1, 4, 4, 8)).astype(np.float32)
+    outs = [relax.VirtualMachine(build(m, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy() for m in (mod, folded)]
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max())

@@ -47,13 +47,14 @@ def dot_intrinsics(preset) -> dict[int, str] | None:
 
 def relax_passes(preset) -> list:
     """Graph-level passes that depend on the target (run before legalization)."""
-    from tvmq.passes import FastSoftmax, PackKernels
+    from tvmq.passes import FastSoftmax, FoldAffineChains, PackKernels
 
     preset = _preset(preset)
     if preset.kind != "llvm":
         return []
     lanes = {"vnni": (16, 8, 4), "sdot": (4,)}.get(preset.dot_product, ())
-    return [PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes),
+    return [FoldAffineChains(),
+            PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes),
             FastSoftmax(preset.vector_lanes)]
 
 

@@ -376,8 +376,9 @@ def test_discrete_metric_budget_is_searched_on_measurements_not_assumed():
 
 
 def test_an_exact_plan_that_misses_as_an_integer_program_is_repaired(sensitive, tmp_path, monkeypatch, steady_timing):
-    """The simulation and the integer program can disagree by a rounding; when the exact plan's integer program
-    misses the budget, its most sensitive int8 layers go back to float one at a time until it meets it."""
+    """The simulation and the integer program can disagree by a rounding; when a proposal's integer program (the
+    exact plan's, the fallback's) misses the budget, its most sensitive int8 layers go back to float one at a time
+    until it meets it."""
     import tvmq.build
 
     real = tvmq.build._Candidate
@@ -398,3 +399,7 @@ def test_an_exact_plan_that_misses_as_an_integer_program_is_repaired(sensitive, 
     # The search proposes conv1 alone in float (the other tests' plan); repaired, one more layer is float.
     assert p["chosen_from"] == "exact search" and p["race"]["exact search"]["passes"]
     assert p["assignment"]["conv1"] == "fp32" and sorted(p["assignment"].values()) == ["fp32", "fp32", "int8"]
+    # The INC-style fallback is judged on its integer program too, as INC judges the quantized model.
+    fallback = p["race"]["fallback (INC-style)"]
+    assert fallback["passes"] and fallback["repaired_layers"] == 1
+    assert sorted(p["fallback"]["assignment"].values()) == ["fp32", "fp32", "int8"]

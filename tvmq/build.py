@@ -370,16 +370,28 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
             compiled[key] = _Candidate(float_mod, plan, eval_samples, names, metric, labels, analysis.reference)
         return compiled[key]
 
-    # The simulation and the integer program round alike up to requantization; should the
-    # exact plan miss as an integer program, it is repaired: the most sensitive layer it still
+    # The simulation and the integer program round alike up to requantization; should a
+    # proposal miss as an integer program, it is repaired: the most sensitive layer it still
     # quantizes goes back to float, until it meets the budget. (Searching again with a tighter
-    # budget changes nothing when the metric moves in whole samples, as accuracy does.)
+    # budget changes nothing when the metric moves in whole samples, as accuracy does.) The
+    # INC-style fallback is repaired the same way, as INC itself judges the quantized model.
     chosen, _ = P.search(analysis, budget, "exact", seeds=seeds)
-    repairs = [n for n in P.most_sensitive_first(analysis) if chosen[n] != "fp32"][:8]
-    for name in repairs:
-        if P.meets(analysis, candidate(chosen).metric, budget):
-            break
-        chosen = {**chosen, name: "fp32"}
+    repaired = {}
+
+    def repair(assignment):
+        steps = 0
+        for name in [n for n in P.most_sensitive_first(analysis) if assignment[n] != "fp32"][:8]:
+            if P.meets(analysis, candidate(assignment).metric, budget):
+                break
+            assignment, steps = {**assignment, name: "fp32"}, steps + 1
+        return assignment, steps
+
+    chosen, repaired["exact search"] = repair(chosen)
+    greedy, repaired["greedy"] = repair(greedy)
+    greedy_value = analysis.evaluate(greedy)
+    fallback, repaired["fallback (INC-style)"] = repair(fallback)
+    evaluations += repaired["fallback (INC-style)"]
+    fallback_value = analysis.evaluate(fallback)
     proposals = {"exact search": chosen, "greedy": greedy, "fallback (INC-style)": fallback}
     race = {label: candidate(a) for label, a in proposals.items()}
     passing = {label: c for label, c in race.items() if P.meets(analysis, c.metric, budget)}
@@ -403,7 +415,8 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
         "plan": value,
         "assignment": chosen,
         "chosen_from": winner,
-        "race": {label: {"metric": c.metric, "passes": P.meets(analysis, c.metric, budget), "measured_ms": c.ms}
+        "race": {label: {"metric": c.metric, "passes": P.meets(analysis, c.metric, budget), "measured_ms": c.ms,
+                         "repaired_layers": repaired[label]}
                  for label, c in race.items()},
         "int8_layers": sorted(n for n, p in chosen.items() if p == "int8"),
         "latency_ms": {"fp32": P.latency(analysis, {}), "all_int8": P.latency(analysis, analysis.names),

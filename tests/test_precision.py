@@ -403,3 +403,26 @@ def test_an_exact_plan_that_misses_as_an_integer_program_is_repaired(sensitive, 
     fallback = p["race"]["fallback (INC-style)"]
     assert fallback["passes"] and fallback["repaired_layers"] == 1
     assert sorted(p["fallback"]["assignment"].values()) == ["fp32", "fp32", "int8"]
+
+
+def test_the_winners_float_layers_are_tried_again_as_integer_programs(sensitive, tmp_path, monkeypatch, steady_timing):
+    """The simulation keeps conv1 in float (its SQNR alone breaks the budget); when its integer program says
+    otherwise (here: every integer program meets it), the refinement quantizes it, races the result against the
+    winner and keeps the faster plan, which the report shows."""
+    import tvmq.build
+
+    real = tvmq.build._Candidate
+
+    class Generous(real):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.metric = 99.0
+
+    monkeypatch.setattr(tvmq.build, "_Candidate", Generous)
+    out = tmp_path / "auto"
+    compile_model(sensitive / "model.onnx", out, calib=sensitive / "calib", precision="auto",
+                  auto=AutoPrecision(metric="sqnr", min_sqnr=30.0))
+    p = json.loads((out / "manifest.json").read_text())["precision"]
+    assert p["refined_layers"] == ["conv1"] and p["chosen_from"] == "refined"
+    assert set(p["assignment"].values()) == {"int8"} and p["refined"]["int8_layers"] == 3
+    assert "refined on integer programs (+1 quantized)" in (out / "report.md").read_text()

@@ -401,6 +401,24 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
     if preset.is_host and len({id(c) for c in passing.values()}) > 1:
         _race(list({id(c): c for c in passing.values()}.values()))
         winner = min(passing, key=lambda label: (passing[label].ms, label != "exact search"))
+    # The simulation and the integer programs disagree about borderline samples, so the winner's
+    # float layers get one more try as what will ship: each (the largest estimated saving first,
+    # at most 8) in its quantized precision, compiled, kept when the integer program meets the
+    # budget. A refined plan then races the winner it came from.
+    refined = []
+    if winner in passing:
+        best = proposals[winner]
+        for _, i, precision in P.float_layers_by_saving(analysis, best)[:8]:
+            trial = {**best, analysis.layers[i].name: precision}
+            if P.meets(analysis, candidate(trial).metric, budget):
+                best = trial
+                refined.append(analysis.layers[i].name)
+        if refined:
+            proposals["refined"], race["refined"], repaired["refined"] = best, candidate(best), 0
+            if preset.is_host:
+                _race([race[winner], race["refined"]])
+            if not preset.is_host or race["refined"].ms <= race[winner].ms:
+                winner = "refined"
     exact = summary(proposals["exact search"], analysis.evaluate(proposals["exact search"]))
     chosen, plan, value = proposals[winner], race[winner].plan, race[winner].metric
 
@@ -415,6 +433,8 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
         "plan": value,
         "assignment": chosen,
         "chosen_from": winner,
+        "refined_layers": refined,
+        "refined": summary(proposals["refined"], analysis.evaluate(proposals["refined"])) if refined else None,
         "race": {label: {"metric": c.metric, "passes": P.meets(analysis, c.metric, budget), "measured_ms": c.ms,
                          "repaired_layers": repaired[label]}
                  for label, c in race.items()},

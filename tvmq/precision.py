@@ -27,7 +27,8 @@ import numpy as np
 
 from tvmq.errors import TvmqError
 
-__all__ = ["Metric", "LayerInfo", "Analysis", "analyse", "search", "fallback_plan", "config_for", "latency"]
+__all__ = ["Metric", "LayerInfo", "Analysis", "analyse", "search", "fallback_plan", "config_for", "latency",
+           "float_layers_by_saving"]
 
 
 @dataclass(frozen=True)
@@ -463,7 +464,7 @@ def search(analysis: Analysis, budget: float, method: str = "exact", seeds=(), m
         starts = [best] + [s for s in seeds if any(s == p for _, p, _ in passing)]
         for start in {tuple(s.items()): s for s in starts}.values():
             current = start
-            for _, i, precision in _float_layers_by_saving(analysis, current):
+            for _, i, precision in float_layers_by_saving(analysis, current):
                 trial = {**current, names[i]: precision}
                 if check(trial):
                     current = trial
@@ -471,7 +472,7 @@ def search(analysis: Analysis, budget: float, method: str = "exact", seeds=(), m
     return assignment, value
 
 
-def _float_layers_by_saving(analysis: Analysis, assignment: dict) -> list[tuple[float, int, str]]:
+def float_layers_by_saving(analysis: Analysis, assignment: dict) -> list[tuple[float, int, str]]:
     """``(saving, index, precision)`` for each float layer of ``assignment`` with a faster
     quantized kernel (its fastest candidate precision), the largest saving first."""
     out = []

@@ -80,7 +80,9 @@ def _summary_rows(p: dict) -> list[tuple[str, ...]]:
         (f"fallback, INC-style ({p['fallback']['evaluations']} evaluations)" + mark("fallback (INC-style)"),
          _count_summary(p["fallback"], n), _fmt(p["fallback"]["metric"], m), _time(p["fallback"]["latency_ms"]),
          *measured("fallback (INC-style)")),
-    ]
+    ] + ([(f"refined on integer programs (+{len(p['refined_layers'])} quantized)" + mark("refined"),
+           _count_summary(p["refined"], n), _fmt(p["refined"]["metric"], m), _time(p["refined"]["latency_ms"]),
+           *measured("refined"))] if p.get("refined") else [])
 
 
 def precision_markdown(p: dict) -> str:

@@ -375,6 +375,18 @@ def test_discrete_metric_budget_is_searched_on_measurements_not_assumed():
     assert P.latency(a, chosen) <= P.latency(a, fallback)
 
 
+def _auto_with_candidate(candidate_class, sensitive, tmp_path, monkeypatch):
+    """``--precision auto`` (min SQNR 30) on the sensitive model with compiled candidates made by
+    ``candidate_class``: the manifest's precision section and the bundle folder."""
+    import tvmq.build
+
+    monkeypatch.setattr(tvmq.build, "_Candidate", candidate_class)
+    out = tmp_path / "auto"
+    compile_model(sensitive / "model.onnx", out, calib=sensitive / "calib", precision="auto",
+                  auto=AutoPrecision(metric="sqnr", min_sqnr=30.0))
+    return json.loads((out / "manifest.json").read_text())["precision"], out
+
+
 def test_an_exact_plan_that_misses_as_an_integer_program_is_repaired(sensitive, tmp_path, monkeypatch, steady_timing):
     """The simulation and the integer program can disagree by a rounding; when a proposal's integer program (the
     exact plan's, the fallback's) misses the budget, its most sensitive int8 layers go back to float one at a time
@@ -391,11 +403,7 @@ def test_an_exact_plan_that_misses_as_an_integer_program_is_repaired(sensitive, 
             if all(plan.layers[n].is_int8 for n in ("conv0", "conv2")):
                 self.metric = 0.0
 
-    monkeypatch.setattr(tvmq.build, "_Candidate", Disagreeing)
-    out = tmp_path / "auto"
-    compile_model(sensitive / "model.onnx", out, calib=sensitive / "calib", precision="auto",
-                  auto=AutoPrecision(metric="sqnr", min_sqnr=30.0))
-    p = json.loads((out / "manifest.json").read_text())["precision"]
+    p, _ = _auto_with_candidate(Disagreeing, sensitive, tmp_path, monkeypatch)
     # The search proposes conv1 alone in float (the other tests' plan); repaired, one more layer is float.
     assert p["chosen_from"] == "exact search" and p["race"]["exact search"]["passes"]
     assert p["assignment"]["conv1"] == "fp32" and sorted(p["assignment"].values()) == ["fp32", "fp32", "int8"]
@@ -418,11 +426,7 @@ def test_the_winners_float_layers_are_tried_again_as_integer_programs(sensitive,
             super().__init__(*args)
             self.metric = 99.0
 
-    monkeypatch.setattr(tvmq.build, "_Candidate", Generous)
-    out = tmp_path / "auto"
-    compile_model(sensitive / "model.onnx", out, calib=sensitive / "calib", precision="auto",
-                  auto=AutoPrecision(metric="sqnr", min_sqnr=30.0))
-    p = json.loads((out / "manifest.json").read_text())["precision"]
+    p, out = _auto_with_candidate(Generous, sensitive, tmp_path, monkeypatch)
     assert p["refined_layers"] == ["conv1"] and p["chosen_from"] == "refined"
     assert set(p["assignment"].values()) == {"int8"} and p["refined"]["int8_layers"] == 3
     assert "refined on integer programs (+1 quantized)" in (out / "report.md").read_text()

@@ -13,7 +13,7 @@ from tvm import relax
 
 from tvmq._compat import TensorType, constant_array, is_constant
 
-from .patterns import call_op, dtype_of, static_shape
+from .patterns import FunctionGraph, call_op, dtype_of, static_shape
 
 __all__ = ["DivideToMultiply", "FastSoftmax", "FoldAffineChains"]
 
@@ -148,35 +148,19 @@ def _affine_step(call):
     return x, value.astype(np.float64), op
 
 
-def _count_uses(expr, uses):
-    if isinstance(expr, relax.Var):
-        uses[expr] = uses.get(expr, 0) + 1
-    elif isinstance(expr, relax.Call):
-        for arg in expr.args:
-            _count_uses(arg, uses)
-    elif isinstance(expr, relax.Tuple):
-        for field in expr.fields:
-            _count_uses(field, uses)
-    elif isinstance(expr, relax.TupleGetItem):
-        _count_uses(expr.tuple_value, uses)
-
-
 def _affine_forms(func) -> dict:
     """``var -> (base, A, B)`` for each binding equal to ``base * A + B`` through a chain of
     constant multiplies/adds whose intermediate results have no other use."""
-    uses, steps = {}, {}
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            value = getattr(binding, "value", None)
-            _count_uses(value, uses)
-            step = _affine_step(value) if isinstance(value, relax.Call) else None
-            if step is not None:
-                steps[binding.var] = step
-    _count_uses(func.body.body, uses)
+    graph = FunctionGraph(func)
     forms = {}
-    for var, (x, c, op) in steps.items():  # bindings in order: x's form is known before var's
+    for var in graph.order:  # bindings in order: x's form is known before var's
+        value = graph.value(var)
+        step = _affine_step(value) if isinstance(value, relax.Call) else None
+        if step is None:
+            continue
+        x, c, op = step
         base, a, b, length = x, np.float64(1.0), np.float64(0.0), 0
-        if x in forms and uses.get(x, 0) == 1:
+        if x in forms and graph.num_uses(x) == 1:
             base, a, b, length = forms[x]
         if op == "relax.multiply":
             a, b = a * c, b * c
@@ -222,13 +206,12 @@ class FoldAffineChains:
     """
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        for gv, func in list(mod.functions_items()):
-            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
-                continue
-            forms = _affine_forms(func)
-            if forms:
-                folder = _AffineFolder(mod, forms)
-                folder.builder_.update_func(gv, folder.visit_expr(func))
-                mod = folder.builder_.get()
+        forms = {}  # keyed by variable: one table serves every function
+        for _, func in mod.functions_items():
+            if isinstance(func, relax.Function) and isinstance(func.body, relax.SeqExpr):
+                forms.update(_affine_forms(func))
+        if not forms:
+            return mod
+        mod = _rewrite_functions(_AffineFolder(mod, forms), mod)
         entries = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
         return relax.transform.DeadCodeElimination(entries)(mod)

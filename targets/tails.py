@@ -64,17 +64,9 @@ def version_vector_tails(func):
     return func.with_body(body) if changed else func
 
 
-@tvm.transform.module_pass(opt_level=0, name="VersionVectorTails")
+@tvm.tirx.transform.prim_func_pass(opt_level=0, name="VersionVectorTails")
 class VersionVectorTails:
     """Apply :func:`version_vector_tails` to every PrimFunc of a module (after scheduling)."""
 
-    def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        from tvmq._compat import tir
-
-        out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
-        for gv, func in mod.functions_items():
-            if isinstance(func, tir.PrimFunc):
-                new = version_vector_tails(func)
-                if new is not func:
-                    out[gv] = new
-        return out
+    def transform_function(self, func, mod, ctx):
+        return version_vector_tails(func)

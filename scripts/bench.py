@@ -253,6 +253,7 @@ def bench_model(name, case, args, workdir) -> dict:
     compile_s = time.perf_counter() - t0
     fp32 = HostModule(res.float_module)
     bundle = Bundle(out)
+    feed = input_files(workdir / f"{name}-x", {inp: xs[0]})
     untuned = {}
     if args.tune:
         # Same budget for both precisions: trials per kernel and number of kernels.
@@ -266,9 +267,8 @@ def bench_model(name, case, args, workdir) -> dict:
                       tune_trials=args.tune, tune_max_tasks=args.max_tasks, progress=True)
         tune(res.float_module, "x86", fp32_db, trials=args.tune, max_tasks=args.max_tasks, progress=True)
         tune_s = time.perf_counter() - t0
-        feed = input_files(workdir / f"{name}-x", {inp: xs[0]})
         untuned = {"tvm_fp32": {"tvm": export_executable(fp32, workdir / f"{name}-fp32-untuned.so"), "inputs": feed},
-                   "tvmq_int8": {"tvm": str(bundle.path / bundle.manifest["library"]), "inputs": feed}}
+                   "tvmq_int8": {"tvm": str(bundle.library), "inputs": feed}}
         fp32 = HostModule(res.float_module, database=load_database(fp32_db, res.float_module, "x86"))
         bundle = Bundle(tuned_out)
     out_name = bundle.outputs[0]["name"]
@@ -285,17 +285,16 @@ def bench_model(name, case, args, workdir) -> dict:
         "ort_fp32": lambda x: sess32.run(None, {inp: x})[0],
         "ort_int8": lambda x: sess8.run(None, {inp: x})[0],
     }
-    feed = input_files(workdir / f"{name}-x", {inp: xs[0]})
     calls = {
         "tvm_fp32": {"tvm": export_executable(fp32, workdir / f"{name}-fp32.so"), "inputs": feed},
-        "tvmq_int8": {"tvm": str(bundle.path / bundle.manifest["library"]), "inputs": feed},
+        "tvmq_int8": {"tvm": str(bundle.library), "inputs": feed},
         "ort_fp32": {"ort": str(case["path"]), "inputs": feed},
         "ort_int8": {"ort": str(ort8_path), "inputs": feed},
     }
     calls.update({f"{k}_untuned": v for k, v in untuned.items()})
     for engine, b in auto_bundles.items():
         engines[engine] = lambda x, b=b: b.run({inp: x})[out_name]
-        calls[engine] = {"tvm": str(b.path / b.manifest["library"]), "inputs": feed}
+        calls[engine] = {"tvm": str(b.library), "inputs": feed}
     medians = isolated_medians(calls, args.runs, args.threads)
     for engine in ENGINES + tuple(auto_bundles):
         scores = case["score"]([engines[engine](x) for x in xs], ys)

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         theirs = np.stack([sess.run(None, {inp: x})[0] for x in xs])
         diff = np.abs(ours - theirs)
         feed = input_files(tmp / "x", {inp: xs[0]})
-        medians = isolated_medians({"tvmq": {"tvm": str(bundle.path / bundle.manifest["library"]), "inputs": feed},
+        medians = isolated_medians({"tvmq": {"tvm": str(bundle.library), "inputs": feed},
                                     "ort": {"ort": str(qdq), "inputs": feed}}, args.runs, args.threads)
         # Element-wise, in output quantization steps: the same file cut before its Softmax, whose
         # input is a DequantizeLinear (the logits' step), run by both.

@@ -77,7 +77,7 @@ def run_remote(bundle_dir, inputs: dict, remote: RemoteTarget, repeat: int = 0) 
     except BundleError as err:
         raise TvmqError(str(err)) from None
     session = remote.connect()
-    lib = bundle.path / bundle.manifest.get("library", "model.so")
+    lib = bundle.library
     session.upload(str(lib))
     try:
         rmod = session.load_module(lib.name)

@@ -179,6 +179,11 @@ class Bundle:
     def outputs(self) -> list[dict]:
         return self.manifest["outputs"]
 
+    @property
+    def library(self) -> Path:
+        """The compiled model's shared library in this folder."""
+        return self.path / self.manifest.get("library", "model.so")
+
     def verify(self) -> None:
         for name, expected in sorted(self.manifest.get("files", {}).items()):
             f = self.path / name
@@ -198,7 +203,7 @@ class Bundle:
         self.threads = configure_threads()
         device_kind = self.manifest.get("target", {}).get("device", "cpu")
         load_runtime(device_kind, self.path)
-        lib_path = self.path / self.manifest.get("library", "model.so")
+        lib_path = self.library
         try:
             module = _load_library(tvm_ffi, lib_path)
         except Exception as err:  # wrong ISA, missing symbols, ...

@@ -1,13 +1,15 @@
 """PackKernels: emit conv2d/matmul in the weight layouts fast CPU kernels read.
 
-A 4-way int8 dot-product instruction (x86 VNNI ``vpdpbusd``, ARM ``sdot``) adds, into each of
-``lanes`` int32 accumulators (one per output channel), the dot product of 4 consecutive input
-channels of one pixel with that output channel's 4 weights. So:
+An int8 micro-kernel (:mod:`tvmq.targets.intrinsics`) adds, into each of ``lanes`` int32
+accumulators (one per output channel), the dot product of ``k`` consecutive input channels of
+one pixel with that output channel's ``k`` weights: ``k = 4`` for the dot-product instructions
+(x86 VNNI ``vpdpbusd``, ARM ``sdot``), ``k = 2`` for the widening multiply-adds of ISAs without
+one (x86 ``vpmaddwd``, ARM ``smull``/``sadalp``). So:
 
-* activations are NHWC (the 4 input channels of a pixel are adjacent) - see ConvertToNHWC;
-* weights are packed offline, once, into ``[O/lanes, KH, KW, I/4, lanes, 4]`` (conv) or
-  ``[N/lanes, K/4, lanes, 4]`` (matmul), so each instruction reads ``lanes*4`` contiguous bytes;
-* input channels are padded to a multiple of 4 (zero weights make the padded values irrelevant).
+* activations are NHWC (the ``k`` input channels of a pixel are adjacent) - see ConvertToNHWC;
+* weights are packed offline, once, into ``[O/lanes, KH, KW, I/k, lanes, k]`` (conv) or
+  ``[N/lanes, K/k, lanes, k]`` (matmul), so each step reads ``lanes*k`` contiguous bytes;
+* input channels are padded to a multiple of ``k`` (zero weights make the padded values irrelevant).
 
 Depthwise convolutions (int8 or float) get their weights as ``[KH, KW, C]`` so a vector of
 channels is one contiguous load.
@@ -38,28 +40,24 @@ FMA_MATMUL_BLOCK = "tvmq_fma_matmul"
 CROP_BLOCK = "tvmq_crop"
 
 
-def _ceil4(n: int) -> int:
-    return (n + 3) // 4 * 4
-
-
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-def pack_conv_weight(w: np.ndarray, lanes: int) -> np.ndarray:
-    """OHWI int8 -> ``[O'/lanes, KH, KW, I4/4, lanes, 4]`` (zero-padded: I to 4, O to lanes)."""
+def pack_conv_weight(w: np.ndarray, lanes: int, k: int = 4) -> np.ndarray:
+    """OHWI int8 -> ``[O'/lanes, KH, KW, I'/k, lanes, k]`` (zero-padded: I to k, O to lanes)."""
     o, kh, kw, i = w.shape
-    op = _round_up(o, lanes)
-    w = np.pad(w, ((0, op - o), (0, 0), (0, 0), (0, _ceil4(i) - i)))
-    return np.ascontiguousarray(w.reshape(op // lanes, lanes, kh, kw, _ceil4(i) // 4, 4).transpose(0, 2, 3, 4, 1, 5))
+    op, ip = _round_up(o, lanes), _round_up(i, k)
+    w = np.pad(w, ((0, op - o), (0, 0), (0, 0), (0, ip - i)))
+    return np.ascontiguousarray(w.reshape(op // lanes, lanes, kh, kw, ip // k, k).transpose(0, 2, 3, 4, 1, 5))
 
 
-def pack_matmul_weight(w: np.ndarray, lanes: int) -> np.ndarray:
-    """``[K, N]`` int8 -> ``[N'/lanes, K4/4, lanes, 4]`` (zero-padded: K to 4, N to lanes)."""
-    k, n = w.shape
-    np_ = _round_up(n, lanes)
-    w = np.pad(w, ((0, _ceil4(k) - k), (0, np_ - n)))
-    return np.ascontiguousarray(w.T.reshape(np_ // lanes, lanes, _ceil4(k) // 4, 4).transpose(0, 2, 1, 3))
+def pack_matmul_weight(w: np.ndarray, lanes: int, k: int = 4) -> np.ndarray:
+    """``[K, N]`` int8 -> ``[N'/lanes, K'/k, lanes, k]`` (zero-padded: K to k, N to lanes)."""
+    kd, n = w.shape
+    np_, kp = _round_up(n, lanes), _round_up(kd, k)
+    w = np.pad(w, ((0, kp - kd), (0, np_ - n)))
+    return np.ascontiguousarray(w.T.reshape(np_ // lanes, lanes, kp // k, k).transpose(0, 2, 1, 3))
 
 
 def pack_float_conv_weight(w: np.ndarray, lanes: int) -> np.ndarray:
@@ -129,17 +127,18 @@ def _conv_compute(strides, dilation, out_channels, lanes):
 
     def compute(data, wp):
         n, h, w, _ = data.shape
-        _, kh_, kw_, ib, _, _ = wp.shape
+        _, kh_, kw_, ib, _, k = wp.shape
+        k = int(k)
         oh = (h - (kh_ - 1) * dh - 1) // sh + 1
         ow = (w - (kw_ - 1) * dw - 1) // sw + 1
         kh = te.reduce_axis((0, kh_), "kh")
         kw = te.reduce_axis((0, kw_), "kw")
         ico = te.reduce_axis((0, ib), "ico")
-        ici = te.reduce_axis((0, 4), "ici")
+        ici = te.reduce_axis((0, k), "ici")
         full = te.compute(
             (n, oh, ow, wp.shape[0] * lanes),
             lambda b, y, x, o: te.sum(
-                data[b, y * sh + kh * dh, x * sw + kw * dw, ico * 4 + ici].astype("int32")
+                data[b, y * sh + kh * dh, x * sw + kw * dw, ico * k + ici].astype("int32")
                 * wp[o // lanes, kh, kw, ico, o % lanes, ici].astype("int32"),
                 axis=[kh, kw, ico, ici],
             ),
@@ -175,13 +174,13 @@ def _depthwise_compute(strides, dilation, acc_dtype):
 
 def _matmul_compute(out_features, lanes):
     def compute(x, wp):
-        kb = wp.shape[1]
+        kb, k = wp.shape[1], int(wp.shape[3])
         ko = te.reduce_axis((0, kb), "ko")
-        ki = te.reduce_axis((0, 4), "ki")
+        ki = te.reduce_axis((0, k), "ki")
         full = te.compute(
             (*x.shape[:-1], wp.shape[0] * lanes),
             lambda *idx: te.sum(
-                x[(*idx[:-1], ko * 4 + ki)].astype("int32")
+                x[(*idx[:-1], ko * k + ki)].astype("int32")
                 * wp[idx[-1] // lanes, ko, idx[-1] % lanes, ki].astype("int32"),
                 axis=[ko, ki],
             ),
@@ -194,8 +193,10 @@ def _matmul_compute(out_features, lanes):
 
 @relax.expr_functor.mutator
 class _Packer(relax.PyExprMutator):
-    def __init__(self, mod, data_dtype, lane_options, float_lanes):
+    def __init__(self, mod, data_dtype, lane_options, float_lanes, k, operand_dtype):
         super().__init__(mod)
+        self.k = k
+        self.operand_dtype = operand_dtype or data_dtype
         self.data_dtype = data_dtype
         self.lane_options = lane_options
         self.float_lanes = float_lanes
@@ -218,6 +219,13 @@ class _Packer(relax.PyExprMutator):
         if channels % widest == 0 or (-channels % widest) * 8 <= channels:
             return widest
         return next((l for l in self.lane_options if channels % l == 0), widest)
+
+    def _widen(self, data):
+        """Activations as the micro-kernel reads them (int16 for x86 ``vpmaddwd``: widened once,
+        where the producer's epilogue usually absorbs the cast, not once per output block)."""
+        if self.operand_dtype == self.data_dtype:
+            return data
+        return self.builder_.emit(relax.op.astype(data, self.operand_dtype))
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -248,10 +256,11 @@ class _Packer(relax.PyExprMutator):
         if lanes is None:
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
-        extra_c = _ceil4(shape[3]) - shape[3]
+        extra_c = _round_up(shape[3], self.k) - shape[3]
         if top or left or bottom or right or extra_c:
             data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, top, bottom, left, right, 0, extra_c], pad_value=0.0))
-        wp = relax.const(pack_conv_weight(w, lanes), "int8")
+        data = self._widen(data)
+        wp = relax.const(pack_conv_weight(w, lanes, self.k), "int8")
         compute = _conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
         self.packed += 1
         return self.builder_.normalize(self.builder_.call_te(compute, data, wp, primfunc_name_hint="tvmq_conv2d"))
@@ -315,10 +324,11 @@ class _Packer(relax.PyExprMutator):
         lanes = self._lanes(w.shape[1])
         if lanes is None:
             return None
-        extra_k = _ceil4(w.shape[0]) - w.shape[0]
+        extra_k = _round_up(w.shape[0], self.k) - w.shape[0]
         if extra_k:
             x = self.builder_.emit(relax.op.nn.pad(x, [0, 0] * (len(shape) - 1) + [0, extra_k], pad_value=0.0))
-        wp = relax.const(pack_matmul_weight(w, lanes), "int8")
+        x = self._widen(x)
+        wp = relax.const(pack_matmul_weight(w, lanes, self.k), "int8")
         self.packed += 1
         return self.builder_.normalize(
             self.builder_.call_te(_matmul_compute(w.shape[1], lanes), x, wp, primfunc_name_hint="tvmq_matmul")
@@ -342,15 +352,26 @@ class PackKernels:
     float_lanes : int
         float32 lanes of one vector register (16 with AVX-512); float conv2d/matmul get weights
         packed to one vector of output channels per reduction step. 0 leaves them alone.
+    k : int
+        Input channels per micro-kernel step: 4 (dot-product instructions) or 2 (widening
+        multiply-adds).
+    operand_dtype : str, optional
+        The dtype the kernel reads activations as, when it is not ``data_dtype``: ``int16`` for
+        x86 ``vpmaddwd`` (the activations are cast, exactly, before the kernel).
     """
 
-    def __init__(self, data_dtype: str = "uint8", lanes: tuple[int, ...] = (16, 8, 4), float_lanes: int = 16):
+    def __init__(self, data_dtype: str = "uint8", lanes: tuple[int, ...] = (16, 8, 4), float_lanes: int = 16,
+                 k: int = 4, operand_dtype: str | None = None):
+        if k not in (2, 4):
+            raise ValueError(f"k must be 2 or 4, not {k}")
         self.data_dtype = data_dtype
         self.lanes = tuple(lanes)
         self.float_lanes = float_lanes
+        self.k = k
+        self.operand_dtype = operand_dtype or data_dtype
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        packer = _Packer(mod, self.data_dtype, self.lanes, self.float_lanes)
+        packer = _Packer(mod, self.data_dtype, self.lanes, self.float_lanes, self.k, self.operand_dtype)
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 new = packer.visit_expr(func)

@@ -1,8 +1,15 @@
 """Target presets: what to compile for, and how to quantize for it.
 
-A preset names a TVM target (as a JSON dict, the only form TVM 0.27 accepts), the integer
-types its dot-product instruction wants (x86 VNNI multiplies u8 x s8, ARM sdot s8 x s8), the
-cross compiler that links its libraries and the emulator that can run them here.
+A preset names a TVM target (as a JSON dict, the only form TVM 0.27 accepts), its int8
+micro-kernel (:mod:`tvmq.targets.intrinsics`: the dot-product instruction where the ISA has one,
+exact widening multiply-adds where it does not) and the integer types that kernel wants (x86
+multiplies u8 x s8, ARM s8 x s8), the cross compiler that links its libraries and the emulator
+that can run them here.
+
+The ISA matrix: x86 ``x86-avx2`` (Haswell .. Zen 3), ``x86-avx512`` (Skylake-SP, no VNNI),
+``x86-avxvnni`` (Alder Lake and later), ``x86-avx512vnni`` (Cascade Lake, Ice Lake, Zen 4+);
+aarch64 ``rpi4`` (ARMv8.0 NEON), ``arm``/``rpi5`` (sdot); armv7 ``arm32`` (NEON); CUDA.
+``x86`` is this machine, with the best x86 micro-kernel its CPU has.
 
 >>> from tvmq.targets import get_preset
 >>> get_preset("arm").activation_dtype
@@ -40,6 +47,14 @@ class TargetPreset:
         Weight type, ``"int8"`` everywhere.
     fast_int8 : bool
         Whether the ISA has an int8 dot-product instruction (VNNI, sdot, dp4a/IMMA).
+    int8_kernel : str or None
+        The int8 micro-kernel conv2d/matmul are tensorized with (a key of
+        :data:`tvmq.targets.intrinsics.MICRO_KERNELS`); None leaves int8 kernels to LLVM.
+    vector_registers : int
+        Vector registers of the ISA (AVX2 and armv7 NEON: 16; AVX-512 and aarch64: 32): the
+        register budget of a kernel's accumulator tile.
+    cpu_flags : frozenset of str
+        /proc/cpuinfo flags an x86 CPU needs to run the preset's code (``runs_here``).
     cross_compiler : str or None
         Compiler driver that links the library; ``None`` links with the host compiler.
     apt_package : str or None
@@ -48,9 +63,6 @@ class TargetPreset:
         qemu-user binary that runs the target's code here.
     fp16 : bool
         Whether the target has fast native fp16 arithmetic.
-    dot_product : str or None
-        The 4-way int8 dot-product instruction tvmq tensorizes with: ``"vnni"`` (x86
-        ``vpdpbusd``, u8 x s8), ``"sdot"`` (ARM, s8 x s8), or None (widening multiply-adds).
     vector_lanes : int
         float32 lanes of one vector register (AVX-512: 16, AVX2: 8, NEON: 4).
     """
@@ -65,14 +77,37 @@ class TargetPreset:
     apt_package: str | None = None
     emulator: str | None = None
     fp16: bool = False
-    dot_product: str | None = None
+    int8_kernel: str | None = None
     vector_lanes: int = 4
+    vector_registers: int = 32
+    cpu_flags: frozenset = frozenset()
 
     def __post_init__(self):
+        from .intrinsics import MICRO_KERNELS
+
         if self.activation_dtype not in ("uint8", "int8"):
             raise ValueError(f"activation_dtype must be uint8 or int8, not {self.activation_dtype!r}")
         if self.weight_dtype != "int8":
             raise ValueError(f"weight_dtype must be int8, not {self.weight_dtype!r}")
+        if self.int8_kernel is not None:
+            if self.int8_kernel not in MICRO_KERNELS:
+                raise ValueError(f"unknown int8_kernel {self.int8_kernel!r}; known: {', '.join(MICRO_KERNELS)}")
+            if MICRO_KERNELS[self.int8_kernel].activation_dtype != self.activation_dtype:
+                raise ValueError(f"int8_kernel {self.int8_kernel!r} takes {MICRO_KERNELS[self.int8_kernel].activation_dtype} "
+                                 f"activations, not {self.activation_dtype}")
+
+    @property
+    def micro_kernel(self):
+        """The :class:`~tvmq.targets.intrinsics.MicroKernel` of ``int8_kernel``, or None."""
+        from .intrinsics import MICRO_KERNELS
+
+        return MICRO_KERNELS.get(self.int8_kernel) if self.int8_kernel else None
+
+    @property
+    def dot_product(self) -> str | None:
+        """The int8 micro-kernel when it is a 4-way dot-product instruction (``vnni``, ``sdot``)."""
+        kernel = self.micro_kernel
+        return kernel.name if kernel is not None and kernel.dot_product else None
 
     @property
     def kind(self) -> str:
@@ -80,8 +115,15 @@ class TargetPreset:
 
     @property
     def is_host(self) -> bool:
-        """True when libraries built for this preset run natively on this machine."""
+        """True when libraries built for this preset are for this machine's architecture (x86-64)."""
         return self.kind == "llvm" and self.cross_compiler is None
+
+    @property
+    def runs_here(self) -> bool:
+        """True when libraries built for this preset run natively on this CPU: its architecture,
+        and every ISA extension the preset's code may use (an AVX2 build runs on any AVX-512
+        machine; an AVX-VNNI build needs a CPU with AVX-VNNI)."""
+        return self.is_host and self.cpu_flags <= host_cpu_flags()
 
     def tvm_target(self):
         import tvm
@@ -95,10 +137,14 @@ class TargetPreset:
         """What a user should know before deploying with this preset."""
         notes = []
         if not self.fast_int8:
+            kernel = self.micro_kernel
+            how = (f"exact widening multiply-adds ({', '.join(kernel.mnemonics)})" if kernel is not None
+                   else "widening multiply-adds")
             notes.append(
                 f"target {self.name!r} has no int8 dot-product instruction "
-                f"({self.target.get('mcpu') or self.target.get('mtriple') or 'this CPU'}): int8 kernels still run, "
-                "as widening multiply-adds, and may be no faster than fp32"
+                f"({self.target.get('mcpu') or self.target.get('mtriple') or 'this CPU'}): int8 kernels run as {how}, "
+                "at most about 1.5x the fp32 multiply-add rate; with --precision auto, layers whose int8 kernel is "
+                "slower stay float"
             )
         return notes
 
@@ -124,20 +170,36 @@ def host_cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def x86_int8_kernel(flags) -> str | None:
+    """The best x86 int8 micro-kernel a CPU with these /proc/cpuinfo flags runs."""
+    avx512 = {"avx512f", "avx512bw", "avx512vl"} <= flags
+    if avx512 and "avx512_vnni" in flags:
+        return "vnni"
+    if "avx_vnni" in flags:
+        return "avxvnni"
+    if avx512:
+        return "pmaddwd"
+    if "avx2" in flags:
+        return "pmaddwd256"
+    return None
+
+
 def _x86_host() -> TargetPreset:
     from tvmq._compat import llvm_host_cpu
 
     flags = host_cpu_flags()
-    vnni = bool({"avx512_vnni", "avx_vnni"} & flags)
+    kernel = x86_int8_kernel(flags)
+    avx512 = "avx512f" in flags
     cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     return TargetPreset(
         name="x86",
-        description="this machine's x86-64 CPU (features detected; VNNI u8 x s8 when present)",
+        description=f"this machine's x86-64 CPU (features detected; int8 micro-kernel here: {kernel or 'none'})",
         target={"kind": "llvm", "mcpu": llvm_host_cpu(), "num-cores": cores},
         activation_dtype="uint8",
-        fast_int8=vnni,
-        dot_product="vnni" if "avx512_vnni" in flags and "avx512vl" in flags else None,
-        vector_lanes=16 if "avx512f" in flags else 8 if "avx2" in flags else 4,
+        fast_int8=kernel in ("vnni", "avxvnni"),
+        int8_kernel=kernel,
+        vector_lanes=16 if avx512 else 8 if "avx2" in flags else 4,
+        vector_registers=32 if avx512 else 16,
     )
 
 
@@ -161,12 +223,44 @@ _ARM64_CC = dict(cross_compiler="aarch64-linux-gnu-g++", apt_package="g++-aarch6
 def _static_presets() -> dict[str, TargetPreset]:
     presets = [
         TargetPreset(
+            name="x86-avx2",
+            description="x86-64 with AVX2 and FMA (Haswell .. Comet Lake, Zen 1-3): exact int8 as vpmaddwd ymm",
+            target={"kind": "llvm", "mcpu": "haswell"},
+            activation_dtype="uint8",
+            fast_int8=False,
+            int8_kernel="pmaddwd256",
+            vector_lanes=8,
+            vector_registers=16,
+            cpu_flags=frozenset({"avx2", "fma", "bmi2"}),
+        ),
+        TargetPreset(
             name="x86-avx512",
-            description="any x86-64 CPU with AVX-512 VNNI (Cascade Lake and later, Zen 4 and later)",
+            description="x86-64 with AVX-512 but no VNNI (Skylake-SP, Cascade Lake's predecessors): vpmaddwd zmm",
+            target={"kind": "llvm", "mcpu": "skylake-avx512"},
+            activation_dtype="uint8",
+            fast_int8=False,
+            int8_kernel="pmaddwd",
+            vector_lanes=16,
+            cpu_flags=frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}),
+        ),
+        TargetPreset(
+            name="x86-avxvnni",
+            description="x86-64 with AVX-VNNI, no AVX-512 (Alder Lake and later client CPUs): vpdpbusd ymm",
+            target={"kind": "llvm", "mcpu": "alderlake"},
+            activation_dtype="uint8",
+            int8_kernel="avxvnni",
+            vector_lanes=8,
+            vector_registers=16,
+            cpu_flags=frozenset({"avx2", "fma", "avx_vnni"}),
+        ),
+        TargetPreset(
+            name="x86-avx512vnni",
+            description="x86-64 with AVX-512 VNNI (Cascade Lake and later, Zen 4 and later): vpdpbusd zmm",
             target={"kind": "llvm", "mcpu": "cascadelake"},
             activation_dtype="uint8",
-            dot_product="vnni",
+            int8_kernel="vnni",
             vector_lanes=16,
+            cpu_flags=frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd", "avx512_vnni"}),
         ),
         TargetPreset(
             name="arm",
@@ -174,15 +268,16 @@ def _static_presets() -> dict[str, TargetPreset]:
             target={**_AARCH64, "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod", "+fullfp16"]},
             activation_dtype="int8",
             fp16=True,
-            dot_product="sdot",
+            int8_kernel="sdot",
             **_ARM64_CC,
         ),
         TargetPreset(
             name="rpi4",
-            description="Raspberry Pi 4 (cortex-a72: NEON, no dot-product)",
+            description="Raspberry Pi 4 / any ARMv8.0 (cortex-a72: NEON, no dot-product): exact int8 as smull+sadalp",
             target={**_AARCH64, "mcpu": "cortex-a72", "mattr": ["+neon"]},
             activation_dtype="int8",
             fast_int8=False,
+            int8_kernel="smull",
             **_ARM64_CC,
         ),
         TargetPreset(
@@ -191,15 +286,17 @@ def _static_presets() -> dict[str, TargetPreset]:
             target={**_AARCH64, "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod", "+fullfp16"]},
             activation_dtype="int8",
             fp16=True,
-            dot_product="sdot",
+            int8_kernel="sdot",
             **_ARM64_CC,
         ),
         TargetPreset(
             name="arm32",
-            description="armv7-a hard-float with NEON (no int8 dot-product)",
+            description="armv7-a hard-float with NEON (no int8 dot-product): exact int8 as vmull.s8+vpadal.s16",
             target=dict(_ARMV7),
             activation_dtype="int8",
             fast_int8=False,
+            int8_kernel="vmull",
+            vector_registers=16,
             cross_compiler="arm-linux-gnueabihf-g++",
             apt_package="g++-arm-linux-gnueabihf",
             emulator="qemu-arm",

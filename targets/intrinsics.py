@@ -1,58 +1,151 @@
-"""Tensor intrinsics tvmq registers itself, with the signatures TVM 0.27's LLVM (22) accepts.
+"""The int8 micro-kernels: one tensor intrinsic per ISA, registered with TVM 0.27's LLVM (22).
 
-All compute ``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` int32 accumulators: x86 VNNI
-(``vpdpbusd``: uint8 activations, int8 weights) at 512/256/128 bits and ARM ``sdot`` (int8 x
-int8, 128 bits). The weights must be packed so each lane's 4 weights are adjacent, which is the
-layout :mod:`tvmq.passes.pack_kernels` writes; TVM's own ARM intrinsic was seen to return wrong
-results when fed other layouts, which is why tuned kernels are verified before use.
+Every micro-kernel computes ``C[i] += sum_k A[k] * B[i, k]`` for ``lanes`` int32 accumulators
+(one per output channel): A is ``k`` activations of one pixel, broadcast to every lane, and B
+holds ``lanes x k`` int8 weights, packed so each lane's ``k`` weights are adjacent (the layout
+:mod:`tvmq.passes.pack_kernels` writes). What differs per ISA is ``k`` and the instructions:
 
+========== ==== =========== ===================================================================
+kernel      k   lanes        instructions (operands)
+========== ==== =========== ===================================================================
+vnni        4   16, 8, 4     ``vpdpbusd`` zmm/ymm/xmm (u8 x s8, AVX-512 VNNI)
+avxvnni     4   8, 4         ``{vex} vpdpbusd`` ymm/xmm (u8 x s8, Alder Lake and later)
+pmaddwd     2   16, 8, 4     ``vpmovsxbw`` + ``vpmaddwd`` zmm/ymm/xmm (AVX-512BW, AVX2, SSE2)
+sdot        4   4            ``sdot`` (s8 x s8, ARMv8.2 dot product)
+smull       2   8, 4         ``smull`` + ``sadalp`` (s8 x s8, any aarch64 NEON)
+vmull       2   8, 4         ``vmull.s8`` + ``vpadal.s16`` (s8 x s8, armv7 NEON)
+========== ==== =========== ===================================================================
+
+The widening kernels (``pmaddwd``, ``smull``, ``vmull``) are exact for every int8 input: each
+product is formed in 16 bits from sign/zero-extended bytes (``|u8 x s8| <= 255 * 128 = 32640``,
+``|s8 x s8| <= 16384``, both inside int16 — ``vpmaddwd`` multiplies 16-bit values into 32-bit
+products outright) and every sum is taken in 32 bits: ``vpmaddwd`` adds a pair of products in
+int32, ``sadalp``/``vpadal`` add a pair of int16 products into int32. Nothing can saturate,
+unlike ``vpmaddubsw``, whose u8 x s8 pair sums saturate in int16 (up to 2 * 255 * 127 = 64770):
+that is what makes ONNX Runtime's AVX2 int8 kernels inexact. ``k = 2`` because each of these
+instructions sums exactly two products per 32-bit lane; packing pairs keeps every lane's result
+in its own accumulator, with no horizontal adds.
 
 TVM's own ``dot_16x4_vnni`` passes 32-bit lanes to ``llvm.x86.avx512.vpdpbusd.512``, which
-LLVM 22 rejects ("Call parameter type does not match function signature"): it wants the two
-multiplicands as byte vectors. These are the same descriptions with byte-vector operands, at
-512, 256 and 128 bits, so that 8- and 4-channel output blocks (common in mobile networks)
-also use VNNI.
-
-``C[i] += sum_k A[k] * B[i, k]``: A is 4 uint8 activations broadcast to every lane, B holds
-``lanes`` x 4 int8 weights (packed so each lane's 4 weights are adjacent), C is ``lanes`` int32.
+LLVM 22 rejects ("Call parameter type does not match function signature"): it wants byte
+vectors. These descriptions take byte-vector operands; TVM's own ARM intrinsic was seen to
+return wrong results when fed other layouts, which is why tuned kernels are verified before use.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
-__all__ = ["register", "vnni_intrin", "sdot_intrin"]
+__all__ = ["MicroKernel", "MICRO_KERNELS", "micro_kernel", "register", "intrinsic_name", "dot_desc", "vnni_intrin", "sdot_intrin"]
 
 
-def _make(lanes: int, kind: str = "vnni"):
+@dataclass(frozen=True, kw_only=True)
+class MicroKernel:
+    """One ISA's int8 multiply-accumulate step, as a TVM tensor intrinsic per lane count.
+
+    Parameters
+    ----------
+    name : str
+        Registry key (a preset's ``int8_kernel``).
+    k : int
+        Input channels per step; packed weights are ``[..., K/k, lanes, k]``.
+    lanes : tuple of int
+        Output-channel block sizes (int32 accumulators per step), preferred first.
+    activation_dtype : str
+        ``uint8`` or ``int8``: what the plan quantizes activations to.
+    operand_dtype : str
+        What the kernel reads the activations as: the activation dtype, or ``int16`` where the
+        activations are widened once, before the kernel (``vpmaddwd`` multiplies 16-bit values:
+        a pre-widened pair is one ``vpbroadcastd`` from memory, where widening it in the kernel
+        took six instructions per pixel and output block).
+    mnemonics : tuple of str
+        Instructions that must appear in every int8 kernel's machine code (the disassembly
+        check of tests and ``scripts/bench.py``).
+    dot_product : bool
+        A 4-way dot-product instruction (True) or widening multiply-adds (False).
+    int8_speedup : float
+        Peak int8 multiply-accumulates per fp32 fused multiply-add of the same ISA (from the
+        instructions' MACs and issue rates): what a cross target's latency estimate assumes.
+    """
+
+    name: str
+    k: int
+    lanes: tuple[int, ...]
+    activation_dtype: str
+    mnemonics: tuple[str, ...]
+    dot_product: bool
+    int8_speedup: float
+    operand_dtype: str = ""
+
+    def __post_init__(self):
+        if not self.operand_dtype:
+            object.__setattr__(self, "operand_dtype", self.activation_dtype)
+
+
+MICRO_KERNELS = {
+    m.name: m
+    for m in (
+        MicroKernel(name="vnni", k=4, lanes=(16, 8, 4), activation_dtype="uint8", mnemonics=("vpdpbusd",), dot_product=True,
+                    int8_speedup=4.0),
+        MicroKernel(name="avxvnni", k=4, lanes=(8, 4), activation_dtype="uint8", mnemonics=("vpdpbusd",), dot_product=True,
+                    int8_speedup=4.0),
+        MicroKernel(name="pmaddwd", k=2, lanes=(16, 8, 4), activation_dtype="uint8", mnemonics=("vpmaddwd",),
+                    dot_product=False, int8_speedup=1.5, operand_dtype="int16"),
+        MicroKernel(name="pmaddwd256", k=2, lanes=(8, 4), activation_dtype="uint8", mnemonics=("vpmaddwd",),
+                    dot_product=False, int8_speedup=1.5, operand_dtype="int16"),
+        MicroKernel(name="sdot", k=4, lanes=(4,), activation_dtype="int8", mnemonics=("sdot",), dot_product=True, int8_speedup=4.0),
+        MicroKernel(name="smull", k=2, lanes=(8, 4), activation_dtype="int8", mnemonics=("smull", "sadalp"),
+                    dot_product=False, int8_speedup=1.0),
+        MicroKernel(name="vmull", k=2, lanes=(8, 4), activation_dtype="int8", mnemonics=("vmull.s8", "vpadal.s16"),
+                    dot_product=False, int8_speedup=1.0),
+    )
+}
+
+
+def micro_kernel(name: str) -> MicroKernel:
+    return MICRO_KERNELS[name]
+
+
+def intrinsic_name(kernel: str, lanes: int) -> str:
+    return f"tvmq_{kernel}_{lanes}x{MICRO_KERNELS[kernel].k}"
+
+
+def vnni_intrin(lanes: int) -> str:
+    return intrinsic_name("vnni", lanes)
+
+
+def sdot_intrin(lanes: int = 4) -> str:
+    return intrinsic_name("sdot", lanes)
+
+
+def dot_desc(lanes: int, k: int, a_dtype: str):
+    """The description every micro-kernel shares: ``C[i] += sum_k A[k] * B[i, k]``."""
     from tvm.script import tirx as T
-
-    bits = lanes * 32
-    acc_t = f"int32x{lanes}"
-    byte_t = f"int8x{lanes * 4}"
-    a_dtype = "uint8" if kind == "vnni" else "int8"
-    a_x4 = f"{a_dtype}x4"
-    if kind == "vnni":
-        intrinsic = f"llvm.x86.avx512.vpdpbusd.{bits}"
-    elif kind == "sdot" and lanes == 4:
-        intrinsic = "llvm.aarch64.neon.sdot.v4i32.v16i8"
-    else:
-        raise ValueError(f"no {kind} intrinsic with {lanes} lanes")
 
     @T.prim_func(s_tir=True)
     def desc(
-        A: T.Buffer((4,), a_dtype, offset_factor=1),
-        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        A: T.Buffer((k,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, k), "int8", offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.reads(C[0:lanes], A[0:k], B[0:lanes, 0:k])
             T.writes(C[0:lanes])
             for i in T.serial(0, lanes):
-                for k in T.serial(0, 4):
+                for kk in T.serial(0, k):
                     with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
+                        vi, vk = T.axis.remap("SR", [i, kk])
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+def _dot4_impl(lanes: int, a_dtype: str, intrinsic: str):
+    """VNNI / sdot: 4 activation bytes broadcast as one int32, one instruction."""
+    from tvm.script import tirx as T
+
+    acc_t, byte_t, a_x4 = f"int32x{lanes}", f"int8x{lanes * 4}", f"{a_dtype}x4"
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -72,31 +165,97 @@ def _make(lanes: int, kind: str = "vnni"):
                 T.llvm_lookup_intrinsic_id(intrinsic), C.vload([0], dtype=acc_t), a, b, dtype=acc_t
             )
 
-    return desc, impl
+    return impl
 
 
-def vnni_intrin(lanes: int) -> str:
-    return f"tvmq_vnni_{lanes}x4"
+def _pmaddwd_impl(lanes: int):
+    """x86 without VNNI: the activation pair, already widened to two int16 (one int32,
+    broadcast), the weights sign-extended to int16 (``vpmovsxbw``, once per tile row: LLVM
+    hoists it out of the unrolled pixels), ``vpmaddwd`` adds each lane's two products in int32."""
+    from tvm.script import tirx as T
+
+    intrinsic = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}[lanes]
+    acc_t, w16_t, w8_t = f"int32x{lanes}", f"int16x{lanes * 2}", f"int8x{lanes * 2}"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((2,), "int16", offset_factor=1),
+        B: T.Buffer((lanes, 2), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            pair = T.meta_var(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"))
+            a = T.meta_var(T.reinterpret(T.broadcast(pair, lanes), dtype=w16_t))
+            b = T.meta_var(T.cast(B.vload([0, 0], dtype=w8_t), w16_t))
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=acc_t) + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(intrinsic), a, b, dtype=acc_t
+            )
+
+    return impl
 
 
-def sdot_intrin(lanes: int = 4) -> str:
-    return f"tvmq_sdot_{lanes}x4"
+def _neon_widening_impl(lanes: int, pairwise: str, accumulates: bool):
+    """ARM NEON without a dot product: per group of 4 lanes, 8 signed byte products in int16
+    (``smull`` / ``vmull.s8``: sign-extended multiply, which LLVM selects from the casts) and a
+    pairwise add-accumulate into int32 (``sadalp``, which LLVM selects from ``saddlp`` + add;
+    ``vpadal.s16``, which armv7 has to be asked for: ``accumulates``)."""
+    from tvm.script import tirx as T
+
+    groups = lanes // 4
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((2,), "int8", offset_factor=1),
+        B: T.Buffer((lanes, 2), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            a16 = T.meta_var(T.reinterpret(A.vload([0], "int8x2"), dtype="int16"))
+            a = T.meta_var(T.cast(T.reinterpret(T.broadcast(a16, 4), dtype="int8x8"), "int16x8"))
+            for g in T.unroll(groups):
+                acc = T.meta_var(C.vload([g * 4], dtype="int32x4"))
+                prod = T.meta_var(a * T.cast(B.vload([g * 4, 0], dtype="int8x8"), "int16x8"))
+                if accumulates:
+                    C[T.ramp(g * 4, 1, 4)] = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(pairwise), acc, prod,
+                                                                     dtype="int32x4")
+                else:
+                    C[T.ramp(g * 4, 1, 4)] = acc + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(pairwise), prod,
+                                                                           dtype="int32x4")
+
+    return impl
+
+
+def _impl(kernel: MicroKernel, lanes: int):
+    if kernel.name in ("vnni", "avxvnni"):
+        return _dot4_impl(lanes, "uint8", f"llvm.x86.avx512.vpdpbusd.{lanes * 32}")
+    if kernel.name == "sdot":
+        return _dot4_impl(lanes, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
+    if kernel.name.startswith("pmaddwd"):
+        return _pmaddwd_impl(lanes)
+    if kernel.name == "smull":
+        return _neon_widening_impl(lanes, "llvm.aarch64.neon.saddlp.v4i32.v8i16", accumulates=False)
+    if kernel.name == "vmull":
+        return _neon_widening_impl(lanes, "llvm.arm.neon.vpadals.v4i32.v8i16", accumulates=True)
+    raise ValueError(f"no implementation for micro-kernel {kernel.name!r}")
 
 
 @functools.lru_cache(maxsize=None)
 def register() -> tuple[str, ...]:
-    """Register tvmq's intrinsics (idempotent); return their names.
+    """Register every micro-kernel's intrinsics (idempotent); return their names.
 
     Must run before a tuning database that mentions them is read.
     """
     from tvm import s_tir
 
     names = []
-    for lanes in (16, 8, 4):
-        desc, impl = _make(lanes, "vnni")
-        s_tir.TensorIntrin.register(vnni_intrin(lanes), desc, impl, override=True)
-        names.append(vnni_intrin(lanes))
-    desc, impl = _make(4, "sdot")
-    s_tir.TensorIntrin.register(sdot_intrin(4), desc, impl, override=True)
-    names.append(sdot_intrin(4))
+    for kernel in MICRO_KERNELS.values():
+        for lanes in kernel.lanes:
+            name = intrinsic_name(kernel.name, lanes)
+            s_tir.TensorIntrin.register(name, dot_desc(lanes, kernel.k, kernel.operand_dtype), _impl(kernel, lanes),
+                                        override=True)
+            names.append(name)
     return tuple(names)

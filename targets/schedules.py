@@ -172,16 +172,20 @@ class PackedKernelRule(ScheduleRule):
     intrinsics : dict
         ``{lanes: registered tensor intrinsic name}`` for the int8 blocks (empty: int8 blocks
         are left to the next rule).
-    accumulators : int
-        Vector registers to spend on accumulators (x86 AVX-512 has 32, NEON 32).
+    registers : int
+        Vector registers of the ISA (AVX-512 and aarch64: 32, AVX2 and armv7: 16); three
+        quarters of them hold accumulators, the rest operands.
+    vector_lanes : int
+        int32/float32 lanes of one register: an accumulator of more lanes takes several.
     x_block, o_block : int
         Upper bounds of the output pixels / channel blocks computed together (tunable knobs).
     """
 
-    def __init__(self, intrinsics: dict[int, str] | None = None, accumulators: int = 24, x_block: int = 12,
-                 o_block: int = 4):
+    def __init__(self, intrinsics: dict[int, str] | None = None, registers: int = 32, vector_lanes: int = 16,
+                 x_block: int = 12, o_block: int = 4):
         self.intrinsics = dict(intrinsics or {})
-        self.accumulators = accumulators
+        self.registers = registers
+        self.vector_lanes = vector_lanes
         self.x_block = x_block
         self.o_block = o_block
 
@@ -207,16 +211,17 @@ class PackedKernelRule(ScheduleRule):
                     return False
         return False
 
-    def _tiles(self, sch, x, oo, tunable):
+    def _tiles(self, sch, x, oo, lanes, tunable):
         if tunable:
             xs = sch.sample_perfect_tile(x, n=2, max_innermost_factor=16)
             os_ = sch.sample_perfect_tile(oo, n=2, max_innermost_factor=8)
             return xs, os_
         # Accumulators: xb output pixels x ob channel blocks, as many as the registers hold.
+        accumulators = max(1, self.registers * 3 // 4 // max(1, lanes // self.vector_lanes))
         ob = _divisor(_extent(sch, oo), self.o_block)
-        xb = _divisor(_extent(sch, x), max(1, min(self.x_block, self.accumulators // ob)))
-        if xb * ob < self.accumulators // 2:
-            ob = _divisor(_extent(sch, oo), max(1, self.accumulators // xb))
+        xb = _divisor(_extent(sch, x), max(1, min(self.x_block, accumulators // ob)))
+        if xb * ob < accumulators // 2:
+            ob = _divisor(_extent(sch, oo), max(1, accumulators // xb))
         return [None, xb], [None, ob]
 
     def _schedule(self, sch, main, is_conv, dot, tunable=False):
@@ -235,7 +240,7 @@ class PackedKernelRule(ScheduleRule):
             reduce = loops[len(loops) - (2 if dot else 1) :]
         reduce_outer, inner = (reduce[:-1], [reduce[-1]]) if dot else (reduce, [])
         oo, oi = sch.split(o, [None, lanes])
-        x_tiles, o_tiles = self._tiles(sch, x, oo, tunable)
+        x_tiles, o_tiles = self._tiles(sch, x, oo, lanes, tunable)
         xo, xi = sch.split(x, x_tiles)
         ooo, ooi = sch.split(oo, o_tiles)
         sch.reorder(*spatial_outer, xo, ooo, *reduce_outer, xi, ooi, oi, *inner)
@@ -489,12 +494,12 @@ class NoInt8TensorCores(ScheduleRule):
         return self.rule.apply(func, target, tunable)
 
 
-def tunable_schedule(intrinsics: dict[int, str] | None = None, lanes: int = 16):
+def tunable_schedule(intrinsics: dict[int, str] | None = None, lanes: int = 16, registers: int = 32):
     """A MetaSchedule ``ScheduleFn`` body: tvmq's packed/depthwise schedules with sampled tiles.
 
     Raises for kernels the rules do not cover (MetaSchedule then records no design space).
     """
-    packed, depthwise = PackedKernelRule(intrinsics), DepthwiseRule(lanes)
+    packed, depthwise = PackedKernelRule(intrinsics, registers, lanes), DepthwiseRule(lanes)
 
     def schedule(sch):
         if not (packed.schedule(sch, tunable=True) or depthwise.schedule(sch, tunable=True)):
@@ -511,10 +516,10 @@ def is_tunable(func) -> bool:
                                                           FMA_MATMUL_BLOCK, DEPTHWISE_BLOCK))
 
 
-def default_rules(intrinsics: dict[int, str] | None = None, lanes: int = 16) -> list[ScheduleRule]:
+def default_rules(intrinsics: dict[int, str] | None = None, lanes: int = 16, registers: int = 32) -> list[ScheduleRule]:
     from tvm.s_tir.dlight import cpu
 
-    rules: list[ScheduleRule] = [PackedKernelRule(intrinsics)]
+    rules: list[ScheduleRule] = [PackedKernelRule(intrinsics, registers, lanes)]
 
     # DLight's CPU Reduction rule covers softmax / layer norm style kernels.
     rules += [DepthwiseRule(lanes), ChannelReductionRule(lanes), cpu.Reduction(), InjectiveRule(lanes),

@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import board_runtime_or_skip
+from conftest import board_runtime_or_skip, kernel_instructions
 
 from tvmq.cli import main
 
@@ -30,24 +30,7 @@ def elf_machine(path) -> int:
     return int.from_bytes(header[18:20], "little")
 
 
-def kernel_instructions(objdump: str, lib, mnemonic: str) -> dict[str, int]:
-    """``{function: count of mnemonic}`` for the packed int8 kernels of a library."""
-    asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True, check=True).stdout
-    counts, current = {}, None
-    for line in asm.splitlines():
-        m = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
-        if m:
-            # A kernel's code: its compute function and the parallel lambdas outlined from it.
-            name = m.group(1).replace("__tvm_ffi_", "").split("_compute_")[0]
-            current = name if re.match(r"fused_tvmq_(conv2d|matmul)", name) else None
-            if current:
-                counts.setdefault(current, 0)
-        elif current and re.search(rf"\s{mnemonic}\s", line):
-            counts[current] += 1
-    return counts
-
-
-def assert_board_equals_x86(emulator: list[str], runner, bundle, x86_bundle, xs, tmp_path) -> None:
+def assert_board_equals_x86(emulator: list[str], runner, bundle, x86_bundle, xs, tmp_path, cpu: str = "max") -> None:
     """Each input through the x86 build (native runner) and the board build (runner under qemu-user):
     the int8 outputs must be the same numbers exactly."""
     from tvmq.crossrt import build_runner
@@ -57,7 +40,7 @@ def assert_board_equals_x86(emulator: list[str], runner, bundle, x86_bundle, xs,
         np.save(tmp_path / f"x{i}.npy", x[None])
         subprocess.run([str(runner_x86), str(x86_bundle / "model.so"), str(tmp_path / f"x{i}.npy"), "-o",
                         str(tmp_path / f"ref{i}_")], check=True, capture_output=True)
-        subprocess.run([*emulator, "-cpu", "max", str(runner), str(bundle / "model.so"), str(tmp_path / f"x{i}.npy"),
+        subprocess.run([*emulator, "-cpu", cpu, str(runner), str(bundle / "model.so"), str(tmp_path / f"x{i}.npy"),
                         "-o", str(tmp_path / f"arm{i}_")], check=True, capture_output=True, timeout=120)
         np.testing.assert_array_equal(np.load(tmp_path / f"arm{i}_0.npy"), np.load(tmp_path / f"ref{i}_0.npy"))
 
@@ -94,6 +77,39 @@ def test_arm_bundle_under_qemu_equals_x86_build_bit_for_bit(arm_bundle, tmp_path
 
 
 @needs_aarch64
+@pytest.mark.parametrize("model", ["digits", "odd"])
+def test_rpi4_bundle_uses_smull_sadalp_and_equals_x86_on_a_cortex_a72(tmp_path, demo_dir, model):
+    """ARMv8.0 (no dot product): every int8 kernel is the smull + sadalp micro-kernel, and under
+    qemu's cortex-a72 (which has no sdot: a dot-product instruction would stop it) it gives the
+    integers of the x86 build of the same plan."""
+    import onnx
+    from test_isa import odd_channels_model
+
+    from tvmq.crossrt import build_runner
+
+    if model == "digits":
+        path, calib, shape = demo_dir / "digits.onnx", demo_dir / "digits_calib", None
+        xs = np.load(demo_dir / "digits_test.npz")["x"][:4]
+    else:
+        path, calib = tmp_path / "odd.onnx", tmp_path / "calib"
+        onnx.save(odd_channels_model(), str(path))
+        calib.mkdir()
+        rng = np.random.default_rng(3)
+        for i in range(8):
+            np.save(calib / f"{i}.npy", rng.uniform(-1, 1, (1, 3, 6, 6)).astype(np.float32))
+        xs = rng.uniform(-1, 1, (4, 3, 6, 6)).astype(np.float32)
+    rpi4, x86 = tmp_path / "rpi4", tmp_path / "x86"
+    assert main(["compile", str(path), "--calib", str(calib), "--target", "rpi4", "-o", str(rpi4)]) == 0
+    assert main(["compile", str(path), "--plan", str(rpi4 / "plan.json"), "-o", str(x86)]) == 0
+    for mnemonic in ("smull", "sadalp"):
+        counts = kernel_instructions("aarch64-linux-gnu-objdump", rpi4 / "model.so", mnemonic)
+        assert len(counts) == (5 if model == "digits" else 3) and all(n > 0 for n in counts.values()), (mnemonic, counts)
+    assert kernel_instructions("aarch64-linux-gnu-objdump", rpi4 / "model.so", "sdot") == dict.fromkeys(counts, 0)
+    assert_board_equals_x86(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"], build_runner("aarch64-linux-gnu-g++", "aarch64"),
+                            rpi4, x86, xs, tmp_path, cpu="cortex-a72")
+
+
+@needs_aarch64
 def test_fp32_arm_bundle_matches_x86_within_1e5(tmp_path, demo_dir):
     from tvmq.crossrt import build_runner
 
@@ -119,6 +135,14 @@ def test_arm32_bundle_is_an_armv7_elf(tmp_path, demo_dir, capsys):
     assert "no int8 dot-product instruction" in capsys.readouterr().err
     m = json.loads((out / "manifest.json").read_text())
     assert m["target"]["triple"] == "armv7a-linux-gnueabihf"
+    # NEON in every int8 kernel: 16-bit products (vmull.s8, or vmul.i16 where LLVM widened an
+    # operand once for many uses) pairwise-accumulated into int32 (vpadal.s16); no scalar smlabb
+    count = lambda mnemonic: kernel_instructions("arm-linux-gnueabihf-objdump", out / "model.so", mnemonic)  # noqa: E731
+    accumulate, vmull, vmul = count("vpadal.s16"), count("vmull.s8"), count("vmul.i16")
+    assert len(accumulate) == 5 and all(n > 0 for n in accumulate.values()), accumulate
+    assert all(vmull[k] + vmul[k] > 0 for k in accumulate), (vmull, vmul)
+    assert sum(vmull.values()) > sum(vmul.values())
+    assert set(count("smlabb").values()) == {0}
 
 
 @needs_armv7_run

@@ -9,9 +9,9 @@ from conftest import Compiled, conv_model, matmul_model, random_samples, residua
 from tvmq.execute import HostModule
 from tvmq.kernels import reduction_kernels
 from tvmq.pipeline import lower
-from tvmq.passes import FoldQDQ, InsertQDQ
+from tvmq.passes import ConvertToNHWC, FoldQDQ, InsertQDQ
 from tvmq.qparams import QParams, fixed_point_multiplier, quantize_weight, requantize_reference
-from tvmq.targets import get_preset
+from tvmq.targets import get_preset, host_cpu_flags
 
 
 def layer_bound(plan_entry, w, axis, reduce_size, x_absmax):
@@ -113,16 +113,28 @@ def _qdq_conv_module(x_qp, w, b, y_qp, pad):
     return bb.get(), wq, wqp
 
 
-def test_folded_conv_is_bit_exact_against_integer_reference():
+X86_PRESETS = ["x86-avx2", "x86-avx512", "x86-avxvnni", "x86-avx512vnni"]
+
+
+@pytest.mark.parametrize("preset", X86_PRESETS)
+def test_folded_conv_is_bit_exact_against_integer_reference(preset):
+    """Each x86 preset's int8 micro-kernel (vpmaddwd ymm/zmm, vpdpbusd ymm/zmm) against a numpy
+    integer program: 3 input channels (padded to the kernel's k) and 5 output channels (padded to
+    its lanes); uint8 activations up to 255 against int8 weights up to +-127, where a
+    vpmaddubsw pair sum would saturate."""
+    p = get_preset(preset)
+    if not p.runs_here:
+        pytest.skip(f"this CPU lacks {sorted(p.cpu_flags - host_cpu_flags())} (its code is checked in test_isa.py)")
     rng = np.random.default_rng(7)
     w = rng.normal(0, 0.3, (5, 3, 3, 3)).astype(np.float32)
     b = rng.normal(0, 0.2, 5).astype(np.float32)
     x_qp = QParams(np.float32(2 / 255), np.int32(128), "uint8")  # real 0 is 128: padding must use it
     y_qp = QParams(np.float32(0.02), np.int32(0), "uint8")
     mod, wq, wqp = _qdq_conv_module(x_qp, w, b, y_qp, pad=1)
-    folded = FoldQDQ()(mod)
+    folded = ConvertToNHWC()(FoldQDQ()(mod))  # NHWC: the layout of the packed micro-kernels
     assert_integer_kernels(folded, 1)
-    run = HostModule(folded)
+    assert [k.intrinsic is not None for k in reduction_kernels(lower(folded, p))] == [True]  # tensorized
+    run = HostModule(folded, p)
     for _ in range(5):
         x = rng.uniform(-1, 1, (1, 3, 6, 6)).astype(np.float32)
         xq = x_qp.quantize(x).astype(np.int64)

@@ -15,6 +15,7 @@ from tvmq.build import AutoPrecision, compile_model
 from tvmq.config import LayerRule, QuantConfig, load_rules
 from tvmq.errors import TvmqError
 from tvmq.plan import QuantPlan
+from tvmq.targets import get_preset
 from tvmq.runtime import Bundle
 
 OUTLIER = 300.0
@@ -108,7 +109,8 @@ def test_budget_respected_on_a_model_with_a_sensitive_layer(sensitive, tmp_path,
     # the budget holds for the compiled integer program itself, not only the simulation
     assert _bundle_sqnr(out, sensitive) >= 30.0
     integer = [k for k in manifest["kernels"] if k["accumulator"] == "int32"]
-    assert len(integer) == 2 and all(k["operands"] == ["uint8", "int8"] for k in integer)
+    operand = get_preset("x86").micro_kernel.operand_dtype  # uint8, or int16 where vpmaddwd reads it widened
+    assert len(integer) == 2 and all(k["operands"] == [operand, "int8"] for k in integer)
     # and an all-int8 build of the same model misses it
     allq = tmp_path / "int8"
     compile_model(sensitive / "model.onnx", allq, calib=sensitive / "calib")
@@ -430,3 +432,24 @@ def test_the_winners_float_layers_are_tried_again_as_integer_programs(sensitive,
     assert p["refined_layers"] == ["conv1"] and p["chosen_from"] == "refined"
     assert set(p["assignment"].values()) == {"int8"} and p["refined"]["int8_layers"] == 3
     assert "refined on integer programs (+1 quantized)" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("preset, measured", [("x86-avx2", True), ("rpi4", False), ("arm", False)])
+def test_layer_latency_is_measured_on_presets_this_cpu_runs_and_estimated_per_isa_elsewhere(sensitive, preset, measured):
+    """An AVX2 build runs here, so its kernels are timed (an AVX2-only host used to get a MAC count with the same
+    figure for int8 and fp32, and every plan tied); a board's are estimated from MACs at its ISA's int8/fp32 rate:
+    widening smull+sadalp about as fast as fp32, sdot four times."""
+    from tvmq.build import quantized_module
+    from tvmq.quantize import calibrate
+    from tvmq.targets import get_preset
+
+    p = get_preset(preset)
+    float_mod = quantized_module(sensitive / "model.onnx", p, precision="fp32").module
+    samples = [{"x": np.load(f)} for f in sorted((sensitive / "calib").glob("*.npy"))]
+    plan = calibrate(float_mod, samples, target=preset, input_names=["x"])
+    a = P.Analysis(P.Metric("sqnr"), 100.0, 0.0, layers=[P.LayerInfo(n, plan.layers[n].kind, 0, 0) for n in plan.layers],
+                   names=list(plan.layers))
+    P._layer_latency(float_mod, plan, a, p)
+    assert all(l.estimated != measured and l.int8_ms > 0 and l.fp32_ms > 0 for l in a.layers)
+    if not measured:
+        assert [l.fp32_ms / l.int8_ms for l in a.layers] == pytest.approx([p.micro_kernel.int8_speedup] * len(a.layers))

@@ -23,9 +23,9 @@ def _broken_intrinsic():
     from tvm import s_tir
     from tvm.script import tirx as T
 
-    from tvmq.targets.intrinsics import _make
+    from tvmq.targets.intrinsics import dot_desc
 
-    desc, _ = _make(16)
+    desc = dot_desc(16, 4, "uint8")
 
     @T.prim_func(s_tir=True)
     def impl(

@@ -398,7 +398,7 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
     winner = "exact search"
     if passing and winner not in passing:
         winner = min(passing, key=lambda label: P.latency(analysis, proposals[label]))
-    if preset.is_host and len({id(c) for c in passing.values()}) > 1:
+    if preset.runs_here and len({id(c) for c in passing.values()}) > 1:
         _race(list({id(c): c for c in passing.values()}.values()))
         winner = min(passing, key=lambda label: (passing[label].ms, label != "exact search"))
     # The simulation and the integer programs disagree about borderline samples, so the winner's
@@ -415,9 +415,9 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
                 refined.append(analysis.layers[i].name)
         if refined:
             proposals["refined"], race["refined"], repaired["refined"] = best, candidate(best), 0
-            if preset.is_host:
+            if preset.runs_here:
                 _race([race[winner], race["refined"]])
-            if not preset.is_host or race["refined"].ms <= race[winner].ms:
+            if not preset.runs_here or race["refined"].ms <= race[winner].ms:
                 winner = "refined"
     exact = summary(proposals["exact search"], analysis.evaluate(proposals["exact search"]))
     chosen, plan, value = proposals[winner], race[winner].plan, race[winner].metric
@@ -427,7 +427,8 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
         "budget": budget,
         "samples": len(eval_samples),
         "candidates": ["fp32", *analysis.candidates],
-        "latency_source": "estimated from MACs" if any(l.estimated for l in analysis.layers) else "measured kernels",
+        "latency_source": (f"estimated from MACs x the ISA's int8/fp32 rate ({preset.int8_kernel or 'no int8 micro-kernel'})"
+                           if any(l.estimated for l in analysis.layers) else "measured kernels on this machine"),
         "fp32": analysis.fp32,
         "all_int8": analysis.all_int8,
         "plan": value,
@@ -678,6 +679,8 @@ def _manifest(model, info, preset, plan, float_mod, qmod, kernels, warnings) -> 
             "features": list(target.get("mattr", [])),
             "device": "cuda" if preset.kind == "cuda" else "cpu",
             "activation_dtype": preset.activation_dtype,
+            "int8_kernel": preset.int8_kernel,
+            "int8_instructions": list(preset.micro_kernel.mnemonics) if preset.micro_kernel else [],
         },
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in info.inputs],
         "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in info.outputs],
@@ -691,7 +694,8 @@ def _manifest(model, info, preset, plan, float_mod, qmod, kernels, warnings) -> 
         },
         "layers": layers,
         "kernels": [
-            {"func": k.func, "block": k.block, "operands": list(k.operand_dtypes), "accumulator": k.accum_dtype}
+            {"func": k.func, "block": k.block, "operands": list(k.operand_dtypes), "accumulator": k.accum_dtype,
+             "intrinsic": k.intrinsic}
             for k in sorted(kernels, key=lambda k: (k.func, k.block))
         ],
         "weight_bytes": {"float_model": weight_bytes(float_mod), "compiled": weight_bytes(qmod)},
@@ -734,7 +738,8 @@ def _report(m: dict) -> str:
         w = e.get("weight")
         wr = f"{w['scale_min']:.3g} .. {w['scale_max']:.3g}" if w else ""
         lines.append(f"| {name} | {e['kind']} | {e['precision']} | {inputs} | {_fmt_qp(e.get('output'))} | {wr} |")
-    lines += ["", "## Multiply-accumulate kernels (lowered TIR)", "", "| kernel | operands | accumulator |", "|---|---|---|"]
+    lines += ["", "## Multiply-accumulate kernels (lowered TIR)", "",
+              "| kernel | operands | accumulator | micro-kernel intrinsic |", "|---|---|---|---|"]
     for k in m["kernels"]:
-        lines.append(f"| {k['func']} | {' x '.join(k['operands'])} | {k['accumulator']} |")
+        lines.append(f"| {k['func']} | {' x '.join(k['operands'])} | {k['accumulator']} | {k.get('intrinsic') or ''} |")
     return "\n".join(lines) + "\n"

@@ -290,7 +290,12 @@ def _print_summary(result) -> None:
     print(f"compiled {m['model'].get('file', 'model')} for {m['target']['preset']} -> {result.output_dir} "
           f"({m['library']} {size / 1024:.0f} KiB): {layers}")
     integer = sum(1 for k in m["kernels"] if k["accumulator"] == "int32")
-    print(f"kernels: {integer} of {len(m['kernels'])} multiply-accumulate kernels compute in integers")
+    line = f"kernels: {integer} of {len(m['kernels'])} multiply-accumulate kernels compute in integers"
+    if integer and m["target"].get("int8_kernel"):
+        tensorized = sum(1 for k in m["kernels"] if k["accumulator"] == "int32" and k.get("intrinsic"))
+        line += (f"; {tensorized} of {integer} use the {m['target']['int8_kernel']} micro-kernel "
+                 f"({' + '.join(m['target']['int8_instructions'])})")
+    print(line)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
 
@@ -444,8 +449,10 @@ def cmd_targets(args) -> int:
     from tvmq.targets import list_presets
 
     for p in list_presets():
-        int8 = f"{p.activation_dtype[0]}8 x s8" + ("" if p.fast_int8 else " (no dot-product)")
-        print(f"{p.name:<12} {int8:<24} {p.description}")
+        kernel = p.micro_kernel
+        int8 = f"{p.activation_dtype[0]}8 x s8 " + (f"{kernel.name}" if kernel else "dp4a" if p.kind == "cuda" else "-")
+        here = " [runs here]" if p.runs_here else ""
+        print(f"{p.name:<15} {int8:<20} {p.description}{here}")
     return 0
 
 

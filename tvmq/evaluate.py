@@ -39,7 +39,7 @@ def evaluate_bundle(bundle_dir, data_dir, model=None, metric: str | None = None,
     except BundleError as err:
         raise TvmqError(str(err)) from None
     manifest = bundle.manifest
-    if manifest.get("target", {}).get("device", "cpu") != "cpu" or not get_preset(manifest["target"]["preset"]).is_host:
+    if manifest.get("target", {}).get("device", "cpu") != "cpu" or not get_preset(manifest["target"]["preset"]).runs_here:
         raise TvmqError(f"{bundle_dir} was built for {manifest['target']['preset']}; eval runs bundles for this machine "
                         "(compile with --target x86 to evaluate here, or run the bundle's runner on the device)")
     if model is None:

@@ -23,7 +23,10 @@ class ReductionKernel:
 
     @property
     def is_integer(self) -> bool:
-        return self.accum_dtype == "int32" and all(d in ("int8", "uint8") for d in self.operand_dtypes)
+        """Integer operands into an int32 accumulator. An int16 operand is an 8-bit activation
+        widened before the kernel (x86 ``vpmaddwd`` reads 16-bit values); weights stay int8."""
+        return (self.accum_dtype == "int32" and all(d in ("int8", "uint8", "int16") for d in self.operand_dtypes)
+                and any(d in ("int8", "uint8") for d in self.operand_dtypes))
 
 
 def reduction_kernels(lowered) -> list[ReductionKernel]:
@@ -58,7 +61,8 @@ def reduction_kernels(lowered) -> list[ReductionKernel]:
     return found
 
 
-_DOT_INTRINSICS = ("vpdpbusd", "sdot", "udot", "dp4a", "mma", "wmma")
+# The LLVM intrinsics of every int8 micro-kernel (targets/intrinsics.py) and of the CUDA ones.
+_DOT_INTRINSICS = ("vpdpbusd", "pmadd", "sdot", "udot", "saddlp", "vpadals", "dp4a", "mma", "wmma")
 
 
 def _dot_intrinsic(stmt) -> str | None:

@@ -28,21 +28,18 @@ def schedule_rules(preset):
     preset = _preset(preset)
     if preset.kind != "llvm":
         return []
-    return default_rules(dot_intrinsics(preset), lanes=preset.vector_lanes)
+    return default_rules(dot_intrinsics(preset), lanes=preset.vector_lanes, registers=preset.vector_registers)
 
 
 def dot_intrinsics(preset) -> dict[int, str] | None:
-    """``{lanes: tensor intrinsic}`` for the preset's int8 dot product (registered on demand)."""
+    """``{lanes: tensor intrinsic}`` for the preset's int8 micro-kernel (registered on demand)."""
     from tvmq.targets import intrinsics
 
-    preset = _preset(preset)
-    if preset.dot_product == "vnni":
-        intrinsics.register()
-        return {lanes: intrinsics.vnni_intrin(lanes) for lanes in (16, 8, 4)}
-    if preset.dot_product == "sdot":
-        intrinsics.register()
-        return {4: intrinsics.sdot_intrin(4)}
-    return None
+    kernel = _preset(preset).micro_kernel
+    if kernel is None:
+        return None
+    intrinsics.register()
+    return {lanes: intrinsics.intrinsic_name(kernel.name, lanes) for lanes in kernel.lanes}
 
 
 def relax_passes(preset) -> list:
@@ -52,9 +49,10 @@ def relax_passes(preset) -> list:
     preset = _preset(preset)
     if preset.kind != "llvm":
         return []
-    lanes = {"vnni": (16, 8, 4), "sdot": (4,)}.get(preset.dot_product, ())
+    kernel = preset.micro_kernel
+    lanes, k, operand = (kernel.lanes, kernel.k, kernel.operand_dtype) if kernel is not None else ((), 4, None)
     return [FoldAffineChains(),
-            PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes),
+            PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes, k=k, operand_dtype=operand),
             FastSoftmax(preset.vector_lanes)]
 
 

@@ -213,7 +213,7 @@ def _layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
     from tvmq.quantize import quantize_pipeline
 
     mac_layers = [l for l in analysis.layers if l.kind != "add"]
-    if preset.is_host:
+    if preset.runs_here:
         ns = _conversion_ns_per_element(preset)
         sizes = {l.name: l.io_elements for l in find_layers(float_mod["main"])}
         for layer in analysis.layers:
@@ -240,7 +240,10 @@ def _layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
             return
     # A model, not a measurement: time proportional to MACs at the target's relative rates.
     macs = {l.name: l.macs for l in find_layers(float_mod["main"])}
-    speedup = {"int8": 4.0 if preset.fast_int8 else 1.0, "fp16": 2.0}  # dot-product int8, fp16 lanes vs fp32
+    # The ISA's int8 multiply-accumulate rate per fp32 one (its micro-kernel's; LLVM's own
+    # widening loops, with no micro-kernel, run slower than float), fp16 lanes vs fp32.
+    kernel = preset.micro_kernel
+    speedup = {"int8": kernel.int8_speedup if kernel is not None else (4.0 if preset.fast_int8 else 0.7), "fp16": 2.0}
     for layer in mac_layers:
         layer.fp32_ms = macs.get(layer.name, 0) * 1e-6  # 1 GMAC/s: only ratios matter
         layer.int8_ms = layer.fp32_ms / speedup["int8"]

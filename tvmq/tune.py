@@ -186,7 +186,7 @@ def tune(
     report = TuneReport(database=str(db_dir))
     if not tasks:
         return report
-    space = tunable_schedule(dot_intrinsics(preset), lanes=preset.vector_lanes)
+    space = tunable_schedule(dot_intrinsics(preset), lanes=preset.vector_lanes, registers=preset.vector_registers)
     contexts = []
     for i, task in enumerate(tasks):
         generator = ms.space_generator.ScheduleFn(

@@ -213,31 +213,40 @@ def export_executable(module, path: Path) -> str:
     return str(path)
 
 
-def count_vnni(lib: Path, kernels=()) -> dict:
-    """zmm/ymm/xmm ``vpdpbusd`` instructions in a compiled library (objdump), and how many of
-    ``kernels`` (function names) contain a VNNI instruction (``vpdpbusd`` or, in the depthwise
-    kernels, ``vpdpwssd``)."""
+def count_int8_instructions(lib: Path, preset, kernels=()) -> dict:
+    """The preset's int8 micro-kernel instructions in a compiled library (objdump): how many, per
+    register width on x86, and how many of ``kernels`` (function names) contain its first
+    mnemonic (``vpdpbusd``, ``vpmaddwd``, ``sdot``, ``smull``, ``vmull.s8``); plus whether any
+    zmm register is used at all (an AVX2 library must have none)."""
+    kernel = preset.micro_kernel
+    objdump = {"aarch64": "aarch64-linux-gnu-objdump", "armv7a": "arm-linux-gnueabihf-objdump"}.get(
+        str(preset.target.get("mtriple", "x86_64")).split("-")[0], "objdump")
     try:
-        asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+        asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
                              check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return {}
-    counts = {}
+    counts = {"micro_kernel": preset.int8_kernel, "zmm_instructions": len(re.findall(r"%zmm", asm))}
+    if kernel is None:
+        return counts
+    mnemonic = re.escape(kernel.mnemonics[0])
     for reg in ("zmm", "ymm", "xmm"):
-        counts[reg] = len(re.findall(rf"vpdpbusds?\s+%{reg}", asm))
-    with_vnni, current = set(), None
+        counts[f"{kernel.mnemonics[0]}_{reg}"] = len(re.findall(rf"\s{mnemonic}\s+%{reg}", asm))
+    counts[kernel.mnemonics[0]] = len(re.findall(rf"\s{mnemonic}\s", asm))
+    with_insn, current = set(), None
     for line in asm.splitlines():
         head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if head:
             current = head.group(1).removeprefix("__tvm_ffi_").split("_compute_")[0]
-        elif current and re.search(r"\bvpdp(busd|wssd)s?\b", line):
-            with_vnni.add(current)
-    counts["kernels_with_vnni"] = f"{sum(1 for k in kernels if k in with_vnni)}/{len(kernels)}"
+        elif current and re.search(rf"\s{mnemonic}\s", line):
+            with_insn.add(current)
+    counts["kernels_with_it"] = f"{sum(1 for k in kernels if k in with_insn)}/{len(kernels)}"
     return counts
 
 
 def bench_model(name, case, args, workdir) -> dict:
     from tvmq.build import compile_model
+    from tvmq.targets import get_preset
     from tvmq.config import QuantConfig
     from tvmq.execute import HostModule
     from tvmq.runtime import Bundle
@@ -249,9 +258,10 @@ def bench_model(name, case, args, workdir) -> dict:
     out = workdir / f"{name}-int8"
     calib = [{inp: c} for c in case["calib"]]
     t0 = time.perf_counter()
-    res = compile_model(case["path"], out, calib=calib, shapes={inp: shape}, config=QuantConfig(method=args.method))
+    res = compile_model(case["path"], out, target=args.target, calib=calib, shapes={inp: shape},
+                        config=QuantConfig(method=args.method))
     compile_s = time.perf_counter() - t0
-    fp32 = HostModule(res.float_module)
+    fp32 = HostModule(res.float_module, args.target)
     bundle = Bundle(out)
     feed = input_files(workdir / f"{name}-x", {inp: xs[0]})
     untuned = {}
@@ -263,13 +273,13 @@ def bench_model(name, case, args, workdir) -> dict:
         int8_db, fp32_db = Path(db_root) / f"{name}-int8", Path(db_root) / f"{name}-fp32"
         t0 = time.perf_counter()
         tuned_out = workdir / f"{name}-int8-tuned"
-        compile_model(case["path"], tuned_out, plan=res.plan, shapes={inp: shape}, db=int8_db,
+        compile_model(case["path"], tuned_out, target=args.target, plan=res.plan, shapes={inp: shape}, db=int8_db,
                       tune_trials=args.tune, tune_max_tasks=args.max_tasks, progress=True)
-        tune(res.float_module, "x86", fp32_db, trials=args.tune, max_tasks=args.max_tasks, progress=True)
+        tune(res.float_module, args.target, fp32_db, trials=args.tune, max_tasks=args.max_tasks, progress=True)
         tune_s = time.perf_counter() - t0
         untuned = {"tvm_fp32": {"tvm": export_executable(fp32, workdir / f"{name}-fp32-untuned.so"), "inputs": feed},
                    "tvmq_int8": {"tvm": str(bundle.library), "inputs": feed}}
-        fp32 = HostModule(res.float_module, database=load_database(fp32_db, res.float_module, "x86"))
+        fp32 = HostModule(res.float_module, args.target, database=load_database(fp32_db, res.float_module, args.target))
         bundle = Bundle(tuned_out)
     out_name = bundle.outputs[0]["name"]
     auto_bundles, auto_info = {}, {}
@@ -305,7 +315,7 @@ def bench_model(name, case, args, workdir) -> dict:
         "float_layers": res.manifest["quantization"]["float_layers"],
         "integer_kernels": len(integer),
         "kernels": len(res.manifest["kernels"]),
-        "vpdpbusd": count_vnni(out / "model.so", integer),
+        "int8_instructions": count_int8_instructions(out / "model.so", get_preset(args.target), integer),
         "library_bytes": (out / "model.so").stat().st_size,
         "compile_s": round(compile_s, 1),
         "eval_samples": len(ys),
@@ -334,13 +344,13 @@ def plan_bundles(name, case, args, workdir, calib, shape):
     val = write_eval_folder(workdir / f"{name}-val", *case["val"])
     out = workdir / f"{name}-plan"
     t0 = time.perf_counter()
-    res = compile_model(case["path"], out, calib=calib, shapes={inp: shape}, config=QuantConfig(method=args.method),
-                        precision="auto", auto=AutoPrecision(metric=case["metric"], max_drop=args.auto, eval_data=val),
+    res = compile_model(case["path"], out, target=args.target, calib=calib, shapes={inp: shape},
+                        config=QuantConfig(method=args.method), precision="auto", auto=AutoPrecision(metric=case["metric"], max_drop=args.auto, eval_data=val),
                         progress=True)
     search_s = time.perf_counter() - t0
     p = res.manifest["precision"]
     fallback_out = workdir / f"{name}-fallback"
-    compile_model(case["path"], fallback_out, calib=calib, shapes={inp: shape},
+    compile_model(case["path"], fallback_out, target=args.target, calib=calib, shapes={inp: shape},
                   config=config_for(QuantConfig(method=args.method), p["fallback"]["assignment"]))
     counts = lambda a: {k: list(a.values()).count(k) for k in ("int8", "fp16", "fp32")}  # noqa: E731
     info = {
@@ -390,7 +400,7 @@ def print_table(results: dict, threads: int) -> None:
                   + ("; the SAME assignment, so their latency difference is measurement noise"
                      if a.get("same_assignment") else ""))
         print(f"{'':<11}int8 layers {info['int8_layers']}, float {info['float_layers']}; integer kernels "
-              f"{info['integer_kernels']}/{info['kernels']}; vpdpbusd {info['vpdpbusd']}; "
+              f"{info['integer_kernels']}/{info['kernels']}; int8 instructions {info['int8_instructions']}; "
               f"library {info['library_bytes'] / 1024:.0f} KiB; compile {info['compile_s']} s")
 
 
@@ -401,6 +411,9 @@ def main(argv=None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="digits,ppocr_cls,ppocr_rec")
+    ap.add_argument("--target", default="x86",
+                    help="x86 preset that TVM FP32 and tvmq INT8 are compiled for (x86, x86-avx2, x86-avx512, "
+                         "x86-avxvnni, x86-avx512vnni); it must run on this machine")
     ap.add_argument("--runs", type=int, default=50, help="timed runs per engine (median reported)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-eval", type=int, default=300)
@@ -415,6 +428,11 @@ def main(argv=None) -> int:
                     help="also compile --precision auto with this max drop (points) and the INC-style fallback plan")
     ap.add_argument("--keep", type=Path, help="with --auto: copy the plans' bundles and reports here")
     args = ap.parse_args(argv)
+    from tvmq.targets import get_preset, host_cpu_flags
+
+    preset = get_preset(args.target)
+    if not preset.runs_here:
+        ap.error(f"--target {args.target} does not run on this machine (needs {sorted(preset.cpu_flags - host_cpu_flags())})")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     import onnxruntime
 
@@ -427,8 +445,11 @@ def main(argv=None) -> int:
             case = CASES[name](args.n_eval, args.n_calib)
             results[name] = bench_model(name, case, args, Path(tmp))
     print_table(results, args.threads)
+    isa = {"target": args.target, "int8_kernel": preset.int8_kernel, "mcpu": preset.target.get("mcpu"),
+           "host_isa": sorted(host_cpu_flags() & {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"})}
+    print(f"target {args.target} (mcpu {isa['mcpu']}, int8 micro-kernel {preset.int8_kernel}); host ISA: {', '.join(isa['host_isa'])}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        args.json.write_text(json.dumps({**results, "_isa": isa}, indent=1, sort_keys=True) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -1,6 +1,6 @@
 """Time every kernel of a compiled model on its own (the VM's profiler is gone in TVM 0.27).
 
-Usage: python scripts/profile_kernels.py MODEL.onnx --shape x:1,3,48,192 [--fp32] [--top 25]
+Usage: python scripts/profile_kernels.py MODEL.onnx --shape x:1,3,48,192 [--fp32] [--top 25] [--target x86-avx2]
 Prints each fused PrimFunc's median time, sorted, and the sum.
 """
 
@@ -43,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--fp32", action="store_true")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--calib", type=int, default=8)
+    ap.add_argument("--target", default="x86", help="an x86 preset this machine runs")
     args = ap.parse_args(argv)
 
     from tvmq.frontend import load_onnx, parse_shape_arg
@@ -56,10 +57,10 @@ def main(argv=None):
     if not args.fp32:
         rng = np.random.default_rng(0)
         samples = [{s.name: rng.uniform(-1, 1, s.shape).astype(s.dtype) for s in info.inputs} for _ in range(args.calib)]
-        plan = calibrate(mod, samples, input_names=[s.name for s in info.inputs])
+        plan = calibrate(mod, samples, target=args.target, input_names=[s.name for s in info.inputs])
         mod = quantize_pipeline(plan)(mod)
-    target = get_preset("x86").tvm_target()
-    rows = time_primfuncs(lower(mod, "x86"), target)
+    target = get_preset(args.target).tvm_target()
+    rows = time_primfuncs(lower(mod, args.target), target)
     total = sum(ms for ms, _ in rows)
     for ms, name in rows[: args.top]:
         print(f"{ms:8.4f} ms {100 * ms / total:5.1f}%  {name}")

@@ -114,6 +114,13 @@ def _float_matmul_compute(out_features, lanes):
     return compute
 
 
+def _number(expr) -> float | None:
+    """The value of a constant bound (``relax.op.clip`` takes them as IntImm/FloatImm in 0.27)."""
+    value = getattr(expr, "value", None)
+    value = getattr(value, "value", value)  # a PrimValue wrapping one
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def _crop(full, channels):
     """The first ``channels`` of the last axis (output channels padded up to a lane multiple)."""
     if int(full.shape[-1]) == channels:
@@ -225,7 +232,18 @@ class _Packer(relax.PyExprMutator):
         where the producer's epilogue usually absorbs the cast, not once per output block)."""
         if self.operand_dtype == self.data_dtype:
             return data
-        return self.builder_.emit(relax.op.astype(data, self.operand_dtype))
+        # A requantized activation is astype(clip(v, lo, hi), uint8) with 0 <= lo, hi <= 255: v
+        # converts to int16 directly (one conversion instead of float -> uint8 -> int16, which
+        # LLVM does with shuffles).
+        source = data
+        bound = self.lookup_binding(data) if isinstance(data, relax.Var) else None
+        if call_op(bound) == "relax.astype" and dtype_of(bound.args[0]) in ("float32", "int32", "int64"):
+            inner = bound.args[0]
+            clip = self.lookup_binding(inner) if isinstance(inner, relax.Var) else None
+            bounds = [_number(b) for b in clip.args[1:]] if call_op(clip) == "relax.clip" else []
+            if len(bounds) == 2 and None not in bounds and 0 <= bounds[0] and bounds[1] <= 255:
+                source = inner
+        return self.builder_.emit(relax.op.astype(source, self.operand_dtype))
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -257,9 +275,9 @@ class _Packer(relax.PyExprMutator):
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
         extra_c = _round_up(shape[3], self.k) - shape[3]
+        data = self._widen(data)
         if top or left or bottom or right or extra_c:
             data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, top, bottom, left, right, 0, extra_c], pad_value=0.0))
-        data = self._widen(data)
         wp = relax.const(pack_conv_weight(w, lanes, self.k), "int8")
         compute = _conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
         self.packed += 1
@@ -325,9 +343,9 @@ class _Packer(relax.PyExprMutator):
         if lanes is None:
             return None
         extra_k = _round_up(w.shape[0], self.k) - w.shape[0]
+        x = self._widen(x)
         if extra_k:
             x = self.builder_.emit(relax.op.nn.pad(x, [0, 0] * (len(shape) - 1) + [0, extra_k], pad_value=0.0))
-        x = self._widen(x)
         wp = relax.const(pack_matmul_weight(w, lanes, self.k), "int8")
         self.packed += 1
         return self.builder_.normalize(

@@ -38,7 +38,7 @@ DATA = np.zeros((1, 1, 8, 8), np.float32).tobytes()
 HAND_MADE = [
     ("huge_header.npy", _npy(GOOD, DATA, version=2, header_len=0xFFFFFFF0), ["header length", "over the limit"]),
     ("big_endian.npy", _npy(GOOD.replace("<f4", ">f4"), DATA), ["big-endian"]),
-    ("negative.npy", _npy(GOOD.replace("(1, 1, 8, 8)", "(1, 1, -8, 8)"), DATA), ["negative dimension"]),
+    ("negative.npy", _npy(GOOD.replace("(1, 1, 8, 8)", "(1, 1, -8, 8)"), DATA), ["shape (1, 1, -8, ...) has a negative dimension"]),
     ("bad_dim.npy", _npy(GOOD.replace("(1, 1, 8, 8)", "(1, 1, x, 8)"), DATA), ["tuple of integers"]),
     ("overflow.npy", _npy(GOOD.replace("(1, 1, 8, 8)", "(99999999999, 99999999999, 99999999999)"), DATA), ["overflows"]),
     ("truncated.npy", _npy(GOOD, DATA[:100]), ["truncated"]),

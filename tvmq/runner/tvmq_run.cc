@@ -111,7 +111,11 @@ struct HeaderParser {
         if (v > (INT64_MAX - 9) / 10) Fail(path, "shape has a dimension too large to address");
         v = v * 10 + (text[pos++] - '0');
       }
-      if (negative) Fail(path, "shape " + ShapeText(dims) + "... has a negative dimension (-" + std::to_string(v) + ")");
+      if (negative) {
+        std::string so_far;
+        for (int64_t d : dims) so_far += std::to_string(d) + ", ";
+        Fail(path, "shape (" + so_far + "-" + std::to_string(v) + ", ...) has a negative dimension");
+      }
       if (dims.size() >= 32) Fail(path, "shape has more than 32 dimensions");
       dims.push_back(v);
       if (!Eat(',')) {

@@ -4,6 +4,7 @@
 """
 
 from .arith import DivideToMultiply, FastSoftmax, FoldAffineChains
+from .conv_transpose import ConvTransposeToConv
 from .fold_constants import FoldConstantsNumpy
 from .fold_qdq import FoldQDQ
 from .insert_qdq import InsertQDQ
@@ -11,4 +12,4 @@ from .layout import ConvertToNHWC
 from .pack_kernels import PackKernels
 from .patterns import count_ops, find_layers
 
-__all__ = ["DivideToMultiply", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "find_layers", "count_ops"]
+__all__ = ["ConvTransposeToConv", "DivideToMultiply", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "find_layers", "count_ops"]

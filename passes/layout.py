@@ -22,7 +22,8 @@ from .patterns import Activation, FunctionGraph, call_op, dtype_of
 __all__ = ["ConvertToNHWC"]
 
 # Pooling follows its input's layout (naming it here trips a check in 0.27's InferLayoutPool2d).
-DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
+# conv2d_transpose stays NCHW (transposes around it): TOPI legalizes it in NCHW only.
+DESIRED_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "OHWI"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 
 
 _ELEMENTWISE = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum", "relax.minimum",

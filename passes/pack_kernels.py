@@ -26,9 +26,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from tvmq._compat import constant_array, is_constant
-
-from .patterns import call_op, dtype_of, static_shape
+from .patterns import bound_constant, call_op, dtype_of, static_shape
 
 __all__ = ["PackKernels", "CONV_BLOCK", "MATMUL_BLOCK", "DEPTHWISE_BLOCK", "pack_conv_weight", "pack_matmul_weight"]
 
@@ -210,9 +208,7 @@ class _Packer(relax.PyExprMutator):
         self.packed = 0
 
     def _weight(self, expr):
-        if isinstance(expr, relax.Var):
-            expr = self.lookup_binding(expr)
-        return constant_array(expr) if expr is not None and is_constant(expr) else None
+        return bound_constant(self, expr)
 
     def _lanes(self, channels):
         """Lanes per output-channel block.

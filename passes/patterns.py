@@ -76,6 +76,13 @@ def static_shape(expr) -> tuple[int, ...] | None:
         return None
 
 
+def bound_constant(mutator: relax.PyExprMutator, expr) -> np.ndarray | None:
+    """numpy value of ``expr`` when it is a constant or a variable a mutator's builder bound to one."""
+    if isinstance(expr, relax.Var):
+        expr = mutator.lookup_binding(expr)
+    return constant_array(expr) if expr is not None and is_constant(expr) else None
+
+
 def dtype_of(expr) -> str | None:
     ty = _tensor_type(expr)
     return str(ty.dtype) if ty is not None else None

@@ -545,10 +545,8 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
 
 
 def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan, progress, tuning, auto) -> CompileResult:
-    import tvm
-
     from tvmq.kernels import reduction_kernels
-    from tvmq.pipeline import lower
+    from tvmq.pipeline import compile_lowered, lower
 
     qm = quantized_module(model, preset, raw, config, shapes, precision, plan, progress, auto)
     qmod, float_mod, info, qplan, warnings = qm.module, qm.float_module, qm.info, qm.plan, qm.warnings
@@ -564,11 +562,9 @@ def _compile_into(tmp: Path, model, preset, raw, config, shapes, precision, plan
         from tvmq.cuda import prepare_cuda_build
 
         prepare_cuda_build()
-    target = preset.tvm_target()
     lowered = lower(qmod, preset, database)
     kernels = reduction_kernels(lowered)
-    with target:  # nvcc takes the CUDA arch from the current target
-        executable = tvm.compile(lowered, target, relax_pipeline=None)
+    executable = compile_lowered(lowered, preset)
     lib_path = tmp / LIBRARY
     if preset.cross_compiler:
         from tvmq._compat import cross_compiler

@@ -12,7 +12,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-__all__ = ["relax_passes", "fuse", "lower", "build", "schedule_rules", "dot_intrinsics"]
+__all__ = ["relax_passes", "fuse", "lower", "build", "schedule_rules", "dot_intrinsics", "unlowered_ops",
+           "compile_lowered"]
 
 
 def _preset(preset):
@@ -136,4 +137,42 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
 def build(mod: tvm.IRModule, preset, database=None):
     """Lower and compile; returns a ``tvm.runtime.Executable``."""
     preset = _preset(preset)
-    return tvm.compile(lower(mod, preset, database), preset.tvm_target(), relax_pipeline=None)
+    return compile_lowered(lower(mod, preset, database), preset)
+
+
+def compile_lowered(lowered: tvm.IRModule, preset):
+    """Code generation of a module :func:`lower` made; an operator nothing lowered is a
+    :class:`~tvmq.errors.TvmqError` naming it (TVM's VM codegen only says that one exists)."""
+    preset = _preset(preset)
+    target = preset.tvm_target()
+    try:
+        with target:  # nvcc takes the CUDA arch from the current target
+            return tvm.compile(lowered, target, relax_pipeline=None)
+    except Exception as err:
+        if "CodeGenVM cannot emit" not in str(err):
+            raise
+        from tvmq.errors import TvmqError
+
+        ops = sorted(unlowered_ops(lowered))
+        raise TvmqError(f"TVM cannot lower {', '.join(ops) or 'an operator'} for target {preset.name!r} "
+                        "(no TOPI/legalization for it in this layout or dtype); keep the layer out of the graph "
+                        "or report it with the model") from None
+
+
+def unlowered_ops(lowered: tvm.IRModule) -> set[str]:
+    """High-level Relax operators left in a lowered module (what VM codegen cannot emit), with
+    their data layout where they have one."""
+    found = set()
+    skip = ("relax.call_tir", "relax.call_packed", "relax.call_pure_packed", "relax.call_builtin_with_ctx",
+            "relax.null_value", "relax.shape_of", "relax.tensor_", "relax.vm.", "relax.builtin.", "relax.memory.")
+
+    def visit(expr):
+        name = getattr(getattr(expr, "op", None), "name", "") if isinstance(expr, relax.Call) else ""
+        if name.startswith("relax.") and not name.startswith(skip):
+            layout = getattr(expr.attrs, "data_layout", None) if expr.attrs is not None else None
+            found.add(f"{name} ({layout})" if layout else name)
+
+    for _, func in lowered.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return found

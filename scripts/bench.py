@@ -7,7 +7,10 @@ Same machine, same thread count, same calibration samples for both quantizers, m
 * ``ppocr_cls`` PP-OCR's text-orientation classifier (rapidocr-onnxruntime wheel), accuracy on
   rendered text lines, half of them rotated by 180 degrees;
 * ``ppocr_rec`` PP-OCRv4's text recogniser (same wheel), exact-string accuracy (and character
-  error rate) on rendered text lines, greedy CTC decoding.
+  error rate) on rendered text lines, greedy CTC decoding;
+* ``ppocr_det`` PP-OCRv4's text detector (same wheel; ConvTranspose and Resize in its DB head),
+  on rendered 320x320 pages: "accuracy" is the text mask's IoU with ONNX Runtime FP32's
+  (``--models ppocr_det``; not in the default set).
 
 Each engine is timed in a process of its own, as in deployment (two runtimes in one process
 disturb each other, see ``isolated_medians``), in rounds: every engine in turn, so drift in a
@@ -163,7 +166,24 @@ def ppocr_rec_case(n_eval, n_calib):
             "val": rec_set(150, seed=3), "metric": "python:ocrdata:rec_exact"}
 
 
-CASES = {"digits": digits_case, "ppocr_cls": ppocr_cls_case, "ppocr_rec": ppocr_rec_case}
+def ppocr_det_case(n_eval, n_calib):
+    """PP-OCRv4's text detector (DB head: ConvTranspose, Resize) on 320x320 pages; its score is the
+    text mask's IoU with ONNX Runtime FP32's (threshold 0.3), averaged over the pages."""
+    from ocrdata import binary_map_iou, det_set, ppocr_model
+
+    x = det_set(min(n_eval, 40), seed=1)
+    calib = det_set(min(n_calib, 16), seed=2)
+    reference = ort_session(ppocr_model("det"), 2)
+    maps = [reference.run(None, {"x": xi})[0] for xi in x]
+
+    def score(outputs, labels):
+        return {"accuracy": float(np.mean([binary_map_iou(o, r) for o, r in zip(outputs, labels)]))}
+
+    return {"path": ppocr_model("det"), "input": "x", "calib": list(calib), "x": x, "y": maps, "score": score,
+            "val": None, "metric": None}
+
+
+CASES = {"digits": digits_case, "ppocr_cls": ppocr_cls_case, "ppocr_rec": ppocr_rec_case, "ppocr_det": ppocr_det_case}
 
 
 # ----------------------------------------------------------------------------- engines

@@ -96,6 +96,37 @@ def rec_set(n: int, seed: int):
     return np.stack(xs), texts
 
 
+DET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+DET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+
+
+def det_set(n: int, seed: int, size: int = 320) -> np.ndarray:
+    """``x [n,1,3,size,size]``: pages of 3-6 rendered text lines on a light background, normalized
+    as PP-OCR's detector expects (ImageNet mean and std)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    xs = []
+    for _ in range(n):
+        bg = int(rng.integers(200, 256))
+        page = Image.new("RGB", (size, size), (bg, bg, bg))
+        for _ in range(rng.integers(3, 7)):
+            line = render_line(random_text(rng), rng)
+            if line.width > size - 8:
+                line = line.resize((size - 8, max(8, line.height * (size - 8) // line.width)))
+            page.paste(line, (int(rng.integers(0, size - line.width)), int(rng.integers(0, size - line.height))))
+        arr = np.asarray(page).astype(np.float32).transpose(2, 0, 1) / 255.0
+        xs.append(((arr - DET_MEAN) / DET_STD)[None])
+    return np.stack(xs)
+
+
+def binary_map_iou(prob: np.ndarray, reference: np.ndarray, threshold: float = 0.3) -> float:
+    """IoU of the text masks (DB probability > threshold, PP-OCR's default) of two outputs."""
+    a, b = np.asarray(prob) > threshold, np.asarray(reference) > threshold
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
 def ppocr_model(name: str) -> Path:
     """Path of a PP-OCR model shipped in the rapidocr-onnxruntime wheel (``pip install -e .[bench]``)."""
     import rapidocr_onnxruntime
@@ -103,6 +134,7 @@ def ppocr_model(name: str) -> Path:
     files = {
         "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
         "rec": "ch_PP-OCRv4_rec_infer.onnx",
+        "det": "ch_PP-OCRv4_det_infer.onnx",
     }
     return Path(rapidocr_onnxruntime.__file__).parent / "models" / files[name]
 

@@ -200,3 +200,20 @@ def test_runtime_copy_between_devices_calls_the_runtime_as_0_27_declares_it():
     a = aligned(np.arange(12, dtype=np.float32).reshape(3, 4))
     copy = _copy_to(tvm_ffi.from_dlpack(a), tvm_ffi.device("cpu", 0))
     np.testing.assert_array_equal(np.from_dlpack(copy), a)
+
+
+def test_tune_says_so_when_the_model_has_nothing_to_tune(tmp_path, capsys):
+    """A model without conv/matmul kernels: `tune` reports 0 kernels and says why, instead of a silent 0."""
+    from conftest import make_model, random_samples
+    from onnx import helper
+
+    model = make_model([helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Add", ["r", "c"], ["y"], name="add")],
+                       [("x", [1, 16])], [("y", [1, 16])], [("c", np.ones(16, np.float32))])
+    onnx.save(model, tmp_path / "m.onnx")
+    (tmp_path / "calib").mkdir()
+    for i, s in enumerate(random_samples([1, 16], n=4)):
+        np.save(tmp_path / "calib" / f"{i}.npy", s["x"])
+    assert main(["tune", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "--db", str(tmp_path / "db"),
+                 "--trials", "1", "--target", "x86-avx2"]) == 0
+    out = capsys.readouterr()
+    assert "tuned 0 kernels" in out.out and "warning: nothing to tune for target 'x86-avx2'" in out.err

@@ -262,6 +262,12 @@ def cmd_tune(args) -> int:
         best = f"{t['best_us']:.1f} us" if t["best_us"] is not None else f"no valid candidate ({t['error']})"
         print(f"{t['name'][:60]:<60} x{t['weight']}  best {best}")
     print(f"tuned {len(report.tasks)} kernels, {report.trials} trials -> {args.db}")
+    if not report.tasks:
+        kernel = preset.micro_kernel
+        print(f"warning: nothing to tune for target {preset.name!r}: tvmq tunes its packed conv2d/matmul kernels "
+              f"(int8 with the {kernel.name if kernel else 'preset'}'s micro-kernel, float with vector FMAs) and "
+              "depthwise kernels, and this model compiled to none of them"
+              + ("" if kernel or preset.kind != "llvm" else f"; {preset.name} has no int8 micro-kernel"), file=sys.stderr)
     return 0
 
 

@@ -13,17 +13,9 @@ from tvm import relax
 
 from tvmq._compat import TensorType, constant_array, is_constant
 
-from .patterns import FunctionGraph, call_op, dtype_of, static_shape
+from .patterns import FunctionGraph, call_op, dtype_of, rewrite_functions, static_shape
 
 __all__ = ["DivideToMultiply", "FastSoftmax", "FoldAffineChains"]
-
-
-def _rewrite_functions(rewriter, mod):
-    """``mod`` with every Relax function passed through ``rewriter`` (a PyExprMutator made on it)."""
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
 
 
 @relax.expr_functor.mutator
@@ -49,7 +41,7 @@ class DivideToMultiply:
     """Replace division by a constant with multiplication by its reciprocal."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        return _rewrite_functions(_Rewriter(mod), mod)
+        return rewrite_functions(_Rewriter(mod), mod)
 
 
 @relax.expr_functor.mutator
@@ -115,7 +107,7 @@ class FastSoftmax:
         self.lanes = lanes
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        return _rewrite_functions(_SoftmaxRewriter(mod, self.lanes), mod)
+        return rewrite_functions(_SoftmaxRewriter(mod, self.lanes), mod)
 
 
 _AFFINE_OPS = ("relax.multiply", "relax.add", "relax.subtract")
@@ -212,6 +204,6 @@ class FoldAffineChains:
                 forms.update(_affine_forms(func))
         if not forms:
             return mod
-        mod = _rewrite_functions(_AffineFolder(mod, forms), mod)
+        mod = rewrite_functions(_AffineFolder(mod, forms), mod)
         entries = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
         return relax.transform.DeadCodeElimination(entries)(mod)

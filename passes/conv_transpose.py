@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .patterns import bound_constant, call_op, static_shape
+from .patterns import bound_constant, call_op, rewrite_functions, static_shape
 
 __all__ = ["ConvTransposeToConv"]
 
@@ -64,8 +64,5 @@ class ConvTransposeToConv:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         rewriter = _Rewriter(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                new = rewriter.visit_expr(func)
-                rewriter.builder_.update_func(gv, relax.analysis.remove_all_unused(new))
-        return rewriter.builder_.get() if rewriter.rewritten else mod
+        new = rewrite_functions(rewriter, mod, remove_unused=True)
+        return new if rewriter.rewritten else mod

@@ -26,7 +26,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from .patterns import bound_constant, call_op, dtype_of, static_shape
+from .patterns import Activation, bound_constant, call_op, dtype_of, rewrite_functions, static_shape
 
 __all__ = ["PackKernels", "CONV_BLOCK", "MATMUL_BLOCK", "DEPTHWISE_BLOCK", "pack_conv_weight", "pack_matmul_weight"]
 
@@ -112,13 +112,6 @@ def _float_matmul_compute(out_features, lanes):
     return compute
 
 
-def _number(expr) -> float | None:
-    """The value of a constant bound (``relax.op.clip`` takes them as IntImm/FloatImm in 0.27)."""
-    value = getattr(expr, "value", None)
-    value = getattr(value, "value", value)  # a PrimValue wrapping one
-    return float(value) if isinstance(value, (int, float)) else None
-
-
 def _crop(full, channels):
     """The first ``channels`` of the last axis (output channels padded up to a lane multiple)."""
     if int(full.shape[-1]) == channels:
@@ -201,7 +194,7 @@ class _Packer(relax.PyExprMutator):
     def __init__(self, mod, data_dtype, lane_options, float_lanes, k, operand_dtype):
         super().__init__(mod)
         self.k = k
-        self.operand_dtype = operand_dtype or data_dtype
+        self.operand_dtype = operand_dtype
         self.data_dtype = data_dtype
         self.lane_options = lane_options
         self.float_lanes = float_lanes
@@ -236,8 +229,8 @@ class _Packer(relax.PyExprMutator):
         if call_op(bound) == "relax.astype" and dtype_of(bound.args[0]) in ("float32", "int32", "int64"):
             inner = bound.args[0]
             clip = self.lookup_binding(inner) if isinstance(inner, relax.Var) else None
-            bounds = [_number(b) for b in clip.args[1:]] if call_op(clip) == "relax.clip" else []
-            if len(bounds) == 2 and None not in bounds and 0 <= bounds[0] and bounds[1] <= 255:
+            act = Activation.of(clip) if call_op(clip) == "relax.clip" else None
+            if act is not None and 0 <= act.lo and act.hi <= 255:
                 source = inner
         return self.builder_.emit(relax.op.astype(source, self.operand_dtype))
 
@@ -386,8 +379,5 @@ class PackKernels:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         packer = _Packer(mod, self.data_dtype, self.lanes, self.float_lanes, self.k, self.operand_dtype)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function):
-                new = packer.visit_expr(func)
-                packer.builder_.update_func(gv, relax.analysis.remove_all_unused(new))
-        return packer.builder_.get() if packer.packed else mod
+        new = rewrite_functions(packer, mod, remove_unused=True)
+        return new if packer.packed else mod

@@ -76,6 +76,16 @@ def static_shape(expr) -> tuple[int, ...] | None:
         return None
 
 
+def rewrite_functions(rewriter: relax.PyExprMutator, mod, remove_unused: bool = False):
+    """``mod`` with every Relax function passed through ``rewriter`` (a PyExprMutator made on it);
+    ``remove_unused`` drops the bindings the rewrite left unused."""
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            new = rewriter.visit_expr(func)
+            rewriter.builder_.update_func(gv, relax.analysis.remove_all_unused(new) if remove_unused else new)
+    return rewriter.builder_.get()
+
+
 def bound_constant(mutator: relax.PyExprMutator, expr) -> np.ndarray | None:
     """numpy value of ``expr`` when it is a constant or a variable a mutator's builder bound to one."""
     if isinstance(expr, relax.Var):

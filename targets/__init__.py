@@ -45,8 +45,6 @@ class TargetPreset:
         ``"uint8"`` or ``"int8"``: the activation type the int8 dot-product wants.
     weight_dtype : str
         Weight type, ``"int8"`` everywhere.
-    fast_int8 : bool
-        Whether the ISA has an int8 dot-product instruction (VNNI, sdot, dp4a/IMMA).
     int8_kernel : str or None
         The int8 micro-kernel conv2d/matmul are tensorized with (a key of
         :data:`tvmq.targets.intrinsics.MICRO_KERNELS`); None leaves int8 kernels to LLVM.
@@ -72,7 +70,6 @@ class TargetPreset:
     target: dict = field(default_factory=dict)
     activation_dtype: str = "uint8"
     weight_dtype: str = "int8"
-    fast_int8: bool = True
     cross_compiler: str | None = None
     apt_package: str | None = None
     emulator: str | None = None
@@ -102,6 +99,12 @@ class TargetPreset:
         from .intrinsics import MICRO_KERNELS
 
         return MICRO_KERNELS.get(self.int8_kernel) if self.int8_kernel else None
+
+    @property
+    def fast_int8(self) -> bool:
+        """Whether the ISA has an int8 dot-product instruction (VNNI, sdot; dp4a/IMMA on CUDA)."""
+        kernel = self.micro_kernel
+        return kernel.dot_product if kernel is not None else self.kind == "cuda"
 
     @property
     def dot_product(self) -> str | None:
@@ -196,7 +199,6 @@ def _x86_host() -> TargetPreset:
         description=f"this machine's x86-64 CPU (features detected; int8 micro-kernel here: {kernel or 'none'})",
         target={"kind": "llvm", "mcpu": llvm_host_cpu(), "num-cores": cores},
         activation_dtype="uint8",
-        fast_int8=kernel in ("vnni", "avxvnni"),
         int8_kernel=kernel,
         vector_lanes=16 if avx512 else 8 if "avx2" in flags else 4,
         vector_registers=32 if avx512 else 16,
@@ -227,7 +229,6 @@ def _static_presets() -> dict[str, TargetPreset]:
             description="x86-64 with AVX2 and FMA (Haswell .. Comet Lake, Zen 1-3): exact int8 as vpmaddwd ymm",
             target={"kind": "llvm", "mcpu": "haswell"},
             activation_dtype="uint8",
-            fast_int8=False,
             int8_kernel="pmaddwd256",
             vector_lanes=8,
             vector_registers=16,
@@ -238,7 +239,6 @@ def _static_presets() -> dict[str, TargetPreset]:
             description="x86-64 with AVX-512 but no VNNI (Skylake-SP, Cascade Lake's predecessors): vpmaddwd zmm",
             target={"kind": "llvm", "mcpu": "skylake-avx512"},
             activation_dtype="uint8",
-            fast_int8=False,
             int8_kernel="pmaddwd",
             vector_lanes=16,
             cpu_flags=frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}),
@@ -276,7 +276,6 @@ def _static_presets() -> dict[str, TargetPreset]:
             description="Raspberry Pi 4 / any ARMv8.0 (cortex-a72: NEON, no dot-product): exact int8 as smull+sadalp",
             target={**_AARCH64, "mcpu": "cortex-a72", "mattr": ["+neon"]},
             activation_dtype="int8",
-            fast_int8=False,
             int8_kernel="smull",
             **_ARM64_CC,
         ),
@@ -294,7 +293,6 @@ def _static_presets() -> dict[str, TargetPreset]:
             description="armv7-a hard-float with NEON (no int8 dot-product): exact int8 as vmull.s8+vpadal.s16",
             target=dict(_ARMV7),
             activation_dtype="int8",
-            fast_int8=False,
             int8_kernel="vmull",
             vector_registers=16,
             cross_compiler="arm-linux-gnueabihf-g++",

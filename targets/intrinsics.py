@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-__all__ = ["MicroKernel", "MICRO_KERNELS", "micro_kernel", "register", "intrinsic_name", "dot_desc", "vnni_intrin", "sdot_intrin"]
+__all__ = ["MicroKernel", "MICRO_KERNELS", "register", "intrinsic_name", "dot_desc"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,20 +103,8 @@ MICRO_KERNELS = {
 }
 
 
-def micro_kernel(name: str) -> MicroKernel:
-    return MICRO_KERNELS[name]
-
-
 def intrinsic_name(kernel: str, lanes: int) -> str:
     return f"tvmq_{kernel}_{lanes}x{MICRO_KERNELS[kernel].k}"
-
-
-def vnni_intrin(lanes: int) -> str:
-    return intrinsic_name("vnni", lanes)
-
-
-def sdot_intrin(lanes: int = 4) -> str:
-    return intrinsic_name("sdot", lanes)
 
 
 def dot_desc(lanes: int, k: int, a_dtype: str):

@@ -321,15 +321,11 @@ def read_inputs(path: Path, bundle: Bundle) -> dict:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        array = np.load(path, allow_pickle=False)
         with open(path, "rb") as f:  # numpy ignores bytes after the data; a file that has them is damaged
-            header = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}.get(
-                np.lib.format.read_magic(f)[0], np.lib.format.read_array_header_2_0)
-            header(f)
-            offset = f.tell()
+            array = np.lib.format.read_array(f, allow_pickle=False)
+            extra = os.fstat(f.fileno()).st_size - f.tell()
     except Exception as err:
         raise BundleError(f"cannot read {path} as numpy data ({type(err).__name__}); save it with numpy.save/savez") from None
-    extra = path.stat().st_size - offset - array.nbytes
     if extra:
         raise BundleError(f"{path}: shape {array.shape} of {array.dtype} needs {array.nbytes} data bytes, the file has "
                           f"{array.nbytes + extra} (trailing bytes); save it again with numpy.save")

@@ -246,6 +246,8 @@ def count_int8_instructions(lib: Path, preset, kernels=()) -> dict:
                              check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return {}
+    from tvmq.testing import kernel_instructions
+
     counts = {"micro_kernel": preset.int8_kernel, "zmm_instructions": len(re.findall(r"%zmm", asm))}
     if kernel is None:
         return counts
@@ -253,14 +255,8 @@ def count_int8_instructions(lib: Path, preset, kernels=()) -> dict:
     for reg in ("zmm", "ymm", "xmm"):
         counts[f"{kernel.mnemonics[0]}_{reg}"] = len(re.findall(rf"\s{mnemonic}\s+%{reg}", asm))
     counts[kernel.mnemonics[0]] = len(re.findall(rf"\s{mnemonic}\s", asm))
-    with_insn, current = set(), None
-    for line in asm.splitlines():
-        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
-        if head:
-            current = head.group(1).removeprefix("__tvm_ffi_").split("_compute_")[0]
-        elif current and re.search(rf"\s{mnemonic}\s", line):
-            with_insn.add(current)
-    counts["kernels_with_it"] = f"{sum(1 for k in kernels if k in with_insn)}/{len(kernels)}"
+    per_function = kernel_instructions(asm, kernel.mnemonics[0], functions=".")
+    counts["kernels_with_it"] = f"{sum(1 for k in kernels if per_function.get(k, 0) > 0)}/{len(kernels)}"
     return counts
 
 

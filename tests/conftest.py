@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 
 import numpy as np
@@ -131,16 +130,7 @@ def board_runtime_or_skip(arch: str) -> None:
 
 def kernel_instructions(objdump: str, lib, mnemonic: str) -> dict[str, int]:
     """``{function: count of mnemonic}`` for the packed int8 kernels of a library."""
+    from tvmq.testing import kernel_instructions as count
+
     asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True, check=True).stdout
-    counts, current = {}, None
-    for line in asm.splitlines():
-        m = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
-        if m:
-            # A kernel's code: its compute function and the parallel lambdas outlined from it.
-            name = m.group(1).replace("__tvm_ffi_", "").split("_compute_")[0]
-            current = name if re.match(r"fused_tvmq_(conv2d|matmul)", name) else None
-            if current:
-                counts.setdefault(current, 0)
-        elif current and re.search(rf"\s{mnemonic}\s", line):
-            counts[current] += 1
-    return counts
+    return count(asm, mnemonic)

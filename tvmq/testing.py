@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["GraphCase", "graphs", "check_graph", "FuzzResult", "matmul_model"]
+__all__ = ["GraphCase", "graphs", "check_graph", "FuzzResult", "matmul_model", "kernel_instructions"]
 
 
 @dataclass
@@ -39,6 +39,25 @@ def matmul_model(m: int, k: int, n: int, seed: int = 0):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     return model
+
+
+def kernel_instructions(asm: str, mnemonic: str, functions: str = r"fused_tvmq_(conv2d|matmul)") -> dict[str, int]:
+    """``{kernel: count of mnemonic}`` in a library's disassembly (``objdump -d --no-show-raw-insn``),
+    for the kernels whose name matches ``functions`` (default: the packed conv2d/matmul kernels);
+    a kernel's code is its compute function and the parallel lambdas outlined from it."""
+    import re
+
+    counts, current = {}, None
+    for line in asm.splitlines():
+        m = re.match(r"^[0-9a-f]+ <(.+)>:$", line)
+        if m:
+            name = m.group(1).replace("__tvm_ffi_", "").split("_compute_")[0]
+            current = name if re.match(functions, name) else None
+            if current:
+                counts.setdefault(current, 0)
+        elif current and re.search(rf"\s{re.escape(mnemonic)}\s", line):
+            counts[current] += 1
+    return counts
 
 
 def graphs():

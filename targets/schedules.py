@@ -211,18 +211,41 @@ class PackedKernelRule(ScheduleRule):
                     return False
         return False
 
-    def _tiles(self, sch, x, oo, lanes, tunable):
+    def _tiles(self, sch, x, oo, lanes, tunable, dot=False):
         if tunable:
             xs = sch.sample_perfect_tile(x, n=2, max_innermost_factor=16)
             os_ = sch.sample_perfect_tile(oo, n=2, max_innermost_factor=8)
             return xs, os_
-        # Accumulators: xb output pixels x ob channel blocks, as many as the registers hold.
-        accumulators = max(1, self.registers * 3 // 4 // max(1, lanes // self.vector_lanes))
-        ob = _divisor(_extent(sch, oo), self.o_block)
-        xb = _divisor(_extent(sch, x), max(1, min(self.x_block, accumulators // ob)))
-        if xb * ob < accumulators // 2:
-            ob = _divisor(_extent(sch, oo), max(1, accumulators // xb))
+        xb, ob = self.tile(_extent(sch, x), _extent(sch, oo), lanes, dot)
         return [None, xb], [None, ob]
+
+    def tile(self, x: int | None, oo: int | None, lanes: int, dot: bool) -> tuple[int, int]:
+        """Output pixels x channel blocks of one register tile (``x``, ``oo``: their extents).
+
+        Accumulators fill three quarters of the registers. An int8 kernel also holds one
+        register of weights per channel block (widened to int16 for ``vpmaddwd``, or loaded
+        once for the tile's pixels on NEON, which has no memory operands), the broadcast
+        activation and a product: with AVX2's 16 registers the float tile of 4 x 3 would spill
+        (12 + 3 + 2), so int8 takes e.g. 6 x 2 (12 + 2 + 2) or 3 x 3.
+        """
+        per_acc = max(1, lanes // self.vector_lanes)
+        accumulators = max(1, self.registers * 3 // 4 // per_acc)
+        if not dot:
+            ob = _divisor(oo, self.o_block)
+            xb = _divisor(x, max(1, min(self.x_block, accumulators // ob)))
+            if xb * ob < accumulators // 2:
+                ob = _divisor(oo, max(1, accumulators // xb))
+            return xb, ob
+        best = (1, 1)
+        for ob in range(1, self.o_block + 1):
+            if oo and oo % ob:
+                continue
+            room = (self.registers - 2) // per_acc - ob  # accumulators left beside the weights
+            xb = _divisor(x, max(1, min(self.x_block, accumulators // ob, room // ob)))
+            # most accumulators, then the squarest tile (fewest operand loads per step)
+            if (xb * ob, -(xb + ob)) > (best[0] * best[1], -sum(best)):
+                best = (xb, ob)
+        return best
 
     def _schedule(self, sch, main, is_conv, dot, tunable=False):
         weight = sch.get(main).reads[-1].source  # 0.27: TensorRegion.source is the buffer
@@ -240,7 +263,7 @@ class PackedKernelRule(ScheduleRule):
             reduce = loops[len(loops) - (2 if dot else 1) :]
         reduce_outer, inner = (reduce[:-1], [reduce[-1]]) if dot else (reduce, [])
         oo, oi = sch.split(o, [None, lanes])
-        x_tiles, o_tiles = self._tiles(sch, x, oo, lanes, tunable)
+        x_tiles, o_tiles = self._tiles(sch, x, oo, lanes, tunable, dot)
         xo, xi = sch.split(x, x_tiles)
         ooo, ooi = sch.split(oo, o_tiles)
         sch.reorder(*spatial_outer, xo, ooo, *reduce_outer, xi, ooi, oi, *inner)

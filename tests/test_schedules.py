@@ -178,3 +178,26 @@ def test_a_ragged_channel_epilogue_is_vectorized_where_every_lane_is_inside():
     asm = [tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target).mod.inspect_source("asm")
            for f in (before, after)]
     assert asm[1].count("vcvtdq2ps") > asm[0].count("vcvtdq2ps")  # int32 -> float conversions, 16 at a time
+
+
+@pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512", "x86-avx512vnni", "rpi4", "arm", "arm32"])
+def test_int8_register_tile_fits_the_register_file(preset):
+    """An int8 tile's accumulators, one register of weights per channel block (widened to int16
+    for vpmaddwd; NEON has no memory operands), the broadcast activation and a product all fit
+    the ISA's vector registers: AVX2's old 4 x 3 tile (12 + 3 + 2 = 17 of 16) spilled, and ran
+    its 1x1 convs at the float kernel's speed."""
+    from tvmq.targets import get_preset
+    from tvmq.targets.schedules import PackedKernelRule
+
+    p = get_preset(preset)
+    rule = PackedKernelRule(None, p.vector_registers, p.vector_lanes)
+    for lanes in p.micro_kernel.lanes:
+        per_acc = max(1, lanes // p.vector_lanes)
+        for x, oo in [(80, 30), (960, 30), (784, 64), (48, 13), (7, 2), (1, 1), (96, 25)]:
+            xb, ob = rule.tile(x, oo, lanes, dot=True)
+            assert x % xb == 0 and oo % ob == 0
+            assert (xb * ob + ob) * per_acc + 2 <= p.vector_registers, (lanes, x, oo, xb, ob)
+            assert xb * ob * per_acc <= p.vector_registers * 3 // 4
+    # the widest tile that fits is taken: AVX2 fills 12 accumulators where the extents allow
+    if preset == "x86-avx2":
+        assert rule.tile(960, 30, 8, dot=True) == (6, 2)

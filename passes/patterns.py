@@ -410,12 +410,35 @@ class Layer:
         return inputs + int(np.prod(self.chain.out_shape))
 
     @property
-    def macs(self) -> int:
-        """Multiply-accumulates of the anchor (0 for adds)."""
+    def reduction(self) -> int:
+        """Multiply-accumulates per output element: input channels (per group) x kernel taps
+        of a conv2d, the inner dimension of a matmul; 0 for adds."""
         if self.weight is None:
             return 0
-        per_output = self.weight.size // self.weight.shape[self.weight_axis]
-        return int(np.prod(self.chain.out_shape)) * per_output
+        return self.weight.size // self.weight.shape[self.weight_axis]
+
+    @property
+    def pixels(self) -> int:
+        """Output pixels (conv2d, batch included) or rows (matmul) the anchor computes: its
+        output elements per output channel."""
+        shape = list(self.chain.out_shape)
+        if self.kind == "conv2d" and str(self.chain.call.attrs.data_layout) != "NHWC":
+            shape = shape[:1] + shape[2:]
+        else:
+            shape = shape[:-1]
+        return int(np.prod(shape))
+
+    @property
+    def depthwise(self) -> bool:
+        """A grouped conv2d with one input channel per group."""
+        if self.kind != "conv2d" or int(self.chain.call.attrs.groups) == 1:
+            return False
+        return self.weight.shape[str(self.chain.call.attrs.kernel_layout).index("I")] == 1
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the anchor (0 for adds)."""
+        return int(np.prod(self.chain.out_shape)) * self.reduction
 
 
 def find_layers(func: relax.Function, graph: FunctionGraph | None = None) -> list[Layer]:

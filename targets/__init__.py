@@ -143,11 +143,13 @@ class TargetPreset:
             kernel = self.micro_kernel
             how = (f"exact widening multiply-adds ({', '.join(kernel.mnemonics)})" if kernel is not None
                    else "widening multiply-adds")
+            timed = kernel is not None and (kernel.min_reduction or not kernel.int8_depthwise)
             notes.append(
                 f"target {self.name!r} has no int8 dot-product instruction "
                 f"({self.target.get('mcpu') or self.target.get('mtriple') or 'this CPU'}): int8 kernels run as {how}, "
-                "at most about 1.5x the fp32 multiply-add rate; with --precision auto, layers whose int8 kernel is "
-                "slower stay float"
+                f"at most about {kernel.int8_speedup if kernel else 1.0:g}x the fp32 multiply-add rate; "
+                + ("layers whose int8 kernel is no faster (depthwise, short reductions) stay float unless --int8-everywhere"
+                   if timed else "its int8 kernels have not been timed on such a CPU, so every layer runs int8")
             )
         return notes
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-__all__ = ["MicroKernel", "MICRO_KERNELS", "register", "intrinsic_name", "dot_desc"]
+__all__ = ["MicroKernel", "MICRO_KERNELS", "register", "intrinsic_name", "dot_desc", "int8_pays"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +67,19 @@ class MicroKernel:
     int8_speedup : float
         Peak int8 multiply-accumulates per fp32 fused multiply-add of the same ISA (from the
         instructions' MACs and issue rates): what a cross target's latency estimate assumes.
+    min_reduction : int
+        Multiply-accumulates per output (input channels x kernel taps) below which the int8
+        kernel is no faster than the float one, requantize and widening included; the default
+        plan keeps such layers float. Measured with ``scripts/int8_breakeven.py``; 0 where
+        nobody has timed the ISA (every layer runs int8).
+    int8_depthwise : bool
+        Whether int8 depthwise convolutions are at least as fast as float ones (they have no
+        dot product to gain from; the default plan keeps them float where they are slower).
+    min_pixels : int
+        Output pixels of a conv below which int8 does not pay: a conv on a pooled 1x1 map
+        (a squeeze-excite gate, a classifier head) is a matrix-vector product with too little
+        work to repay quantizing its input, and an int8 gate moves the feature-map multiply out
+        of the next kernel into a requantizing pass of its own.
     """
 
     name: str
@@ -77,23 +90,37 @@ class MicroKernel:
     dot_product: bool
     int8_speedup: float
     operand_dtype: str = ""
+    min_reduction: int = 0
+    int8_depthwise: bool = True
+    min_pixels: int = 1
 
     def __post_init__(self):
         if not self.operand_dtype:
             object.__setattr__(self, "operand_dtype", self.activation_dtype)
 
 
+# min_reduction / int8_depthwise on x86: scripts/int8_breakeven.py on an AVX-512 VNNI host (Zen 5
+# class, 2 threads), int8/fp32 speed of a 1x1 conv amid int8 layers by reduction length K:
+#   x86-avx2        K8 0.67-0.91  K16 0.74-0.79  K32 1.00  K64 1.17  K128 1.32-1.36
+#   x86-avx512      K8 0.77-1.02  K16 0.74-0.90  K32 0.93-1.03  K64 1.11-1.16  K128 1.15-1.46
+#   x86-avx512vnni  K8 0.89-1.07  K16 1.07-1.08  K32 1.45-1.65  K64 1.85-1.95  K128 2.43-2.59
+# and depthwise 3x3/5x5 int8 at 0.41-0.87x of float on all three; squeeze-excite gate convs (one
+# output pixel) of the PP-OCR classifier at 0.07-0.37x on AVX2 (whole model: keeping them float
+# took the AVX2 int8 build from 1.10 to 1.05 ms, the VNNI one from 0.86 to 0.82, fp32 1.05 / 0.94). AVX-VNNI (no such CPU here)
+# is taken as VNNI; the ARM kernels run only under qemu here, which cannot time them.
 MICRO_KERNELS = {
     m.name: m
     for m in (
         MicroKernel(name="vnni", k=4, lanes=(16, 8, 4), activation_dtype="uint8", mnemonics=("vpdpbusd",), dot_product=True,
-                    int8_speedup=4.0),
+                    int8_speedup=4.0, min_reduction=16, int8_depthwise=False, min_pixels=2),
         MicroKernel(name="avxvnni", k=4, lanes=(8, 4), activation_dtype="uint8", mnemonics=("vpdpbusd",), dot_product=True,
-                    int8_speedup=4.0),
+                    int8_speedup=4.0, min_reduction=16, int8_depthwise=False, min_pixels=2),
         MicroKernel(name="pmaddwd", k=2, lanes=(16, 8, 4), activation_dtype="uint8", mnemonics=("vpmaddwd",),
-                    dot_product=False, int8_speedup=1.5, operand_dtype="int16"),
+                    dot_product=False, int8_speedup=1.5, operand_dtype="int16", min_reduction=32, int8_depthwise=False,
+                    min_pixels=2),
         MicroKernel(name="pmaddwd256", k=2, lanes=(8, 4), activation_dtype="uint8", mnemonics=("vpmaddwd",),
-                    dot_product=False, int8_speedup=1.5, operand_dtype="int16"),
+                    dot_product=False, int8_speedup=1.5, operand_dtype="int16", min_reduction=32, int8_depthwise=False,
+                    min_pixels=2),
         MicroKernel(name="sdot", k=4, lanes=(4,), activation_dtype="int8", mnemonics=("sdot",), dot_product=True, int8_speedup=4.0),
         MicroKernel(name="smull", k=2, lanes=(8, 4), activation_dtype="int8", mnemonics=("smull", "sadalp"),
                     dot_product=False, int8_speedup=1.0),
@@ -101,6 +128,19 @@ MICRO_KERNELS = {
                     dot_product=False, int8_speedup=1.0),
     )
 }
+
+
+def int8_pays(kernel: MicroKernel | None, reduction: int, depthwise: bool, pixels: int | None = None) -> bool:
+    """Whether ``kernel``'s int8 version of a layer (``reduction`` multiply-accumulates per
+    output; for a conv, ``pixels`` output pixels) is expected at least as fast as its float one:
+    what the default plan decides per layer (``QuantConfig(int8_everywhere=False)``)."""
+    if kernel is None:
+        return True
+    if pixels is not None and pixels < kernel.min_pixels:
+        return False
+    if depthwise:
+        return kernel.int8_depthwise
+    return reduction >= kernel.min_reduction
 
 
 def intrinsic_name(kernel: str, lanes: int) -> str:

@@ -79,9 +79,11 @@ def sqnr_db(ref, test):
 
 
 class Compiled:
-    """Float and quantized versions of one ONNX model, compiled for this machine."""
+    """Float and quantized versions of one ONNX model, compiled for this machine; every layer
+    int8 unless ``config`` says otherwise (the numerics of the integer kernels are under test)."""
 
     def __init__(self, model, samples, config=None, target="x86"):
+        from tvmq.config import QuantConfig
         from tvmq.execute import HostModule
         from tvmq.frontend import load_onnx
         from tvmq.quantize import calibrate, prepare, quantize_pipeline
@@ -89,6 +91,7 @@ class Compiled:
         mod, self.info = load_onnx(model, sample=samples[0])
         self.float_mod = prepare(mod)
         names = [s.name for s in self.info.inputs]
+        config = config or QuantConfig(int8_everywhere=True)
         self.plan = calibrate(self.float_mod, samples, config, target=target, input_names=names)
         self.qmod = quantize_pipeline(self.plan)(self.float_mod)
         self.fp32 = HostModule(self.float_mod)

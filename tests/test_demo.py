@@ -44,7 +44,7 @@ def test_demo_data_is_a_real_held_out_split(digits, fp32_accuracy):
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
 def test_int8_accuracy_within_half_a_point(digits, fp32_accuracy, method):
     mod, samples, xs, ys = digits
-    plan = calibrate(mod, samples, QuantConfig(method=method), input_names=["input"])
+    plan = calibrate(mod, samples, QuantConfig(method=method, int8_everywhere=True), input_names=["input"])
     assert plan.count("int8") == 5
     acc = accuracy(HostModule(quantize_pipeline(plan)(mod)), xs, ys)
     assert acc >= fp32_accuracy - 0.005, (method, acc, fp32_accuracy)

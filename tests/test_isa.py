@@ -15,6 +15,7 @@ from conftest import conv_model, kernel_instructions, make_model, random_samples
 from onnx import helper
 
 from tvmq.build import compile_model
+from tvmq.config import QuantConfig
 from tvmq.runtime import Bundle
 from tvmq.targets import get_preset
 
@@ -68,7 +69,8 @@ def x86_bundles(tmp_path_factory, models):
             out = root / f"{model}-{preset}"
             name = "input" if model == "digits" else "x"
             if plan is None:
-                res = compile_model(path, out, target=preset, calib=calib, shapes={name: list(calib[0][name].shape)})
+                res = compile_model(path, out, target=preset, calib=calib, shapes={name: list(calib[0][name].shape)},
+                                    config=QuantConfig(int8_everywhere=True))
                 plan = out / "plan.json"
             else:
                 res = compile_model(path, out, target=preset, plan=plan, shapes={name: list(calib[0][name].shape)})

@@ -66,7 +66,7 @@ def test_a_model_with_conv_transpose_compiles_and_stays_accurate(tmp_path, k, pa
         np.save(calib / f"{i}.npy", s["x"])
     for precision in ("int8", "fp32"):
         assert main(["compile", str(tmp_path / "m.onnx"), "--calib", str(calib), "--precision", precision,
-                     "-o", str(tmp_path / precision)]) == 0
+                     "--int8-everywhere", "-o", str(tmp_path / precision)]) == 0
     m = Bundle(tmp_path / "int8").manifest
     assert sum(1 for k in m["kernels"] if k["accumulator"] == "int32") == int8_kernels
     ref = np.concatenate([Bundle(tmp_path / "fp32").run({"x": s["x"]})["y"].ravel() for s in samples])

@@ -453,3 +453,108 @@ def test_layer_latency_is_measured_on_presets_this_cpu_runs_and_estimated_per_is
     assert all(l.estimated != measured and l.int8_ms > 0 and l.fp32_ms > 0 for l in a.layers)
     if not measured:
         assert [l.fp32_ms / l.int8_ms for l in a.layers] == pytest.approx([p.micro_kernel.int8_speedup] * len(a.layers))
+
+
+# --- the default plan keeps float the layers whose int8 kernel is no faster on the ISA ---------
+
+
+def mobile_block_model(seed=0):
+    """What mobile CNNs are made of: stem conv 3x3 (3 -> 16, reduction 27), depthwise 3x3, 1x1
+    expand 16 -> 64 (reduction 16), 1x1 project 64 -> 32 (reduction 64), global pool -> 1x1 conv
+    on the pooled map (one pixel: a squeeze-excite gate / classifier head)."""
+    rng = np.random.default_rng(seed)
+    shapes = {"stem": (16, 3, 3, 3), "dw": (16, 1, 3, 3), "expand": (64, 16, 1, 1), "project": (32, 64, 1, 1),
+              "head": (8, 32, 1, 1)}
+    inits = []
+    for name, shape in shapes.items():
+        inits += [(f"{name}_w", rng.normal(0, 1 / np.sqrt(np.prod(shape[1:])), shape).astype(np.float32)),
+                  (f"{name}_b", rng.normal(0, 0.1, shape[0]).astype(np.float32))]
+    conv3 = dict(kernel_shape=[3, 3], pads=[1] * 4)
+    nodes = [
+        helper.make_node("Conv", ["x", "stem_w", "stem_b"], ["s"], name="stem", **conv3),
+        helper.make_node("Relu", ["s"], ["s_r"], name="stem_relu"),
+        helper.make_node("Conv", ["s_r", "dw_w", "dw_b"], ["d"], name="dw", group=16, **conv3),
+        helper.make_node("Relu", ["d"], ["d_r"], name="dw_relu"),
+        helper.make_node("Conv", ["d_r", "expand_w", "expand_b"], ["e"], name="expand"),
+        helper.make_node("Relu", ["e"], ["e_r"], name="expand_relu"),
+        helper.make_node("Conv", ["e_r", "project_w", "project_b"], ["p"], name="project"),
+        helper.make_node("GlobalAveragePool", ["p"], ["g"], name="pool"),
+        helper.make_node("Conv", ["g", "head_w", "head_b"], ["y"], name="head"),
+    ]
+    return make_model(nodes, [("x", [1, 3, 16, 16])], [("y", [1, 8, 1, 1])], inits)
+
+
+def _plan(model, config=None, target="x86-avx2"):
+    from tvmq.frontend import load_onnx
+    from tvmq.quantize import calibrate, prepare
+
+    mod, _ = load_onnx(model)
+    mod = prepare(mod)
+    return calibrate(mod, random_samples([1, 3, 16, 16], n=2), config, target=target, input_names=["x"])
+
+
+def _precisions(plan):
+    from tvmq.passes.patterns import find_layers  # noqa: F401  (names are the ONNX node names)
+
+    return {name: lp.precision for name, lp in plan.layers.items() if lp.kind != "add"}
+
+
+@pytest.mark.parametrize("target, int8", [
+    ("x86-avx2", {"project"}),  # vpmaddwd: reductions >= 32
+    ("x86-avx512", {"project"}),
+    ("x86-avx512vnni", {"stem", "expand", "project"}),  # vpdpbusd: reductions >= 16
+    ("rpi4", {"stem", "dw", "expand", "project", "head"}),  # not timed on the ISA: every layer
+])
+def test_default_plan_keeps_float_where_int8_does_not_pay(target, int8):
+    """Depthwise convs, short reductions and one-pixel convs stay float on x86 (their int8
+    kernels measured slower there, scripts/int8_breakeven.py); the plan says which, and why."""
+    plan = _plan(mobile_block_model(), target=target)
+    precisions = _precisions(plan)
+    assert {n for n, p in precisions.items() if p == "int8"} == int8
+    assert set(plan.kept_float) == set(precisions) - int8
+    assert QuantPlan.loads(plan.dumps()).kept_float == plan.kept_float
+
+
+def test_int8_everywhere_and_rules_override_the_speed_rule():
+    everywhere = _precisions(_plan(mobile_block_model(), QuantConfig(int8_everywhere=True)))
+    assert set(everywhere.values()) == {"int8"}
+    ruled = _plan(mobile_block_model(), QuantConfig(rules=(LayerRule(name="dw", precision="int8"),)))
+    assert _precisions(ruled)["dw"] == "int8" and "dw" not in ruled.kept_float
+    assert _precisions(ruled)["expand"] == "fp32" and "expand" in ruled.kept_float
+
+
+def test_int8_pays_thresholds():
+    from tvmq.targets.intrinsics import MICRO_KERNELS, int8_pays
+
+    avx2 = MICRO_KERNELS["pmaddwd256"]
+    assert not int8_pays(avx2, avx2.min_reduction - 1, False, 100)
+    assert int8_pays(avx2, avx2.min_reduction, False, 100)
+    assert not int8_pays(avx2, 9, True, 100) and not int8_pays(avx2, 512, False, 1)
+    assert int8_pays(avx2, 512, False)  # a matmul: no pixel rule
+    assert int8_pays(None, 1, True, 1)  # no micro-kernel: nothing to decide with
+
+
+def test_compile_reports_layers_kept_float(tmp_path):
+    import onnx
+
+    onnx.save(mobile_block_model(), tmp_path / "m.onnx")
+    samples = random_samples([1, 3, 16, 16], n=2)
+    result = compile_model(tmp_path / "m.onnx", tmp_path / "out", target="x86-avx2", calib=samples)
+    q = result.manifest["quantization"]
+    assert set(q["kept_float_for_speed"]) == {"stem", "dw", "expand", "head"} and q["int8_layers"] == 1
+    assert "kept float where int8 is no faster on `pmaddwd256`" in (tmp_path / "out" / "report.md").read_text()
+    proc = subprocess.run([sys.executable, "-m", "tvmq", "compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o2"),
+                           "--target", "x86-avx2", "--calib", str(_calib_dir(tmp_path, samples)), "--int8-everywhere"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "o2" / "manifest.json").read_text())
+    assert m["quantization"]["int8_layers"] == 5 and m["quantization"]["kept_float_for_speed"] == []
+    assert "kept" not in proc.stdout
+
+
+def _calib_dir(tmp_path, samples):
+    d = tmp_path / "calib"
+    d.mkdir(exist_ok=True)
+    for i, s in enumerate(samples):
+        np.save(d / f"{i}.npy", s["x"])
+    return d

@@ -687,6 +687,8 @@ def _manifest(model, info, preset, plan, float_mod, qmod, kernels, warnings) -> 
             "int8_layers": plan.count("int8"),
             "float_layers": plan.count("fp32") + plan.count("fp16"),
             "fp16_layers": plan.count("fp16"),
+            # float because the ISA's int8 kernel is no faster there (QuantConfig.int8_everywhere)
+            "kept_float_for_speed": [n for n in plan.kept_float if plan.get(n) and not plan.get(n).is_int8],
         },
         "layers": layers,
         "kernels": [
@@ -722,6 +724,9 @@ def _report(m: dict) -> str:
             f"calibration `{q['method']}`, "
             f"activations {q['activation_dtype']}, requantize `{q['requantize']}`"
         )
+        if q.get("kept_float_for_speed"):
+            lines.append(f"- kept float where int8 is no faster on `{m['target']['int8_kernel']}` (depthwise, short "
+                         f"reductions, one-pixel convs; `--int8-everywhere` quantizes them): {', '.join(q['kept_float_for_speed'])}")
     wb = m["weight_bytes"]
     total_f = sum(wb["float_model"].values())
     total_c = sum(wb["compiled"].values())

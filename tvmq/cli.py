@@ -7,6 +7,7 @@ interrupted); ``-v`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -43,6 +44,9 @@ def _add_compile(sub):
     p.add_argument("--precision", default="int8", choices=["int8", "fp16", "fp32", "auto"],
                    help="int8 (default), fp16, fp32 (no quantization), or auto: per layer, the fastest plan within "
                         "the budget (--max-drop or --min-sqnr)")
+    p.add_argument("--int8-everywhere", action="store_true",
+                   help="quantize every layer, also those (depthwise, short reductions) whose int8 kernel is no "
+                        "faster than float on the target's ISA, which stay float by default")
     p.add_argument("--keep-float", action="append", default=[], metavar="GLOB",
                    help="leave layers whose name matches in float (repeatable; sugar for a --config rule)")
     p.add_argument("--config", help="JSON/TOML file of layer rules (op type | name glob) -> int8|fp16|fp32|skip, "
@@ -91,6 +95,7 @@ def _add_tune(sub):
     p.add_argument("--method", default="minmax", choices=["minmax", "percentile", "entropy", "mse"])
     p.add_argument("--percentile", type=float, default=99.999)
     p.add_argument("--keep-float", action="append", default=[], metavar="GLOB")
+    p.add_argument("--int8-everywhere", action="store_true", help="as for compile")
     p.add_argument("--requantize", choices=["fixed_point", "float"])
     p.add_argument("--trials", type=int, default=32, help="measured candidates per kernel (default 32)")
     p.add_argument("--max-tasks", type=int, help="tune only the largest kernels")
@@ -182,7 +187,8 @@ def _config_from_args(args):
                            bias_correction=getattr(args, "bias_correction", False),
                            smoothquant=getattr(args, "smoothquant", None),
                            weight_only=getattr(args, "weight_only", None),
-                           weight_only_group=getattr(args, "group", 32))
+                           weight_only_group=getattr(args, "group", 32),
+                           int8_everywhere=getattr(args, "int8_everywhere", False))
     except ValueError as err:
         raise TvmqError(f"{err}") from None
 
@@ -302,6 +308,10 @@ def _print_summary(result) -> None:
         line += (f"; {tensorized} of {integer} use the {m['target']['int8_kernel']} micro-kernel "
                  f"({' + '.join(m['target']['int8_instructions'])})")
     print(line)
+    if q and q.get("kept_float_for_speed"):
+        n = len(q["kept_float_for_speed"])
+        print(f"kept {n} layer{'s' * (n != 1)} float where int8 is no faster than float on {m['target']['int8_kernel']} "
+              f"(depthwise, short reductions, one-pixel convs; --int8-everywhere quantizes them)")
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
 
@@ -370,7 +380,10 @@ def cmd_export(args) -> int:
     if is_prequantized(args.model):
         raise TvmqError(f"{args.model} is already quantized (QDQ); export-qdq takes a float model")
     shapes = dict(parse_shape_arg(s) for s in args.shape)
-    qm = quantized_module(args.model, get_preset(args.target), raw=args.calib, config=_config_from_args(args),
+    # A QDQ file is for any runtime: every layer the rules allow is quantized, whatever tvmq's
+    # kernels would prefer on --target (which only picks the activation dtype here).
+    config = dataclasses.replace(_config_from_args(args), int8_everywhere=True)
+    qm = quantized_module(args.model, get_preset(args.target), raw=args.calib, config=config,
                           shapes=shapes, plan=args.plan)
     names = [layer.name for layer in find_layers(qm.float_module["main"])]
     plan_path = out.with_suffix(".plan.json")

@@ -106,6 +106,11 @@ class QuantConfig:
         bits (dequantized in the kernel); None is off.
     weight_only_group : int
         Input rows per scale for int4.
+    int8_everywhere : bool
+        Quantize every layer the rules allow. Off (default), layers whose int8 kernel is no
+        faster than float on the target's ISA stay float: depthwise convolutions and short
+        reductions where the micro-kernel measured so (:func:`tvmq.targets.intrinsics.int8_pays`;
+        on AVX2, reductions under 32). A rule naming a layer ``int8`` always wins.
     """
 
     method: CalibrationMethod = CalibrationMethod.MINMAX
@@ -119,6 +124,7 @@ class QuantConfig:
     smoothquant: float | None = None
     weight_only: str | None = None
     weight_only_group: int = 32
+    int8_everywhere: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "method", CalibrationMethod(self.method))
@@ -137,6 +143,7 @@ class QuantConfig:
             raise ValueError(f"weight_only_group must be positive, got {self.weight_only_group}")
 
     def precision_for(self, name: str, op: str, default: str = "int8") -> str:
+        """The precision of the first rule matching ``name``/``op``, else ``default``."""
         for rule in self.rules:
             if rule.matches(name, op):
                 return "fp32" if rule.precision == "skip" else rule.precision

@@ -93,6 +93,7 @@ class QuantPlan:
     method: str = "minmax"
     activation_dtype: str = "uint8"
     requantize: str = "fixed_point"
+    kept_float: tuple[str, ...] = ()  # layers left float because int8 is no faster on the ISA
 
     def get(self, name: str) -> LayerPlan | None:
         return self.layers.get(name)
@@ -108,6 +109,7 @@ class QuantPlan:
             "requantize": self.requantize,
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "layers": {name: lp.to_json() for name, lp in self.layers.items()},
+            **({"kept_float_for_speed": list(self.kept_float)} if self.kept_float else {}),
         }
 
     @classmethod
@@ -120,6 +122,7 @@ class QuantPlan:
             method=d.get("method", "minmax"),
             activation_dtype=d.get("activation_dtype", "uint8"),
             requantize=d.get("requantize", "fixed_point"),
+            kept_float=tuple(d.get("kept_float_for_speed", ())),
         )
 
     def dumps(self) -> str:

@@ -63,12 +63,20 @@ def input_specs(mod: tvm.IRModule, names: list[str] | None = None) -> list[Input
     return specs
 
 
-def _int8_layers(layers, graph, config: QuantConfig):
-    """Decide which layers run in int8: conv/matmul by the rules, adds only between int8 layers."""
-    chosen = {}
+def _int8_layers(layers, graph, config: QuantConfig, kernel=None):
+    """Decide which layers run in int8: conv/matmul by the rules, else where the target's
+    micro-kernel makes int8 pay (``kernel``); adds only between int8 layers. Returns the int8
+    layers, each layer's input roots, and the layers kept float for speed alone."""
+    from tvmq.targets.intrinsics import int8_pays
+
+    chosen, slow = {}, []
     for layer in layers:
         if layer.kind != "add":
-            chosen[layer.name] = config.precision_for(layer.name, layer.kind) == "int8"
+            pays = config.int8_everywhere or int8_pays(kernel, layer.reduction, layer.depthwise,
+                                                                layer.pixels if layer.kind == "conv2d" else None)
+            chosen[layer.name] = config.precision_for(layer.name, layer.kind, "int8" if pays else "fp32") == "int8"
+            if not pays and config.precision_for(layer.name, layer.kind, "") == "":
+                slow.append(layer.name)
     ends = {layer.output: layer for layer in layers}
     adds = [l for l in layers if l.kind == "add" and config.quantize_add and config.precision_for(l.name, "add") == "int8"]
     for layer in adds:
@@ -85,7 +93,7 @@ def _int8_layers(layers, graph, config: QuantConfig):
             if not producers_int8 or layer.output not in consumed:
                 chosen[layer.name] = False
                 changed = True
-    return {name for name, on in chosen.items() if on}, root_of
+    return {name for name, on in chosen.items() if on}, root_of, tuple(slow)
 
 
 def calibrate(
@@ -107,7 +115,7 @@ def calibrate(
     func = mod["main"]
     graph = FunctionGraph(func)
     layers = find_layers(func, graph)
-    int8, root_of = _int8_layers(layers, graph, config)
+    int8, root_of, slow = _int8_layers(layers, graph, config, get_preset(target).micro_kernel)
 
     observed = []
     for layer in layers:
@@ -153,6 +161,7 @@ def calibrate(
         input_shapes={s.name: list(s.shape) for s in specs},
         method=method.value, activation_dtype=spec.dtype,
         requantize=(config.requantize or RequantizeMode.FIXED_POINT).value,
+        kept_float=slow,
     )
 
 

@@ -36,6 +36,8 @@ DEPTHWISE_BLOCK = "tvmq_depthwise"
 FMA_CONV_BLOCK = "tvmq_fma_conv2d"
 FMA_MATMUL_BLOCK = "tvmq_fma_matmul"
 CROP_BLOCK = "tvmq_crop"
+UNPAIR_BLOCK = "tvmq_unpair"
+PAIR_K = 8  # input channels per step of the two-pixel micro-kernel (smmla); no other kernel has 8
 
 
 def _round_up(n: int, m: int) -> int:
@@ -119,6 +121,15 @@ def _crop(full, channels):
     return te.compute((*full.shape[:-1], channels), lambda *i: full[i], name=CROP_BLOCK)
 
 
+def _unpair(paired, channels):
+    """``[..., X/2, O/2, 2, 2]`` two-pixel accumulators (what ``smmla`` holds: pixel pair x channel
+    pair) back to ``[..., X, O]`` (an index map the requantize epilogue absorbs), cropped."""
+    *outer, xp, op, _, _ = paired.shape
+    full = te.compute((*outer, xp * 2, op * 2),
+                      lambda *i: paired[(*i[:-2], i[-2] // 2, i[-1] // 2, i[-2] % 2, i[-1] % 2)], name=UNPAIR_BLOCK)
+    return _crop(full, channels)
+
+
 def _conv_compute(strides, dilation, out_channels, lanes):
     sh, sw = strides
     dh, dw = dilation
@@ -133,6 +144,17 @@ def _conv_compute(strides, dilation, out_channels, lanes):
         kw = te.reduce_axis((0, kw_), "kw")
         ico = te.reduce_axis((0, ib), "ico")
         ici = te.reduce_axis((0, k), "ici")
+        if k == PAIR_K:  # two pixels per step: accumulators in the micro-kernel's 2 x 2 order
+            paired = te.compute(
+                (n, oh, ow // 2, wp.shape[0], 2, lanes),
+                lambda b, y, xp, op, px, oc: te.sum(
+                    data[b, y * sh + kh * dh, (xp * 2 + px) * sw + kw * dw, ico * k + ici].astype("int32")
+                    * wp[op, kh, kw, ico, oc, ici].astype("int32"),
+                    axis=[kh, kw, ico, ici],
+                ),
+                name=CONV_BLOCK,
+            )
+            return _unpair(paired, out_channels)
         full = te.compute(
             (n, oh, ow, wp.shape[0] * lanes),
             lambda b, y, x, o: te.sum(
@@ -175,6 +197,18 @@ def _matmul_compute(out_features, lanes):
         kb, k = wp.shape[1], int(wp.shape[3])
         ko = te.reduce_axis((0, kb), "ko")
         ki = te.reduce_axis((0, k), "ki")
+        if k == PAIR_K:
+            *outer, rows, _ = x.shape
+            paired = te.compute(
+                (*outer, rows // 2, wp.shape[0], 2, lanes),
+                lambda *i: te.sum(
+                    x[(*i[:-4], i[-4] * 2 + i[-2], ko * k + ki)].astype("int32")
+                    * wp[i[-3], ko, i[-1], ki].astype("int32"),
+                    axis=[ko, ki],
+                ),
+                name=MATMUL_BLOCK,
+            )
+            return _unpair(paired, out_features)
         full = te.compute(
             (*x.shape[:-1], wp.shape[0] * lanes),
             lambda *idx: te.sum(
@@ -191,9 +225,10 @@ def _matmul_compute(out_features, lanes):
 
 @relax.expr_functor.mutator
 class _Packer(relax.PyExprMutator):
-    def __init__(self, mod, data_dtype, lane_options, float_lanes, k, operand_dtype):
+    def __init__(self, mod, data_dtype, lane_options, float_lanes, k, operand_dtype, pairs=None):
         super().__init__(mod)
         self.k = k
+        self.pairs = pairs
         self.operand_dtype = operand_dtype
         self.data_dtype = data_dtype
         self.lane_options = lane_options
@@ -259,15 +294,18 @@ class _Packer(relax.PyExprMutator):
         shape = static_shape(data)
         if w is None or w.dtype != np.int8 or shape is None:
             return None
-        lanes = self._lanes(w.shape[0])
+        lanes, k = self._lanes(w.shape[0]), self.k
         if lanes is None:
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
-        extra_c = _round_up(shape[3], self.k) - shape[3]
+        out_width = (shape[2] + left + right - (w.shape[2] - 1) * int(a.dilation[1]) - 1) // int(a.strides[1]) + 1
+        if self.pairs and int(a.strides[1]) == 1 and out_width % 2 == 0:
+            lanes, k = self.pairs  # neighbouring pixels read neighbouring columns: one two-pixel step
+        extra_c = _round_up(shape[3], k) - shape[3]
         data = self._widen(data)
         if top or left or bottom or right or extra_c:
             data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, top, bottom, left, right, 0, extra_c], pad_value=0.0))
-        wp = relax.const(pack_conv_weight(w, lanes, self.k), "int8")
+        wp = relax.const(pack_conv_weight(w, lanes, k), "int8")
         compute = _conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
         self.packed += 1
         return self.builder_.normalize(self.builder_.call_te(compute, data, wp, primfunc_name_hint="tvmq_conv2d"))
@@ -328,14 +366,16 @@ class _Packer(relax.PyExprMutator):
         shape = static_shape(x)
         if w is None or w.dtype != np.int8 or w.ndim != 2 or shape is None:
             return None
-        lanes = self._lanes(w.shape[1])
+        lanes, k = self._lanes(w.shape[1]), self.k
         if lanes is None:
             return None
-        extra_k = _round_up(w.shape[0], self.k) - w.shape[0]
+        if self.pairs and len(shape) >= 2 and shape[-2] % 2 == 0:
+            lanes, k = self.pairs
+        extra_k = _round_up(w.shape[0], k) - w.shape[0]
         x = self._widen(x)
         if extra_k:
             x = self.builder_.emit(relax.op.nn.pad(x, [0, 0] * (len(shape) - 1) + [0, extra_k], pad_value=0.0))
-        wp = relax.const(pack_matmul_weight(w, lanes, self.k), "int8")
+        wp = relax.const(pack_matmul_weight(w, lanes, k), "int8")
         self.packed += 1
         return self.builder_.normalize(
             self.builder_.call_te(_matmul_compute(w.shape[1], lanes), x, wp, primfunc_name_hint="tvmq_matmul")
@@ -365,12 +405,18 @@ class PackKernels:
     operand_dtype : str, optional
         The dtype the kernel reads activations as, when it is not ``data_dtype``: ``int16`` for
         x86 ``vpmaddwd`` (the activations are cast, exactly, before the kernel).
+    pairs : (int, int), optional
+        ``(lanes, k)`` of a two-pixel micro-kernel (ARM ``smmla``: 2 output channels x 8 input
+        channels x 2 pixels), packed for every layer whose output pixels pair up along a row
+        (a stride-1 conv of even output width; a matmul of an even number of rows); the others
+        take ``lanes``/``k``.
     """
 
     def __init__(self, data_dtype: str = "uint8", lanes: tuple[int, ...] = (16, 8, 4), float_lanes: int = 16,
-                 k: int = 4, operand_dtype: str | None = None):
+                 k: int = 4, operand_dtype: str | None = None, pairs: tuple[int, int] | None = None):
         if k not in (2, 4):
             raise ValueError(f"k must be 2 or 4, not {k}")
+        self.pairs = tuple(pairs) if pairs else None
         self.data_dtype = data_dtype
         self.lanes = tuple(lanes)
         self.float_lanes = float_lanes
@@ -378,6 +424,6 @@ class PackKernels:
         self.operand_dtype = operand_dtype or data_dtype
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        packer = _Packer(mod, self.data_dtype, self.lanes, self.float_lanes, self.k, self.operand_dtype)
+        packer = _Packer(mod, self.data_dtype, self.lanes, self.float_lanes, self.k, self.operand_dtype, self.pairs)
         new = rewrite_functions(packer, mod, remove_unused=True)
         return new if packer.packed else mod

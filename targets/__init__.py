@@ -8,7 +8,8 @@ that can run them here.
 
 The ISA matrix: x86 ``x86-avx2`` (Haswell .. Zen 3), ``x86-avx512`` (Skylake-SP, no VNNI),
 ``x86-avxvnni`` (Alder Lake and later), ``x86-avx512vnni`` (Cascade Lake, Ice Lake, Zen 4+);
-aarch64 ``rpi4`` (ARMv8.0 NEON), ``arm``/``rpi5`` (sdot); armv7 ``arm32`` (NEON); CUDA.
+aarch64 ``rpi4`` (ARMv8.0 NEON), ``arm``/``rpi5`` (sdot), ``arm-i8mm`` (smmla); armv7 ``arm32``
+(NEON); CUDA.
 ``x86`` is this machine, with the best x86 micro-kernel its CPU has.
 
 >>> from tvmq.targets import get_preset
@@ -271,6 +272,16 @@ def _static_presets() -> dict[str, TargetPreset]:
             activation_dtype="int8",
             fp16=True,
             int8_kernel="sdot",
+            **_ARM64_CC,
+        ),
+        TargetPreset(
+            name="arm-i8mm",
+            description="aarch64 with the int8 matrix-multiply extension (smmla, ARMv8.6 i8mm: Graviton 3, "
+                        "Neoverse V1/N2, Cortex-A710 and later): two pixels per instruction, sdot elsewhere",
+            target={**_AARCH64, "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod", "+fullfp16", "+i8mm"]},
+            activation_dtype="int8",
+            fp16=True,
+            int8_kernel="smmla",
             **_ARM64_CC,
         ),
         TargetPreset(

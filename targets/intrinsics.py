@@ -12,9 +12,16 @@ vnni        4   16, 8, 4     ``vpdpbusd`` zmm/ymm/xmm (u8 x s8, AVX-512 VNNI)
 avxvnni     4   8, 4         ``{vex} vpdpbusd`` ymm/xmm (u8 x s8, Alder Lake and later)
 pmaddwd     2   16, 8, 4     ``vpmovsxbw`` + ``vpmaddwd`` zmm/ymm/xmm (AVX-512BW, AVX2, SSE2)
 sdot        4   4            ``sdot`` (s8 x s8, ARMv8.2 dot product)
+smmla       8   2 (x 2 px)   ``smmla`` (s8 x s8, ARMv8.6 i8mm: a 2x8 by 8x2 matrix product)
 smull       2   8, 4         ``smull`` + ``sadalp`` (s8 x s8, any aarch64 NEON)
 vmull       2   8, 4         ``vmull.s8`` + ``vpadal.s16`` (s8 x s8, armv7 NEON)
 ========== ==== =========== ===================================================================
+
+``smmla`` computes two pixels at once: its first operand holds 8 input channels of each of two
+neighbouring output pixels (two 8-byte loads), its second 8 weights of each of two output
+channels, and its accumulator the 2 x 2 sums (32 multiply-accumulates per instruction, twice
+``sdot``'s). Where pixels cannot pair up (an odd output width, a strided conv, a one-row matmul)
+its preset falls back to ``sdot``: ``MicroKernel.fallback``.
 
 The widening kernels (``pmaddwd``, ``smull``, ``vmull``) are exact for every int8 input: each
 product is formed in 16 bits from sign/zero-extended bytes (``|u8 x s8| <= 255 * 128 = 32640``,
@@ -75,6 +82,11 @@ class MicroKernel:
     int8_depthwise : bool
         Whether int8 depthwise convolutions are at least as fast as float ones (they have no
         dot product to gain from; the default plan keeps them float where they are slower).
+    pixels : int
+        Output pixels per step: 1, or 2 for ``smmla`` (whose description is
+        ``C[p, i] += sum_k A[p, k] * B[i, k]`` over two pixels ``p``).
+    fallback : str or None
+        The one-pixel micro-kernel used for layers whose pixels do not pair up.
     min_pixels : int
         Output pixels of a conv below which int8 does not pay: a conv on a pooled 1x1 map
         (a squeeze-excite gate, a classifier head) is a matrix-vector product with too little
@@ -93,6 +105,8 @@ class MicroKernel:
     min_reduction: int = 0
     int8_depthwise: bool = True
     min_pixels: int = 1
+    pixels: int = 1
+    fallback: str | None = None
 
     def __post_init__(self):
         if not self.operand_dtype:
@@ -122,6 +136,8 @@ MICRO_KERNELS = {
                     dot_product=False, int8_speedup=1.5, operand_dtype="int16", min_reduction=32, int8_depthwise=False,
                     min_pixels=2),
         MicroKernel(name="sdot", k=4, lanes=(4,), activation_dtype="int8", mnemonics=("sdot",), dot_product=True, int8_speedup=4.0),
+        MicroKernel(name="smmla", k=8, lanes=(2,), activation_dtype="int8", mnemonics=("smmla",), dot_product=True,
+                    int8_speedup=8.0, pixels=2, fallback="sdot"),
         MicroKernel(name="smull", k=2, lanes=(8, 4), activation_dtype="int8", mnemonics=("smull", "sadalp"),
                     dot_product=False, int8_speedup=1.0),
         MicroKernel(name="vmull", k=2, lanes=(8, 4), activation_dtype="int8", mnemonics=("vmull.s8", "vpadal.s16"),
@@ -257,6 +273,50 @@ def _neon_widening_impl(lanes: int, pairwise: str, accumulates: bool):
     return impl
 
 
+def smmla_desc():
+    """``C[p, i] += sum_k A[p, k] * B[i, k]``: two pixels ``p`` (rows of the activations, any
+    stride apart), two output channels ``i``, eight input channels ``k``; C contiguous."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2, 8), "int8", offset_factor=1, strides=[T.int32(), 1])
+        B = T.match_buffer(b, (2, 8), "int8", offset_factor=1)
+        C = T.match_buffer(c, (2, 2), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+            T.writes(C[0:2, 0:2])
+            for p, i, kk in T.grid(2, 2, 8):
+                with T.sblock("update"):
+                    vp, vi, vk = T.axis.remap("SSR", [p, i, kk])
+                    C[vp, vi] = C[vp, vi] + T.cast(A[vp, vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+def _smmla_impl():
+    """One ``smmla``: the two pixels' 8 bytes side by side (rows of the 2x8 matrix), the two
+    output channels' 8 weights (columns of the 8x2 one, packed adjacent), the accumulators as
+    ``[p0 i0, p0 i1, p1 i0, p1 i1]``."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2, 8), "int8", offset_factor=1, strides=[T.int32(), 1])
+        B = T.match_buffer(b, (2, 8), "int8", offset_factor=1)
+        C = T.match_buffer(c, (2, 2), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:2, 0:2], A[0:2, 0:8], B[0:2, 0:8])
+            T.writes(C[0:2, 0:2])
+            rows = T.meta_var(T.vectorcombine("int8x16", A.vload([0, 0], "int8x8"), A.vload([1, 0], "int8x8")))
+            # C is contiguous (the kernel keeps its accumulators in this 2 x 2 order): one vector
+            C[0, T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smmla.v4i32.v16i8"),
+                C.vload([0, 0], "int32x4"), rows, B.vload([0, 0], "int8x16"), dtype="int32x4")
+
+    return impl
+
+
 def _impl(kernel: MicroKernel, lanes: int):
     if kernel.name in ("vnni", "avxvnni"):
         return _dot4_impl(lanes, "uint8", f"llvm.x86.avx512.vpdpbusd.{lanes * 32}")
@@ -283,7 +343,10 @@ def register() -> tuple[str, ...]:
     for kernel in MICRO_KERNELS.values():
         for lanes in kernel.lanes:
             name = intrinsic_name(kernel.name, lanes)
-            s_tir.TensorIntrin.register(name, dot_desc(lanes, kernel.k, kernel.operand_dtype), _impl(kernel, lanes),
-                                        override=True)
+            if kernel.pixels == 2:
+                s_tir.TensorIntrin.register(name, smmla_desc(), _smmla_impl(), override=True)
+            else:
+                s_tir.TensorIntrin.register(name, dot_desc(lanes, kernel.k, kernel.operand_dtype), _impl(kernel, lanes),
+                                            override=True)
             names.append(name)
     return tuple(names)

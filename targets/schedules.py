@@ -57,6 +57,13 @@ def _vector_width(n: int | None, lanes: int) -> int:
     return width
 
 
+def _intrinsic_pixels(name: str) -> int:
+    """Output pixels one step of a registered int8 intrinsic computes (its activation operand is
+    ``[pixels, k]``, or ``[k]`` for one)."""
+    shape = s_tir.TensorIntrin.get(name).desc.params[0].shape  # 0.27: params are buffer-typed vars
+    return int(shape[0]) if len(shape) == 2 else 1
+
+
 def _find_block(sch, name):
     try:
         return sch.get_sblock(name)
@@ -255,18 +262,25 @@ class PackedKernelRule(ScheduleRule):
             return False
         _schedule_producers(sch, main, 64)
         loops = sch.get_loops(main)
-        if is_conv:
-            n, y, x, o, *reduce = loops
-            spatial_outer = [n, y]
+        pair = []  # a two-pixel intrinsic (smmla): its block is [.., X/2, O/2, 2 pixels, 2 channels]
+        if dot and _intrinsic_pixels(intrin) == 2:
+            n_reduce = 4 if is_conv else 2
+            *spatial_outer, x, oo, px, oi = loops[:-n_reduce]
+            reduce, pair = loops[-n_reduce:], [px]
+            reduce_outer, inner = reduce[:-1], [reduce[-1]]
         else:
-            *spatial_outer, x, o = loops[: len(loops) - (2 if dot else 1)]
-            reduce = loops[len(loops) - (2 if dot else 1) :]
-        reduce_outer, inner = (reduce[:-1], [reduce[-1]]) if dot else (reduce, [])
-        oo, oi = sch.split(o, [None, lanes])
+            if is_conv:
+                n, y, x, o, *reduce = loops
+                spatial_outer = [n, y]
+            else:
+                *spatial_outer, x, o = loops[: len(loops) - (2 if dot else 1)]
+                reduce = loops[len(loops) - (2 if dot else 1) :]
+            reduce_outer, inner = (reduce[:-1], [reduce[-1]]) if dot else (reduce, [])
+            oo, oi = sch.split(o, [None, lanes])
         x_tiles, o_tiles = self._tiles(sch, x, oo, lanes, tunable, dot)
         xo, xi = sch.split(x, x_tiles)
         ooo, ooi = sch.split(oo, o_tiles)
-        sch.reorder(*spatial_outer, xo, ooo, *reduce_outer, xi, ooi, oi, *inner)
+        sch.reorder(*spatial_outer, xo, ooo, *reduce_outer, xi, ooi, *pair, oi, *inner)
         outer = sch.fuse(*spatial_outer, xo, ooo) if spatial_outer else sch.fuse(xo, ooo)
         # The epilogue goes into the tile before the reduction is decomposed and tensorized
         # (reverse_compute_at needs the plain reduction block). An epilogue larger than the
@@ -280,7 +294,7 @@ class PackedKernelRule(ScheduleRule):
             try:
                 sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
                 last = sch.get_loops(block)[-1]
-                vec = _vector_width(_extent(sch, last), lanes)
+                vec = _vector_width(_extent(sch, last), self.vector_lanes if pair else lanes)
                 if vec > 1:
                     _, vi = sch.split(last, [None, vec])
                     sch.vectorize(vi)
@@ -295,7 +309,7 @@ class PackedKernelRule(ScheduleRule):
         init = sch.decompose_reduction(main, reduce_outer[0])
         sch.vectorize(sch.get_loops(init)[-1])
         if dot:
-            sch.tensorize(oi, intrin)
+            sch.tensorize(pair[0] if pair else oi, intrin)
         return True
 
 

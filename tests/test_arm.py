@@ -7,7 +7,8 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import board_runtime_or_skip, kernel_instructions
+from conftest import board_runtime_or_skip, kernel_instructions, make_model
+from onnx import helper
 
 from tvmq.cli import main
 
@@ -76,28 +77,41 @@ def test_arm_bundle_under_qemu_equals_x86_build_bit_for_bit(arm_bundle, tmp_path
                             arm_bundle, x86, xs, tmp_path)
 
 
+def _model_calib_inputs(model, tmp_path, demo_dir):
+    """(onnx path, calibration folder, test inputs) of the demo or the odd-channels model."""
+    import onnx
+    from test_isa import odd_channels_model
+
+    if model == "digits":
+        return demo_dir / "digits.onnx", demo_dir / "digits_calib", np.load(demo_dir / "digits_test.npz")["x"][:4]
+    if model == "odd":
+        onnx_model, shape = odd_channels_model(), (3, 6, 6)
+    else:  # "rows": a matmul over 4 rows of 40 features (a token sequence), 40 -> 6, relu
+        rng = np.random.default_rng(5)
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Add", ["m", "b"], ["a"], name="bias"),
+                 helper.make_node("Relu", ["a"], ["y"], name="relu")]
+        onnx_model = make_model(nodes, [("x", [1, 4, 40])], [("y", [1, 4, 6])],
+                                [("w", rng.normal(0, 0.2, (40, 6)).astype(np.float32)),
+                                 ("b", rng.normal(0, 0.1, 6).astype(np.float32))])
+        shape = (4, 40)
+    path, calib = tmp_path / f"{model}.onnx", tmp_path / "calib"
+    onnx.save(onnx_model, str(path))
+    calib.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(8):
+        np.save(calib / f"{i}.npy", rng.uniform(-1, 1, (1, *shape)).astype(np.float32))
+    return path, calib, rng.uniform(-1, 1, (4, *shape)).astype(np.float32)
+
+
 @needs_aarch64
 @pytest.mark.parametrize("model", ["digits", "odd"])
 def test_rpi4_bundle_uses_smull_sadalp_and_equals_x86_on_a_cortex_a72(tmp_path, demo_dir, model):
     """ARMv8.0 (no dot product): every int8 kernel is the smull + sadalp micro-kernel, and under
     qemu's cortex-a72 (which has no sdot: a dot-product instruction would stop it) it gives the
     integers of the x86 build of the same plan."""
-    import onnx
-    from test_isa import odd_channels_model
-
     from tvmq.crossrt import build_runner
 
-    if model == "digits":
-        path, calib, shape = demo_dir / "digits.onnx", demo_dir / "digits_calib", None
-        xs = np.load(demo_dir / "digits_test.npz")["x"][:4]
-    else:
-        path, calib = tmp_path / "odd.onnx", tmp_path / "calib"
-        onnx.save(odd_channels_model(), str(path))
-        calib.mkdir()
-        rng = np.random.default_rng(3)
-        for i in range(8):
-            np.save(calib / f"{i}.npy", rng.uniform(-1, 1, (1, 3, 6, 6)).astype(np.float32))
-        xs = rng.uniform(-1, 1, (4, 3, 6, 6)).astype(np.float32)
+    path, calib, xs = _model_calib_inputs(model, tmp_path, demo_dir)
     rpi4, x86 = tmp_path / "rpi4", tmp_path / "x86"
     assert main(["compile", str(path), "--calib", str(calib), "--target", "rpi4", "-o", str(rpi4)]) == 0
     assert main(["compile", str(path), "--plan", str(rpi4 / "plan.json"), "-o", str(x86)]) == 0
@@ -107,6 +121,36 @@ def test_rpi4_bundle_uses_smull_sadalp_and_equals_x86_on_a_cortex_a72(tmp_path, 
     assert kernel_instructions("aarch64-linux-gnu-objdump", rpi4 / "model.so", "sdot") == dict.fromkeys(counts, 0)
     assert_board_equals_x86(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"], build_runner("aarch64-linux-gnu-g++", "aarch64"),
                             rpi4, x86, xs, tmp_path, cpu="cortex-a72")
+
+
+@needs_aarch64
+@pytest.mark.parametrize("model, smmla, sdot", [
+    ("digits", {"conv2d", "conv2d1", "conv2d2"}, {"matmul", "matmul1"}),  # even-width convs; one-row matmuls
+    ("odd", {"conv2d"}, {"conv2d1", "matmul"}),  # conv0 pairs pixels; the stride-2 conv and the matmul do not
+    ("rows", {"matmul"}, set()),  # 4 rows: two pairs
+])
+def test_arm_i8mm_pairs_pixels_with_smmla_and_equals_x86(tmp_path, demo_dir, model, smmla, sdot):
+    """ARMv8.6 i8mm: layers whose output pixels pair up (stride-1 convs of even output width,
+    matmuls of even row count) run the two-pixel smmla micro-kernel, the others sdot; under qemu's
+    max CPU the integers equal the x86 build of the same plan, and qemu's cortex-a76 (dot product,
+    no i8mm) stops at the first smmla: the proof that the library executes it."""
+    from tvmq.crossrt import build_runner
+
+    path, calib, xs = _model_calib_inputs(model, tmp_path, demo_dir)
+    i8mm, x86 = tmp_path / "i8mm", tmp_path / "x86"
+    assert main(["compile", str(path), "--calib", str(calib), "--target", "arm-i8mm", "-o", str(i8mm)]) == 0
+    assert main(["compile", str(path), "--plan", str(i8mm / "plan.json"), "-o", str(x86)]) == 0
+    kind = lambda name: re.match(r"fused_tvmq_((?:conv2d|matmul)\d*)_", name).group(1)  # noqa: E731
+    for mnemonic, expected in (("smmla", smmla), ("sdot", sdot)):
+        counts = kernel_instructions("aarch64-linux-gnu-objdump", i8mm / "model.so", mnemonic)
+        assert {kind(k) for k, n in counts.items() if n > 0} == expected, (mnemonic, counts)
+    runner = build_runner("aarch64-linux-gnu-g++", "aarch64")
+    assert_board_equals_x86(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"], runner, i8mm, x86, xs, tmp_path)
+    np.save(tmp_path / "x.npy", xs[:1])
+    stopped = subprocess.run(["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-cpu", "cortex-a76", str(runner),
+                              str(i8mm / "model.so"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "a76_")],
+                             capture_output=True, timeout=120)
+    assert stopped.returncode != 0  # SIGILL: cortex-a76 has no smmla
 
 
 @needs_aarch64

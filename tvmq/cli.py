@@ -304,9 +304,16 @@ def _print_summary(result) -> None:
     integer = sum(1 for k in m["kernels"] if k["accumulator"] == "int32")
     line = f"kernels: {integer} of {len(m['kernels'])} multiply-accumulate kernels compute in integers"
     if integer and m["target"].get("int8_kernel"):
-        tensorized = sum(1 for k in m["kernels"] if k["accumulator"] == "int32" and k.get("intrinsic"))
-        line += (f"; {tensorized} of {integer} use the {m['target']['int8_kernel']} micro-kernel "
+        from tvmq.targets.intrinsics import MICRO_KERNELS
+
+        kernel = MICRO_KERNELS.get(m["target"]["int8_kernel"])
+        tensorized = [k["intrinsic"] for k in m["kernels"] if k["accumulator"] == "int32" and k.get("intrinsic")]
+        line += (f"; {len(tensorized)} of {integer} use the {m['target']['int8_kernel']} micro-kernel "
                  f"({' + '.join(m['target']['int8_instructions'])})")
+        if kernel is not None and kernel.fallback:  # two-pixel kernel: the layers whose pixels do not pair
+            fallback = sum(1 for name in tensorized if kernel.name not in name)
+            line = line.replace(f"{len(tensorized)} of {integer} use", f"{len(tensorized) - fallback} of {integer} use")
+            line += f", {fallback} its {kernel.fallback} fallback (pixels that do not pair up)"
     print(line)
     if q and q.get("kept_float_for_speed"):
         n = len(q["kept_float_for_speed"])

@@ -40,7 +40,8 @@ def dot_intrinsics(preset) -> dict[int, str] | None:
     if kernel is None:
         return None
     intrinsics.register()
-    return {lanes: intrinsics.intrinsic_name(kernel.name, lanes) for lanes in kernel.lanes}
+    kernels = [kernel] + ([intrinsics.MICRO_KERNELS[kernel.fallback]] if kernel.fallback else [])
+    return {lanes: intrinsics.intrinsic_name(kern.name, lanes) for kern in kernels for lanes in kern.lanes}
 
 
 def relax_passes(preset) -> list:
@@ -50,10 +51,15 @@ def relax_passes(preset) -> list:
     preset = _preset(preset)
     if preset.kind != "llvm":
         return []
-    kernel = preset.micro_kernel
+    from tvmq.targets.intrinsics import MICRO_KERNELS
+
+    kernel, pairs = preset.micro_kernel, None
+    if kernel is not None and kernel.pixels == 2:  # two-pixel kernel, one-pixel fallback
+        kernel, pairs = MICRO_KERNELS[kernel.fallback], (kernel.lanes[0], kernel.k)
     lanes, k, operand = (kernel.lanes, kernel.k, kernel.operand_dtype) if kernel is not None else ((), 4, None)
     return [FoldAffineChains(),
-            PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes, k=k, operand_dtype=operand),
+            PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes, k=k, operand_dtype=operand,
+                        pairs=pairs),
             FastSoftmax(preset.vector_lanes)]
 
 

@@ -90,13 +90,15 @@ def main(argv=None) -> int:
             row = {k: speedup(preset, chain_model(k, o)) for k in ks}
             paying &= {k for k, r in row.items() if r >= TIE}
             print(f"{name:<16} 1x1 conv O{o:<4}" + "  ".join(f"K{k} {r:.2f}" for k, r in row.items()), flush=True)
+        depthwise = []
         for ks_ in (3, 5):
             row = {c: speedup(preset, chain_model(c, c, ks_, c)) for c in (int(v) for v in args.depthwise.split(","))}
+            depthwise += row.values()
             print(f"{name:<16} depthwise {ks_}x{ks_}  " + "  ".join(f"C{c} {r:.2f}" for c, r in row.items()), flush=True)
         start = min((k for k in ks if all(j in paying for j in ks if j >= k)), default=None)
         kernel = preset.micro_kernel
-        print(f"{name:<16} int8 pays from K = {start} (recorded: min_reduction {kernel.min_reduction}, "
-              f"int8_depthwise {kernel.int8_depthwise})")
+        print(f"{name:<16} int8 pays from K = {start}, depthwise {'yes' if min(depthwise) >= TIE else 'no'} "
+              f"(recorded: min_reduction {kernel.min_reduction}, int8_depthwise {kernel.int8_depthwise})")
     return 0
 
 

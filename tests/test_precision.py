@@ -558,3 +558,45 @@ def _calib_dir(tmp_path, samples):
     for i, s in enumerate(samples):
         np.save(d / f"{i}.npy", s["x"])
     return d
+
+
+# --- every output counts --------------------------------------------------------------------
+
+
+def test_sqnr_and_cosine_judge_each_output_apart():
+    """A small, damaged output (a detector's scores) must not hide behind a large, accurate one
+    (its boxes): the worst output is the metric, not the concatenation."""
+    rng = np.random.default_rng(0)
+    big = [rng.normal(0, 100, 64) for _ in range(4)]
+    small = [rng.normal(0, 1, 16) for _ in range(4)]
+    out = [(b + rng.normal(0, 0.01, 64), s + rng.normal(0, 0.5, 16)) for b, s in zip(big, small)]
+    ref = list(zip(big, small))
+    worst = P.sqnr_db([o[1] for o in out], small)
+    assert P.Metric("sqnr")(out, ref) == pytest.approx(worst) and worst < 10
+    assert P.sqnr_db([np.concatenate(o) for o in out], [np.concatenate(r) for r in ref]) > 40  # what hid it
+    assert P.Metric("cosine")(out, ref) == pytest.approx(P.Metric("cosine")([o[1] for o in out], small))
+    labels = [int(np.argmax(b)) for b in big]
+    assert P.Metric("top1")(out, ref, labels) == 1.0  # top1 reads the first output
+
+
+def test_precision_search_sees_every_output():
+    """The simulation reports every output: a second, accurate output does not lift conv1's
+    damage to the first one out of sight."""
+    import onnx
+    from onnx import helper as h
+
+    from tvmq.frontend import load_onnx
+    from tvmq.quantize import calibrate, prepare
+
+    model = sensitive_model()
+    model.graph.node.append(h.make_node("Relu", ["r0"], ["big"], name="tap"))
+    model.graph.output.append(h.make_tensor_value_info("big", onnx.TensorProto.FLOAT, [1, 8, 8, 8]))
+    mod, _ = load_onnx(model)
+    float_mod = prepare(mod)
+    samples = random_samples([1, 4, 8, 8], n=6, seed=3)
+    plan = calibrate(float_mod, samples, QuantConfig(int8_everywhere=True), input_names=["x"])
+    a = P.analyse(float_mod, plan, samples, ["x"], P.Metric("sqnr"), measure_latency=False)
+    assert all(len(r) == 2 for r in a.reference)
+    outs = a.outputs(list(plan.layers))
+    first, second = (P.sqnr_db([o[i] for o in outs], [r[i] for r in a.reference]) for i in (0, 1))
+    assert a.all_int8 == pytest.approx(min(first, second)) and first < second

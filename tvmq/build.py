@@ -311,7 +311,7 @@ class _Candidate:
         self.plan = plan
         self.module = HostModule(quantize_pipeline(plan)(float_mod))
         self.first = [samples[0][n] for n in names]
-        out = [self.module(*[s[n] for n in names])[0] for s in samples]
+        out = [tuple(self.module(*[s[n] for n in names])) for s in samples]
         self.metric = metric(out, ref, labels)
         self.ms = None
 

@@ -59,9 +59,8 @@ def evaluate_bundle(bundle_dir, data_dir, model=None, metric: str | None = None,
         bundle.check_inputs(s)  # shape/dtype errors name the input before anything is compiled
     shapes = {i["name"]: list(i["shape"]) for i in bundle.inputs}
     fp32 = HostModule(quantized_module(model, get_preset("x86"), precision="fp32", shapes=shapes).module)
-    first = bundle.outputs[0]["name"]
-    ref = [fp32(*[s[n] for n in names])[0] for s in samples]
-    out = [bundle.run(s)[first] for s in samples]
+    ref = [tuple(fp32(*[s[n] for n in names])) for s in samples]  # every output: sqnr/cosine take the worst
+    out = [tuple(bundle.run(s)[o["name"]] for o in bundle.outputs) for s in samples]
     if m.kind in ("sqnr", "cosine"):
         fp32_score, compiled = m(ref, ref), m(out, ref)
     else:

@@ -37,6 +37,11 @@ class Metric:
 
     ``kind``: ``sqnr`` (dB vs FP32), ``cosine`` (vs FP32), ``top1`` (needs labels) or
     ``python:module:function`` (``function(outputs, labels) -> float``, higher is better).
+
+    ``outputs``/``reference`` hold one entry per sample: an array (the model's first output) or
+    a tuple of every output. ``sqnr`` and ``cosine`` judge each output on its own and report the
+    worst (a detector's scores must not hide behind its boxes); ``top1`` and ``python:`` metrics
+    see the first output.
     """
 
     kind: str = "sqnr"
@@ -49,7 +54,12 @@ class Metric:
     def needs_labels(self) -> bool:
         return self.kind == "top1" or self.kind.startswith("python:")
 
-    def __call__(self, outputs: list[np.ndarray], reference: list[np.ndarray], labels=None) -> float:
+    def __call__(self, outputs: list, reference: list, labels=None) -> float:
+        if outputs and isinstance(outputs[0], (tuple, list)):
+            if self.kind in ("sqnr", "cosine"):
+                return min(self([o[i] for o in outputs], [r[i] for r in reference])
+                           for i in range(len(outputs[0])))
+            outputs, reference = [o[0] for o in outputs], [r[0] for r in reference]
         if self.kind == "sqnr":
             ref = np.concatenate([r.ravel() for r in reference]).astype(np.float64)
             out = np.concatenate([o.ravel() for o in outputs]).astype(np.float64)
@@ -139,13 +149,13 @@ class Analysis:
     def candidates(self) -> tuple[str, ...]:
         return ("int8", "fp16") if self.fp16 else ("int8",)
 
-    def outputs(self, assignment) -> list[np.ndarray]:
-        """The simulation's first output per sample under ``assignment``."""
+    def outputs(self, assignment) -> list[tuple[np.ndarray, ...]]:
+        """The simulation's outputs (a tuple per sample) under ``assignment``."""
         if not isinstance(assignment, dict):
             assignment = {n: "int8" for n in assignment}
         mask = np.array([_CODE[assignment.get(n, "fp32")] for n in self.names], np.float32)
         self.evaluations += 1
-        return [self.runner(*[s[k] for k in self.input_names], mask)[0] for s in self.samples]
+        return [tuple(self.runner(*[s[k] for k in self.input_names], mask)) for s in self.samples]
 
     def evaluate(self, assignment) -> float:
         """The metric of the simulation with ``assignment`` (layer -> int8|fp16|fp32, or a list
@@ -177,7 +187,7 @@ def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, 
     switchable, names = insert_switchable_qdq(float_mod, plan, fp16=fp16)
     runner = HostModule(switchable)
     zeros = np.zeros(len(names), np.float32)
-    reference = [runner(*[s[k] for k in input_names], zeros)[0] for s in samples]
+    reference = [tuple(runner(*[s[k] for k in input_names], zeros)) for s in samples]
     a = Analysis(metric, 0.0, 0.0, names=names, fp16=fp16, runner=runner, samples=samples, reference=reference,
                  labels=labels, input_names=input_names)
     a.fp32 = metric(reference, reference, labels)

@@ -122,3 +122,99 @@ def test_clip_with_constant_bounds_becomes_relax_clip_and_fuses_as_activation():
     assert count_ops(mod)["relax.clip"] == 1 and "relax.call_tir" not in count_ops(mod)
     act = find_layers(mod["main"])[0].chain.act
     assert (act.kind, act.lo, act.hi) == ("clip", 0.0, 6.0)
+
+
+# --- LSTM: unrolled into plain ops before import (TVM's importer has none) --------------------
+
+
+def lstm_model(steps=5, batch=1, features=8, hidden=6, direction="bidirectional", layout=0, initial=False, seed=0,
+               **attrs):
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    dirs = 2 if direction == "bidirectional" else 1
+    inits = [("W", rng.normal(0, 0.4, (dirs, 4 * hidden, features))), ("R", rng.normal(0, 0.4, (dirs, 4 * hidden, hidden))),
+             ("B", rng.normal(0, 0.2, (dirs, 8 * hidden)))]
+    names = ["x", "W", "R", "B", "", "", ""]
+    if initial:
+        shape = (dirs, batch, hidden) if layout == 0 else (batch, dirs, hidden)
+        inits += [("h0", rng.normal(0, 0.5, shape)), ("c0", rng.normal(0, 0.5, shape))]
+        names[5:7] = ["h0", "c0"]
+    node = helper.make_node("LSTM", names, ["y", "y_h", "y_c"], name="lstm", hidden_size=hidden, direction=direction,
+                            layout=layout, **attrs)
+    x_shape = [steps, batch, features] if layout == 0 else [batch, steps, features]
+    graph = helper.make_graph([node], "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "y_h", "y_c")],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("layout, initial", [(0, False), (0, True), (1, True)])
+def test_lstm_decomposition_equals_the_onnx_reference(direction, layout, initial):
+    """The unrolled graph computes what ONNX's LSTM does (its reference implementation; ONNX
+    Runtime runs layout 0 only): all three outputs, every direction and layout."""
+    import copy
+
+    from onnx.reference import ReferenceEvaluator
+
+    from tvmq.frontend import _name_nodes
+    from tvmq.recurrent import decompose_lstm
+
+    model = lstm_model(direction=direction, layout=layout, initial=initial)
+    x = np.random.default_rng(1).normal(0, 1, [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim])
+    x = x.astype(np.float32)
+    unrolled = copy.deepcopy(model)
+    _name_nodes(unrolled)
+    assert decompose_lstm(unrolled) == 1 and "LSTM" not in {n.op_type for n in unrolled.graph.node}
+    for want, got in zip(ReferenceEvaluator(model).run(None, {"x": x}), ReferenceEvaluator(unrolled).run(None, {"x": x})):
+        assert want.shape == got.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_lstm_model_compiles_matches_onnx_runtime_and_quantizes_its_projections():
+    """A bidirectional LSTM (20 steps) through tvmq: FP32 equals ONNX Runtime within 1e-5, and
+    the int8 build, whose input projections and recurrent matmuls are integer kernels, keeps
+    every output above 30 dB."""
+    import onnxruntime as ort
+
+    from conftest import Compiled, sqnr_db
+    from tvmq.kernels import reduction_kernels
+    from tvmq.pipeline import lower
+
+    model = lstm_model(steps=20, features=32, hidden=16)
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.normal(0, 1, (20, 1, 32)).astype(np.float32)} for _ in range(6)]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = [session.run(None, s) for s in samples]
+    c = Compiled(model, samples)
+    for s, r in zip(samples, ref):
+        for got, want in zip(c.fp32(s["x"]), r):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    for i in range(3):
+        got = np.concatenate([np.asarray(c.int8(s["x"])[i]).ravel() for s in samples])
+        assert sqnr_db(np.concatenate([r[i].ravel() for r in ref]), got) > 30
+    # two input projections and a recurrent matmul per step and direction (but the first: its
+    # state is the zero initial state, folded away), all in integers
+    assert sum(1 for lp in c.plan.layers.values() if lp.kind == "matmul" and lp.is_int8) == 2 + 2 * 19
+    kernels = reduction_kernels(lower(c.qmod, "x86"))
+    assert kernels and all(k.accum_dtype == "int32" for k in kernels)
+
+
+@pytest.mark.parametrize("attrs, inputs, message", [
+    ({"clip": 3.0}, {}, "the clip attribute"),
+    ({"input_forget": 1}, {}, "input_forget=1"),
+    ({}, {"P": True}, "a peephole input"),
+])
+def test_unsupported_lstm_variants_are_one_error_line(attrs, inputs, message):
+    from onnx import numpy_helper
+
+    model = lstm_model(**attrs)
+    if inputs.get("P"):
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros((2, 18), np.float32), "P"))
+        model.graph.node[0].input.append("P")  # the 8th input
+    with pytest.raises(TvmqError, match=message) as err:
+        load_onnx(model)
+    assert "\n" not in str(err.value)

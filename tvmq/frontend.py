@@ -455,7 +455,8 @@ def load_onnx(model, shapes: dict[str, list[int]] | None = None, sample: dict | 
 
     from tvmq._compat import onnx_frontend
 
-    supported = set(onnx_frontend()._get_convert_map()) | {"Constant", "If"}  # pylint: disable=protected-access
+    # LSTM: unrolled into plain ops below (tvmq.recurrent), once shapes are static and folded
+    supported = set(onnx_frontend()._get_convert_map()) | {"Constant", "If", "LSTM"}  # pylint: disable=protected-access
     missing = sorted({n.op_type for n in model.graph.node if n.op_type not in supported and n.domain in ("", "ai.onnx")})
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if missing or foreign:
@@ -466,6 +467,10 @@ def load_onnx(model, shapes: dict[str, list[int]] | None = None, sample: dict | 
     folded = fold_constant_subgraphs(model)
     if folded:
         log.info("folded %d constant shape nodes before import", folded)
+    from tvmq.recurrent import decompose_lstm
+
+    if decompose_lstm(model):
+        _name_nodes(model)
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     with warnings.catch_warnings(), _named_importer() as frontend:

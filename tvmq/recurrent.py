@@ -1,0 +1,187 @@
+"""ONNX ``LSTM`` as the ops it is made of, unrolled over its (static) sequence, before import.
+
+TVM 0.27's Relax ONNX importer has no ``LSTM`` (nor ``GRU``/``RNN``/``Scan``/``Loop``), which
+stops every CRNN-style text recogniser. With static shapes the sequence length is known, so an
+LSTM is rewritten into plain ONNX: one ``MatMul`` projecting the whole input sequence onto the
+four gates (a large matmul tvmq quantizes like any other), then per time step a recurrent
+``MatMul`` of the hidden state, the gate slices, ``Sigmoid``/``Tanh`` and the cell update:
+
+    g_t = x_t W^T + h_{t-1} R^T + (Wb + Rb);  i, o, f, c = split(g_t)
+    C_t = sigmoid(f) * C_{t-1} + sigmoid(i) * tanh(c);  h_t = sigmoid(o) * tanh(C_t)
+
+(ONNX's gate order i, o, f, c; forward, reverse and bidirectional; ``layout`` 0 and 1; optional
+initial states.) Peepholes, ``clip``, ``input_forget``, non-default activations and per-batch
+``sequence_lens`` are refused with one ``error:`` line naming them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tvmq.errors import TvmqError
+
+__all__ = ["decompose_lstm"]
+
+
+def _constants(model) -> dict:
+    """Initializers and Constant-node tensors of ``model``, by name (numpy)."""
+    from onnx import numpy_helper
+
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    out[node.output[0]] = numpy_helper.to_array(attr.t)
+    return out
+
+
+def _static_shapes(model) -> dict[str, list]:
+    from onnx import shape_inference
+
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes
+
+
+class _Emitter:
+    """Appends nodes and initializers with names under one prefix."""
+
+    def __init__(self, model, prefix: str):
+        self.model, self.prefix, self.nodes, self.n = model, prefix, [], 0
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        from onnx import numpy_helper
+
+        name = f"{self.prefix}/{hint}"
+        self.model.graph.initializer.append(numpy_helper.from_array(np.array(value, order="C"), name))  # 0-d stays 0-d
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str, output: str | None = None, **attrs) -> str:
+        from onnx import helper
+
+        name = f"{self.prefix}/{hint}"
+        out = output or name
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=name, **attrs))
+        return out
+
+
+def _attr(node, name, default):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _refuse(node, what: str):
+    raise TvmqError(f"LSTM {node.name or node.output[0]!r}: {what} is not supported; export the LSTM without it")
+
+
+def decompose_lstm(model) -> int:
+    """Replace every ``LSTM`` node of ``model`` (static shapes) in place; return how many."""
+    if not any(n.op_type == "LSTM" for n in model.graph.node):
+        return 0
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if opset < 10:
+        raise TvmqError(f"LSTM decomposition needs opset >= 10 (Slice with inputs); the model is opset {opset}")
+    consts, shapes = _constants(model), _static_shapes(model)
+    nodes, count = [], 0
+    for node in model.graph.node:
+        if node.op_type != "LSTM":
+            nodes.append(node)
+            continue
+        nodes += _lstm(model, node, consts, shapes)
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
+
+
+def _lstm(model, node, consts, shapes):
+    inputs = list(node.input) + [""] * (8 - len(node.input))
+    x, w, r, b, seq_lens, init_h, init_c, peep = inputs
+    hidden = int(_attr(node, "hidden_size", 0))
+    direction = _attr(node, "direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    layout = int(_attr(node, "layout", 0))
+    if peep:
+        _refuse(node, "a peephole input (P)")
+    if _attr(node, "clip", None) is not None:
+        _refuse(node, "the clip attribute")
+    if int(_attr(node, "input_forget", 0)):
+        _refuse(node, "input_forget=1")
+    acts = [a.decode() if isinstance(a, bytes) else a for a in _attr(node, "activations", [])]
+    dirs = 2 if direction == "bidirectional" else 1
+    if acts and acts != ["Sigmoid", "Tanh", "Tanh"] * dirs:
+        _refuse(node, f"activations {acts}")
+    if w not in consts or r not in consts or (b and b not in consts):
+        _refuse(node, "a weight (W, R or B) computed at run time")
+    shape = shapes.get(x)
+    if not shape or len(shape) != 3 or any(d is None for d in shape):
+        raise TvmqError(f"LSTM {node.name!r}: the shape of its input {x!r} is not static ({shape}); "
+                        "fix the model's input shapes with --shape")
+    steps, batch = (shape[0], shape[1]) if layout == 0 else (shape[1], shape[0])
+    if seq_lens:
+        lens = consts.get(seq_lens)
+        if lens is None or np.any(np.asarray(lens) != steps):
+            _refuse(node, "sequence_lens other than the full length for every batch entry")
+    W, R = consts[w].astype(np.float32), consts[r].astype(np.float32)
+    B = consts[b].astype(np.float32) if b else np.zeros((dirs, 8 * hidden), np.float32)
+    e = _Emitter(model, node.name or node.output[0])
+    seq = x if layout == 0 else e.op("Transpose", [x], "x_tbi", perm=[1, 0, 2])
+    starts = [e.const(np.array([g * hidden], np.int64), f"gate{g}_start") for g in range(4)]
+    ends = [e.const(np.array([(g + 1) * hidden], np.int64), f"gate{g}_end") for g in range(4)]
+    axis1 = e.const(np.array([1], np.int64), "axis1")
+    row = e.const(np.array([1, batch, hidden], np.int64), "row_shape")
+    ys, last_h, last_c = [], [], []
+    for d in range(dirs):
+        name = ("fw", "bw")[d] if dirs == 2 else ("bw" if direction == "reverse" else "fw")
+        reverse = name == "bw"
+        # the whole sequence projected onto the gates at once: [T, B, I] x [I, 4H] (+ both biases)
+        proj = e.op("MatMul", [seq, e.const(W[d].T, f"{name}/W_t")], f"{name}/input_proj")
+        proj = e.op("Add", [proj, e.const(B[d, :4 * hidden] + B[d, 4 * hidden:], f"{name}/bias")], f"{name}/input_bias")
+        r_t = e.const(R[d].T, f"{name}/R_t")
+
+        def state(given, hint):
+            if not given:
+                return e.const(np.zeros((batch, hidden), np.float32), f"{name}/{hint}0")
+            index = e.const(np.array(d, np.int64), f"{name}/dir")
+            return e.op("Gather", [given, index], f"{name}/{hint}0", axis=0 if layout == 0 else 1)
+
+        h, c = state(init_h, "h"), state(init_c, "c")
+        outs = [None] * steps
+        for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+            p = f"{name}/t{t}"
+            xt = e.op("Gather", [proj, e.const(np.array(t, np.int64), f"{p}/index")], f"{p}/x", axis=0)
+            g = e.op("Add", [xt, e.op("MatMul", [h, r_t], f"{p}/recurrent")], f"{p}/gates")
+            gate = [e.op("Slice", [g, starts[k], ends[k], axis1], f"{p}/{n}") for k, n in enumerate("iofc")]
+            i, o, f = (e.op("Sigmoid", [gate[k]], f"{p}/sigmoid_{n}") for k, n in enumerate("iof"))
+            cand = e.op("Tanh", [gate[3]], f"{p}/tanh_c")
+            c = e.op("Add", [e.op("Mul", [f, c], f"{p}/keep"), e.op("Mul", [i, cand], f"{p}/write")], f"{p}/cell")
+            h = e.op("Mul", [o, e.op("Tanh", [c], f"{p}/tanh_cell")], f"{p}/hidden")
+            outs[t] = e.op("Reshape", [h, row], f"{p}/row")
+        ys.append(e.op("Concat", outs, f"{name}/y", axis=0) if steps > 1 else outs[0])  # [T, B, H]
+        last_h.append(e.op("Reshape", [h, row], f"{name}/h_last"))
+        last_c.append(e.op("Reshape", [c, row], f"{name}/c_last"))
+    y_out, h_out, c_out = (list(node.output) + ["", "", ""])[:3]
+    if y_out:
+        tdbh = e.const(np.array([steps, 1, batch, hidden], np.int64), "y_shape")
+        per_dir = [e.op("Reshape", [y, tdbh], f"y{d}") for d, y in enumerate(ys)]
+        if layout == 0:
+            e.op("Concat", per_dir, "y", output=y_out, axis=1)
+        else:
+            y = e.op("Concat", per_dir, "y_tdbh", axis=1)
+            e.op("Transpose", [y], "y", output=y_out, perm=[2, 0, 1, 3])
+    for out, parts, hint in ((h_out, last_h, "y_h"), (c_out, last_c, "y_c")):
+        if not out:
+            continue
+        if layout == 0:
+            e.op("Concat", parts, hint, output=out, axis=0)
+        else:
+            e.op("Transpose", [e.op("Concat", parts, f"{hint}_dbh", axis=0)], hint, output=out, perm=[1, 0, 2])
+    return e.nodes

@@ -136,6 +136,8 @@ def measure(name, path, input_name, make, parts, target, runs, n_calib, n_eval) 
     compile_s = time.perf_counter() - t0
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(os.environ.get("TVM_NUM_THREADS", "2"))
+    # ORT's idle workers spin after each run, which would slow the TVM engine timed next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     ref = [parts(fp32(x)) for x in evals]
     out = {"compile_s": round(compile_s, 1)}
@@ -156,6 +158,7 @@ def measure(name, path, input_name, make, parts, target, runs, n_calib, n_eval) 
     times = {k: [] for k in engines}
     for _ in range(5):  # rounds: drift hits every engine alike
         for k, fn in engines.items():
+            fn()  # the other engine's threads settle, caches warm
             times[k].append(_median_ms(fn, max(1, runs // 5)))
     out["ort_fp32_ms"], out["tvm_fp32_ms"] = float(np.median(times["ort_fp32"])), float(np.median(times["tvm_fp32"]))
     for label in builds:
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", help="comma-separated subset (default: all available)")
     ap.add_argument("--target", default="x86", help="an x86 preset this machine runs")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--n-calib", type=int, default=16)
     ap.add_argument("--n-eval", type=int, default=8)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tvmq" / "zoo")

@@ -6,8 +6,9 @@ wheel (fetched with ``pip download --no-deps`` into ``--cache``; only its ONNX f
 a CNN + bidirectional-LSTM captcha recogniser and a YOLOX-style detector. Inputs are rendered
 (text lines, pages of text: ``scripts/ocrdata.py``).
 
-Per model, in one process, same threads: TVM FP32, tvmq's default plan (int8 where it pays),
-tvmq with every layer int8 (``--int8-everywhere``) and ONNX Runtime FP32: median latency, and
+Per model, same threads: TVM FP32, tvmq's default plan (int8 where it pays), tvmq with every
+layer int8 (``--int8-everywhere``) and ONNX Runtime FP32: median latency (each engine alone in
+fresh processes, in rounds, as ``bench.py`` times them), and
 accuracy vs FP32 *per output part* (cosine; a detector's boxes and scores apart, the DB
 detector's text mask as IoU), so a damaged part cannot hide behind an accurate one.
 
@@ -106,18 +107,7 @@ def models(cache: Path) -> dict:
     return zoo
 
 
-def _median_ms(fn, runs):
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
-
-
 def measure(name, path, input_name, make, parts, target, runs, n_calib, n_eval) -> dict:
-    import onnxruntime as ort
-
     from tvmq.build import quantized_module
     from tvmq.config import QuantConfig
     from tvmq.execute import HostModule
@@ -134,11 +124,6 @@ def measure(name, path, input_name, make, parts, target, runs, n_calib, n_eval) 
         qm = quantized_module(str(path), preset, raw=calib, config=config, shapes=shapes)
         builds[label] = (HostModule(qm.module, preset), qm.plan.count("int8"))
     compile_s = time.perf_counter() - t0
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(os.environ.get("TVM_NUM_THREADS", "2"))
-    # ORT's idle workers spin after each run, which would slow the TVM engine timed next
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     ref = [parts(fp32(x)) for x in evals]
     out = {"compile_s": round(compile_s, 1)}
     for label, (module, n_int8) in builds.items():
@@ -152,17 +137,20 @@ def measure(name, path, input_name, make, parts, target, runs, n_calib, n_eval) 
             else:
                 acc[part] = min(_cosine(g[part], r[part]) for g, r in zip(got, ref))
         out[label] = {"int8_layers": n_int8, "accuracy": acc}
-    x = evals[0]
-    engines = {"ort_fp32": lambda: session.run(None, {input_name: x}), "tvm_fp32": lambda: fp32(x),
-               **{label: (lambda m=m: m(x)) for label, (m, _) in builds.items()}}
-    times = {k: [] for k in engines}
-    for _ in range(5):  # rounds: drift hits every engine alike
-        for k, fn in engines.items():
-            fn()  # the other engine's threads settle, caches warm
-            times[k].append(_median_ms(fn, max(1, runs // 5)))
-    out["ort_fp32_ms"], out["tvm_fp32_ms"] = float(np.median(times["ort_fp32"])), float(np.median(times["tvm_fp32"]))
+    # each engine timed alone in fresh processes, in rounds (bench.py's isolated_medians: two
+    # runtimes in one process slow each other down)
+    from bench import export_executable, input_files, isolated_medians
+
+    with tempfile.TemporaryDirectory() as tmp:
+        feed = input_files(Path(tmp) / "x", {input_name: evals[0]})
+        engines = {"ort_fp32": {"ort": str(path), "inputs": feed},
+                   "tvm_fp32": {"tvm": export_executable(fp32, Path(tmp) / "fp32.so"), "inputs": feed}}
+        for label, (module, _) in builds.items():
+            engines[label] = {"tvm": export_executable(module, Path(tmp) / f"{label}.so"), "inputs": feed}
+        ms = isolated_medians(engines, runs, int(os.environ.get("TVM_NUM_THREADS", "2")))
+    out["ort_fp32_ms"], out["tvm_fp32_ms"] = ms["ort_fp32"], ms["tvm_fp32"]
     for label in builds:
-        out[label]["ms"] = float(np.median(times[label]))
+        out[label]["ms"] = ms[label]
     return out
 
 

@@ -118,17 +118,21 @@ class MicroKernel:
 #   x86-avx2        K8 0.67-0.91  K16 0.74-0.79  K32 1.00  K64 1.17  K128 1.32-1.36
 #   x86-avx512      K8 0.77-1.02  K16 0.74-0.90  K32 0.93-1.03  K64 1.11-1.16  K128 1.15-1.46
 #   x86-avx512vnni  K8 0.89-1.07  K16 1.07-1.08  K32 1.45-1.65  K64 1.85-1.95  K128 2.43-2.59
-# and depthwise 3x3/5x5 int8 at 0.41-0.87x of float on all three; squeeze-excite gate convs (one
-# output pixel) of the PP-OCR classifier at 0.07-0.37x on AVX2 (whole model: keeping them float
-# took the AVX2 int8 build from 1.10 to 1.05 ms, the VNNI one from 0.86 to 0.82, fp32 1.05 / 0.94). AVX-VNNI (no such CPU here)
+# and depthwise 3x3/5x5 int8 at 0.41-0.97x of float on all three; squeeze-excite gate convs (one
+# output pixel) of the PP-OCR classifier at 0.07-0.37x on AVX2. Whole models decide where kernel
+# timings and end-to-end disagree (scripts/zoo.py, each engine alone in fresh processes): on
+# AVX2, depthwise and gates in float made the PP-OCR detector faster (7.27 vs 8.52 ms all-int8)
+# and left the classifier and recogniser even (0.60 vs 0.61, 7.55 vs 7.41 ms); on VNNI they made
+# both slower (classifier 0.49 vs 0.34 ms, detector 4.89 vs 4.03): the float tensors around a
+# float depthwise cost more memory traffic than its kernel saves. So VNNI keeps them int8. AVX-VNNI (no such CPU here)
 # is taken as VNNI; the ARM kernels run only under qemu here, which cannot time them.
 MICRO_KERNELS = {
     m.name: m
     for m in (
         MicroKernel(name="vnni", k=4, lanes=(16, 8, 4), activation_dtype="uint8", mnemonics=("vpdpbusd",), dot_product=True,
-                    int8_speedup=4.0, min_reduction=16, int8_depthwise=False, min_pixels=2),
+                    int8_speedup=4.0, min_reduction=16),
         MicroKernel(name="avxvnni", k=4, lanes=(8, 4), activation_dtype="uint8", mnemonics=("vpdpbusd",), dot_product=True,
-                    int8_speedup=4.0, min_reduction=16, int8_depthwise=False, min_pixels=2),
+                    int8_speedup=4.0, min_reduction=16),
         MicroKernel(name="pmaddwd", k=2, lanes=(16, 8, 4), activation_dtype="uint8", mnemonics=("vpmaddwd",),
                     dot_product=False, int8_speedup=1.5, operand_dtype="int16", min_reduction=32, int8_depthwise=False,
                     min_pixels=2),

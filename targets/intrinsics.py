@@ -112,6 +112,14 @@ class MicroKernel:
         if not self.operand_dtype:
             object.__setattr__(self, "operand_dtype", self.activation_dtype)
 
+    def float_rules(self) -> str:
+        """Which layers the default plan keeps float with this kernel, in words."""
+        rules = [f"reductions < {self.min_reduction}"] if self.min_reduction else []
+        rules += [] if self.int8_depthwise else ["depthwise convs"]
+        if self.min_pixels > 1:
+            rules.append("one-pixel convs" if self.min_pixels == 2 else f"convs of fewer than {self.min_pixels} pixels")
+        return ", ".join(rules) or "none"
+
 
 # min_reduction / int8_depthwise on x86: scripts/int8_breakeven.py on an AVX-512 VNNI host (Zen 5
 # class, 2 threads), int8/fp32 speed of a 1x1 conv amid int8 layers by reduction length K:

@@ -725,8 +725,11 @@ def _report(m: dict) -> str:
             f"activations {q['activation_dtype']}, requantize `{q['requantize']}`"
         )
         if q.get("kept_float_for_speed"):
-            lines.append(f"- kept float where int8 is no faster on `{m['target']['int8_kernel']}` (depthwise, short "
-                         f"reductions, one-pixel convs; `--int8-everywhere` quantizes them): {', '.join(q['kept_float_for_speed'])}")
+            from tvmq.targets.intrinsics import MICRO_KERNELS
+
+            kernel = m["target"]["int8_kernel"]
+            lines.append(f"- kept float where int8 is no faster on `{kernel}` ({MICRO_KERNELS[kernel].float_rules()}; "
+                         f"`--int8-everywhere` quantizes them): {', '.join(q['kept_float_for_speed'])}")
     wb = m["weight_bytes"]
     total_f = sum(wb["float_model"].values())
     total_c = sum(wb["compiled"].values())

@@ -316,9 +316,11 @@ def _print_summary(result) -> None:
             line += f", {fallback} its {kernel.fallback} fallback (pixels that do not pair up)"
     print(line)
     if q and q.get("kept_float_for_speed"):
-        n = len(q["kept_float_for_speed"])
-        print(f"kept {n} layer{'s' * (n != 1)} float where int8 is no faster than float on {m['target']['int8_kernel']} "
-              f"(depthwise, short reductions, one-pixel convs; --int8-everywhere quantizes them)")
+        from tvmq.targets.intrinsics import MICRO_KERNELS
+
+        n, kernel = len(q["kept_float_for_speed"]), m["target"]["int8_kernel"]
+        print(f"kept {n} layer{'s' * (n != 1)} float where int8 is no faster than float on {kernel} "
+              f"({MICRO_KERNELS[kernel].float_rules()}; --int8-everywhere quantizes them)")
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
 

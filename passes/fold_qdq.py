@@ -253,7 +253,13 @@ class _Folder(relax.PyExprMutator):
             wsum = w.q.astype(np.int64).sum(axis=0)
         bias = -zx * wsum
         if chain.bias is not None:
-            bias = bias + np.round(chain.bias.astype(np.float64) / (sx * sw)).astype(np.int64)
+            # an input never seen non-zero in calibration has the tiniest scale: its bias in
+            # accumulator units is beyond any integer type (the layer then stays float)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                folded = np.round(chain.bias.astype(np.float64) / (sx * sw))
+            if not np.all(np.abs(folded) < 2.0**62):
+                return False
+            bias = bias + folded.astype(np.int64)
         lo32, hi32 = dtype_range("int32")
         if np.any(bias < lo32 // 2) or np.any(bias > hi32 // 2):
             return False  # a bias this large would not leave room for the products

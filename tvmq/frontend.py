@@ -37,7 +37,7 @@ _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: 
 # Ops whose constant instances are evaluated in ONNX before import (shape arithmetic).
 _FOLDABLE = frozenset(
     {
-        "Shape", "Cast", "Slice", "Concat", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Add", "Sub",
+        "Shape", "Cast", "Transpose", "Slice", "Concat", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Add", "Sub",
         "Mul", "Div", "Range", "ConstantOfShape", "Equal", "Where", "Expand", "Identity", "ReduceProd",
         "Floor", "Ceil", "Max", "Min", "Neg", "Abs", "Not", "And", "Or", "Less", "Greater", "Size",
     }

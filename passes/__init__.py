@@ -4,6 +4,7 @@
 """
 
 from .arith import DivideToMultiply, FastSoftmax, FoldAffineChains
+from .fast_math import FastMath
 from .conv_transpose import ConvTransposeToConv
 from .fold_constants import FoldConstantsNumpy
 from .fold_qdq import FoldQDQ
@@ -12,4 +13,4 @@ from .layout import ConvertToNHWC
 from .pack_kernels import PackKernels
 from .patterns import count_ops, find_layers
 
-__all__ = ["ConvTransposeToConv", "DivideToMultiply", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "find_layers", "count_ops"]
+__all__ = ["ConvTransposeToConv", "DivideToMultiply", "FastMath", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "find_layers", "count_ops"]

@@ -46,7 +46,7 @@ def dot_intrinsics(preset) -> dict[int, str] | None:
 
 def relax_passes(preset) -> list:
     """Graph-level passes that depend on the target (run before legalization)."""
-    from tvmq.passes import FastSoftmax, FoldAffineChains, PackKernels
+    from tvmq.passes import FastMath, FastSoftmax, FoldAffineChains, PackKernels
 
     preset = _preset(preset)
     if preset.kind != "llvm":
@@ -60,7 +60,8 @@ def relax_passes(preset) -> list:
     return [FoldAffineChains(),
             PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes, k=k, operand_dtype=operand,
                         pairs=pairs),
-            FastSoftmax(preset.vector_lanes)]
+            FastSoftmax(preset.vector_lanes),
+            FastMath()]
 
 
 def _fuse_passes(preset) -> list:

@@ -1,0 +1,45 @@
+"""FastMath: sigmoid, tanh, erf and exp as vectorizable polynomials, within stated errors."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvmq._compat import TensorType
+from tvmq.execute import HostModule
+from tvmq.passes import FastMath, count_ops
+
+
+def _unary(op, dtype="float32", n=4096):
+    x = relax.Var("x", TensorType((n,), dtype))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(op(x))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def _erf(x):
+    from math import erf
+
+    return np.vectorize(erf)(x)
+
+
+@pytest.mark.parametrize("name, op, exact, bound", [
+    ("sigmoid", relax.op.sigmoid, lambda x: 1 / (1 + np.exp(-x)), 2e-7),
+    ("tanh", relax.op.tanh, np.tanh, 1e-6),
+    ("erf", relax.op.erf, _erf, 1e-6),
+])
+def test_fast_math_ops_are_rewritten_and_within_their_error_bound(name, op, exact, bound):
+    mod = _unary(op)
+    fast = FastMath()(mod)
+    assert count_ops(fast).get(f"relax.{name}", 0) == 0 and count_ops(mod)[f"relax.{name}"] == 1
+    x = np.concatenate([np.linspace(-20, 20, 2048), np.random.default_rng(0).normal(0, 3, 2048)]).astype(np.float32)
+    got = np.asarray(HostModule(mod)(x), np.float64)  # the pipeline runs FastMath itself
+    assert np.abs(got - exact(x.astype(np.float64))).max() < bound
+
+
+def test_fast_math_leaves_other_dtypes_alone():
+    mod = _unary(relax.op.sigmoid, "float16")
+    tvm.ir.assert_structural_equal(FastMath()(mod), mod)

@@ -320,7 +320,6 @@ def _cli(*args, cwd=None):
 def test_cli_budget_errors_are_one_line(tmp_path, sensitive):
     model = str(sensitive / "model.onnx")
     cases = [
-        (["--precision", "auto"], "needs --min-sqnr"),
         (["--precision", "auto", "--metric", "top1"], "needs --max-drop"),
         (["--max-drop", "1"], "add --precision auto"),
         (["--precision", "auto", "--metric", "python:nosuchmod:f", "--max-drop", "1"], "cannot be loaded"),
@@ -453,6 +452,24 @@ def test_layer_latency_is_measured_on_presets_this_cpu_runs_and_estimated_per_is
     assert all(l.estimated != measured and l.int8_ms > 0 and l.fp32_ms > 0 for l in a.layers)
     if not measured:
         assert [l.fp32_ms / l.int8_ms for l in a.layers] == pytest.approx([p.micro_kernel.int8_speedup] * len(a.layers))
+        assert all(l.boundary_ms > 0 for l in a.layers)  # a float layer amid int8 pays for conversions
+
+
+def test_cross_target_estimate_knows_where_the_isas_int8_does_not_pay():
+    """The estimate for a target this machine cannot time follows the ISA's rules: on AVX2
+    (vpmaddwd, no dot product) a depthwise conv, reductions of 27 and 16 and a one-pixel conv are
+    estimated slower in int8 than in float, a 64-long reduction faster; with VNNI none of them;
+    conversions scale with the tensors a layer reads and writes."""
+    from tvmq.frontend import load_onnx
+    from tvmq.passes.patterns import find_layers
+    from tvmq.quantize import prepare
+
+    mod, _ = load_onnx(mobile_block_model())
+    layers = {l.name: l for l in find_layers(prepare(mod)["main"])}
+    for preset, slower in (("x86-avx2", {"stem", "dw", "expand", "head"}), ("x86-avx512vnni", set())):
+        est = {n: P.estimated_ms(l, get_preset(preset)) for n, l in layers.items()}
+        assert {n for n, (fp32, int8, _) in est.items() if int8 > fp32} == slower, preset
+        assert all(b == pytest.approx(P.CONVERSION_MACS * layers[n].io_elements * 1e-6) for n, (_, _, b) in est.items())
 
 
 # --- the default plan keeps float the layers whose int8 kernel is no faster on the ISA ---------
@@ -600,3 +617,87 @@ def test_precision_search_sees_every_output():
     outs = a.outputs(list(plan.layers))
     first, second = (P.sqnr_db([o[i] for o in outs], [r[i] for r in a.reference]) for i in (0, 1))
     assert a.all_int8 == pytest.approx(min(first, second)) and first < second
+
+
+def yolo_head(tmp_path):
+    """x [1,4,8,8] -> box conv -> x300 and class conv -> sigmoid -> Concat -> [1, 7, 64]. The
+    input's channel 0 spans +-100 (the boxes read it), channels 1-3 +-1 (only the classes read
+    them): int8 input steps of ~0.8 erase the classes' signal while the boxes stay accurate."""
+    import onnx
+
+    rng = np.random.default_rng(0)
+    wb = rng.normal(0, 0.02, (4, 4, 1, 1)).astype(np.float32)
+    wb[:, 0] = rng.uniform(0.5, 1, (4, 1, 1))
+    wc = rng.normal(0, 2, (3, 4, 1, 1)).astype(np.float32)
+    wc[:, 0] = 0
+    nodes = [helper.make_node("Conv", ["x", "wb"], ["box"], name="box_conv", kernel_shape=[1, 1]),
+             helper.make_node("Mul", ["box", "stride"], ["boxs"], name="box_scale"),
+             helper.make_node("Conv", ["x", "wc"], ["cls"], name="cls_conv", kernel_shape=[1, 1]),
+             helper.make_node("Sigmoid", ["cls"], ["score"], name="cls_sigmoid"),
+             helper.make_node("Concat", ["boxs", "score"], ["head"], name="head", axis=1),
+             helper.make_node("Reshape", ["head", "shape"], ["y"], name="flatten")]
+    model = make_model(nodes, [("x", [1, 4, 8, 8])], [("y", [1, 7, 64])],
+                       [("wb", wb), ("wc", wc), ("stride", np.float32(3)), ("shape", np.array([1, 7, 64], np.int64))])
+    onnx.save(model, tmp_path / "yolo.onnx")
+    samples = []
+    for _ in range(8):
+        x = rng.uniform(-1, 1, (1, 4, 8, 8)).astype(np.float32)
+        x[:, 0] *= 100
+        samples.append({"x": x})
+    return tmp_path / "yolo.onnx", samples
+
+
+def test_output_slices_parse_and_cut():
+    names = ["output0", "scores"]
+    s = P.parse_output_slice("output0:4:", names)
+    assert (s.output, s.axis, s.start, s.stop) == (0, 1, 4, None)
+    s = P.parse_output_slice("scores:-1:2:5", names)
+    assert (s.output, s.axis, s.start, s.stop) == (1, -1, 2, 5)
+    for bad in ("nosuch:4:", "output0:x:", "output0"):
+        with pytest.raises(TvmqError, match="--output-slice"):
+            P.parse_output_slice(bad, names)
+    parts = P.OutputParts(("output0",), (P.parse_output_slice("output0:4:", names),))
+    y = np.arange(2 * 7 * 3).reshape(2, 7, 3)
+    whole, cut = parts((y,))
+    assert parts.labels == ["output0", "output0:4:"] and whole is y and np.array_equal(cut, y[:, 4:])
+
+
+def test_auto_judges_the_parts_of_a_final_concat_and_protects_the_class_scores(tmp_path, steady_timing):
+    """A YOLO head's one output: judged whole, all-int8 passes the default budget on the boxes'
+    range; judged per Concat input, the class scores miss it, so --precision auto (default
+    budget, no flag) keeps the class conv float and the boxes int8."""
+    from tvmq.build import quantized_module
+    from tvmq.frontend import load_onnx
+
+    path, samples = yolo_head(tmp_path)
+    mod, info = load_onnx(str(path))
+    slices = P.concat_slices(mod["main"], ["y"])  # through the Reshape that keeps axis 1
+    assert [(s.axis, s.start, s.stop) for s in slices] == [(1, 0, 4), (1, 4, 7)]
+    qm = quantized_module(str(path), get_preset("x86"), raw=samples, precision="auto", auto=AutoPrecision(),
+                          config=QuantConfig(int8_everywhere=True))  # 4-channel convs: int8 only when asked
+    p = qm.precision
+    assert p["budget"] == 20.0  # the default, stated in --help and the README
+    boxes, scores = "y[:, 0:4]", "y[:, 4:7]"
+    assert p["parts"]["all_int8"]["y"] >= 20 and p["parts"]["all_int8"][scores] < 20  # the damage hides
+    assert p["assignment"] == {"box_conv": "int8", "cls_conv": "fp32"}
+    assert min(p["parts"]["plan"][k] for k in ("y", boxes, scores)) >= 20
+    from tvmq.report import precision_markdown
+
+    assert "| y[:, 4:7] |" in precision_markdown(p)
+
+
+def test_output_slice_flag_errors_are_one_line(tmp_path):
+    path, samples = yolo_head(tmp_path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, s in enumerate(samples):
+        np.save(calib / f"{i}.npy", s["x"])
+    for extra, message in ((["--precision", "auto", "--output-slice", "nosuch:4:"], "--output-slice 'nosuch:4:'"),
+                           (["--output-slice", "y:4:"], "add --precision auto"),
+                           (["--precision", "auto", "--metric", "top1", "--max-drop", "1", "--output-slice", "y:4:"],
+                            "judged by sqnr or cosine")):
+        out = tmp_path / "o"
+        r = _cli("compile", str(path), "-o", str(out), "--calib", str(calib), *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+        assert not out.exists()

@@ -265,18 +265,18 @@ class AutoPrecision:
     max_drop: float | None = None  # metric points (top1: percentage points)
     min_sqnr: float | None = None  # dB
     eval_data: object = None  # folder of samples (+ labels.npy); default: the calibration data
+    output_slices: tuple[str, ...] = ()  # NAME:START:STOP parts of outputs judged apart (--output-slice)
 
     def budget(self) -> float:
         """The budget in the metric's units; raises on anything missing, before any work."""
+        from tvmq.config import DEFAULT_MIN_SQNR
         from tvmq.precision import Metric
 
         metric = Metric(self.metric)
         if metric.kind.startswith("python:"):
             metric.function()
         if self.metric == "sqnr":
-            if self.min_sqnr is None:
-                raise TvmqError("--precision auto with the sqnr metric needs --min-sqnr DB")
-            budget = self.min_sqnr
+            budget = DEFAULT_MIN_SQNR if self.min_sqnr is None else self.min_sqnr
         elif self.max_drop is None:
             raise TvmqError(f"--precision auto with the {self.metric} metric needs --max-drop POINTS")
         else:
@@ -304,15 +304,17 @@ def load_eval_data(path, inputs) -> tuple[list[dict], np.ndarray | None]:
 class _Candidate:
     """A plan compiled for this machine: its integer program's metric and, later, its latency."""
 
-    def __init__(self, float_mod, plan, samples, names, metric, labels, ref):
+    def __init__(self, float_mod, plan, samples, names, metric, labels, ref, parts):
         from tvmq.execute import HostModule
         from tvmq.quantize import quantize_pipeline
 
         self.plan = plan
         self.module = HostModule(quantize_pipeline(plan)(float_mod))
         self.first = [samples[0][n] for n in names]
-        out = [tuple(self.module(*[s[n] for n in names])) for s in samples]
+        out = [parts(self.module(*[s[n] for n in names])) for s in samples]
         self.metric = metric(out, ref, labels)
+        # each output and slice apart (what the report shows; the metric above is their worst)
+        self.parts = parts.values(metric, out, ref, labels) if metric.kind in ("sqnr", "cosine") else {}
         self.ms = None
 
 
@@ -333,7 +335,7 @@ def _race(candidates: list, rounds: int = 7, runs: int = 10) -> None:
         c.ms = float(np.median(t))
 
 
-def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, names, info, progress):
+def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, names, info, progress, concat=()):
     """Calibrate, measure per-layer sensitivity and latency, and choose the plan.
 
     The exact search, the greedy baseline and the INC-style fallback each propose a plan; each
@@ -346,9 +348,13 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
 
     metric = P.Metric(auto.metric)
     budget = auto.budget()
+    output_names = [o.name for o in info.outputs]
+    parts = P.OutputParts(tuple(output_names),
+                          (*concat, *(P.parse_output_slice(t, output_names) for t in auto.output_slices)))
     full = calibrate(float_mod, samples, config, target=preset.name, input_names=names, progress=progress)
     eval_samples, labels = (samples, None) if auto.eval_data is None else load_eval_data(auto.eval_data, list(info.inputs))
-    analysis = P.analyse(float_mod, full, eval_samples, names, metric, labels, preset=preset, progress=progress)
+    analysis = P.analyse(float_mod, full, eval_samples, names, metric, labels, preset=preset, progress=progress,
+                         parts=parts)
     greedy, greedy_value = P.search(analysis, budget, "greedy")
     fallback, fallback_value, evaluations = P.fallback_plan(analysis, budget)
     seeds = [a for a, v in ((fallback, fallback_value), (greedy, greedy_value)) if P.meets(analysis, v, budget)]
@@ -367,7 +373,7 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
             if any(p != "int8" for p in assignment.values()):
                 plan = calibrate(float_mod, samples, P.config_for(config, assignment), target=preset.name,
                                  input_names=names)
-            compiled[key] = _Candidate(float_mod, plan, eval_samples, names, metric, labels, analysis.reference)
+            compiled[key] = _Candidate(float_mod, plan, eval_samples, names, metric, labels, analysis.reference, parts)
         return compiled[key]
 
     # The simulation and the integer program round alike up to requantization; should a
@@ -427,7 +433,9 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
         "budget": budget,
         "samples": len(eval_samples),
         "candidates": ["fp32", *analysis.candidates],
-        "latency_source": (f"estimated from MACs x the ISA's int8/fp32 rate ({preset.int8_kernel or 'no int8 micro-kernel'})"
+        "latency_source": (f"estimated for {preset.name}: MACs x the ISA's int8/fp32 rate "
+                           f"({preset.int8_kernel or 'no int8 micro-kernel'}; slower than float where its rules say "
+                           "int8 does not pay), plus the int8/float conversions around float layers"
                            if any(l.estimated for l in analysis.layers) else "measured kernels on this machine"),
         "fp32": analysis.fp32,
         "all_int8": analysis.all_int8,
@@ -439,6 +447,10 @@ def _auto_precision(float_mod, samples, config, auto: AutoPrecision, preset, nam
         "race": {label: {"metric": c.metric, "passes": P.meets(analysis, c.metric, budget), "measured_ms": c.ms,
                          "repaired_layers": repaired[label]}
                  for label, c in race.items()},
+        # each output and output slice apart: the chosen plan compiled, every layer int8 simulated
+        "parts": {"plan": race[winner].parts,
+                  "all_int8": parts.values(metric, analysis.outputs(analysis.names), analysis.reference, labels)
+                  if race[winner].parts else {}},
         "int8_layers": sorted(n for n, p in chosen.items() if p == "int8"),
         "latency_ms": {"fp32": P.latency(analysis, {}), "all_int8": P.latency(analysis, analysis.names),
                        "plan": P.latency(analysis, chosen)},
@@ -475,6 +487,7 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
     from tvmq.calibrate import load_samples_dir, validate_samples
     from tvmq.frontend import load_onnx
     from tvmq.plan import QuantPlan
+    from tvmq.precision import concat_slices
     from tvmq.quantize import calibrate, finish, prepare, quantize_pipeline, smooth
 
     config = config or QuantConfig()
@@ -516,6 +529,8 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
         if config.requantize is not None and config.requantize.value != qplan.requantize:
             qplan = dataclasses.replace(qplan, requantize=config.requantize.value)
         return QuantizedModel(quantize_pipeline(qplan)(float_mod), float_mod, info, qplan, warnings)
+    # the parts of each output's final Concat, as the model has them (prepare changes layouts)
+    concat = concat_slices(mod["main"], [o.name for o in info.outputs]) if precision == "auto" else ()
     float_mod = prepare(mod)
     if precision == "fp32":
         return QuantizedModel(finish(float_mod, config), float_mod, info, None, warnings)
@@ -532,7 +547,8 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
         if config.smoothquant:
             float_mod = smooth(float_mod, samples, config.smoothquant, names)
         if precision == "auto":
-            qplan, report = _auto_precision(float_mod, samples, config, auto or AutoPrecision(), preset, names, info, progress)
+            qplan, report = _auto_precision(float_mod, samples, config, auto or AutoPrecision(), preset, names, info,
+                                            progress, concat)
         else:
             qplan = calibrate(float_mod, samples, config, target=preset.name, input_names=names, progress=progress)
     elif config.smoothquant:

@@ -15,6 +15,7 @@ import threading
 import tempfile
 from pathlib import Path
 
+from tvmq.config import DEFAULT_MIN_SQNR
 from tvmq.errors import TvmqError
 
 __all__ = ["main"]
@@ -43,7 +44,8 @@ def _add_compile(sub):
     p.add_argument("--percentile", type=float, default=99.999, help="kept %% for --method percentile")
     p.add_argument("--precision", default="int8", choices=["int8", "fp16", "fp32", "auto"],
                    help="int8 (default), fp16, fp32 (no quantization), or auto: per layer, the fastest plan within "
-                        "the budget (--max-drop or --min-sqnr)")
+                        "the budget (--max-drop or --min-sqnr; default: every output >= "
+                        f"{DEFAULT_MIN_SQNR:g} dB SQNR vs FP32)")
     p.add_argument("--int8-everywhere", action="store_true",
                    help="quantize every layer, also those (depthwise, short reductions) whose int8 kernel is no "
                         "faster than float on the target's ISA, which stay float by default")
@@ -73,7 +75,13 @@ def _add_budget_flags(p):
     _add_metric_flags(p)
     p.add_argument("--max-drop", type=float, help="--precision auto: largest allowed metric drop from FP32 "
                                                   "(top1: percentage points)")
-    p.add_argument("--min-sqnr", type=float, help="--precision auto: smallest allowed output SQNR vs FP32 (dB)")
+    p.add_argument("--min-sqnr", type=float, help="--precision auto: smallest allowed SQNR vs FP32 (dB) of every "
+                                                  "output and output part (default with no budget flag: "
+                                                  f"{DEFAULT_MIN_SQNR:g} dB, about cosine 0.995)")
+    p.add_argument("--output-slice", action="append", default=[], metavar="NAME:[AXIS:]START:STOP",
+                   help="--precision auto: judge this part of an output on its own (axis 1 unless given; e.g. "
+                        "output0:4: for a YOLO head's class scores); the inputs of an output's final Concat "
+                        "are judged apart anyway")
 
 
 def _add_algorithm_flags(p):
@@ -230,8 +238,9 @@ def _auto_from_args(args):
 
     budget = args.max_drop is not None or args.min_sqnr is not None
     if args.precision != "auto":
-        if budget or args.metric or args.eval_data:
-            raise TvmqError("--max-drop/--min-sqnr/--metric/--eval-data choose a plan; add --precision auto")
+        if budget or args.metric or args.eval_data or args.output_slice:
+            raise TvmqError("--max-drop/--min-sqnr/--metric/--eval-data/--output-slice choose a plan; "
+                            "add --precision auto")
         return None
     if args.max_drop is not None and args.min_sqnr is not None:
         raise TvmqError("give one budget: --max-drop POINTS (with --metric) or --min-sqnr DB")
@@ -243,7 +252,10 @@ def _auto_from_args(args):
         raise TvmqError(f"--min-sqnr is an SQNR budget; with --metric {metric} use --max-drop POINTS")
     if args.eval_data is not None and not Path(args.eval_data).is_dir():
         raise TvmqError(f"--eval-data {args.eval_data}: no such folder (samples as for --calib, plus labels.npy)")
-    return AutoPrecision(metric=metric, max_drop=args.max_drop, min_sqnr=args.min_sqnr, eval_data=args.eval_data)
+    if args.output_slice and metric not in ("sqnr", "cosine"):
+        raise TvmqError(f"--output-slice parts are judged by sqnr or cosine, not {metric}; use --metric sqnr|cosine")
+    return AutoPrecision(metric=metric, max_drop=args.max_drop, min_sqnr=args.min_sqnr, eval_data=args.eval_data,
+                         output_slices=tuple(args.output_slice))
 
 
 def cmd_tune(args) -> int:

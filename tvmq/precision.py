@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tvmq.config import DEFAULT_MIN_SQNR
 from tvmq.errors import TvmqError
 
-__all__ = ["Metric", "LayerInfo", "Analysis", "analyse", "search", "fallback_plan", "config_for", "latency",
+__all__ = ["Metric", "OutputParts", "parse_output_slice", "concat_slices", "DEFAULT_MIN_SQNR", "LayerInfo", "Analysis", "analyse", "search", "fallback_plan", "config_for", "latency",
            "float_layers_by_saving"]
 
 
@@ -88,6 +89,113 @@ class Metric:
         return fn
 
 
+@dataclass(frozen=True)
+class OutputSlice:
+    """``start:stop`` along ``axis`` of output ``output`` (an index into the model's outputs)."""
+
+    output: int
+    axis: int
+    start: int
+    stop: int | None
+    label: str
+
+
+def parse_output_slice(text: str, output_names: list[str]) -> OutputSlice:
+    """``NAME:START:STOP`` (axis 1, a YOLO head's channels) or ``NAME:AXIS:START:STOP``; empty
+    bounds run to the end, as in Python (``output0:4:`` -- the class scores after 4 box values)."""
+    fields = text.rsplit(":", 3) if text.count(":") >= 3 else text.rsplit(":", 2)
+    usage = (f"--output-slice {text!r}: give NAME:START:STOP or NAME:AXIS:START:STOP with NAME one of "
+             f"{', '.join(output_names)} (e.g. {output_names[0]}:4: for the channels from 4 on)")
+    if len(fields) not in (3, 4) or fields[0] not in output_names:
+        raise TvmqError(usage)
+    try:
+        axis = int(fields[1]) if len(fields) == 4 else 1
+        start = int(fields[-2]) if fields[-2] else 0
+        stop = int(fields[-1]) if fields[-1] else None
+    except ValueError:
+        raise TvmqError(usage) from None
+    return OutputSlice(output_names.index(fields[0]), axis, start, stop, text)
+
+
+def concat_slices(func, output_names: list[str]) -> list[OutputSlice]:
+    """The inputs of each output's final Concat, as slices of that output: a YOLO head concatenates
+    boxes (hundreds of pixels) with class scores (0..1), and judged as one tensor the scores' damage
+    hides behind the boxes' range. Outputs whose Concat has a symbolic extent get none."""
+    from tvm import relax
+
+    from tvmq.passes.patterns import static_shape
+
+    values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    ret = func.body.body
+    outs = list(ret.fields) if isinstance(ret, relax.Tuple) else [ret]
+    slices = []
+    for i, out in enumerate(outs):
+        value, reshaped = _producer(out, values), None
+        if _is_op(value, "relax.reshape"):  # a flattening of the dims after the Concat's axis keeps it
+            reshaped, value = static_shape(out), _producer(value.args[0], values)
+        if not _is_op(value, "relax.concat"):
+            continue
+        parts = values.get(value.args[0], value.args[0])
+        shapes = [static_shape(p) for p in parts.fields] if isinstance(parts, relax.Tuple) else [None]
+        if len(shapes) < 2 or any(s is None for s in shapes):
+            continue
+        axis = int(value.attrs.axis) % len(shapes[0])
+        if reshaped is not None and (len(reshaped) <= axis or list(reshaped[:axis]) != list(shapes[0][:axis])
+                                     or reshaped[axis] != sum(s[axis] for s in shapes)):
+            continue
+        start = 0
+        for shape in shapes:
+            stop = start + shape[axis]
+            slices.append(OutputSlice(i, axis, start, stop, f"{output_names[i]}[{':, ' * axis}{start}:{stop}]"))
+            start = stop
+    return slices
+
+
+def _producer(var, values):
+    """The value ``var`` is bound to, through aliases (``gv = lv``: a dataflow block's output)."""
+    from tvm import relax
+
+    value = values.get(var, var)
+    while isinstance(value, relax.Var) and value in values:
+        value = values[value]
+    return value
+
+
+def _is_op(value, name: str) -> bool:
+    import tvm
+    from tvm import relax
+
+    return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == name
+
+
+@dataclass(frozen=True)
+class OutputParts:
+    """What a budget is judged on: every output whole, then each slice (a part of an output that
+    must not hide behind the rest of it), one array per part."""
+
+    output_names: tuple[str, ...]
+    slices: tuple[OutputSlice, ...] = ()
+
+    @property
+    def labels(self) -> list[str]:
+        return [*self.output_names, *(s.label for s in self.slices)]
+
+    def __call__(self, outputs) -> tuple:
+        outputs = tuple(outputs)
+        parts = list(outputs)
+        for s in self.slices:
+            out = np.asarray(outputs[s.output])
+            index = [slice(None)] * out.ndim
+            index[s.axis] = slice(s.start, s.stop)
+            parts.append(out[tuple(index)])
+        return tuple(parts)
+
+    def values(self, metric: "Metric", outputs: list, reference: list, labels=None) -> dict[str, float]:
+        """The metric of each part on its own (``outputs``/``reference``: parts per sample)."""
+        return {label: metric([o[i] for o in outputs], [r[i] for r in reference], labels)
+                for i, label in enumerate(self.labels)}
+
+
 def sqnr_db(outputs, reference) -> float:
     """Output SQNR (dB) of ``outputs`` against ``reference`` (lists of arrays)."""
     return Metric("sqnr")(outputs, reference)
@@ -142,6 +250,7 @@ class Analysis:
     reference: list = field(default_factory=list, repr=False)
     labels: object = None
     input_names: list = field(default_factory=list)
+    parts: object = None  # OutputParts: the outputs and output slices the metric judges apart
     evaluations: int = 0
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -155,7 +264,8 @@ class Analysis:
             assignment = {n: "int8" for n in assignment}
         mask = np.array([_CODE[assignment.get(n, "fp32")] for n in self.names], np.float32)
         self.evaluations += 1
-        return [tuple(self.runner(*[s[k] for k in self.input_names], mask)) for s in self.samples]
+        split = self.parts or tuple
+        return [split(self.runner(*[s[k] for k in self.input_names], mask)) for s in self.samples]
 
     def evaluate(self, assignment) -> float:
         """The metric of the simulation with ``assignment`` (layer -> int8|fp16|fp32, or a list
@@ -169,12 +279,14 @@ class Analysis:
 
 
 def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, preset="x86",
-            measure_latency: bool = True, progress: bool = False, fp16: bool | None = None) -> Analysis:
+            measure_latency: bool = True, progress: bool = False, fp16: bool | None = None,
+            parts: OutputParts | None = None) -> Analysis:
     """Per-layer sensitivity (and latency) of ``plan``'s int8 layers on ``samples``.
 
     For each layer: the metric (and the output SQNR) with it alone in int8 (and alone in fp16
     where that is a candidate), and with every other layer in int8. ``fp16`` adds fp16 as a
-    candidate (default: where the target has fast fp16).
+    candidate (default: where the target has fast fp16). ``parts``: what the metric judges apart
+    (default: each output whole).
     """
     from tvmq.execute import HostModule
     from tvmq.passes.insert_qdq import insert_switchable_qdq
@@ -187,9 +299,10 @@ def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, 
     switchable, names = insert_switchable_qdq(float_mod, plan, fp16=fp16)
     runner = HostModule(switchable)
     zeros = np.zeros(len(names), np.float32)
-    reference = [tuple(runner(*[s[k] for k in input_names], zeros)) for s in samples]
+    split = parts or tuple
+    reference = [split(runner(*[s[k] for k in input_names], zeros)) for s in samples]
     a = Analysis(metric, 0.0, 0.0, names=names, fp16=fp16, runner=runner, samples=samples, reference=reference,
-                 labels=labels, input_names=input_names)
+                 labels=labels, input_names=input_names, parts=parts)
     a.fp32 = metric(reference, reference, labels)
     a.all_int8 = a.evaluate(names)
 
@@ -249,16 +362,41 @@ def _layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
                     layer.fp16_ms = times["fp16"][i]
             return
     # A model, not a measurement: time proportional to MACs at the target's relative rates.
-    macs = {l.name: l.macs for l in find_layers(float_mod["main"])}
-    # The ISA's int8 multiply-accumulate rate per fp32 one (its micro-kernel's; LLVM's own
-    # widening loops, with no micro-kernel, run slower than float), fp16 lanes vs fp32.
-    kernel = preset.micro_kernel
-    speedup = {"int8": kernel.int8_speedup if kernel is not None else (4.0 if preset.fast_int8 else 0.7), "fp16": 2.0}
+    by_name = {l.name: l for l in find_layers(float_mod["main"])}
     for layer in mac_layers:
-        layer.fp32_ms = macs.get(layer.name, 0) * 1e-6  # 1 GMAC/s: only ratios matter
-        layer.int8_ms = layer.fp32_ms / speedup["int8"]
-        layer.fp16_ms = layer.fp32_ms / speedup["fp16"] if analysis.fp16 else None
+        fp32_ms, int8_ms, boundary_ms = estimated_ms(by_name.get(layer.name), preset)
+        layer.fp32_ms, layer.int8_ms, layer.boundary_ms = fp32_ms, int8_ms, boundary_ms
+        layer.fp16_ms = fp32_ms / 2.0 if analysis.fp16 else None  # fp16 lanes vs fp32
         layer.estimated = True
+
+
+# What a cross target's estimate charges, in fp32 multiply-accumulates: converting one element
+# between int8 and float (a dequantize or a quantize: a multiply, a round, a clamp, a narrowing;
+# about 20 fp32 MACs' time on the x86 hosts measured); and the int8/fp32 rate of a layer whose
+# int8 kernel the ISA's rules say does not pay (short reductions, depthwise and one-pixel convs
+# without a dot product: 0.55-0.99x float in scripts/int8_breakeven.py).
+CONVERSION_MACS = 20.0
+SLOW_INT8_SPEEDUP = 0.7
+
+
+def estimated_ms(layer, preset) -> tuple[float, float, float]:
+    """(fp32, int8, boundary) time of ``layer`` on ``preset`` from its MACs and the ISA: its
+    micro-kernel's int8/fp32 rate where the ISA's rules say int8 pays, else slower than float;
+    LLVM's own widening loops (no micro-kernel) run slower than float too. 1 GMAC/s fp32 (only
+    ratios matter)."""
+    from tvmq.targets.intrinsics import int8_pays
+
+    if layer is None:
+        return 0.0, 0.0, 0.0
+    kernel = preset.micro_kernel
+    if kernel is None:
+        speedup = 4.0 if preset.fast_int8 else SLOW_INT8_SPEEDUP
+    elif int8_pays(kernel, layer.reduction, layer.depthwise, layer.pixels):
+        speedup = kernel.int8_speedup
+    else:
+        speedup = SLOW_INT8_SPEEDUP
+    fp32_ms = layer.macs * 1e-6
+    return fp32_ms, fp32_ms / speedup, CONVERSION_MACS * layer.io_elements * 1e-6
 
 
 def _attribute(calls: list[str], heavy: set, measured: dict) -> list[float]:

@@ -94,6 +94,13 @@ def precision_markdown(p: dict) -> str:
              "| plan | int8 layers | simulated metric | kernel latency (sum) | compiled: metric | compiled: latency |",
              "|---|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in _summary_rows(p)]
+    parts = p.get("parts", {})
+    if parts.get("plan"):
+        lines += ["", "Every output and output part (an output's final Concat inputs, --output-slice) judged apart; "
+                  "the budget holds for the worst:", "", "| output part | chosen plan (compiled) | all int8 (simulated) |",
+                  "|---|---|---|"]
+        lines += [f"| {label} | {_fmt(value, p['metric'])} | {_fmt(parts['all_int8'].get(label), p['metric'])} |"
+                  for label, value in parts["plan"].items()]
     lines += ["", "| layer | kind | only this layer int8 | all but this layer int8 | only this layer fp16 | fp32 ms | "
               "int8 ms | fp16 ms | chosen |", "|---|---|---|---|---|---|---|---|---|"]
     m = p["metric"]

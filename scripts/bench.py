@@ -202,7 +202,7 @@ def ort_quantize(path, name, calib, out_dir):
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter({name: c} for c in calib)
+            self.it = iter(c if isinstance(c, dict) else {name: c} for c in calib)  # samples or input dicts
 
         def get_next(self):
             return next(self.it, None)

@@ -100,21 +100,22 @@ DET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
 DET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
 
 
-def det_set(n: int, seed: int, size: int = 320) -> np.ndarray:
-    """``x [n,1,3,size,size]``: pages of 3-6 rendered text lines on a light background, normalized
-    as PP-OCR's detector expects (ImageNet mean and std)."""
+def det_set(n: int, seed: int, size: int = 320, width: int | None = None) -> np.ndarray:
+    """``x [n,1,3,size,width]`` (width: ``size``): pages of 3-6 rendered text lines on a light
+    background, normalized as PP-OCR's detector expects (ImageNet mean and std)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
+    width = width or size
     xs = []
     for _ in range(n):
         bg = int(rng.integers(200, 256))
-        page = Image.new("RGB", (size, size), (bg, bg, bg))
+        page = Image.new("RGB", (width, size), (bg, bg, bg))
         for _ in range(rng.integers(3, 7)):
             line = render_line(random_text(rng), rng)
-            if line.width > size - 8:
-                line = line.resize((size - 8, max(8, line.height * (size - 8) // line.width)))
-            page.paste(line, (int(rng.integers(0, size - line.width)), int(rng.integers(0, size - line.height))))
+            if line.width > width - 8:
+                line = line.resize((width - 8, max(8, line.height * (width - 8) // line.width)))
+            page.paste(line, (int(rng.integers(0, width - line.width)), int(rng.integers(0, size - line.height))))
         arr = np.asarray(page).astype(np.float32).transpose(2, 0, 1) / 255.0
         xs.append(((arr - DET_MEAN) / DET_STD)[None])
     return np.stack(xs)

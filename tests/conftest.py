@@ -67,6 +67,21 @@ def residual_model(c=8, hw=8, seed=0):
     return make_model(nodes, [("x", [1, c, hw, hw])], [("y", [1, c, hw, hw])], inits)
 
 
+def unary_module(op, shape, dtype="float32"):
+    """A Relax module ``main(x) = op(x)`` for ``x`` of ``shape`` and ``dtype``."""
+    from tvm import relax
+
+    from tvmq._compat import TensorType
+
+    x = relax.Var("x", TensorType(tuple(shape), dtype))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(op(x))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
 def random_samples(shape, n=16, seed=1, name="x", low=-1.0, high=1.0):
     rng = np.random.default_rng(seed)
     return [{name: rng.uniform(low, high, shape).astype(np.float32)} for _ in range(n)]

@@ -3,21 +3,15 @@
 import numpy as np
 import pytest
 import tvm
+from conftest import unary_module
 from tvm import relax
 
-from tvmq._compat import TensorType
 from tvmq.execute import HostModule
 from tvmq.passes import FastMath, count_ops
 
 
 def _unary(op, dtype="float32", n=4096):
-    x = relax.Var("x", TensorType((n,), dtype))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit_output(op(x))
-        bb.emit_func_output(y)
-    return bb.get()
+    return unary_module(op, (n,), dtype)
 
 
 def _erf(x):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tvm
+from conftest import unary_module
 from tvm import relax
 
 from tvmq._compat import tir
@@ -10,13 +11,7 @@ from tvmq.pipeline import build, lower
 
 
 def _nhwc_module(op):
-    x = relax.Var("x", relax.TensorType((1, 6, 10, 40), "float32"))
-    bb = relax.BlockBuilder()
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            y = bb.emit_output(op(x))
-        bb.emit_func_output(y)
-    return bb.get()
+    return unary_module(op, (1, 6, 10, 40))
 
 
 OPS = {

@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tvmq.config import DEFAULT_MIN_SQNR
 from tvmq.errors import TvmqError
 
-__all__ = ["Metric", "OutputParts", "parse_output_slice", "concat_slices", "DEFAULT_MIN_SQNR", "LayerInfo", "Analysis", "analyse", "search", "fallback_plan", "config_for", "latency",
+__all__ = ["Metric", "OutputParts", "parse_output_slice", "concat_slices", "LayerInfo", "Analysis", "analyse", "search", "fallback_plan", "config_for", "latency",
            "float_layers_by_saving"]
 
 
@@ -123,19 +122,23 @@ def concat_slices(func, output_names: list[str]) -> list[OutputSlice]:
     hides behind the boxes' range. Outputs whose Concat has a symbolic extent get none."""
     from tvm import relax
 
-    from tvmq.passes.patterns import static_shape
+    from tvmq.passes.patterns import FunctionGraph, call_op, static_shape
 
-    values = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    graph = FunctionGraph(func)
+
+    def producer(expr):  # the value behind ``expr``, through ``gv = lv`` aliases
+        return graph.value(graph.resolve(expr)) if isinstance(expr, relax.Var) else expr
+
     ret = func.body.body
     outs = list(ret.fields) if isinstance(ret, relax.Tuple) else [ret]
     slices = []
     for i, out in enumerate(outs):
-        value, reshaped = _producer(out, values), None
-        if _is_op(value, "relax.reshape"):  # a flattening of the dims after the Concat's axis keeps it
-            reshaped, value = static_shape(out), _producer(value.args[0], values)
-        if not _is_op(value, "relax.concat"):
+        value, reshaped = producer(out), None
+        if call_op(value) == "relax.reshape":  # a flattening of the dims after the Concat's axis keeps it
+            reshaped, value = static_shape(out), producer(value.args[0])
+        if call_op(value) != "relax.concat":
             continue
-        parts = values.get(value.args[0], value.args[0])
+        parts = producer(value.args[0])
         shapes = [static_shape(p) for p in parts.fields] if isinstance(parts, relax.Tuple) else [None]
         if len(shapes) < 2 or any(s is None for s in shapes):
             continue
@@ -149,23 +152,6 @@ def concat_slices(func, output_names: list[str]) -> list[OutputSlice]:
             slices.append(OutputSlice(i, axis, start, stop, f"{output_names[i]}[{':, ' * axis}{start}:{stop}]"))
             start = stop
     return slices
-
-
-def _producer(var, values):
-    """The value ``var`` is bound to, through aliases (``gv = lv``: a dataflow block's output)."""
-    from tvm import relax
-
-    value = values.get(var, var)
-    while isinstance(value, relax.Var) and value in values:
-        value = values[value]
-    return value
-
-
-def _is_op(value, name: str) -> bool:
-    import tvm
-    from tvm import relax
-
-    return isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) and value.op.name == name
 
 
 @dataclass(frozen=True)

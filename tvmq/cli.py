@@ -76,7 +76,7 @@ def _add_budget_flags(p):
     p.add_argument("--max-drop", type=float, help="--precision auto: largest allowed metric drop from FP32 "
                                                   "(top1: percentage points)")
     p.add_argument("--min-sqnr", type=float, help="--precision auto: smallest allowed SQNR vs FP32 (dB) of every "
-                                                  "output and output part (default with no budget flag: "
+                                                  "output and output part, worst sample (default with no budget flag: "
                                                   f"{DEFAULT_MIN_SQNR:g} dB, about cosine 0.995)")
     p.add_argument("--output-slice", action="append", default=[], metavar="NAME:[AXIS:]START:STOP",
                    help="--precision auto: judge this part of an output on its own (axis 1 unless given; e.g. "

@@ -39,9 +39,9 @@ class Metric:
     ``python:module:function`` (``function(outputs, labels) -> float``, higher is better).
 
     ``outputs``/``reference`` hold one entry per sample: an array (the model's first output) or
-    a tuple of every output. ``sqnr`` and ``cosine`` judge each output on its own and report the
-    worst (a detector's scores must not hide behind its boxes); ``top1`` and ``python:`` metrics
-    see the first output.
+    a tuple of every output. ``sqnr`` and ``cosine`` judge each output of each sample on its own
+    and report the worst (a detector's scores must not hide behind its boxes, nor one hard input
+    behind many easy ones); ``top1`` and ``python:`` metrics see the first output.
     """
 
     kind: str = "sqnr"
@@ -61,16 +61,9 @@ class Metric:
                            for i in range(len(outputs[0])))
             outputs, reference = [o[0] for o in outputs], [r[0] for r in reference]
         if self.kind == "sqnr":
-            ref = np.concatenate([r.ravel() for r in reference]).astype(np.float64)
-            out = np.concatenate([o.ravel() for o in outputs]).astype(np.float64)
-            noise = np.sum((out - ref) ** 2)
-            return float("inf") if noise == 0 else float(10 * np.log10(max(np.sum(ref**2), 1e-30) / noise))
+            return min(_sample_sqnr(o, r) for o, r in zip(outputs, reference))
         if self.kind == "cosine":
-            vals = []
-            for o, r in zip(outputs, reference):
-                o, r = o.ravel().astype(np.float64), r.ravel().astype(np.float64)
-                vals.append(float(o @ r / max(np.linalg.norm(o) * np.linalg.norm(r), 1e-30)))
-            return float(np.mean(vals))
+            return min(_sample_cosine(o, r) for o, r in zip(outputs, reference))
         if self.kind == "top1":
             return float(np.mean([np.argmax(o) == y for o, y in zip(outputs, labels)]))
         return float(self.function()(outputs, labels))
@@ -182,8 +175,21 @@ class OutputParts:
                 for i, label in enumerate(self.labels)}
 
 
+def _sample_sqnr(out, ref) -> float:
+    ref, out = np.asarray(ref, np.float64).ravel(), np.asarray(out, np.float64).ravel()
+    noise = np.sum((out - ref) ** 2)
+    return float("inf") if noise == 0 else float(10 * np.log10(max(np.sum(ref**2), 1e-30) / noise))
+
+
+def _sample_cosine(out, ref) -> float:
+    ref, out = np.asarray(ref, np.float64).ravel(), np.asarray(out, np.float64).ravel()
+    if not out.any() and not ref.any():
+        return 1.0
+    return float(out @ ref / max(np.linalg.norm(out) * np.linalg.norm(ref), 1e-30))
+
+
 def sqnr_db(outputs, reference) -> float:
-    """Output SQNR (dB) of ``outputs`` against ``reference`` (lists of arrays)."""
+    """Output SQNR (dB) of ``outputs`` against ``reference`` (lists of arrays): the worst sample."""
     return Metric("sqnr")(outputs, reference)
 
 

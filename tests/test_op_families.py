@@ -3,7 +3,8 @@
 Detectors, segmentation heads, transformers and recognisers put these ops around their convs and
 matmuls: Resize (FPN / DB upsampling), Erf GELU and LayerNorm (decomposed, as Paddle exports it,
 and as the ONNX op), attention (products of two activations, Softmax), HardSwish/HardSigmoid
-(PP-LCNet), Split/Slice/Concat heads (YOLO), MaxPool pyramids (SPPF). For each: the FP32 build
+(PP-LCNet), Split/Slice/Concat heads (YOLO), MaxPool pyramids (SPPF), 1-D convolutions (audio
+front ends such as Silero VAD's). For each: the FP32 build
 equals ONNX Runtime, the int8 build keeps its output within an SQNR floor, and the layers around
 the op really run as integer kernels.
 """
@@ -121,7 +122,21 @@ def yolo_head_model():
     return make_model(nodes, [("x", [1, 3, 8, 8])], [("y", [1, 10, 64])], inits), 4
 
 
-FAMILIES = {"resize": resize_model, "transformer": transformer_model, "lcnet": lcnet_model,
+def conv1d_model():
+    """An audio front end: a strided 1-D conv with bias (an STFT as a conv), Relu, a dilated one,
+    a grouped one, Relu, a pointwise one; input ``[batch 2, 1, 64]``."""
+    c1 = lambda name, x, w, y, k, **kw: helper.make_node("Conv", [x, w] + (["b0"] if name == "stft" else []), [y],  # noqa: E731
+                                                        name=name, kernel_shape=[k], **kw)
+    nodes = [c1("stft", "x", "w0", "a", 8, strides=[4], pads=[2, 2]), helper.make_node("Relu", ["a"], ["b"], name="r0"),
+             c1("dilated", "b", "w1", "c", 3, dilations=[2], pads=[2, 2]),
+             c1("grouped", "c", "w2", "d", 3, group=2, pads=[1, 1]), helper.make_node("Relu", ["d"], ["e"], name="r1"),
+             c1("pointwise", "e", "w3", "y", 1)]
+    inits = [("w0", _w(16, 1, 8)), ("b0", _w(16, scale=0.1)), ("w1", _w(16, 16, 3, scale=0.15)),
+             ("w2", _w(16, 8, 3, scale=0.2)), ("w3", _w(8, 16, 1, scale=0.2))]
+    return make_model(nodes, [("x", [2, 1, 64])], [("y", [2, 8, 16])], inits), 4
+
+
+FAMILIES = {"conv1d": conv1d_model, "resize": resize_model, "transformer": transformer_model, "lcnet": lcnet_model,
             "yolo_head": yolo_head_model}
 
 
@@ -144,3 +159,30 @@ def test_op_family_compiles_equal_to_onnx_runtime_in_fp32_and_int8_within_its_fl
     integer = {k.func for k in reduction_kernels(lowered)
                if k.accum_dtype == "int32" and set(k.operand_dtypes) <= {"int8", "uint8"}}
     assert sum(1 for f in call_order(lowered) if f in integer) == int8_layers  # one call per int8 layer
+
+
+def test_conv1d_becomes_a_height_1_conv2d_and_other_convs_are_untouched():
+    import tvm
+    from tvm import relax
+
+    from tvmq.passes import Conv1dToConv2d
+
+    def build(one_d: bool, rewritten: bool):
+        x = relax.Var("x", relax.TensorType((2, 4, 16) if one_d else (2, 4, 1, 16), "float32"))
+        w = relax.const(np.ones((8, 2, 3) if one_d else (8, 2, 1, 3), np.float32))
+        bb = relax.BlockBuilder()
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                if one_d and not rewritten:
+                    y = bb.emit_output(relax.op.nn.conv1d(x, w, strides=2, padding=(1, 2), dilation=3, groups=2))
+                else:
+                    x4 = bb.emit(relax.op.expand_dims(x, 2)) if one_d else x
+                    w4 = bb.emit(relax.op.expand_dims(w, 2)) if one_d else w
+                    c = relax.op.nn.conv2d(x4, w4, strides=[1, 2], padding=[0, 1, 0, 2], dilation=[1, 3], groups=2)
+                    y = bb.emit_output(relax.op.squeeze(bb.emit(c), [2]) if one_d else c)
+            bb.emit_func_output(y)
+        return bb.get()
+
+    tvm.ir.assert_structural_equal(Conv1dToConv2d()(build(True, False)), build(True, True))
+    untouched = build(False, False)  # a conv2d of height 1 already: must not touch
+    tvm.ir.assert_structural_equal(Conv1dToConv2d()(untouched), untouched)

@@ -14,7 +14,7 @@ from tvmq.config import ActivationSpec, CalibrationMethod, QuantConfig, Requanti
 from tvmq.errors import TvmqError
 from tvmq.plan import LayerPlan, QuantPlan
 from tvmq.qparams import activation_qparams
-from tvmq.passes import ConvertToNHWC, ConvTransposeToConv, DivideToMultiply, FoldConstantsNumpy, FoldQDQ, InsertQDQ
+from tvmq.passes import Conv1dToConv2d, ConvertToNHWC, ConvTransposeToConv, DivideToMultiply, FoldConstantsNumpy, FoldQDQ, InsertQDQ
 from tvmq.passes.patterns import FunctionGraph, dtype_of, find_layers, static_shape
 
 __all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs", "smooth", "finish"]
@@ -40,6 +40,7 @@ def prepare(mod: tvm.IRModule, params: Mapping[str, np.ndarray] | None = None, l
             *([relax.transform.FoldBatchnormToConv2D()] if fold_batchnorm else []),
             relax.transform.DecomposeOpsForInference(),
             ConvTransposeToConv(),
+            Conv1dToConv2d(),
             FoldConstantsNumpy(),
             relax.transform.FoldConstant(),
             DivideToMultiply(),

@@ -262,7 +262,10 @@ def _float_reasons(qm) -> dict:
     return out
 
 
-def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path) -> dict:
+PLANS = ("default", "all_int8", "auto")
+
+
+def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLANS) -> dict:
     from tvmq.build import AutoPrecision, quantized_module
     from tvmq.config import QuantConfig
     from tvmq.execute import HostModule
@@ -281,6 +284,8 @@ def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path) -> dict:
     builds = {}
     for label, kwargs in (("default", {}), ("all_int8", {"config": QuantConfig(int8_everywhere=True)}),
                           ("auto", {"precision": "auto", "auto": AutoPrecision()})):
+        if label not in plans:
+            continue
         t0 = time.perf_counter()
         qm = quantized_module(str(path), preset, raw=calib, shapes=shapes, **kwargs)
         module = HostModule(qm.module, preset)
@@ -320,12 +325,16 @@ def table(results: dict, header: str) -> str:
         ms = r["ms"]
         best = min(v for k, v in ms.items() if k.startswith("ort"))
         ort_acc = r["ort_int8"].get("accuracy", {})
-        acc = "; ".join(f"{p} {r['all_int8']['accuracy'][p]:.4f} / {r['auto']['accuracy'][p]:.4f} / "
-                        + (f"{ort_acc[p]:.4f}" if p in ort_acc else "n/a") for p in r["auto"]["accuracy"])
+        plans = [r.get(k, {}) for k in ("all_int8", "auto")] + [{"accuracy": ort_acc}]
+        parts = next((list(p["accuracy"]) for p in plans if p.get("accuracy")), [])
+        acc = "; ".join(f"{part} " + " / ".join(f"{p['accuracy'][part]:.4f}" if part in p.get("accuracy", {}) else "n/a"
+                                                for p in plans) for part in parts)
         fmt = lambda k: f"{ms[k]:.2f}" if k in ms else "n/a"  # noqa: E731
-        layers = f"{r['default']['plan']['int8']}, {r['auto']['plan']['int8']} of {r['auto']['plan']['layers']}"
+        int8 = lambda k: str(r[k]["plan"]["int8"]) if k in r else "n/a"  # noqa: E731
+        layers = f"{int8('default')}, {int8('auto')} of {r.get('default', r.get('auto', {})).get('plan', {}).get('layers', '?')}"
+        ratio = f"{ms['auto'] / best:.2f}x" if "auto" in ms else "n/a"
         lines.append(f"| {name} | {r['family']} | {fmt('ort_fp32')} | {fmt('ort_int8')} | {fmt('tvm_fp32')} | "
-                     f"{fmt('default')} | {fmt('all_int8')} | {fmt('auto')} | {ms['auto'] / best:.2f}x | {acc} | "
+                     f"{fmt('default')} | {fmt('all_int8')} | {fmt('auto')} | {ratio} | {acc} | "
                      f"{layers} | {sum(r['compile_s'].values()):.0f} |")
     return "\n".join(lines)
 
@@ -346,6 +355,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--n-calib", type=int, default=16)
     ap.add_argument("--n-eval", type=int, default=8)
+    ap.add_argument("--plans", default=",".join(PLANS), help=f"tvmq plans to build (default: {','.join(PLANS)})")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tvmq" / "zoo")
     ap.add_argument("--json", type=Path, help="write (and, with --resume, read back) the results")
     ap.add_argument("--resume", action="store_true", help="keep the models already in --json")
@@ -368,7 +378,8 @@ def main(argv=None) -> int:
         print(f"[{name}] compiling and measuring...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                results[name] = measure(name, zoo[name], args.target, args.runs, args.n_calib, args.n_eval, Path(tmp))
+                results[name] = measure(name, zoo[name], args.target, args.runs, args.n_calib, args.n_eval, Path(tmp),
+                                        plans=args.plans.split(","))
             except Exception as err:  # noqa: BLE001 - one model's failure is a row, not the end of the run
                 results[name] = {"family": zoo[name][0], "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
         if args.json:

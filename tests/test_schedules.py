@@ -196,3 +196,42 @@ def test_int8_register_tile_fits_the_register_file(preset):
     # the widest tile that fits is taken: AVX2 fills 12 accumulators where the extents allow
     if preset == "x86-avx2":
         assert rule.tile(960, 30, 8, dot=True) == (6, 2)
+
+
+@pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512"])
+def test_float_tiles_of_rows_with_no_small_divisor_are_exact(preset):
+    """A float tile need not divide the row (YOLO's 13x13, PP-LCNet's 7x7 maps; depthwise convs
+    too): the last tile of each row is predicated, and every pixel still equals ONNX Runtime's
+    (reference kernels)."""
+    import onnxruntime as ort
+    from conftest import conv_model, matmul_model
+
+    from tvmq.execute import HostModule
+    from tvmq.frontend import load_onnx
+    from tvmq.quantize import prepare
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    rng = np.random.default_rng(3)
+    for model, shape in [(conv_model(cin=32, cout=48, hw=13)[0], [1, 32, 13, 13]),
+                         (conv_model(cin=32, cout=32, groups=32, hw=19)[0], [1, 32, 19, 19]),
+                         (conv_model(cin=16, cout=32, k=1, pad=0, hw=7)[0], [1, 16, 7, 7]),
+                         (matmul_model(k=64, n=32, batch=25)[0], [25, 64])]:
+        x = rng.normal(0, 1, shape).astype(np.float32)
+        ref = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        mod, _ = load_onnx(model)
+        got = HostModule(prepare(mod), preset)(x)[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_a_float_tile_keeps_its_rows_in_l1_and_covers_ragged_rows():
+    """Float tiles: one channel block by up to 8 pixels (up to 16 where that covers the row
+    exactly), within the accumulator registers (AVX2's 16-lane accumulators take two of its
+    16 registers each)."""
+    from tvmq.targets import get_preset
+    from tvmq.targets.schedules import PackedKernelRule
+
+    avx512, avx2 = (PackedKernelRule(None, get_preset(p).vector_registers, get_preset(p).vector_lanes)
+                    for p in ("x86-avx512", "x86-avx2"))
+    assert [avx512.tile(x, 24, 16, dot=False) for x in (13, 7, 56, 52, 1)] == [(13, 1), (7, 1), (8, 1), (13, 1), (1, 1)]
+    assert all(avx2.tile(x, 24, 16, dot=False)[0] * 2 <= 12 for x in (13, 7, 56, 52, 208))

@@ -250,15 +250,19 @@ def _ort_int8(path, calib, evals, workdir):
 
 
 def _float_reasons(qm) -> dict:
-    """Layers (conv/matmul) the plan leaves float, by reason."""
+    """Layers (conv/matmul/add) the plan leaves float, by reason."""
     plan = qm.plan
     out = {"layers": len(plan.layers), "int8": plan.count("int8"), "fp32": plan.count("fp32")}
     speed = set(plan.kept_float)
+    # a residual add runs int8 only between int8 layers
+    adds = {n for n, lp in plan.layers.items() if lp.kind == "add" and lp.precision != "int8"} - speed
     if speed:
         out["float: int8 no faster on the ISA"] = len(speed)
+    if adds:
+        out["float: add beside a float layer"] = len(adds)
     if qm.precision:
-        out["float: accuracy budget"] = sum(1 for n, p in qm.precision["assignment"].items() if p == "fp32") - len(
-            speed & {n for n, p in qm.precision["assignment"].items() if p == "fp32"})
+        out["float: accuracy budget"] = sum(1 for n, p in qm.precision["assignment"].items()
+                                            if p == "fp32" and n not in speed | adds)
     return out
 
 

@@ -16,34 +16,23 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .patterns import call_op, rewrite_functions
+from .patterns import out_dtype_attr, rewrite_calls
 
 __all__ = ["Conv1dToConv2d"]
 
 
-@relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod):
-        super().__init__(mod)
-        self.rewritten = 0
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if call_op(call) != "relax.nn.conv1d":
-            return call
-        a = call.attrs
-        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout)) != ("NCW", "OIW", "NCW"):
-            return call
-        data, weight = call.args
-        left, right = (int(p) for p in a.padding)
-        out_dtype = str(a.out_dtype) if str(a.out_dtype) not in ("", "void", "None") else None
-        x = self.builder_.emit(relax.op.expand_dims(data, 2))
-        w = self.builder_.emit(relax.op.expand_dims(weight, 2))
-        y = self.builder_.emit(relax.op.nn.conv2d(x, w, strides=[1, int(a.strides[0])], padding=[0, left, 0, right],
-                                                  dilation=[1, int(a.dilation[0])], groups=int(a.groups),
-                                                  out_dtype=out_dtype))
-        self.rewritten += 1
-        return relax.op.squeeze(y, [2])
+def _as_conv2d(mutator, call):
+    a = call.attrs
+    if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout)) != ("NCW", "OIW", "NCW"):
+        return None
+    data, weight = call.args
+    left, right = (int(p) for p in a.padding)
+    x = mutator.builder_.emit(relax.op.expand_dims(data, 2))
+    w = mutator.builder_.emit(relax.op.expand_dims(weight, 2))
+    y = mutator.builder_.emit(relax.op.nn.conv2d(x, w, strides=[1, int(a.strides[0])], padding=[0, left, 0, right],
+                                                 dilation=[1, int(a.dilation[0])], groups=int(a.groups),
+                                                 out_dtype=out_dtype_attr(a)))
+    return relax.op.squeeze(y, [2])
 
 
 @tvm.transform.module_pass(opt_level=0, name="Conv1dToConv2d")
@@ -52,6 +41,4 @@ class Conv1dToConv2d:
     other layouts are left alone."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod)
-        new = rewrite_functions(rewriter, mod, remove_unused=True)
-        return new if rewriter.rewritten else mod
+        return rewrite_calls(mod, "relax.nn.conv1d", _as_conv2d)

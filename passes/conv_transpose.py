@@ -18,43 +18,33 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .patterns import bound_constant, call_op, rewrite_functions, static_shape
+from .patterns import bound_constant, out_dtype_attr, rewrite_calls, static_shape
 
 __all__ = ["ConvTransposeToConv"]
 
 
-@relax.expr_functor.mutator
-class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod):
-        super().__init__(mod)
-        self.rewritten = 0
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if call_op(call) != "relax.nn.conv2d_transpose":
-            return call
-        a = call.attrs
-        data, weight = call.args
-        w = bound_constant(self, weight)
-        shape = static_shape(data)
-        if w is None or shape is None or w.ndim != 4:
-            return call
-        kh, kw = int(w.shape[2]), int(w.shape[3])
-        if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout)) != ("NCHW", "IOHW", "NCHW") \
-                or int(a.groups) != 1 or [int(s) for s in a.strides] != [kh, kw] \
-                or any(int(p) for p in a.padding) or any(int(p) for p in a.output_padding) \
-                or any(int(d) != 1 for d in a.dilation):
-            return call
-        c_in, c_out = int(w.shape[0]), int(w.shape[1])
-        n, _, h, width = shape
-        # W'[(o*kh + a)*kw + b, c, 0, 0] = w[c, o, a, b]
-        w1 = np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(c_out * kh * kw, c_in, 1, 1))
-        out_dtype = str(a.out_dtype) if str(a.out_dtype) not in ("", "void", "None") else str(w.dtype)
-        z = self.builder_.emit(relax.op.nn.conv2d(data, relax.const(w1, str(w.dtype)), out_dtype=out_dtype))
-        z = self.builder_.emit(relax.op.reshape(z, [n, c_out, kh, kw, h, width]))
-        z = self.builder_.emit(relax.op.permute_dims(z, [0, 1, 4, 2, 5, 3]))
-        self.rewritten += 1
-        return relax.op.reshape(z, [n, c_out, h * kh, width * kw])
+def _as_conv(mutator, call):
+    a = call.attrs
+    data, weight = call.args
+    w = bound_constant(mutator, weight)
+    shape = static_shape(data)
+    if w is None or shape is None or w.ndim != 4:
+        return None
+    kh, kw = int(w.shape[2]), int(w.shape[3])
+    if (str(a.data_layout), str(a.kernel_layout), str(a.out_layout or a.data_layout)) != ("NCHW", "IOHW", "NCHW") \
+            or int(a.groups) != 1 or [int(s) for s in a.strides] != [kh, kw] \
+            or any(int(p) for p in a.padding) or any(int(p) for p in a.output_padding) \
+            or any(int(d) != 1 for d in a.dilation):
+        return None
+    c_in, c_out = int(w.shape[0]), int(w.shape[1])
+    n, _, h, width = shape
+    # W'[(o*kh + a)*kw + b, c, 0, 0] = w[c, o, a, b]
+    w1 = np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(c_out * kh * kw, c_in, 1, 1))
+    out_dtype = out_dtype_attr(a) or str(w.dtype)
+    z = mutator.builder_.emit(relax.op.nn.conv2d(data, relax.const(w1, str(w.dtype)), out_dtype=out_dtype))
+    z = mutator.builder_.emit(relax.op.reshape(z, [n, c_out, kh, kw, h, width]))
+    z = mutator.builder_.emit(relax.op.permute_dims(z, [0, 1, 4, 2, 5, 3]))
+    return relax.op.reshape(z, [n, c_out, h * kh, width * kw])
 
 
 @tvm.transform.module_pass(opt_level=0, name="ConvTransposeToConv")
@@ -63,6 +53,4 @@ class ConvTransposeToConv:
     depth-to-space; every other transposed convolution is left alone."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        rewriter = _Rewriter(mod)
-        new = rewrite_functions(rewriter, mod, remove_unused=True)
-        return new if rewriter.rewritten else mod
+        return rewrite_calls(mod, "relax.nn.conv2d_transpose", _as_conv)

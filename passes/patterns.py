@@ -86,6 +86,38 @@ def rewrite_functions(rewriter: relax.PyExprMutator, mod, remove_unused: bool = 
     return rewriter.builder_.get()
 
 
+@relax.expr_functor.mutator
+class _CallRewriter(relax.PyExprMutator):
+    def __init__(self, mod, op_name, rewrite):
+        super().__init__(mod)
+        self.op_name, self.rewrite, self.rewritten = op_name, rewrite, 0
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if call_op(call) != self.op_name:
+            return call
+        new = self.rewrite(self, call)
+        if new is None:
+            return call
+        self.rewritten += 1
+        return new
+
+
+def rewrite_calls(mod, op_name: str, rewrite):
+    """``mod`` with every call of ``op_name`` replaced by ``rewrite(mutator, call)`` (which emits
+    through ``mutator.builder_`` and returns the new expression, or None to leave the call alone);
+    bindings left unused are dropped. ``mod`` itself when nothing was rewritten."""
+    rewriter = _CallRewriter(mod, op_name, rewrite)
+    new = rewrite_functions(rewriter, mod, remove_unused=True)
+    return new if rewriter.rewritten else mod
+
+
+def out_dtype_attr(attrs) -> str | None:
+    """A call's ``out_dtype`` attribute, or None where it is unset (``""``/``void``: the input's)."""
+    dtype = str(attrs.out_dtype)
+    return None if dtype in ("", "void", "None") else dtype
+
+
 def bound_constant(mutator: relax.PyExprMutator, expr) -> np.ndarray | None:
     """numpy value of ``expr`` when it is a constant or a variable a mutator's builder bound to one."""
     if isinstance(expr, relax.Var):

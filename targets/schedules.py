@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
@@ -72,21 +73,14 @@ def _weights_outweigh_activations(sch, main) -> bool:
     """The kernel's weights (its last read) hold more bytes than its activations (the read before)."""
     reads = sch.get(main).reads
 
-    def size(region):
-        buf = region.buffer if hasattr(region, "buffer") else region.source
-        n = 1
-        for s in buf.shape:
-            if not isinstance(s, (int, tirx.IntImm)):
-                return None
-            n *= int(s)
-        return n * tvm_dtype_bytes(str(buf.dtype))
+    def size(region):  # 0.27: TensorRegion.source is the buffer
+        buf = region.source
+        if not all(isinstance(s, (int, tirx.IntImm)) for s in buf.shape):
+            return None
+        return math.prod(int(s) for s in buf.shape) * tvm.DataType(str(buf.dtype)).bits // 8
 
     act, weight = size(reads[-2]), size(reads[-1])
     return act is not None and weight is not None and weight > act
-
-
-def tvm_dtype_bytes(dtype: str) -> int:
-    return max(1, int("".join(c for c in dtype if c.isdigit()) or 32) // 8)
 
 
 def _intrinsic_pixels(name: str) -> int:

@@ -3,7 +3,11 @@
 >>> seq = tvm.transform.Sequential([InsertQDQ(plan), FoldQDQ()])   # doctest: +SKIP
 """
 
-from .arith import DivideToMultiply, FastSoftmax, FoldAffineChains
+from .smooth_quant import SmoothQuant
+from .weight_only import WeightOnly
+from .divide_to_multiply import DivideToMultiply
+from .fast_softmax import FastSoftmax
+from .fold_affine_chains import FoldAffineChains
 from .fast_math import FastMath
 from .conv1d import Conv1dToConv2d
 from .conv_transpose import ConvTransposeToConv
@@ -12,6 +16,8 @@ from .fold_qdq import FoldQDQ
 from .insert_qdq import InsertQDQ
 from .layout import ConvertToNHWC
 from .pack_kernels import PackKernels
-from .patterns import count_ops, find_layers
+from .graph import count_ops
+from .layers import find_layers
+from .strip_qdq import has_qdq, strip_qdq
 
-__all__ = ["Conv1dToConv2d", "ConvTransposeToConv", "DivideToMultiply", "FastMath", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "find_layers", "count_ops"]
+__all__ = ["Conv1dToConv2d", "ConvTransposeToConv", "DivideToMultiply", "FastMath", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "SmoothQuant", "WeightOnly", "find_layers", "count_ops", "has_qdq", "strip_qdq"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .patterns import out_dtype_attr, rewrite_calls
+from .graph import out_dtype_attr, rewrite_calls
 
 __all__ = ["Conv1dToConv2d"]
 

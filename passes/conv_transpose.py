@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .patterns import bound_constant, out_dtype_attr, rewrite_calls, static_shape
+from .graph import bound_constant, out_dtype_attr, rewrite_calls, static_shape
 
 __all__ = ["ConvTransposeToConv"]
 

@@ -1,13 +1,14 @@
 """FastMath: float32 sigmoid, tanh, erf and exp as polynomials that vectorize.
 
-Runs in :func:`tvmq.pipeline.relax_passes`, before legalization, so each rewritten op is a small
-elementwise PrimFunc that fuses into the kernel before it (a conv's epilogue). LLVM turns a vector
-``exp`` (what TVM's ``sigmoid`` is made of) into one libm call per lane: a YOLOv8n spent more than
-half its int8 time in the SiLU epilogues of its convs (``x * sigmoid(x)``, 4 ns per element).
-Sigmoid becomes ``1 / (1 + fast_exp(-x))`` with TVM's ``fast_exp`` polynomial; tanh (LSTM cells),
-erf (GELU) and exp go through Relax's own ``FastMathTransform`` (``topi.fast_tanh``,
-``fast_erf``, ``fast_exp``). Runtimes do the same (ONNX Runtime's MLAS computes logistic and tanh
-as rational polynomials). Absolute errors measured: 8e-8 sigmoid, 2.2e-7 tanh, 2.4e-7 erf (tested).
+Runs last in :func:`tvmq.pipeline.relax_passes`, after FastSoftmax and before legalization, so
+each rewritten op is a small elementwise PrimFunc that fuses into the kernel before it (a conv's
+epilogue). LLVM turns a vector ``exp`` (what TVM's ``sigmoid`` is made of) into one libm call per
+lane: a YOLOv8n spent more than half its int8 time in the SiLU epilogues of its convs
+(``x * sigmoid(x)``, 4 ns per element). Sigmoid becomes ``1 / (1 + fast_exp(-x))`` with TVM's
+``fast_exp`` polynomial; tanh (LSTM cells), erf (GELU) and exp go through Relax's own
+``FastMathTransform`` (``topi.fast_tanh``, ``fast_erf``, ``fast_exp``). Runtimes do the same
+(ONNX Runtime's MLAS computes logistic and tanh as rational polynomials). Absolute errors
+measured: 8e-8 sigmoid, 2.2e-7 tanh, 2.4e-7 erf (tested).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from .patterns import call_op, dtype_of, rewrite_functions
+from .graph import call_op, dtype_of, map_functions
 
 __all__ = ["FastMath"]
 
@@ -44,5 +45,6 @@ class FastMath:
     """float32 sigmoid, tanh, erf and exp as vectorizable polynomials (see the module docstring)."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        mod = rewrite_functions(_SigmoidRewriter(mod), mod)
+        rewriter = _SigmoidRewriter(mod)
+        mod = map_functions(mod, rewriter.visit_expr, builder=rewriter.builder_)
         return relax.transform.FastMathTransform()(mod)

@@ -1,5 +1,8 @@
 """FoldConstantsNumpy: evaluate constant arithmetic in numpy.
 
+Runs in :func:`tvmq.prepare`, after ConvTransposeToConv and Conv1dToConv2d and just before
+``relax.transform.FoldConstant``, and again at the end of ConvertToNHWC (transposed weights).
+
 ``relax.transform.FoldConstant`` compiles and runs a kernel for every constant expression,
 which costs seconds on a model whose batch norms were folded into convolutions (8 s for
 PP-OCR's classifier). The handful of ops those expressions use are evaluated here in numpy
@@ -14,7 +17,7 @@ from tvm import relax
 
 from tvmq._compat import FloatImm, IntImm, constant_array, is_constant, make_call
 
-from .patterns import call_op, dtype_of, static_shape
+from .graph import call_op, dtype_of, map_functions, static_shape
 
 __all__ = ["FoldConstantsNumpy"]
 
@@ -54,7 +57,7 @@ def _evaluate(call, args):
 
 
 @relax.expr_functor.mutator
-class _Folder(relax.PyExprMutator):
+class _ConstantFolder(relax.PyExprMutator):
     def _constant(self, expr):
         if isinstance(expr, relax.Var):
             bound = self.lookup_binding(expr)
@@ -99,14 +102,5 @@ class FoldConstantsNumpy:
     """Fold constant elementwise arithmetic, reshapes, transposes and casts with numpy."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        folder = _Folder(mod)
-        updates = {}
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                updates[gv] = relax.analysis.remove_all_unused(folder.visit_expr(func))
-        if not updates:
-            return mod
-        mod = mod.clone()
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        folder = _ConstantFolder(mod)
+        return map_functions(mod, folder.visit_expr, remove_unused=True)

@@ -1,5 +1,10 @@
 """FoldQDQ: turn quantize/dequantize-wrapped layers into integer kernels.
 
+Runs in :func:`tvmq.quantize_pipeline`, right after :class:`InsertQDQ` and before
+``FoldConstant`` and dead-code elimination; what it leaves goes to WeightOnly (when asked for) and
+then to the lowering passes of :func:`tvmq.pipeline.relax_passes` (FoldAffineChains, PackKernels,
+FastSoftmax, FastMath).
+
 Rewrites, on any module holding Relax Q/DQ ops (made by :class:`InsertQDQ` or imported from an
 ONNX QDQ model):
 
@@ -30,7 +35,7 @@ from tvm import relax
 from tvmq.config import RequantizeMode
 from tvmq.qparams import QParams, dtype_range, fixed_point_multiplier
 
-from .patterns import (
+from .graph import (
     DEQUANTIZE,
     QUANTIZE,
     SCALE_PRESERVING_OPS,
@@ -39,9 +44,10 @@ from .patterns import (
     call_op,
     dtype_of,
     evaluate_constant,
-    find_chains,
+    map_functions,
     rebuild_call,
 )
+from .layers import find_chains
 
 __all__ = ["FoldQDQ"]
 
@@ -87,6 +93,25 @@ def _clamp_bounds(qp: QParams, act) -> tuple[int, int]:
     return lo, max(lo, hi)
 
 
+def _accumulator_bias(bias, wsum, sx: float, sw: np.ndarray, zx: int) -> np.ndarray | None:
+    """The int64 constant a linear layer's int32 accumulator adds: the float ``bias`` (per output
+    channel, or None) in accumulator units ``sx * sw``, minus the activation zero point ``zx`` times
+    each channel's weight sum ``wsum``; None when it leaves no room in int32 for the products."""
+    folded_bias = -zx * wsum
+    if bias is not None:
+        # an input never seen non-zero in calibration has the tiniest scale: its bias in
+        # accumulator units is beyond any integer type (the layer then stays float)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            folded = np.round(bias.astype(np.float64) / (sx * sw))
+        if not np.all(np.abs(folded) < 2.0**62):
+            return None
+        folded_bias = folded_bias + folded.astype(np.int64)
+    lo32, hi32 = dtype_range("int32")
+    if np.any(folded_bias < lo32 // 2) or np.any(folded_bias > hi32 // 2):
+        return None  # a bias this large would not leave room for the products
+    return folded_bias
+
+
 def _float_sum(terms, zp_out):
     """``round(sum_i (x_i - off_i) * r_i + zp_out)`` computed as ONNX Runtime's QLinearAdd computes it.
 
@@ -106,7 +131,7 @@ def _float_sum(terms, zp_out):
 
 
 @relax.expr_functor.mutator
-class _Folder(relax.PyExprMutator):
+class _QDQFolder(relax.PyExprMutator):
     def __init__(self, mod, func, mode: RequantizeMode):
         super().__init__(mod)
         self.mode = mode
@@ -206,63 +231,23 @@ class _Folder(relax.PyExprMutator):
 
     # ------------------------------------------------------------------ rewrites
     def _fold_linear(self, var, chain) -> bool:
-        call = chain.call
-        dq = self._dq_of(self.visit_expr(call.args[0]))
-        if dq is None or dq.qp.per_channel:
+        operands = self._linear_operands(chain)
+        if operands is None:
             return False
-        w = self._const_of(self.visit_expr(call.args[1]))
-        if not isinstance(w, QWeight) or w.q.dtype != np.int8 or np.any(w.zero_point != 0):
-            return False
-        out_axis = 0 if chain.kind == "conv2d" else w.q.ndim - 1
-        if w.scale.ndim == 1 and w.axis != out_axis:
-            return False
-        if chain.kind == "matmul" and w.q.ndim != 2:
-            return False
+        dq, w = operands
         channels = chain.out_shape[chain.channel_axis]
         sw = np.broadcast_to(w.scale.astype(np.float64), (channels,))
         sx, zx = float(dq.qp.scale), int(dq.qp.zero_point)
-        data = dq.data
         weight = relax.const(w.q, "int8")
         if chain.kind == "conv2d":
-            attrs = call.attrs
-            top, left, bottom, right = (int(p) for p in attrs.padding)
-            padding = [top, left, bottom, right]
-            if zx != 0 and any(padding):
-                # Padding must hold the zero point (real 0), not integer 0.
-                layout = str(attrs.data_layout)
-                pad_width = [0] * 8
-                pad_width[2 * layout.index("H") : 2 * layout.index("H") + 2] = [top, bottom]
-                pad_width[2 * layout.index("W") : 2 * layout.index("W") + 2] = [left, right]
-                data = self._emit(relax.op.nn.pad(data, pad_width, pad_value=float(zx)))
-                padding = [0, 0, 0, 0]
-            acc = relax.op.nn.conv2d(
-                data,
-                weight,
-                strides=attrs.strides,
-                padding=padding,
-                dilation=attrs.dilation,
-                groups=int(attrs.groups),
-                data_layout=str(attrs.data_layout),
-                kernel_layout=str(attrs.kernel_layout),
-                out_layout=str(attrs.out_layout or attrs.data_layout),
-                out_dtype="int32",
-            )
+            acc = self._int_conv2d(chain.call, dq.data, weight, zx)
             wsum = w.q.astype(np.int64).reshape(channels, -1).sum(axis=1)
         else:
-            acc = relax.op.matmul(data, weight, out_dtype="int32")
+            acc = relax.op.matmul(dq.data, weight, out_dtype="int32")
             wsum = w.q.astype(np.int64).sum(axis=0)
-        bias = -zx * wsum
-        if chain.bias is not None:
-            # an input never seen non-zero in calibration has the tiniest scale: its bias in
-            # accumulator units is beyond any integer type (the layer then stays float)
-            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                folded = np.round(chain.bias.astype(np.float64) / (sx * sw))
-            if not np.all(np.abs(folded) < 2.0**62):
-                return False
-            bias = bias + folded.astype(np.int64)
-        lo32, hi32 = dtype_range("int32")
-        if np.any(bias < lo32 // 2) or np.any(bias > hi32 // 2):
-            return False  # a bias this large would not leave room for the products
+        bias = _accumulator_bias(chain.bias, wsum, sx, sw, zx)
+        if bias is None:
+            return False
         acc = self._emit(acc)
         ndim = len(chain.out_shape)
         if np.any(bias != 0):
@@ -278,6 +263,51 @@ class _Folder(relax.PyExprMutator):
         self._bind(var, y)
         self.folded += 1
         return True
+
+    def _linear_operands(self, chain) -> tuple[_DQ, QWeight] | None:
+        """The dequantized activation and the int8 weight of a conv2d / matmul chain, or None
+        when the layer cannot run in integers (per-channel activation, asymmetric weight, weight
+        scales along another axis than the output channels)."""
+        call = chain.call
+        dq = self._dq_of(self.visit_expr(call.args[0]))
+        if dq is None or dq.qp.per_channel:
+            return None
+        w = self._const_of(self.visit_expr(call.args[1]))
+        if not isinstance(w, QWeight) or w.q.dtype != np.int8 or np.any(w.zero_point != 0):
+            return None
+        out_axis = 0 if chain.kind == "conv2d" else w.q.ndim - 1
+        if w.scale.ndim == 1 and w.axis != out_axis:
+            return None
+        if chain.kind == "matmul" and w.q.ndim != 2:
+            return None
+        return dq, w
+
+    def _int_conv2d(self, call, data, weight, zx: int):
+        """``call`` (a float conv2d) on integers, accumulating in int32; padding with the zero
+        point ``zx`` is emitted as an explicit pad."""
+        attrs = call.attrs
+        top, left, bottom, right = (int(p) for p in attrs.padding)
+        padding = [top, left, bottom, right]
+        if zx != 0 and any(padding):
+            # Padding must hold the zero point (real 0), not integer 0.
+            layout = str(attrs.data_layout)
+            pad_width = [0] * 8
+            pad_width[2 * layout.index("H") : 2 * layout.index("H") + 2] = [top, bottom]
+            pad_width[2 * layout.index("W") : 2 * layout.index("W") + 2] = [left, right]
+            data = self._emit(relax.op.nn.pad(data, pad_width, pad_value=float(zx)))
+            padding = [0, 0, 0, 0]
+        return relax.op.nn.conv2d(
+            data,
+            weight,
+            strides=attrs.strides,
+            padding=padding,
+            dilation=attrs.dilation,
+            groups=int(attrs.groups),
+            data_layout=str(attrs.data_layout),
+            kernel_layout=str(attrs.kernel_layout),
+            out_layout=str(attrs.out_layout or attrs.data_layout),
+            out_dtype="int32",
+        )
 
     def _fold_quantize(self, var, call) -> bool:
         src = call.args[0]
@@ -378,18 +408,9 @@ class FoldQDQ:
         self.requantize = RequantizeMode(requantize)
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        updates = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
+        def fold(func):
             if not any(call_op(v) in (QUANTIZE, DEQUANTIZE) for v in FunctionGraph(func).values.values()):
-                continue
-            folder = _Folder(mod, func, self.requantize)
-            new_func = folder.visit_expr(func)
-            updates[gv] = relax.analysis.remove_all_unused(new_func)
-        if not updates:
-            return mod
-        mod = mod.clone()
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+                return None
+            return _QDQFolder(mod, func, self.requantize).visit_expr(func)
+
+        return map_functions(mod, fold, remove_unused=True)

@@ -1,5 +1,9 @@
 """InsertQDQ: wrap the layers a plan marks int8 in quantize/dequantize pairs.
 
+Runs first in :func:`tvmq.quantize_pipeline`, on the prepared float module (:func:`tvmq.prepare`),
+with the plan :func:`tvmq.quantize.calibrate` made (or :func:`~tvmq.passes.strip_qdq` read from a
+pre-quantized model); :class:`FoldQDQ` runs next.
+
 After this pass the module is a *fake-quantized* float program: it runs, and its numbers are
 what the integer program will compute (up to accumulation order), which makes it the
 reference :class:`FoldQDQ` is checked against.
@@ -24,7 +28,8 @@ from tvmq._compat import TensorType
 from tvmq.plan import QuantPlan
 from tvmq.qparams import QParams, quantize_weight
 
-from .patterns import FunctionGraph, find_layers, rebuild_call
+from .graph import FunctionGraph, map_functions, rebuild_call
+from .layers import find_layers
 
 __all__ = ["InsertQDQ"]
 
@@ -138,7 +143,7 @@ class _Inserter(relax.PyExprMutator):
         if root_key not in self.memo:
             self.memo[root_key] = self._fake_quant(self.visit_expr(root), qp)
         cur = self.memo[root_key]
-        for var, call in path:
+        for _, call in path:
             visited = self.visit_expr(call)
             cur = self.builder_.emit(rebuild_call(visited, cur))
         self.memo[key] = cur
@@ -200,21 +205,11 @@ class InsertQDQ:
         self.plan = plan
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        updates = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, relax.Function):
-                continue
+        def insert(func):
             inserter = _Inserter(mod, func, self.plan)
-            if not inserter.anchors:
-                continue
-            new_func = inserter.visit_expr(func)
-            updates[gv] = relax.analysis.remove_all_unused(new_func)
-        if not updates:
-            return mod
-        mod = mod.clone()
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+            return inserter.visit_expr(func) if inserter.anchors else None
+
+        return map_functions(mod, insert, remove_unused=True)
 
 
 def _with_out_dtype(call, args, out_dtype):

@@ -1,5 +1,9 @@
 """ConvertToNHWC: channels-last activations, so int8 kernels can use dot-product instructions.
 
+Runs last in :func:`tvmq.prepare` (``layout="NHWC"``, the default), after constant folding and
+DivideToMultiply, so calibration, InsertQDQ and FoldQDQ see the NHWC graph that PackKernels
+packs; it ends with FoldConstantsNumpy and ``FoldConstant`` for the transposed weights.
+
 x86 VNNI and ARM sdot multiply four consecutive int8 reduction elements; in NHWC the input
 channels of one pixel are consecutive, and depthwise and elementwise kernels vectorize over
 channels. ``relax.transform.ConvertLayout`` does the work, but in TVM 0.27 ``R.clip`` (and
@@ -17,7 +21,8 @@ from tvm import relax
 from tvmq._compat import constant_array, is_constant, make_call
 
 from .fold_constants import FoldConstantsNumpy
-from .patterns import Activation, FunctionGraph, call_op, dtype_of
+from .graph import FunctionGraph, call_op, dtype_of, map_functions, relax_functions
+from .layers import Activation
 
 __all__ = ["ConvertToNHWC"]
 
@@ -88,17 +93,6 @@ class _MinMaxToClip(relax.PyExprMutator):
         return super().visit_call_(call)
 
 
-def _map_functions(mod, make):
-    updates = {}
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            updates[gv] = relax.analysis.remove_all_unused(make(mod, func).visit_expr(func))
-    mod = mod.clone()
-    for gv, func in updates.items():
-        mod[gv] = func
-    return mod
-
-
 @tvm.transform.module_pass(opt_level=0, name="ConvertToNHWC")
 class ConvertToNHWC:
     """Convert conv2d and pooling to NHWC (weights OHWI) and propagate the layout."""
@@ -106,13 +100,13 @@ class ConvertToNHWC:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         has_conv = any(
             call_op(v) == "relax.nn.conv2d" and str(v.attrs.data_layout) == "NCHW"
-            for _, f in mod.functions_items()
-            if isinstance(f, relax.Function)
+            for _, f in relax_functions(mod)
             for v in FunctionGraph(f).values.values()
         )
         if not has_conv:
             return mod
-        mod = _map_functions(mod, lambda m, f: _ClipToMinMax(m))
-        mod = relax.transform.ConvertLayout(DESIRED_LAYOUTS)(mod)
-        mod = _map_functions(mod, lambda m, f: _MinMaxToClip(m, FunctionGraph(f)))
-        return tvm.transform.Sequential([FoldConstantsNumpy(), relax.transform.FoldConstant()])(mod)
+        scalar = map_functions(mod, lambda f: _ClipToMinMax(mod).visit_expr(f), remove_unused=True)
+        converted = relax.transform.ConvertLayout(DESIRED_LAYOUTS)(scalar)
+        clipped = map_functions(converted, lambda f: _MinMaxToClip(converted, FunctionGraph(f)).visit_expr(f),
+                                remove_unused=True)
+        return tvm.transform.Sequential([FoldConstantsNumpy(), relax.transform.FoldConstant()])(clipped)

@@ -1,5 +1,10 @@
 """PackKernels: emit conv2d/matmul in the weight layouts fast CPU kernels read.
 
+Runs in :func:`tvmq.pipeline.relax_passes` (LLVM targets), on the quantized NHWC module (layout
+from ConvertToNHWC in :func:`tvmq.prepare`, int8 conv2d/matmul from FoldQDQ): after
+FoldAffineChains, before FastSoftmax, FastMath and legalization, so the packed kernels are the
+PrimFuncs that fusion gives their epilogues and tvmq's schedule rules then schedule.
+
 An int8 micro-kernel (:mod:`tvmq.targets.intrinsics`) adds, into each of ``lanes`` int32
 accumulators (one per output channel), the dot product of ``k`` consecutive input channels of
 one pixel with that output channel's ``k`` weights: ``k = 4`` for the dot-product instructions
@@ -15,9 +20,9 @@ Depthwise convolutions (int8 or float) get their weights as ``[KH, KW, C]`` so a
 channels is one contiguous load.
 
 The kernels are emitted as TE computes with named blocks (``tvmq_dot_conv2d``,
-``tvmq_dot_matmul``, ``tvmq_depthwise``) that tvmq's schedule rules tile and tensorize. Layers
-whose output channels are not a multiple of a supported lane count keep the plain
-``conv2d``/``matmul``.
+``tvmq_dot_matmul``, ``tvmq_depthwise``, ...; the names live in :mod:`tvmq.targets.kernel_names`)
+that tvmq's schedule rules (:mod:`tvmq.targets.schedules`) tile and tensorize. Layers whose
+output channels are not a multiple of a supported lane count keep the plain ``conv2d``/``matmul``.
 """
 
 from __future__ import annotations
@@ -26,17 +31,26 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from .patterns import Activation, bound_constant, call_op, dtype_of, rewrite_functions, static_shape
+from tvmq.targets.kernel_names import (
+    CONV_BLOCK,
+    CONV_FUNC,
+    CROP_BLOCK,
+    DEPTHWISE_BLOCK,
+    DEPTHWISE_FUNC,
+    FMA_CONV_BLOCK,
+    FMA_CONV_FUNC,
+    FMA_MATMUL_BLOCK,
+    FMA_MATMUL_FUNC,
+    MATMUL_BLOCK,
+    MATMUL_FUNC,
+    UNPAIR_BLOCK,
+)
+
+from .graph import bound_constant, call_op, dtype_of, map_functions, static_shape
+from .layers import Activation
 
 __all__ = ["PackKernels", "CONV_BLOCK", "MATMUL_BLOCK", "DEPTHWISE_BLOCK", "pack_conv_weight", "pack_matmul_weight"]
 
-CONV_BLOCK = "tvmq_dot_conv2d"
-MATMUL_BLOCK = "tvmq_dot_matmul"
-DEPTHWISE_BLOCK = "tvmq_depthwise"
-FMA_CONV_BLOCK = "tvmq_fma_conv2d"
-FMA_MATMUL_BLOCK = "tvmq_fma_matmul"
-CROP_BLOCK = "tvmq_crop"
-UNPAIR_BLOCK = "tvmq_unpair"
 PAIR_K = 8  # input channels per step of the two-pixel micro-kernel (smmla); no other kernel has 8
 
 
@@ -308,7 +322,7 @@ class _Packer(relax.PyExprMutator):
         wp = relax.const(pack_conv_weight(w, lanes, k), "int8")
         compute = _conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
         self.packed += 1
-        return self.builder_.normalize(self.builder_.call_te(compute, data, wp, primfunc_name_hint="tvmq_conv2d"))
+        return self.builder_.normalize(self.builder_.call_te(compute, data, wp, primfunc_name_hint=CONV_FUNC))
 
     def _depthwise(self, call):
         """groups == channels: weights to [KH, KW, C] so channels are contiguous (int8 or float)."""
@@ -328,7 +342,7 @@ class _Packer(relax.PyExprMutator):
         wk = relax.const(np.ascontiguousarray(w[:, :, :, 0].transpose(1, 2, 0)), str(w.dtype))
         compute = _depthwise_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], out_dtype)
         self.packed += 1
-        return self.builder_.normalize(self.builder_.call_te(compute, data, wk, primfunc_name_hint="tvmq_depthwise"))
+        return self.builder_.normalize(self.builder_.call_te(compute, data, wk, primfunc_name_hint=DEPTHWISE_FUNC))
 
     def _float_conv(self, call):
         a = call.attrs
@@ -343,7 +357,7 @@ class _Packer(relax.PyExprMutator):
         wp = relax.const(pack_float_conv_weight(w, lanes), "float32")
         compute = _float_conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
         self.packed += 1
-        return self.builder_.normalize(self.builder_.call_te(compute, data, wp, primfunc_name_hint="tvmq_fma_conv2d"))
+        return self.builder_.normalize(self.builder_.call_te(compute, data, wp, primfunc_name_hint=FMA_CONV_FUNC))
 
     def _float_matmul(self, call):
         x, weight = call.args
@@ -353,7 +367,7 @@ class _Packer(relax.PyExprMutator):
         wp = relax.const(pack_float_matmul_weight(w, self.float_lanes), "float32")
         self.packed += 1
         return self.builder_.normalize(
-            self.builder_.call_te(_float_matmul_compute(w.shape[1], self.float_lanes), x, wp, primfunc_name_hint="tvmq_fma_matmul")
+            self.builder_.call_te(_float_matmul_compute(w.shape[1], self.float_lanes), x, wp, primfunc_name_hint=FMA_MATMUL_FUNC)
         )
 
     def _matmul(self, call):
@@ -378,7 +392,7 @@ class _Packer(relax.PyExprMutator):
         wp = relax.const(pack_matmul_weight(w, lanes, k), "int8")
         self.packed += 1
         return self.builder_.normalize(
-            self.builder_.call_te(_matmul_compute(w.shape[1], lanes), x, wp, primfunc_name_hint="tvmq_matmul")
+            self.builder_.call_te(_matmul_compute(w.shape[1], lanes), x, wp, primfunc_name_hint=MATMUL_FUNC)
         )
 
 
@@ -425,5 +439,5 @@ class PackKernels:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         packer = _Packer(mod, self.data_dtype, self.lanes, self.float_lanes, self.k, self.operand_dtype, self.pairs)
-        new = rewrite_functions(packer, mod, remove_unused=True)
+        new = map_functions(mod, packer.visit_expr, builder=packer.builder_, remove_unused=True)
         return new if packer.packed else mod

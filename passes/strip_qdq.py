@@ -11,6 +11,10 @@ this pass removes the pairs, records each one's parameters, and returns
 
 which the usual pipeline (layout conversion, :class:`InsertQDQ`, :class:`FoldQDQ`) compiles into
 the same integer kernels as a calibrated model. Layers the source model left in float stay float.
+
+Not a pass, but the step before :func:`tvmq.prepare` for a model that :func:`has_qdq`: the
+plan it returns takes the place of calibration, and :class:`InsertQDQ` puts the pairs back
+where the integer kernels need them.
 """
 
 from __future__ import annotations
@@ -21,14 +25,15 @@ from tvm import relax
 from tvmq.plan import LayerPlan, QuantPlan
 from tvmq.qparams import QParams
 
-from .patterns import DEQUANTIZE, QUANTIZE, FunctionGraph, QWeight, call_op, dtype_of, evaluate_constant, find_layers
+from .graph import DEQUANTIZE, QUANTIZE, FunctionGraph, QWeight, call_op, dtype_of, evaluate_constant, rebind
+from .layers import find_layers
 
 __all__ = ["strip_qdq", "has_qdq"]
 
 
 def has_qdq(mod) -> bool:
     """Whether ``mod`` holds quantize/dequantize ops (a pre-quantized model)."""
-    from .patterns import count_ops
+    from .graph import count_ops
 
     counts = count_ops(mod)
     return counts.get(QUANTIZE, 0) + counts.get(DEQUANTIZE, 0) > 0
@@ -82,7 +87,7 @@ class _Stripper(relax.PyExprMutator):
                 s = const.scale.reshape(shape) if const.scale.ndim == 1 else const.scale
                 z = const.zero_point.reshape(shape) if const.zero_point.ndim == 1 else const.zero_point
                 real = ((const.q.astype(np.int64) - z) * s.astype(np.float64)).astype(np.float32)
-                self._rebind(var, relax.const(real, "float32"))
+                rebind(self, var, relax.const(real, "float32"))
                 return
             inner = self.graph.value(data) if isinstance(data, relax.Var) else None
             if call_op(inner) == QUANTIZE and scale is not None and zp is not None:
@@ -98,7 +103,7 @@ class _Stripper(relax.PyExprMutator):
                     # Clip that this saturation makes redundant), so it becomes that clip.
                     lo = float((qp.qmin - int(qp.zero_point)) * float(qp.scale))
                     hi = float((qp.qmax - int(qp.zero_point)) * float(qp.scale))
-                    clipped = self._rebind(var, relax.op.clip(self.visit_expr(inner.args[0]), lo, hi))
+                    clipped = rebind(self, var, relax.op.clip(self.visit_expr(inner.args[0]), lo, hi))
                     self.activations[clipped] = qp
                     return
             qp = _qparams(scale, zp, dtype_of(data), value.attrs.axis) if scale is not None and zp is not None else None
@@ -110,14 +115,6 @@ class _Stripper(relax.PyExprMutator):
                 return
             self.unhandled += 1
         super().visit_var_binding_(binding)
-
-    def _rebind(self, var, expr):
-        if isinstance(var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
-            new = self.builder_.emit(expr, var.name)
-        else:
-            new = self.builder_.emit_output(expr, var.name)
-        self.set_var_remap(var, new)
-        return new
 
 
 def strip_qdq(mod):

@@ -24,23 +24,22 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
 
 
 def synthetic() -> dict:
     import onnx
-    from conftest import sqnr_db
-    from test_algorithms import _coarse_conv, _mlp, _outlier_inputs, _outlier_mlp, _run
+    from tvmq.metrics import sample_sqnr
+    from tvmq.testing import coarse_conv, fp32_and_int8_outputs, mlp, outlier_inputs, outlier_mlp
 
     from tvmq.cli import main as cli
     from tvmq.config import QuantConfig
     from tvmq.runtime import Bundle
 
     out = {}
-    calib = [{"x": x} for x in _outlier_inputs(16, 1)]
-    test = _outlier_inputs(8, 2)
-    plain = float(np.mean([sqnr_db(r, q) for r, q in _run(_outlier_mlp(), calib, QuantConfig(), test)]))
-    smooth = float(np.mean([sqnr_db(r, q) for r, q in _run(_outlier_mlp(), calib, QuantConfig(smoothquant=0.5), test)]))
+    calib = [{"x": x} for x in outlier_inputs(16, 1)]
+    test = outlier_inputs(8, 2)
+    plain = float(np.mean([sample_sqnr(q, r) for r, q in fp32_and_int8_outputs(outlier_mlp(), calib, QuantConfig(), test)]))
+    smooth = float(np.mean([sample_sqnr(q, r) for r, q in fp32_and_int8_outputs(outlier_mlp(), calib, QuantConfig(smoothquant=0.5), test)]))
     out["smoothquant_outlier_matmul"] = {"sqnr_db_plain": plain, "sqnr_db_smoothquant_0.5": smooth}
 
     rng = np.random.default_rng(3)
@@ -48,16 +47,16 @@ def synthetic() -> dict:
     calib, test = [{"x": make()} for _ in range(16)], [make() for _ in range(8)]
     res = {}
     for label, config in (("plain", QuantConfig()), ("bias_correction", QuantConfig(bias_correction=True))):
-        outs = _run(_coarse_conv(), calib, config, test)
+        outs = fp32_and_int8_outputs(coarse_conv(), calib, config, test)
         err = np.stack([q - r for r, q in outs])
         axes = (0, 1, 2, 3) if err.shape[-1] == 16 else (0, 1, 3, 4)
         res[f"mean_shift_{label}"] = float(np.abs(err.mean(axis=axes)).mean())
-        res[f"sqnr_db_{label}"] = float(np.mean([sqnr_db(r, q) for r, q in outs]))
+        res[f"sqnr_db_{label}"] = float(np.mean([sample_sqnr(q, r) for r, q in outs]))
     out["bias_correction_coarse_conv"] = res
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        onnx.save(_mlp(), tmp / "mlp.onnx")
+        onnx.save(mlp(), tmp / "mlp.onnx")
         x = np.random.default_rng(4).normal(0, 1, (4, 256)).astype(np.float32)
         res = {}
         for mode in ("fp32", "int8", "int4"):
@@ -66,7 +65,7 @@ def synthetic() -> dict:
             manifest = json.loads((tmp / mode / "manifest.json").read_text())
             res[mode] = (sum(manifest["weight_bytes"]["compiled"].values()), Bundle(tmp / mode).run({"x": x})["y"])
         ref = res["fp32"][1]
-        out["weight_only_mlp"] = {mode: {"weight_bytes": b, "sqnr_db": (float("inf") if mode == "fp32" else sqnr_db(ref, y))}
+        out["weight_only_mlp"] = {mode: {"weight_bytes": b, "sqnr_db": (float("inf") if mode == "fp32" else sample_sqnr(y, ref))}
                                   for mode, (b, y) in res.items()}
     return out
 
@@ -74,7 +73,7 @@ def synthetic() -> dict:
 def real(n_eval: int) -> dict:
     from bench import ppocr_cls_case, ppocr_rec_case
 
-    from tvmq.build import compile_model
+    from tvmq.compile import compile_model
     from tvmq.config import QuantConfig
     from tvmq.runtime import Bundle
 

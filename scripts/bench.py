@@ -130,7 +130,7 @@ def top1(outputs, labels) -> dict:
 
 # ----------------------------------------------------------------------------- models
 def digits_case(n_eval, n_calib):
-    from tvmq.cli import DEMO_DIR
+    from tvmq.commands import DEMO_DIR
 
     test = np.load(DEMO_DIR / "digits_test.npz")
     calib = [np.load(p) for p in sorted((DEMO_DIR / "digits_calib").glob("*.npy"))][:n_calib]
@@ -261,9 +261,9 @@ def count_int8_instructions(lib: Path, preset, kernels=()) -> dict:
 
 
 def bench_model(name, case, args, workdir) -> dict:
-    from tvmq.build import compile_model
+    from tvmq.compile import compile_model
+    from tvmq.config import QuantConfig, TuneOptions
     from tvmq.targets import get_preset
-    from tvmq.config import QuantConfig
     from tvmq.execute import HostModule
     from tvmq.runtime import Bundle
 
@@ -289,8 +289,8 @@ def bench_model(name, case, args, workdir) -> dict:
         int8_db, fp32_db = Path(db_root) / f"{name}-int8", Path(db_root) / f"{name}-fp32"
         t0 = time.perf_counter()
         tuned_out = workdir / f"{name}-int8-tuned"
-        compile_model(case["path"], tuned_out, target=args.target, plan=res.plan, shapes={inp: shape}, db=int8_db,
-                      tune_trials=args.tune, tune_max_tasks=args.max_tasks, progress=True)
+        compile_model(case["path"], tuned_out, target=args.target, plan=res.plan, shapes={inp: shape},
+                      tuning=TuneOptions(db=int8_db, trials=args.tune, max_tasks=args.max_tasks), progress=True)
         tune(res.float_module, args.target, fp32_db, trials=args.tune, max_tasks=args.max_tasks, progress=True)
         tune_s = time.perf_counter() - t0
         untuned = {"tvm_fp32": {"tvm": export_executable(fp32, workdir / f"{name}-fp32-untuned.so"), "inputs": feed},
@@ -351,8 +351,8 @@ def plan_bundles(name, case, args, workdir, calib, shape):
     """``--precision auto`` and the INC-style fallback plan, compiled as bundles."""
     from ocrdata import write_eval_folder
 
-    from tvmq.build import AutoPrecision, compile_model
-    from tvmq.config import QuantConfig
+    from tvmq.compile import compile_model
+    from tvmq.config import AutoPrecision, QuantConfig
     from tvmq.precision import config_for
     from tvmq.runtime import Bundle
 

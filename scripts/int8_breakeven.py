@@ -51,7 +51,7 @@ def speedup(preset, model) -> float:
     """fp32 / int8 time of the chain's middle layer."""
     from tvmq.config import QuantConfig
     from tvmq.frontend import load_onnx
-    from tvmq.precision import LayerInfo, _layer_latency
+    from tvmq.sensitivity import LayerInfo, layer_latency
     from tvmq.quantize import calibrate, prepare
 
     mod, info = load_onnx(model)
@@ -61,7 +61,7 @@ def speedup(preset, model) -> float:
     samples = [{"x": rng.uniform(-1, 1, shape).astype(np.float32)} for _ in range(2)]
     plan = calibrate(mod, samples, QuantConfig(int8_everywhere=True), target=preset.name, input_names=["x"])
     analysis = SimpleNamespace(layers=[LayerInfo(n, lp.kind, 0, 0) for n, lp in plan.layers.items()], fp16=False)
-    _layer_latency(mod, plan, analysis, preset)
+    layer_latency(mod, plan, analysis, preset)
     layer = [l for l in analysis.layers if l.kind != "add"][1]
     if layer.estimated:
         raise SystemExit(f"{preset.name}: kernels could not be timed here")

@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
     from bench import digits_case, input_files, isolated_medians, ort_quantize, ort_session, ppocr_cls_case
 
-    from tvmq.build import compile_model
+    from tvmq.compile import compile_model
     from tvmq.cli import main as cli
     from tvmq.runtime import Bundle
 

@@ -270,8 +270,8 @@ PLANS = ("default", "all_int8", "auto")
 
 
 def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLANS) -> dict:
-    from tvmq.build import AutoPrecision, quantized_module
-    from tvmq.config import QuantConfig
+    from tvmq.compile import quantized_module
+    from tvmq.config import AutoPrecision, QuantConfig
     from tvmq.execute import HostModule
     from tvmq.targets import get_preset
 
@@ -333,8 +333,8 @@ def table(results: dict, header: str) -> str:
         parts = next((list(p["accuracy"]) for p in plans if p.get("accuracy")), [])
         acc = "; ".join(f"{part} " + " / ".join(f"{p['accuracy'][part]:.4f}" if part in p.get("accuracy", {}) else "n/a"
                                                 for p in plans) for part in parts)
-        fmt = lambda k: f"{ms[k]:.2f}" if k in ms else "n/a"  # noqa: E731
-        int8 = lambda k: str(r[k]["plan"]["int8"]) if k in r else "n/a"  # noqa: E731
+        fmt = lambda k: f"{ms[k]:.2f}" if k in ms else "n/a"  # noqa: E731, B023 (used in this iteration)
+        int8 = lambda k: str(r[k]["plan"]["int8"]) if k in r else "n/a"  # noqa: E731, B023 (used in this iteration)
         layers = f"{int8('default')}, {int8('auto')} of {r.get('default', r.get('auto', {})).get('plan', {}).get('layers', '?')}"
         ratio = f"{ms['auto'] / best:.2f}x" if "auto" in ms else "n/a"
         lines.append(f"| {name} | {r['family']} | {fmt('ort_fp32')} | {fmt('ort_int8')} | {fmt('tvm_fp32')} | "

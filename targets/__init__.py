@@ -335,8 +335,10 @@ def list_presets() -> list[TargetPreset]:
     return [_x86_host(), *_static_presets().values()]
 
 
-def get_preset(name: str) -> TargetPreset:
-    """The preset called ``name``; a TvmqError listing the known names otherwise."""
+def get_preset(name: str | TargetPreset) -> TargetPreset:
+    """The preset called ``name`` (a preset is returned as it is); a TvmqError listing the known names otherwise."""
+    if isinstance(name, TargetPreset):
+        return name
     if name == "x86":
         return _x86_host()
     presets = _static_presets()

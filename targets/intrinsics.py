@@ -349,7 +349,7 @@ def register() -> tuple[str, ...]:
 
     Must run before a tuning database that mentions them is read.
     """
-    from tvm import s_tir
+    from tvmq._compat import s_tir
 
     names = []
     for kernel in MICRO_KERNELS.values():

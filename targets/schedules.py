@@ -9,10 +9,14 @@ each fused kernel a reasonable schedule without tuning:
   target's 4-way dot-product intrinsic, float ones as vector FMAs; the requantize epilogue is
   computed per tile while it is in cache;
 * ``DepthwiseRule``: depthwise conv (NHWC, weights HWC), vectorized over channels;
-* ``InjectiveRule``: elementwise/injective kernels, fused loops split into parallel chunks of
-  vectors;
-* ``FallbackRule``: anything else gets its outer spatial loops parallelized and its innermost
-  spatial loop vectorized where that is legal.
+* then the rules for kernels of any shape, from :mod:`tvmq.targets.generic_schedules`
+  (``ChannelReductionRule``, DLight's CPU ``Reduction``, ``InjectiveRule``, ``FallbackRule``).
+
+This module holds the rules for the kernels tvmq makes (recognised by their block names,
+:mod:`tvmq.targets.kernel_names`) and the rule lists built from them: :func:`default_rules`
+(used by :func:`tvmq.pipeline.schedule_rules`), and :func:`tunable_schedule` /
+:func:`is_tunable` (used by :mod:`tvmq.tune`). The loop-level primitives the rules share live in
+:mod:`tvmq.targets.generic_schedules`.
 
 Each rule returns None when it does not apply (or when TVM refuses a step), so the next rule
 gets a chance; the order of the list is the priority.
@@ -26,36 +30,27 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
-__all__ = ["NoInt8TensorCores", "PackedKernelRule", "DepthwiseRule", "ChannelReductionRule", "InjectiveRule", "FallbackRule", "default_rules",
-           "tunable_schedule", "is_tunable"]
+from .generic_schedules import (
+    ChannelReductionRule,
+    FallbackRule,
+    InjectiveRule,
+    find_block,
+    inline_epilogue,
+    loop_extent,
+    schedule_producers,
+    spatial_schedule,
+    spatial_size,
+    vector_width,
+)
+from .kernel_names import CONV_BLOCK, DEPTHWISE_BLOCK, FMA_CONV_BLOCK, FMA_MATMUL_BLOCK, MATMUL_BLOCK
 
-CONV_BLOCK = "tvmq_dot_conv2d"
-MATMUL_BLOCK = "tvmq_dot_matmul"
-FMA_CONV_BLOCK = "tvmq_fma_conv2d"
-FMA_MATMUL_BLOCK = "tvmq_fma_matmul"
-DEPTHWISE_BLOCK = "tvmq_depthwise"
-_SPATIAL, _REDUCE = 0, 2
-_PARALLEL_MIN = 2048  # elements below which threads cost more than they save
-_FEW_LANES = 4  # innermost extents too short to vectorize
-
-
-def _extent(sch, loop) -> int | None:
-    ext = sch.get(loop).extent
-    return int(ext.value) if hasattr(ext, "value") else (int(ext) if isinstance(ext, int) else None)
+__all__ = ["PackedKernelRule", "DepthwiseRule", "default_rules", "tunable_schedule", "is_tunable"]
 
 
 def _divisor(n: int | None, limit: int) -> int:
     if not n:
         return 1
     return max(d for d in range(1, max(1, min(limit, n)) + 1) if n % d == 0)
-
-
-def _vector_width(n: int | None, lanes: int) -> int:
-    """The largest power of two <= ``lanes`` dividing ``n`` (odd widths split badly in LLVM)."""
-    width = 1
-    while n and width * 2 <= lanes and n % (width * 2) == 0:
-        width *= 2
-    return width
 
 
 def _float_pixels(x: int | None, accumulators: int) -> int:
@@ -90,107 +85,55 @@ def _intrinsic_pixels(name: str) -> int:
     return int(shape[0]) if len(shape) == 2 else 1
 
 
-def _find_block(sch, name):
-    try:
-        return sch.get_sblock(name)
-    except Exception:  # pylint: disable=broad-except
-        return None
+def _packed_loops(sch, main, is_conv: bool, dot: bool, lanes: int, two_pixels: bool) -> tuple:
+    """The loops of a packed kernel's main block by role: ``(spatial_outer, x, oo, oi,
+    reduce_outer, inner, pair)`` — the loops outside the register tile, output pixels, channel
+    blocks, channels within a block (``lanes``; split off here unless the block already has
+    them), the reduction loops outside the intrinsic, the reduction loop the intrinsic covers
+    (none for float kernels) and the two-pixel loop of a two-pixel intrinsic (smmla; else none).
+    """
+    loops = sch.get_loops(main)
+    pair = []  # a two-pixel intrinsic (smmla): its block is [.., X/2, O/2, 2 pixels, 2 channels]
+    if two_pixels:
+        n_reduce = 4 if is_conv else 2
+        *spatial_outer, x, oo, px, oi = loops[:-n_reduce]
+        reduce, pair = loops[-n_reduce:], [px]
+        reduce_outer, inner = reduce[:-1], [reduce[-1]]
+    else:
+        if is_conv:
+            n, y, x, o, *reduce = loops
+            spatial_outer = [n, y]
+        else:
+            *spatial_outer, x, o = loops[: len(loops) - (2 if dot else 1)]
+            reduce = loops[len(loops) - (2 if dot else 1) :]
+        reduce_outer, inner = (reduce[:-1], [reduce[-1]]) if dot else (reduce, [])
+        oo, oi = sch.split(o, [None, lanes])
+    return spatial_outer, x, oo, oi, reduce_outer, inner, pair
 
 
-def _root_blocks(sch):
-    root = sch.get_sblock("root") if _find_block(sch, "root") is not None else None
-    return list(sch.get_child_blocks(root)) if root is not None else []
+def _epilogue_per_tile(sch, main, outer, lanes: int, vector_lanes: int):
+    """Compute the epilogue blocks of ``main`` inside its tile loop ``outer``, vectorized
+    ``vector_lanes`` wide; a block that does not fit gets its own schedule (``lanes`` wide).
 
-
-def _is_spatial(sch, block) -> bool:
-    return all(int(iv.iter_type) == _SPATIAL for iv in sch.get(block).iter_vars)
-
-
-def _spatial_size(sch, block) -> int:
-    """Product of the extents of a block's spatial iterators."""
-    size = 1
-    for iv in sch.get(block).iter_vars:
-        if int(iv.iter_type) == _SPATIAL:
-            ext = iv.dom.extent
-            size *= int(ext.value) if hasattr(ext, "value") else int(ext)
-    return size
-
-
-def _inline_epilogue(sch, main):
-    """Inline every elementwise block after ``main`` into the last one; return the rest."""
-    blocks = _root_blocks(sch)
-    after = blocks[[sch.get(b).name_hint for b in blocks].index(sch.get(main).name_hint) + 1 :]
-    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
-    remaining = []
-    for b in after:
-        name = sch.get(b).name_hint
-        if name not in outputs and _is_spatial(sch, b):
-            try:
-                sch.compute_inline(b)
-                continue
-            except Exception:  # pylint: disable=broad-except
-                pass
-        remaining.append(b)
-    return remaining
-
-
-def _vectorize_inner(sch, block, lanes: int, parallel: bool = False):
-    """Fuse a spatial block's loops, split off ``lanes``-wide vectors, parallelize the rest."""
-    loops = sch.get_loops(block)
-    if not loops:
-        return
-    total = 1
-    for l in loops:
-        e = _extent(sch, l)
-        total = total * e if e else 0
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    inner_ext = _extent(sch, sch.get_loops(block)[-1])
-    vec = _vector_width(inner_ext, lanes) if inner_ext else 1
-    if vec > 1:
-        outer, inner = sch.split(fused, [None, vec])
-        sch.vectorize(inner)
-        fused = outer
-    if parallel and total >= _PARALLEL_MIN:
-        sch.parallel(fused)
-
-
-def _schedule_producers(sch, main, lanes):
-    """Pads and other spatial producers of ``main``: parallel over rows, vectors over channels."""
-    blocks = _root_blocks(sch)
-    names = [sch.get(b).name_hint for b in blocks]
-    for b in blocks[: names.index(sch.get(main).name_hint)]:
-        if _is_spatial(sch, b):
-            _spatial_schedule(sch, b, lanes)
-
-
-def _spatial_schedule(sch, block, lanes):
-    """Parallel outer loops, vectorized innermost loop (kept separate, as it is contiguous)."""
-    loops = sch.get_loops(block)
-    if not loops:
-        return
-    inner = loops[-1]
-    inner_ext = _extent(sch, inner) or 1
-    total = math.prod(_extent(sch, l) or 1 for l in loops)  # elements (splitting keeps it)
-    if len(loops) > 2 and inner_ext <= _FEW_LANES:
-        # A few channels innermost (an NHWC image, often read transposed from NCHW): a vector
-        # of them is mostly gathers, and fusing the columns into the parallel loop costs a
-        # division per pixel. Whole rows per task, the channels unrolled: the PP-OCR
-        # classifier's input quantize + transpose + pad went from 25.4 to 2.7 us.
-        if inner_ext > 1:
-            sch.unroll(inner)
-        if total >= _PARALLEL_MIN:
-            rows = loops[:-2]
-            sch.parallel(sch.fuse(*rows) if len(rows) > 1 else rows[0])
-        return
-    vec = _vector_width(inner_ext, lanes)
-    if vec > 1:
-        _, vi = sch.split(inner, [None, vec])
-        sch.vectorize(vi)
-    outer = sch.get_loops(block)[:-1]
-    if outer and total >= _PARALLEL_MIN:
-        keep = [l for l in outer[: max(1, len(outer) - 1)]]
-        fused = sch.fuse(*keep) if len(keep) > 1 else keep[0]
-        sch.parallel(fused)
+    The epilogue goes into the tile before the reduction is decomposed and tensorized
+    (reverse_compute_at needs the plain reduction block). An epilogue larger than the
+    kernel's output (a broadcast, e.g. squeeze-excite scaling a feature map) runs on its
+    own, in parallel, instead of inside one tile.
+    """
+    main_size = spatial_size(sch, main)
+    for block in inline_epilogue(sch, main):
+        if spatial_size(sch, block) > main_size:
+            spatial_schedule(sch, block, lanes)
+            continue
+        try:
+            sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
+            last = sch.get_loops(block)[-1]
+            vec = vector_width(loop_extent(sch, last), vector_lanes)
+            if vec > 1:
+                _, vi = sch.split(last, [None, vec])
+                sch.vectorize(vi)
+        except Exception:  # pylint: disable=broad-except
+            spatial_schedule(sch, block, lanes)
 
 
 class PackedKernelRule(ScheduleRule):
@@ -236,7 +179,7 @@ class PackedKernelRule(ScheduleRule):
         """
         for name, is_conv, dot in ((CONV_BLOCK, True, True), (MATMUL_BLOCK, False, True),
                                    (FMA_CONV_BLOCK, True, False), (FMA_MATMUL_BLOCK, False, False)):
-            main = _find_block(sch, name)
+            main = find_block(sch, name)
             if main is not None:
                 try:
                     return self._schedule(sch, main, is_conv, dot, tunable)
@@ -249,7 +192,7 @@ class PackedKernelRule(ScheduleRule):
             xs = sch.sample_perfect_tile(x, n=2, max_innermost_factor=16)
             os_ = sch.sample_perfect_tile(oo, n=2, max_innermost_factor=8)
             return xs, os_
-        xb, ob = self.tile(_extent(sch, x), _extent(sch, oo), lanes, dot)
+        xb, ob = self.tile(loop_extent(sch, x), loop_extent(sch, oo), lanes, dot)
         return [None, xb], [None, ob]
 
     def tile(self, x: int | None, oo: int | None, lanes: int, dot: bool) -> tuple[int, int]:
@@ -288,23 +231,9 @@ class PackedKernelRule(ScheduleRule):
         intrin = self.intrinsics.get(lanes) if dot else None
         if dot and intrin is None:
             return False
-        _schedule_producers(sch, main, 64)
-        loops = sch.get_loops(main)
-        pair = []  # a two-pixel intrinsic (smmla): its block is [.., X/2, O/2, 2 pixels, 2 channels]
-        if dot and _intrinsic_pixels(intrin) == 2:
-            n_reduce = 4 if is_conv else 2
-            *spatial_outer, x, oo, px, oi = loops[:-n_reduce]
-            reduce, pair = loops[-n_reduce:], [px]
-            reduce_outer, inner = reduce[:-1], [reduce[-1]]
-        else:
-            if is_conv:
-                n, y, x, o, *reduce = loops
-                spatial_outer = [n, y]
-            else:
-                *spatial_outer, x, o = loops[: len(loops) - (2 if dot else 1)]
-                reduce = loops[len(loops) - (2 if dot else 1) :]
-            reduce_outer, inner = (reduce[:-1], [reduce[-1]]) if dot else (reduce, [])
-            oo, oi = sch.split(o, [None, lanes])
+        schedule_producers(sch, main, 64)
+        two_pixels = dot and _intrinsic_pixels(intrin) == 2
+        spatial_outer, x, oo, oi, reduce_outer, inner, pair = _packed_loops(sch, main, is_conv, dot, lanes, two_pixels)
         x_tiles, o_tiles = self._tiles(sch, x, oo, lanes, tunable, dot)
         xo, xi = sch.split(x, x_tiles)
         ooo, ooi = sch.split(oo, o_tiles)
@@ -317,25 +246,8 @@ class PackedKernelRule(ScheduleRule):
         else:
             sch.reorder(*spatial_outer, xo, ooo, *reduce_outer, xi, ooi, *pair, oi, *inner)
             outer = sch.fuse(*spatial_outer, xo, ooo) if spatial_outer else sch.fuse(xo, ooo)
-        # The epilogue goes into the tile before the reduction is decomposed and tensorized
-        # (reverse_compute_at needs the plain reduction block). An epilogue larger than the
-        # kernel's output (a broadcast, e.g. squeeze-excite scaling a feature map) runs on its
-        # own, in parallel, instead of inside one tile.
-        main_size = _spatial_size(sch, main)
-        for block in _inline_epilogue(sch, main):
-            if _spatial_size(sch, block) > main_size:
-                _spatial_schedule(sch, block, lanes)
-                continue
-            try:
-                sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
-                last = sch.get_loops(block)[-1]
-                vec = _vector_width(_extent(sch, last), self.vector_lanes if pair else lanes)
-                if vec > 1:
-                    _, vi = sch.split(last, [None, vec])
-                    sch.vectorize(vi)
-            except Exception:  # pylint: disable=broad-except
-                _spatial_schedule(sch, block, lanes)
-        if (_extent(sch, outer) or 1) > 1:
+        _epilogue_per_tile(sch, main, outer, lanes, self.vector_lanes if pair else lanes)
+        if (loop_extent(sch, outer) or 1) > 1:
             sch.parallel(outer)  # before tensorize: the tensorized block is opaque to the check
         if not dot:
             sch.vectorize(oi)  # before decomposing, as for the depthwise kernels
@@ -362,28 +274,28 @@ class DepthwiseRule(ScheduleRule):
         return sch if self.schedule(sch, tunable) else None
 
     def schedule(self, sch, tunable: bool = False) -> bool:
-        main = _find_block(sch, DEPTHWISE_BLOCK)
+        main = find_block(sch, DEPTHWISE_BLOCK)
         if main is None:
             return False
         try:
-            _schedule_producers(sch, main, 64)
+            schedule_producers(sch, main, 64)
             n, y, x, c, kh, kw = sch.get_loops(main)
-            vec = _vector_width(_extent(sch, c), self.lanes)
+            vec = vector_width(loop_extent(sch, c), self.lanes)
             co, ci = sch.split(c, [None, vec])
             if tunable:
                 x_tiles = sch.sample_perfect_tile(x, n=2, max_innermost_factor=8)
             else:
-                x_tiles = [None, _float_pixels(_extent(sch, x), self.x_block)]
+                x_tiles = [None, _float_pixels(loop_extent(sch, x), self.x_block)]
             xo, xi = sch.split(x, x_tiles)
             sch.reorder(n, y, xo, co, kh, kw, xi, ci)
             outer = sch.fuse(n, y)
-            for block in _inline_epilogue(sch, main):
+            for block in inline_epilogue(sch, main):
                 try:
                     sch.reverse_compute_at(block, co, preserve_unit_loops=True)
                     sch.vectorize(sch.get_loops(block)[-1])
                 except Exception:  # pylint: disable=broad-except
-                    _spatial_schedule(sch, block, self.lanes)
-            if (_extent(sch, outer) or 1) > 1:
+                    spatial_schedule(sch, block, self.lanes)
+            if (loop_extent(sch, outer) or 1) > 1:
                 sch.parallel(outer)
             sch.vectorize(ci)  # before decomposing: the update block fails the check afterwards
             sch.unroll(xi)
@@ -393,177 +305,6 @@ class DepthwiseRule(ScheduleRule):
             return True
         except Exception:  # pylint: disable=broad-except
             return False
-
-
-class _LanesRule(ScheduleRule):
-    """A rule with a vector width, scheduling a PrimFunc's root blocks."""
-
-    def __init__(self, lanes: int = 16):
-        self.lanes = lanes
-
-    @staticmethod
-    def _blocks(func):
-        """``(schedule, root blocks)`` of ``func``, or None for anything but a PrimFunc with blocks."""
-        if not isinstance(func, tirx.PrimFunc):
-            return None
-        sch = s_tir.Schedule(func)
-        blocks = _root_blocks(sch)
-        return (sch, blocks) if blocks else None
-
-
-class ChannelReductionRule(_LanesRule):
-    """Reductions whose output's innermost axis is not reduced: pools over the spatial axes of an
-    NHWC tensor (global / squeeze-excite average pools) and activation x activation matmuls
-    (attention's ``Q K^T`` and ``A V``: ``C[.., i, j] += A[.., i, k] * B[.., k, j]``).
-
-    The innermost axis is contiguous in the output and in the inputs that use it, so the kernel
-    accumulates whole vectors along it (``acc[c:c+16] += x[h, w, c:c+16]``), in parallel over
-    the other output axes, and runs the epilogue (a requantize) on each block while it is in
-    registers. A last-axis reduction rule would instead walk each output element on its own,
-    one lane at a time.
-    """
-
-    def apply(self, func, target, tunable):
-        found = self._blocks(func)
-        if found is None:
-            return None
-        sch, blocks = found
-        reductions = [b for b in blocks if not _is_spatial(sch, b)]
-        if len(reductions) != 1 or not all(_is_spatial(sch, b) for b in blocks[blocks.index(reductions[0]) + 1:]):
-            return None
-        main = reductions[0]
-        block = sch.get(main)
-        ivs = list(block.iter_vars)
-        kinds = [int(iv.iter_type) for iv in ivs]
-        # [spatial..., reduce...], the last spatial one indexing the innermost axis of the input
-        if _REDUCE not in kinds or kinds != sorted(kinds) or _SPATIAL not in kinds:
-            return None
-        channel = ivs[kinds.index(_REDUCE) - 1].var
-        # Every input either runs along the output's innermost axis (a vector) or does not
-        # depend on it (broadcast): a pool reads one NHWC tensor; an activation x activation
-        # matmul (attention) reads A[.., i, k] and B[.., k, j].
-        inner = [r.region[-1].min for r in block.reads]
-        if not any(_is_var(e, channel) for e in inner) or any(
-                not _is_var(e, channel) and _uses(e, channel) for e in inner):
-            return None
-        try:
-            return sch if self._schedule(sch, main, len([k for k in kinds if k == _SPATIAL])) else None
-        except Exception:  # pylint: disable=broad-except
-            return None
-
-    def _schedule(self, sch, main, n_spatial) -> bool:
-        _schedule_producers(sch, main, self.lanes)
-        loops = sch.get_loops(main)
-        spatial, reduce = loops[:n_spatial], loops[n_spatial:]
-        extent = _extent(sch, spatial[-1]) or 0
-        vec = _vector_width(extent, self.lanes)
-        # An odd width no vector divides (attention's 15-wide heads): whole rows per task, the
-        # row unrolled inside the reduction for LLVM's SLP vectorizer.
-        short = vec == 1 and 1 < extent <= 2 * self.lanes and n_spatial > 1
-        if short:
-            ci = spatial[-1]
-            sch.reorder(*spatial[:-1], *reduce, ci)
-            outer = sch.fuse(*spatial[:-1]) if n_spatial > 2 else spatial[0]
-        else:
-            co, ci = sch.split(spatial[-1], [None, vec])
-            sch.reorder(*spatial[:-1], co, *reduce, ci)
-            outer = sch.fuse(*spatial[:-1], co) if len(spatial) > 1 else co
-        width, widen = (extent, sch.unroll) if short else (vec, sch.vectorize)
-        for block in _inline_epilogue(sch, main):
-            sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
-            last = sch.get_loops(block)[-1]
-            if _extent(sch, last) == width and width > 1:
-                widen(last)
-        total = 1
-        for l in sch.get_loops(main):
-            total *= _extent(sch, l) or 1
-        if total >= _PARALLEL_MIN and (_extent(sch, outer) or 1) > 1:
-            sch.parallel(outer)
-        if width > 1:
-            widen(ci)  # before decomposing, as for the depthwise kernels
-        init = sch.decompose_reduction(main, reduce[0])
-        if width > 1:
-            widen(sch.get_loops(init)[-1])
-        return True
-
-
-def _is_var(expr, var) -> bool:
-    return isinstance(expr, tirx.Var) and expr.same_as(var)
-
-
-def _uses(expr, var) -> bool:
-    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(expr))
-
-
-class InjectiveRule(_LanesRule):
-    """Kernels with only spatial blocks: inline into the output, then parallel vectors."""
-
-    def apply(self, func, target, tunable):
-        found = self._blocks(func)
-        if found is None or not all(_is_spatial(found[0], b) for b in found[1]):
-            return None
-        sch, blocks = found
-        try:
-            outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(sch.get_sblock("root"))}
-            for b in blocks:
-                if sch.get(b).name_hint not in outputs:
-                    try:
-                        sch.compute_inline(b)
-                    except Exception:  # pylint: disable=broad-except
-                        pass
-            for b in _root_blocks(sch):
-                _spatial_schedule(sch, b, self.lanes)
-            return sch
-        except Exception:  # pylint: disable=broad-except
-            return None
-
-
-class FallbackRule(_LanesRule):
-    """Parallelize the outer spatial loops of every block; vectorize spatial inner loops."""
-
-    def apply(self, func, target, tunable):
-        found = self._blocks(func)
-        if found is None:
-            return None
-        sch, blocks = found
-        changed = False
-        for b in blocks:
-            try:
-                if _is_spatial(sch, b):
-                    _spatial_schedule(sch, b, self.lanes)
-                    changed = True
-                    continue
-                loops = sch.get_loops(b)
-                ivs = sch.get(b).iter_vars
-                # Leading loops bound to spatial iterators can run in parallel.
-                lead = []
-                for l, iv in zip(loops, ivs):
-                    if int(iv.iter_type) != _SPATIAL:
-                        break
-                    lead.append(l)
-                if len(lead) >= 1 and math.prod(_extent(sch, l) or 1 for l in lead) > 1:
-                    fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
-                    sch.parallel(fused)
-                    changed = True
-            except Exception:  # pylint: disable=broad-except
-                continue
-        return sch if changed else None
-
-
-class NoInt8TensorCores(ScheduleRule):
-    """``rule`` (DLight's GPU Matmul) with tensor-core tensorization turned off for kernels with
-    8-bit integer operands (``dlight.do_not_tensorize``): TVM 0.27 compiles an int8 matmul it
-    tensorizes into a failed check (``fragment_info_``, TensorCoreFragmentInfer) and aborts the
-    build. Its plain tiled schedule remains, for which nvcc emits dp4a (IDP.4A)."""
-
-    def __init__(self, rule: ScheduleRule):
-        self.rule = rule
-
-    def apply(self, func, target, tunable):
-        # 0.27: a PrimFunc's params are buffer-typed variables
-        if isinstance(func, tirx.PrimFunc) and any(str(p.dtype) in ("int8", "uint8") for p in func.params):
-            func = func.with_attr("dlight.do_not_tensorize", True)
-        return self.rule.apply(func, target, tunable)
 
 
 def tunable_schedule(intrinsics: dict[int, str] | None = None, lanes: int = 16, registers: int = 32):
@@ -584,7 +325,7 @@ def tunable_schedule(intrinsics: dict[int, str] | None = None, lanes: int = 16, 
 def is_tunable(func) -> bool:
     """Whether ``func`` holds a kernel whose schedule has tunable tiles."""
     sch = s_tir.Schedule(func)
-    return any(_find_block(sch, n) is not None for n in (CONV_BLOCK, MATMUL_BLOCK, FMA_CONV_BLOCK,
+    return any(find_block(sch, n) is not None for n in (CONV_BLOCK, MATMUL_BLOCK, FMA_CONV_BLOCK,
                                                           FMA_MATMUL_BLOCK, DEPTHWISE_BLOCK))
 
 

@@ -26,7 +26,7 @@ __all__ = ["VersionVectorTails", "version_vector_tails"]
 
 
 def _substitute(expr, var, value):
-    from tvm import tirx
+    from tvmq._compat import tir as tirx
 
     return tvm_ffi.structural_mutate(expr, [(tirx.Var, lambda x, _: value if x.same_as(var) else x)])
 
@@ -34,9 +34,10 @@ def _substitute(expr, var, value):
 def version_vector_tails(func):
     """``func`` (a scheduled PrimFunc) with each predicated vector loop versioned; the same
     object when it has none."""
-    from tvm import s_tir, sym, tirx
+    from tvmq._compat import arith, s_tir
+    from tvmq._compat import tir as tirx
 
-    analyzer = sym.Analyzer()
+    analyzer = arith.Analyzer()
     changed = []
 
     def on_for(loop, mutator):

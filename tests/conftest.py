@@ -5,24 +5,10 @@ from __future__ import annotations
 import subprocess
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
-
-def make_model(nodes, inputs, outputs, inits=(), opset=17, elem_type=TensorProto.FLOAT):
-    """A checked ONNX model; ``inputs``/``outputs``: (name, shape) of ``elem_type``; ``inits``: (name, array)."""
-    graph = helper.make_graph(
-        nodes,
-        "test",
-        [helper.make_tensor_value_info(n, elem_type, s) for n, s in inputs],
-        [helper.make_tensor_value_info(n, elem_type, s) for n, s in outputs],
-        initializer=[numpy_helper.from_array(np.asarray(v), k) for k, v in inits],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+from tvmq.testing import make_model  # noqa: F401  (re-exported to the tests)
 
 
 def conv_model(cin=4, cout=8, k=3, stride=1, pad=1, groups=1, relu=True, hw=8, seed=0):
@@ -88,9 +74,9 @@ def random_samples(shape, n=16, seed=1, name="x", low=-1.0, high=1.0):
 
 
 def sqnr_db(ref, test):
-    ref = np.asarray(ref, np.float64)
-    noise = np.asarray(test, np.float64) - ref
-    return 10 * np.log10(np.sum(ref**2) / max(np.sum(noise**2), 1e-30))
+    from tvmq.metrics import sample_sqnr
+
+    return sample_sqnr(test, ref)
 
 
 class Compiled:
@@ -115,7 +101,7 @@ class Compiled:
 
 @pytest.fixture(scope="session")
 def demo_dir():
-    from tvmq.cli import DEMO_DIR
+    from tvmq.commands import DEMO_DIR
 
     return DEMO_DIR
 

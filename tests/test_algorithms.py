@@ -2,65 +2,29 @@
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from conftest import make_model, sqnr_db
+from conftest import sqnr_db
 from tvmq.config import QuantConfig
-from tvmq.execute import HostModule
-from tvmq.frontend import load_onnx
-from tvmq.quantize import prepare, quantize
-
-
-def _run(model, samples, config, test):
-    mod, _ = load_onnx(model)
-    ref = HostModule(prepare(mod))
-    q = HostModule(quantize(mod, calib_data=samples, config=config, input_names=["x"]))
-    outs = [(ref(x)[0], q(x)[0]) for x in test]
-    return outs
-
-
-def _outlier_mlp(seed=0):
-    rng = np.random.default_rng(seed)
-    w = rng.normal(0, 0.1, (64, 32)).astype(np.float32)
-    b = rng.normal(0, 0.1, 32).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Add", ["m", "b"], ["y"], name="bias")]
-    return make_model(nodes, [("x", [8, 64])], [("y", [8, 32])], [("w", w), ("b", b)])
-
-
-def _outlier_inputs(n, seed):
-    rng = np.random.default_rng(seed)
-    scale = np.ones(64, np.float32)
-    scale[[3, 17, 40]] = 60.0  # a few channels with huge activations, as in transformer layers
-    return [(rng.normal(0, 1, (8, 64)) * scale).astype(np.float32) for _ in range(n)]
+from tvmq.testing import coarse_conv, fp32_and_int8_outputs, mlp, outlier_inputs, outlier_mlp
 
 
 def test_smoothquant_rescues_a_matmul_with_outlier_channels():
-    model = _outlier_mlp()
-    calib = [{"x": x} for x in _outlier_inputs(16, 1)]
-    test = _outlier_inputs(8, 2)
-    plain = np.mean([sqnr_db(r, q) for r, q in _run(model, calib, QuantConfig(), test)])
-    smoothed = np.mean([sqnr_db(r, q) for r, q in _run(model, calib, QuantConfig(smoothquant=0.5), test)])
+    model = outlier_mlp()
+    calib = [{"x": x} for x in outlier_inputs(16, 1)]
+    test = outlier_inputs(8, 2)
+    plain = np.mean([sqnr_db(r, q) for r, q in fp32_and_int8_outputs(model, calib, QuantConfig(), test)])
+    smoothed = np.mean([sqnr_db(r, q) for r, q in fp32_and_int8_outputs(model, calib, QuantConfig(smoothquant=0.5), test)])
     assert smoothed >= plain + 6, (plain, smoothed)
-
-
-def _coarse_conv(seed=0):
-    """Each output channel has one large weight, so the per-channel scale is coarse for the rest."""
-    rng = np.random.default_rng(seed)
-    w = rng.normal(0, 0.02, (16, 32, 3, 3)).astype(np.float32)
-    w[np.arange(16), np.arange(16), 1, 1] = 1.0
-    b = np.zeros(16, np.float32)
-    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1] * 4)
-    return make_model([node], [("x", [1, 32, 8, 8])], [("y", [1, 16, 8, 8])], [("w", w), ("b", b)])
 
 
 def test_bias_correction_removes_the_mean_shift_of_coarse_weights():
     rng = np.random.default_rng(3)
     make = lambda: rng.uniform(0.5, 1.5, (1, 32, 8, 8)).astype(np.float32)  # noqa: E731 - post-ReLU-like, mean 1
     calib, test = [{"x": make()} for _ in range(16)], [make() for _ in range(8)]
-    model = _coarse_conv()
+    model = coarse_conv()
 
     def mean_shift(config):
-        outs = _run(model, calib, config, test)
+        outs = fp32_and_int8_outputs(model, calib, config, test)
         err = np.stack([q - r for r, q in outs])  # [n, 1, H, W, C] (NHWC) or NCHW output
         return float(np.abs(err.mean(axis=(0, 1, 2, 3) if err.shape[-1] == 16 else (0, 1, 3, 4))).mean()), \
             float(np.mean([sqnr_db(r, q) for r, q in outs]))
@@ -71,22 +35,13 @@ def test_bias_correction_removes_the_mean_shift_of_coarse_weights():
     assert sqnr_corrected > sqnr_plain, (sqnr_plain, sqnr_corrected)
 
 
-def _mlp(seed=0, width=256):
-    rng = np.random.default_rng(seed)
-    w1 = rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32)
-    w2 = rng.normal(0, 1 / np.sqrt(width), (width, width)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
-    return make_model(nodes, [("x", [4, width])], [("y", [4, width])], [("w1", w1), ("w2", w2)])
-
-
 def test_weight_only_int8_and_int4_shrink_weights_and_keep_accuracy(tmp_path):
     import json
 
     from tvmq.cli import main
 
     path = tmp_path / "mlp.onnx"
-    onnx.save(_mlp(), path)
+    onnx.save(mlp(), path)
     rng = np.random.default_rng(4)
     x = rng.normal(0, 1, (4, 256)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
@@ -108,7 +63,7 @@ def test_weight_only_int8_and_int4_shrink_weights_and_keep_accuracy(tmp_path):
 
 
 def test_int4_packing_round_trips():
-    from tvmq.passes.algorithms import pack_int4, unpack_int4
+    from tvmq.passes.weight_only import pack_int4, unpack_int4
 
     rng = np.random.default_rng(5)
     w = rng.normal(0, 1, (70, 33)).astype(np.float32)

@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import conv_model
 from tvmq.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,10 +199,10 @@ def test_runtime_copy_between_devices_calls_the_runtime_as_0_27_declares_it():
     import tvm  # noqa: F401  (loads the runtime's global functions)
     import tvm_ffi
 
-    from tvmq.runtime import _copy_to, aligned
+    from tvmq.runtime import copy_to, aligned
 
     a = aligned(np.arange(12, dtype=np.float32).reshape(3, 4))
-    copy = _copy_to(tvm_ffi.from_dlpack(a), tvm_ffi.device("cpu", 0))
+    copy = copy_to(tvm_ffi.from_dlpack(a), tvm_ffi.device("cpu", 0))
     np.testing.assert_array_equal(np.from_dlpack(copy), a)
 
 

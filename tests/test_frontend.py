@@ -160,14 +160,14 @@ def test_lstm_decomposition_equals_the_onnx_reference(direction, layout, initial
 
     from onnx.reference import ReferenceEvaluator
 
-    from tvmq.frontend import _name_nodes
+    from tvmq.frontend import name_nodes
     from tvmq.recurrent import decompose_lstm
 
     model = lstm_model(direction=direction, layout=layout, initial=initial)
     x = np.random.default_rng(1).normal(0, 1, [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim])
     x = x.astype(np.float32)
     unrolled = copy.deepcopy(model)
-    _name_nodes(unrolled)
+    name_nodes(unrolled)
     assert decompose_lstm(unrolled) == 1 and "LSTM" not in {n.op_type for n in unrolled.graph.node}
     for want, got in zip(ReferenceEvaluator(model).run(None, {"x": x}), ReferenceEvaluator(unrolled).run(None, {"x": x})):
         assert want.shape == got.shape

@@ -14,7 +14,7 @@ import pytest
 from conftest import conv_model, kernel_instructions, make_model, random_samples
 from onnx import helper
 
-from tvmq.build import compile_model
+from tvmq.compile import compile_model
 from tvmq.config import QuantConfig
 from tvmq.runtime import Bundle
 from tvmq.targets import get_preset

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import tvm
 from tvm import relax
 
 from conftest import Compiled, conv_model, matmul_model, random_samples, residual_model, sqnr_db
@@ -153,7 +152,7 @@ def test_folded_conv_is_bit_exact_against_integer_reference(preset):
 
 
 def test_weights_are_stored_as_int8():
-    from tvmq.build import weight_bytes
+    from tvmq.bundle import weight_bytes
 
     samples = random_samples((1, 8, 8, 8), n=4)
     c = Compiled(residual_model(), samples)

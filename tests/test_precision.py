@@ -10,9 +10,11 @@ import pytest
 from onnx import helper
 
 from conftest import make_model, random_samples, sqnr_db
+from tvmq import metrics as M
 from tvmq import precision as P
-from tvmq.build import AutoPrecision, compile_model
-from tvmq.config import LayerRule, QuantConfig, load_rules
+from tvmq import sensitivity as S
+from tvmq.compile import compile_model
+from tvmq.config import AutoPrecision, LayerRule, QuantConfig, load_rules
 from tvmq.errors import TvmqError
 from tvmq.plan import QuantPlan
 from tvmq.targets import get_preset
@@ -58,7 +60,7 @@ def sensitive(tmp_path_factory):
 
 def _bundle_sqnr(bundle_dir, model_dir):
     """SQNR of the compiled bundle vs the FP32 model on the calibration samples."""
-    from tvmq.build import quantized_module
+    from tvmq.compile import quantized_module
     from tvmq.execute import HostModule
     from tvmq.targets import get_preset
 
@@ -75,10 +77,10 @@ def steady_timing(monkeypatch):
     """Kernel and whole-model timings that do not depend on this machine's load: every int8
     kernel twice as fast as its fp32 one, and the more int8 layers a candidate has, the faster.
     The tests then check the search and the budget; measured timings are the benchmark's job."""
-    import tvmq.build
     import tvmq.precision
+    import tvmq.sensitivity
 
-    measure = tvmq.precision._layer_latency
+    measure = tvmq.sensitivity.layer_latency
 
     def layer_latency(float_mod, plan, analysis, preset):
         measure(float_mod, plan, analysis, preset)  # still runs: the report shows its figures
@@ -89,8 +91,8 @@ def steady_timing(monkeypatch):
         for c in candidates:
             c.ms = 1.0 / (1 + c.plan.count("int8"))
 
-    monkeypatch.setattr(tvmq.precision, "_layer_latency", layer_latency)
-    monkeypatch.setattr(tvmq.build, "_race", race)
+    monkeypatch.setattr(tvmq.sensitivity, "layer_latency", layer_latency)
+    monkeypatch.setattr(tvmq.precision, "_race", race)
 
 
 def test_budget_respected_on_a_model_with_a_sensitive_layer(sensitive, tmp_path, steady_timing):
@@ -135,7 +137,7 @@ def test_a_user_metric_and_labels_drive_the_budget(sensitive, tmp_path, monkeypa
     data = tmp_path / "eval"
     data.mkdir()
     xs = [np.load(p) for p in sorted((sensitive / "calib").glob("*.npy"))]
-    from tvmq.build import quantized_module
+    from tvmq.compile import quantized_module
     from tvmq.execute import HostModule
     from tvmq.targets import get_preset
 
@@ -155,7 +157,7 @@ def test_a_user_metric_and_labels_drive_the_budget(sensitive, tmp_path, monkeypa
 
 def _fake_analysis(layers, fp16=False):
     """An Analysis whose simulation adds the layers' noise powers (the search's own model)."""
-    a = P.Analysis(P.Metric("sqnr"), float("inf"), 0.0, layers=layers, names=[l.name for l in layers], fp16=fp16)
+    a = S.Analysis(M.Metric("sqnr"), float("inf"), 0.0, layers=layers, names=[l.name for l in layers], fp16=fp16)
 
     def evaluate(assignment):
         if not isinstance(assignment, dict):
@@ -176,7 +178,7 @@ def test_exact_search_is_optimal_and_never_slower_than_greedy_or_fallback(seed):
     layers = []
     for i in range(7):
         fp32_ms = float(rng.uniform(0.1, 2.0))
-        layers.append(P.LayerInfo(f"l{i}", "conv2d", only_int8=float(rng.uniform(25, 50)), only_float=0.0,
+        layers.append(S.LayerInfo(f"l{i}", "conv2d", only_int8=float(rng.uniform(25, 50)), only_float=0.0,
                                   only_fp16=float(rng.uniform(55, 70)) if fp16 else None,
                                   int8_ms=fp32_ms * float(rng.uniform(0.2, 0.6)), fp32_ms=fp32_ms,
                                   fp16_ms=fp32_ms * 0.6 if fp16 else None))
@@ -200,17 +202,17 @@ def test_layer_latency_counts_the_kernels_fusion_left_after_it():
     that fused it is; the input's quantization goes to the first layer."""
     measured = {"quantize": 1.0, "conv_a": 10.0, "sigmoid": 3.0, "conv_b": 20.0, "pad": 0.5, "head": 2.0}
     calls = ["quantize", "conv_a", "sigmoid", "conv_b", "pad", "conv_a", "head"]
-    assert P._attribute(calls, {"conv_a", "conv_b"}, measured) == [11.0 + 3.0, 20.5, 12.0]
-    assert P._attribute(["conv_a"], {"conv_a"}, measured) == [10.0]
+    assert S._attribute(calls, {"conv_a", "conv_b"}, measured) == [11.0 + 3.0, 20.5, 12.0]
+    assert S._attribute(["conv_a"], {"conv_a"}, measured) == [10.0]
 
 
 def test_a_seed_plan_gives_back_the_int8_layers_that_are_slower_than_float():
     """The fallback quantizes every layer it did not put back in float, even one whose int8 kernel is slower than
     its float one; the exact search starting from it returns that layer to float when the budget still holds."""
-    layers = [P.LayerInfo("culprit", "conv2d", 60, 0, int8_ms=0.2, fp32_ms=1.0),
-              P.LayerInfo("slow", "conv2d", 60, 0, int8_ms=0.5, fp32_ms=0.3),
-              P.LayerInfo("fast", "conv2d", 60, 0, int8_ms=0.1, fp32_ms=0.9)]
-    a = P.Analysis(P.Metric("python:none:none"), 100.0, 0.0, layers=layers, names=[l.name for l in layers])
+    layers = [S.LayerInfo("culprit", "conv2d", 60, 0, int8_ms=0.2, fp32_ms=1.0),
+              S.LayerInfo("slow", "conv2d", 60, 0, int8_ms=0.5, fp32_ms=0.3),
+              S.LayerInfo("fast", "conv2d", 60, 0, int8_ms=0.1, fp32_ms=0.9)]
+    a = S.Analysis(M.Metric("python:none:none"), 100.0, 0.0, layers=layers, names=[l.name for l in layers])
     a.evaluate = lambda assignment: 100.0 if assignment.get("culprit", "fp32") == "fp32" else 98.0
     a.all_int8 = 98.0
     seed = {"culprit": "fp32", "slow": "int8", "fast": "int8"}
@@ -224,11 +226,11 @@ def test_a_layer_that_loses_a_sample_alone_is_still_tried_with_the_plan_around_i
     quantized ``helper`` wins back (as PP-OCR's recogniser does); ``s1`` loses one in any plan.
     The fallback puts ``big`` and ``s1`` in float; the search starts from it and finds that
     ``big`` can be int8 after all, a plan faster than the fallback's."""
-    layers = [P.LayerInfo("big", "conv2d", 100 - 100 / 150, 0, sqnr_int8=20.0, int8_ms=0.2, fp32_ms=1.0),
-              P.LayerInfo("s1", "conv2d", 100 - 100 / 150, 0, sqnr_int8=25.0, int8_ms=0.1, fp32_ms=0.3),
-              P.LayerInfo("helper", "conv2d", 100.0, 0, sqnr_int8=35.0, int8_ms=0.1, fp32_ms=0.3),
-              P.LayerInfo("other", "conv2d", 100.0, 0, sqnr_int8=40.0, int8_ms=0.1, fp32_ms=0.3)]
-    a = P.Analysis(P.Metric("python:none:none"), 100.0, 0.0, layers=layers, names=[l.name for l in layers])
+    layers = [S.LayerInfo("big", "conv2d", 100 - 100 / 150, 0, sqnr_int8=20.0, int8_ms=0.2, fp32_ms=1.0),
+              S.LayerInfo("s1", "conv2d", 100 - 100 / 150, 0, sqnr_int8=25.0, int8_ms=0.1, fp32_ms=0.3),
+              S.LayerInfo("helper", "conv2d", 100.0, 0, sqnr_int8=35.0, int8_ms=0.1, fp32_ms=0.3),
+              S.LayerInfo("other", "conv2d", 100.0, 0, sqnr_int8=40.0, int8_ms=0.1, fp32_ms=0.3)]
+    a = S.Analysis(M.Metric("python:none:none"), 100.0, 0.0, layers=layers, names=[l.name for l in layers])
 
     def evaluate(assignment):
         if not isinstance(assignment, dict):
@@ -247,9 +249,9 @@ def test_a_layer_that_loses_a_sample_alone_is_still_tried_with_the_plan_around_i
 
 
 def test_slower_int8_kernels_stay_float_and_ties_go_to_int8():
-    layers = [P.LayerInfo("fast", "conv2d", 60, 0, int8_ms=0.2, fp32_ms=1.0),
-              P.LayerInfo("noise", "conv2d", 60, 0, int8_ms=1.05, fp32_ms=1.0),  # within 10%: a tie
-              P.LayerInfo("slow", "matmul", 60, 0, int8_ms=2.0, fp32_ms=1.0)]
+    layers = [S.LayerInfo("fast", "conv2d", 60, 0, int8_ms=0.2, fp32_ms=1.0),
+              S.LayerInfo("noise", "conv2d", 60, 0, int8_ms=1.05, fp32_ms=1.0),  # within 10%: a tie
+              S.LayerInfo("slow", "matmul", 60, 0, int8_ms=2.0, fp32_ms=1.0)]
     chosen, _ = P.search(_fake_analysis(layers), 30.0)
     assert chosen == {"fast": "int8", "noise": "int8", "slow": "fp32"}
 
@@ -307,7 +309,7 @@ def test_fp16_candidate_in_the_simulation(sensitive):
     float_mod = prepare(mod)
     samples = random_samples([1, 4, 8, 8], n=6, seed=3)
     plan = calibrate(float_mod, samples, input_names=["x"])
-    a = P.analyse(float_mod, plan, samples, ["x"], P.Metric("sqnr"), measure_latency=False, fp16=True)
+    a = S.analyse(float_mod, plan, samples, ["x"], M.Metric("sqnr"), measure_latency=False, fp16=True)
     conv1 = next(l for l in a.layers if l.name == "conv1")
     assert conv1.only_int8 < 20 and conv1.only_fp16 > 50
     assert a.evaluate({"conv1": "fp16", "conv0": "int8", "conv2": "int8"}) > 30
@@ -355,9 +357,9 @@ def test_discrete_metric_budget_is_searched_on_measurements_not_assumed():
     additive model would either take every layer (and miss) or none; the allowance search finds
     the fastest plan that measures within budget."""
     rng = np.random.default_rng(7)
-    layers = [P.LayerInfo(f"l{i}", "conv2d", only_int8=100.0, only_float=0.0, sqnr_int8=float(rng.uniform(30, 45)),
+    layers = [S.LayerInfo(f"l{i}", "conv2d", only_int8=100.0, only_float=0.0, sqnr_int8=float(rng.uniform(30, 45)),
                           int8_ms=0.3, fp32_ms=1.0 + i * 0.1) for i in range(12)]
-    a = P.Analysis(P.Metric("python:none:none"), 100.0, 0.0, layers=layers, names=[l.name for l in layers])
+    a = S.Analysis(M.Metric("python:none:none"), 100.0, 0.0, layers=layers, names=[l.name for l in layers])
 
     def evaluate(assignment):
         if not isinstance(assignment, dict):
@@ -379,9 +381,9 @@ def test_discrete_metric_budget_is_searched_on_measurements_not_assumed():
 def _auto_with_candidate(candidate_class, sensitive, tmp_path, monkeypatch):
     """``--precision auto`` (min SQNR 30) on the sensitive model with compiled candidates made by
     ``candidate_class``: the manifest's precision section and the bundle folder."""
-    import tvmq.build
+    import tvmq.precision
 
-    monkeypatch.setattr(tvmq.build, "_Candidate", candidate_class)
+    monkeypatch.setattr(tvmq.precision, "_Candidate", candidate_class)
     out = tmp_path / "auto"
     compile_model(sensitive / "model.onnx", out, calib=sensitive / "calib", precision="auto",
                   auto=AutoPrecision(metric="sqnr", min_sqnr=30.0))
@@ -392,9 +394,9 @@ def test_an_exact_plan_that_misses_as_an_integer_program_is_repaired(sensitive, 
     """The simulation and the integer program can disagree by a rounding; when a proposal's integer program (the
     exact plan's, the fallback's) misses the budget, its most sensitive int8 layers go back to float one at a time
     until it meets it."""
-    import tvmq.build
+    import tvmq.precision
 
-    real = tvmq.build._Candidate
+    real = tvmq.precision._Candidate
 
     class Disagreeing(real):
         """The integer program misses whenever conv0 and conv2 are both int8 (the simulation does not)."""
@@ -418,9 +420,9 @@ def test_the_winners_float_layers_are_tried_again_as_integer_programs(sensitive,
     """The simulation keeps conv1 in float (its SQNR alone breaks the budget); when its integer program says
     otherwise (here: every integer program meets it), the refinement quantizes it, races the result against the
     winner and keeps the faster plan, which the report shows."""
-    import tvmq.build
+    import tvmq.precision
 
-    real = tvmq.build._Candidate
+    real = tvmq.precision._Candidate
 
     class Generous(real):
         def __init__(self, *args):
@@ -438,7 +440,7 @@ def test_layer_latency_is_measured_on_presets_this_cpu_runs_and_estimated_per_is
     """An AVX2 build runs here, so its kernels are timed (an AVX2-only host used to get a MAC count with the same
     figure for int8 and fp32, and every plan tied); a board's are estimated from MACs at its ISA's int8/fp32 rate:
     widening smull+sadalp about as fast as fp32, sdot four times."""
-    from tvmq.build import quantized_module
+    from tvmq.compile import quantized_module
     from tvmq.quantize import calibrate
     from tvmq.targets import get_preset
 
@@ -446,9 +448,9 @@ def test_layer_latency_is_measured_on_presets_this_cpu_runs_and_estimated_per_is
     float_mod = quantized_module(sensitive / "model.onnx", p, precision="fp32").module
     samples = [{"x": np.load(f)} for f in sorted((sensitive / "calib").glob("*.npy"))]
     plan = calibrate(float_mod, samples, target=preset, input_names=["x"])
-    a = P.Analysis(P.Metric("sqnr"), 100.0, 0.0, layers=[P.LayerInfo(n, plan.layers[n].kind, 0, 0) for n in plan.layers],
+    a = S.Analysis(M.Metric("sqnr"), 100.0, 0.0, layers=[S.LayerInfo(n, plan.layers[n].kind, 0, 0) for n in plan.layers],
                    names=list(plan.layers))
-    P._layer_latency(float_mod, plan, a, p)
+    S.layer_latency(float_mod, plan, a, p)
     assert all(l.estimated != measured and l.int8_ms > 0 and l.fp32_ms > 0 for l in a.layers)
     if not measured:
         assert [l.fp32_ms / l.int8_ms for l in a.layers] == pytest.approx([p.micro_kernel.int8_speedup] * len(a.layers))
@@ -461,15 +463,15 @@ def test_cross_target_estimate_knows_where_the_isas_int8_does_not_pay():
     estimated slower in int8 than in float, a 64-long reduction faster; with VNNI none of them;
     conversions scale with the tensors a layer reads and writes."""
     from tvmq.frontend import load_onnx
-    from tvmq.passes.patterns import find_layers
+    from tvmq.passes.layers import find_layers
     from tvmq.quantize import prepare
 
     mod, _ = load_onnx(mobile_block_model())
     layers = {l.name: l for l in find_layers(prepare(mod)["main"])}
     for preset, slower in (("x86-avx2", {"stem", "dw", "expand", "head"}), ("x86-avx512vnni", set())):
-        est = {n: P.estimated_ms(l, get_preset(preset)) for n, l in layers.items()}
+        est = {n: S.estimated_ms(l, get_preset(preset)) for n, l in layers.items()}
         assert {n for n, (fp32, int8, _) in est.items() if int8 > fp32} == slower, preset
-        assert all(b == pytest.approx(P.CONVERSION_MACS * layers[n].io_elements * 1e-6) for n, (_, _, b) in est.items())
+        assert all(b == pytest.approx(S.CONVERSION_MACS * layers[n].io_elements * 1e-6) for n, (_, _, b) in est.items())
 
 
 # --- the default plan keeps float the layers whose int8 kernel is no faster on the ISA ---------
@@ -511,7 +513,7 @@ def _plan(model, config=None, target="x86-avx2"):
 
 
 def _precisions(plan):
-    from tvmq.passes.patterns import find_layers  # noqa: F401  (names are the ONNX node names)
+    from tvmq.passes.layers import find_layers  # noqa: F401  (names are the ONNX node names)
 
     return {name: lp.precision for name, lp in plan.layers.items() if lp.kind != "add"}
 
@@ -588,12 +590,12 @@ def test_sqnr_and_cosine_judge_each_output_apart():
     small = [rng.normal(0, 1, 16) for _ in range(4)]
     out = [(b + rng.normal(0, 0.01, 64), s + rng.normal(0, 0.5, 16)) for b, s in zip(big, small)]
     ref = list(zip(big, small))
-    worst = P.sqnr_db([o[1] for o in out], small)
-    assert P.Metric("sqnr")(out, ref) == pytest.approx(worst) and worst < 10
-    assert P.sqnr_db([np.concatenate(o) for o in out], [np.concatenate(r) for r in ref]) > 40  # what hid it
-    assert P.Metric("cosine")(out, ref) == pytest.approx(P.Metric("cosine")([o[1] for o in out], small))
+    worst = M.sqnr_db([o[1] for o in out], small)
+    assert M.Metric("sqnr")(out, ref) == pytest.approx(worst) and worst < 10
+    assert M.sqnr_db([np.concatenate(o) for o in out], [np.concatenate(r) for r in ref]) > 40  # what hid it
+    assert M.Metric("cosine")(out, ref) == pytest.approx(M.Metric("cosine")([o[1] for o in out], small))
     labels = [int(np.argmax(b)) for b in big]
-    assert P.Metric("top1")(out, ref, labels) == 1.0  # top1 reads the first output
+    assert M.Metric("top1")(out, ref, labels) == 1.0  # top1 reads the first output
 
 
 def test_precision_search_sees_every_output():
@@ -612,10 +614,10 @@ def test_precision_search_sees_every_output():
     float_mod = prepare(mod)
     samples = random_samples([1, 4, 8, 8], n=6, seed=3)
     plan = calibrate(float_mod, samples, QuantConfig(int8_everywhere=True), input_names=["x"])
-    a = P.analyse(float_mod, plan, samples, ["x"], P.Metric("sqnr"), measure_latency=False)
+    a = S.analyse(float_mod, plan, samples, ["x"], M.Metric("sqnr"), measure_latency=False)
     assert all(len(r) == 2 for r in a.reference)
     outs = a.outputs(list(plan.layers))
-    first, second = (P.sqnr_db([o[i] for o in outs], [r[i] for r in a.reference]) for i in (0, 1))
+    first, second = (M.sqnr_db([o[i] for o in outs], [r[i] for r in a.reference]) for i in (0, 1))
     assert a.all_int8 == pytest.approx(min(first, second)) and first < second
 
 
@@ -649,14 +651,14 @@ def yolo_head(tmp_path):
 
 def test_output_slices_parse_and_cut():
     names = ["output0", "scores"]
-    s = P.parse_output_slice("output0:4:", names)
+    s = M.parse_output_slice("output0:4:", names)
     assert (s.output, s.axis, s.start, s.stop) == (0, 1, 4, None)
-    s = P.parse_output_slice("scores:-1:2:5", names)
+    s = M.parse_output_slice("scores:-1:2:5", names)
     assert (s.output, s.axis, s.start, s.stop) == (1, -1, 2, 5)
     for bad in ("nosuch:4:", "output0:x:", "output0"):
         with pytest.raises(TvmqError, match="--output-slice"):
-            P.parse_output_slice(bad, names)
-    parts = P.OutputParts(("output0",), (P.parse_output_slice("output0:4:", names),))
+            M.parse_output_slice(bad, names)
+    parts = M.OutputParts(("output0",), (M.parse_output_slice("output0:4:", names),))
     y = np.arange(2 * 7 * 3).reshape(2, 7, 3)
     whole, cut = parts((y,))
     assert parts.labels == ["output0", "output0:4:"] and whole is y and np.array_equal(cut, y[:, 4:])
@@ -666,12 +668,12 @@ def test_auto_judges_the_parts_of_a_final_concat_and_protects_the_class_scores(t
     """A YOLO head's one output: judged whole, all-int8 passes the default budget on the boxes'
     range; judged per Concat input, the class scores miss it, so --precision auto (default
     budget, no flag) keeps the class conv float and the boxes int8."""
-    from tvmq.build import quantized_module
+    from tvmq.compile import quantized_module
     from tvmq.frontend import load_onnx
 
     path, samples = yolo_head(tmp_path)
     mod, info = load_onnx(str(path))
-    slices = P.concat_slices(mod["main"], ["y"])  # through the Reshape that keeps axis 1
+    slices = M.concat_slices(mod["main"], ["y"])  # through the Reshape that keeps axis 1
     assert [(s.axis, s.start, s.stop) for s in slices] == [(1, 0, 4), (1, 4, 7)]
     qm = quantized_module(str(path), get_preset("x86"), raw=samples, precision="auto", auto=AutoPrecision(),
                           config=QuantConfig(int8_everywhere=True))  # 4-channel convs: int8 only when asked

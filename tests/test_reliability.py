@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -310,7 +309,7 @@ def test_interrupted_compile_leaves_nothing(tmp_path, demo, delay):
 def test_a_bundle_recompiled_into_the_same_folder_runs_the_new_model(tmp_path):
     """dlopen hands back the library already mapped for a path; a model recompiled into the same
     folder and loaded again in the same process must run the new weights, not the old ones."""
-    from tvmq.build import compile_model
+    from tvmq.compile import compile_model
     from tvmq.runtime import Bundle
 
     rng = np.random.default_rng(0)

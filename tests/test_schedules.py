@@ -141,7 +141,8 @@ def test_a_ragged_channel_epilogue_is_vectorized_where_every_lane_is_inside():
     from tvm import s_tir
 
     from tvmq.frontend import load_onnx
-    from tvmq.pipeline import _preset, dot_intrinsics, fuse
+    from tvmq.pipeline import dot_intrinsics, fuse
+    from tvmq.targets import get_preset
     from tvmq.quantize import calibrate, prepare, quantize_pipeline
     from tvmq.targets.schedules import PackedKernelRule
     from tvmq.targets.tails import version_vector_tails
@@ -151,16 +152,16 @@ def test_a_ragged_channel_epilogue_is_vectorized_where_every_lane_is_inside():
     mod, _ = load_onnx(matmul_model(24, 64, 100))
     mod = prepare(mod)
     plan = calibrate(mod, [{"x": rng.uniform(-1, 1, (24, 64)).astype(np.float32)} for _ in range(2)], input_names=["x"])
-    fused = fuse(quantize_pipeline(plan)(mod), _preset("x86"))
+    fused = fuse(quantize_pipeline(plan)(mod), get_preset("x86"))
     (func,) = [f for gv, f in fused.functions_items() if "matmul" in gv.name_hint and isinstance(f, tir.PrimFunc)]
     sch = s_tir.Schedule(func)
-    assert PackedKernelRule(dot_intrinsics(_preset("x86"))).schedule(sch)
+    assert PackedKernelRule(dot_intrinsics(get_preset("x86"))).schedule(sch)
     before = sch.mod["main"]
     after = version_vector_tails(before)
     assert "T.where" in before.script()
     text = after.script()
     assert "if " in text and text.count("T.where") == before.script().count("T.where")  # the edge keeps its guard
-    target = _preset("x86").tvm_target()
+    target = get_preset("x86").tvm_target()
     args = [rng.integers(0, 256, [int(d) for d in p.shape]).astype(str(p.dtype)) if "int" in str(p.dtype)
             else rng.uniform(0.5, 1.5, [int(d) for d in p.shape]).astype(str(p.dtype)) for p in before.params]
     outs = []

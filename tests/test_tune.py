@@ -7,7 +7,7 @@ import pytest
 import tvm
 
 from conftest import conv_model, random_samples
-from tvmq.build import quantized_module
+from tvmq.compile import quantized_module
 from tvmq.execute import HostModule
 from tvmq.targets import get_preset
 from tvmq.targets.intrinsics import register as register_intrinsics

@@ -28,7 +28,9 @@ _LAZY = {
     "LayerPlan": "tvmq.plan",
     "QParams": "tvmq.qparams",
     "load_onnx": "tvmq.frontend",
-    "compile_model": "tvmq.build",
+    "compile_model": "tvmq.compile",
+    "AutoPrecision": "tvmq.config",
+    "TuneOptions": "tvmq.config",
     "TvmqError": "tvmq.errors",
 }
 

@@ -3,12 +3,15 @@
 tvmq targets apache-tvm 0.27 (PyPI), where Relax's ``StructInfo`` became ``Type``
 (``relax.TensorType``, ``expr.ty``), constants became ``tvm.ir.GenericConst``, TIR became
 ``tvm.tirx``, and MetaSchedule/DLight/tensor intrinsics moved under ``tvm.s_tir``. Code
-elsewhere in tvmq goes through these helpers instead of touching the moved names.
+elsewhere in tvmq goes through these helpers instead of touching the moved names; the one
+exception is TVMScript (``from tvm.script import tirx as T``), whose decorators must be named
+where a kernel is written.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import numpy as np
 import tvm
@@ -18,6 +21,9 @@ TensorType = getattr(relax, "TensorType", None) or getattr(relax, "TensorStructI
 TupleType = getattr(relax, "TupleType", None) or getattr(relax, "TupleStructInfo")
 Constant = getattr(tvm.ir, "GenericConst", None) or getattr(relax, "Constant")
 tir = getattr(tvm, "tirx", None) or importlib.import_module("tvm.tir")
+# Schedulable TIR (SBlock, TensorIntrin, Schedule) and the arithmetic analyzer (0.27: tvm.sym).
+s_tir = importlib.import_module("tvm.s_tir") if importlib.util.find_spec("tvm.s_tir") else tir
+arith = getattr(tvm, "sym", None) or importlib.import_module("tvm.arith")
 FloatImm, IntImm = tir.FloatImm, tir.IntImm
 # 0.27 made BufferLoad a factory function returning tvm.ir.TensorLoad.
 BufferLoad = tir.BufferLoad if isinstance(tir.BufferLoad, type) else getattr(tvm.ir, "TensorLoad")
@@ -60,10 +66,6 @@ def meta_schedule():
 
 def dlight():
     return importlib.import_module("tvm.s_tir.dlight")
-
-
-def tensor_intrin():
-    return importlib.import_module("tvm.s_tir.tensor_intrin")
 
 
 def cross_compiler(compiler: str):

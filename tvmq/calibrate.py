@@ -27,6 +27,9 @@ __all__ = [
     "DataReader",
     "InputSpec",
     "load_samples_dir",
+    "load_raw_samples",
+    "peek_sample",
+    "load_eval_data",
     "validate_samples",
     "TensorStats",
     "observe",
@@ -116,6 +119,46 @@ def validate_samples(samples: Iterable[Mapping[str, np.ndarray]], inputs: list[I
     return out
 
 
+def load_raw_samples(calib) -> list[dict] | None:
+    """Calibration samples keyed by name, before the model's input names are known."""
+    if calib is None:
+        return None
+    if isinstance(calib, (str, Path)):
+        path = Path(calib)
+        if not path.is_dir():
+            raise TvmqError(f"calibration directory {path} does not exist; pass a folder of .npy/.npz samples to --calib")
+        return path  # read once the input names are known
+    return list(calib)
+
+
+def peek_sample(path: Path) -> dict | None:
+    """The first sample of a data folder (inputs named ``None`` for a single-input ``.npy``), read before the model."""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz") and p.name != LABELS)
+    if not files:
+        raise TvmqError(f"calibration directory {path} holds no .npy or .npz files; add one file per sample")
+    f = files[0]
+    try:
+        if f.suffix == ".npz":
+            with np.load(f, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        arr = np.load(f, allow_pickle=False)
+    except Exception as err:  # numpy raises several types for damaged files
+        raise TvmqError(f"cannot read calibration sample {f}: {err}; replace or remove the file") from None
+    return {None: arr}  # the single input, named once the model is read
+
+
+def load_eval_data(path, inputs) -> tuple[list[dict], np.ndarray | None]:
+    """Samples of a data folder (as for calibration) and its ``labels.npy`` if present."""
+    path = Path(path)
+    samples = load_samples_dir(path, inputs)
+    labels = None
+    if (path / "labels.npy").exists():
+        labels = np.load(path / "labels.npy", allow_pickle=False)
+        if len(labels) != len(samples):
+            raise TvmqError(f"{path}/labels.npy has {len(labels)} labels for {len(samples)} samples; give one per sample")
+    return samples, labels
+
+
 # ---------------------------------------------------------------------------- statistics
 @dataclass(eq=False)
 class TensorStats:
@@ -163,7 +206,7 @@ def _minmax(bb, t):
 
 def _per_channel(bb, t):
     """abs-max and mean over every axis but the last (channels, in NHWC / [.., K] layouts)."""
-    from tvmq.passes.patterns import static_shape
+    from tvmq.passes.graph import static_shape
 
     axes = list(range(len(static_shape(t)) - 1))
     return [bb.emit(relax.op.max(relax.op.abs(t), axis=axes)), bb.emit(relax.op.mean(t, axis=axes))]

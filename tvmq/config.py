@@ -17,6 +17,8 @@ __all__ = [
     "ActivationSpec",
     "LayerRule",
     "QuantConfig",
+    "AutoPrecision",
+    "TuneOptions",
 ]
 
 
@@ -30,9 +32,27 @@ class CalibrationMethod(str, Enum):
 
 
 class Precision(str, Enum):
+    """A layer's precision; ``AUTO`` (a build's ``--precision`` only) lets the search choose per layer."""
+
     INT8 = "int8"
     FP16 = "fp16"
     FP32 = "fp32"
+    AUTO = "auto"
+
+    @classmethod
+    def parse(cls, value, flag: str = "--precision", allowed=None) -> "Precision":
+        """``value`` as a Precision; anything else is an input error naming the choices."""
+        from tvmq.errors import TvmqError
+
+        allowed = tuple(allowed or cls)
+        try:
+            precision = cls(value)
+        except ValueError:
+            precision = None
+        if precision not in allowed:
+            raise TvmqError(f"{flag} {value!r} is not supported; use {', '.join(p.value for p in allowed[:-1])} "
+                            f"or {allowed[-1].value}")
+        return precision
 
 
 class RequantizeMode(str, Enum):
@@ -67,7 +87,7 @@ class LayerRule:
     name: str | None = None
 
     def __post_init__(self):
-        if self.precision not in ("int8", "fp16", "fp32", "skip"):
+        if self.precision != "skip" and self.precision not in (Precision.INT8, Precision.FP16, Precision.FP32):
             raise ValueError(f"rule precision must be int8, fp16, fp32 or skip, not {self.precision!r}")
         if self.op is None and self.name is None:
             raise ValueError("a layer rule needs an op type, a name glob, or both")
@@ -193,3 +213,45 @@ def load_rules(path) -> tuple[LayerRule, ...]:
         except (TypeError, ValueError) as err:
             raise ValueError(f"config {path}: rule {i + 1}: {err}") from None
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class AutoPrecision:
+    """``--precision auto``: the metric, the budget and the data it is measured on."""
+
+    metric: str = "sqnr"
+    max_drop: float | None = None  # metric points (top1: percentage points)
+    min_sqnr: float | None = None  # dB
+    eval_data: object = None  # folder of samples (+ labels.npy); default: the calibration data
+    output_slices: tuple[str, ...] = ()  # NAME:START:STOP parts of outputs judged apart (--output-slice)
+
+    def budget(self) -> float:
+        """The budget in the metric's units; raises on anything missing, before any work."""
+        from pathlib import Path
+
+        from tvmq.errors import TvmqError
+        from tvmq.metrics import Metric
+
+        metric = Metric(self.metric)
+        if metric.kind.startswith("python:"):
+            metric.function()
+        if self.metric == "sqnr":
+            budget = DEFAULT_MIN_SQNR if self.min_sqnr is None else self.min_sqnr
+        elif self.max_drop is None:
+            raise TvmqError(f"--precision auto with the {self.metric} metric needs --max-drop POINTS")
+        else:
+            budget = self.max_drop / 100 if self.metric == "top1" else self.max_drop
+        if metric.needs_labels and (self.eval_data is None or not (Path(self.eval_data) / "labels.npy").exists()):
+            raise TvmqError(f"metric {self.metric} needs labels: pass --eval-data DIR with samples and labels.npy "
+                            "(one label per sample)")
+        return budget
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """Tuning for a build: ``db`` keeps the results; ``trials`` measured candidates per kernel first
+    (0: only use what ``db`` already holds); ``max_tasks`` tunes only the largest kernels."""
+
+    db: object = None  # str or Path
+    trials: int = 0
+    max_tasks: int | None = None

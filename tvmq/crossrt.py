@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.parse
 import zipfile
 from pathlib import Path
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 
 from tvmq.errors import TvmqError
 
@@ -26,28 +25,15 @@ def _display(value: float, metric: str) -> str:
 
 def evaluate_bundle(bundle_dir, data_dir, model=None, metric: str | None = None, repeat: int = 50) -> dict:
     """Accuracy (``metric``) and median latency of FP32 TVM and of the bundle on ``data_dir``."""
-    from tvmq.build import load_eval_data, quantized_module, sha256_file
+    from tvmq.bundle import sha256_file
+    from tvmq.calibrate import InputSpec, load_eval_data
+    from tvmq.compile import quantized_module
     from tvmq.execute import HostModule
-    from tvmq.precision import Metric
-    from tvmq.runtime import Bundle, BundleError, configure_threads
+    from tvmq.metrics import Metric
     from tvmq.targets import get_preset
 
-    bundle_dir = Path(bundle_dir)
-    try:
-        threads = configure_threads()  # the same for the FP32 model and the bundle
-        bundle = Bundle(bundle_dir)
-    except BundleError as err:
-        raise TvmqError(str(err)) from None
+    threads, bundle = _open_bundle(Path(bundle_dir), model)
     manifest = bundle.manifest
-    if manifest.get("target", {}).get("device", "cpu") != "cpu" or not get_preset(manifest["target"]["preset"]).runs_here:
-        raise TvmqError(f"{bundle_dir} was built for {manifest['target']['preset']}; eval runs bundles for this machine "
-                        "(compile with --target x86 to evaluate here, or run the bundle's runner on the device)")
-    if model is None:
-        raise TvmqError("pass --model MODEL.onnx, the FP32 model to compare the bundle with")
-    if not Path(model).is_file():
-        raise TvmqError(f"--model {model}: no such file")
-    from tvmq.calibrate import InputSpec
-
     names = [i["name"] for i in bundle.inputs]
     specs = [InputSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in bundle.inputs]
     samples, labels = load_eval_data(data_dir, specs)
@@ -67,12 +53,6 @@ def evaluate_bundle(bundle_dir, data_dir, model=None, metric: str | None = None,
         fp32_score, compiled = m(ref, ref, labels), m(out, ref, labels)
     lat_f = fp32.latency_ms(*[samples[0][n] for n in names], repeat=repeat)
     lat_c = bundle.latency_ms(samples[0], repeat=repeat)
-    if m.kind == "top1":
-        change = f"{100 * (compiled - fp32_score):+.2f} pt"
-    elif m.kind == "sqnr":
-        change = f"SQNR {compiled:.2f} dB vs FP32"
-    else:
-        change = f"{compiled - fp32_score:+.5f}"
     precision = manifest.get("precision") or {}
     label = "compiled" if not manifest.get("quantization") else ("plan" if precision else "INT8")
     note = ""
@@ -86,6 +66,36 @@ def evaluate_bundle(bundle_dir, data_dir, model=None, metric: str | None = None,
             "FP32 (TVM)": {"score": fp32_score, "display": _display(fp32_score, m.kind), "latency_ms": lat_f},
             f"{label} (bundle)": {"score": compiled, "display": _display(compiled, m.kind), "latency_ms": lat_c},
         },
-        "change": change + (f" ({note})" if note else ""),
+        "change": _change(m.kind, fp32_score, compiled) + (f" ({note})" if note else ""),
         "speedup": lat_f / lat_c,
     }
+
+
+def _open_bundle(bundle_dir: Path, model):
+    """``(threads, Bundle)`` once the bundle runs here and ``model`` names an FP32 model file."""
+    from tvmq.runtime import Bundle, BundleError, configure_threads
+    from tvmq.targets import get_preset
+
+    try:
+        threads = configure_threads()  # the same for the FP32 model and the bundle
+        bundle = Bundle(bundle_dir)
+    except BundleError as err:
+        raise TvmqError(str(err)) from None
+    manifest = bundle.manifest
+    if manifest.get("target", {}).get("device", "cpu") != "cpu" or not get_preset(manifest["target"]["preset"]).runs_here:
+        raise TvmqError(f"{bundle_dir} was built for {manifest['target']['preset']}; eval runs bundles for this machine "
+                        "(compile with --target x86 to evaluate here, or run the bundle's runner on the device)")
+    if model is None:
+        raise TvmqError("pass --model MODEL.onnx, the FP32 model to compare the bundle with")
+    if not Path(model).is_file():
+        raise TvmqError(f"--model {model}: no such file")
+    return threads, bundle
+
+
+def _change(kind: str, fp32_score: float, compiled: float) -> str:
+    """The bundle's score against FP32's, as the eval table prints it."""
+    if kind == "top1":
+        return f"{100 * (compiled - fp32_score):+.2f} pt"
+    if kind == "sqnr":
+        return f"SQNR {compiled:.2f} dB vs FP32"
+    return f"{compiled - fp32_score:+.5f}"

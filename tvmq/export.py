@@ -204,13 +204,14 @@ def export_qdq(model_path, plan: QuantPlan, out_path, layer_names: list[str]) ->
     """
     import onnx
 
-    from tvmq.frontend import _name_nodes, fold_constant_subgraphs, read_onnx
+    from tvmq.frontend import name_nodes, read_onnx
+    from tvmq.onnx_rewrites import fold_constant_subgraphs
 
     model = with_opset_13(read_onnx(model_path))
     # Constant subgraphs become initializers, as on import: PaddlePaddle's conv biases arrive as
     # Add(conv, Reshape(bias)), which is then a bias, not a layer.
     fold_constant_subgraphs(model)
-    _name_nodes(model)
+    name_nodes(model)
     consts = onnx_constants(model)
     _fold_into_conv(model, consts)
     onnx_layers = _onnx_layers(model, consts)
@@ -231,37 +232,7 @@ def export_qdq(model_path, plan: QuantPlan, out_path, layer_names: list[str]) ->
         if not lp.is_int8:
             continue
         written += 1
-        if kind == "add":
-            for i, qp in enumerate(lp.inputs):
-                node.input[i] = w.fake_quant(node.input[i], qp)
-            end = node
-        else:
-            x_qp = lp.inputs[0]
-            node.input[0] = w.fake_quant(node.input[0], x_qp)
-            weight = consts[node.input[1]].astype(np.float32)
-            axis = 0
-            if kind == "matmul":
-                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0) if node.op_type == "Gemm" else 0
-                axis = 0 if trans_b else 1
-            wqp = w.weight(node, 1, weight, axis, lp.weight)
-            if len(node.input) > 2 and node.input[2] in consts and node.op_type in ("Conv", "Gemm"):
-                w.bias(node, 2, consts[node.input[2]], np.float64(x_qp.scale) * wqp.scale.astype(np.float64))
-            end = node
-        # The chain end in ONNX: a following Relu/Clip (or bias Add for MatMul) that solely consumes it.
-        for _ in range(2):
-            users = consumers.get(end.output[0], [])
-            if len(users) == 1 and users[0].op_type in ("Relu", "Clip") or (
-                len(users) == 1 and end.op_type == "MatMul" and users[0].op_type == "Add"
-                and any(i in consts for i in users[0].input)
-            ):
-                end = users[0]
-            else:
-                break
-        if lp.output is not None:
-            tensor = end.output[0]
-            dq = w.fake_quant(tensor, lp.output)
-            for user in consumers.get(tensor, []):
-                w.rename[(user.name, tensor)] = dq
+        _write_layer(w, kind, node, lp, consts, consumers)
     w.finish()
     model.producer_name = "tvmq"
     onnx.checker.check_model(model)
@@ -270,3 +241,42 @@ def export_qdq(model_path, plan: QuantPlan, out_path, layer_names: list[str]) ->
     onnx.save(model, str(tmp))
     tmp.replace(out_path)
     return {"int8_layers": written, "layers": len(layer_names)}
+
+
+def _write_layer(w: _Writer, kind: str, node, lp, consts: dict, consumers: dict[str, list]) -> None:
+    """Q/DQ around one int8 layer's ONNX node: its inputs, weight and bias, and its chain's output."""
+    if kind == "add":
+        for i, qp in enumerate(lp.inputs):
+            node.input[i] = w.fake_quant(node.input[i], qp)
+    else:
+        x_qp = lp.inputs[0]
+        node.input[0] = w.fake_quant(node.input[0], x_qp)
+        weight = consts[node.input[1]].astype(np.float32)
+        axis = 0
+        if kind == "matmul":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0) if node.op_type == "Gemm" else 0
+            axis = 0 if trans_b else 1
+        wqp = w.weight(node, 1, weight, axis, lp.weight)
+        if len(node.input) > 2 and node.input[2] in consts and node.op_type in ("Conv", "Gemm"):
+            w.bias(node, 2, consts[node.input[2]], np.float64(x_qp.scale) * wqp.scale.astype(np.float64))
+    end = _chain_end(node, consts, consumers)
+    if lp.output is not None:
+        tensor = end.output[0]
+        dq = w.fake_quant(tensor, lp.output)
+        for user in consumers.get(tensor, []):
+            w.rename[(user.name, tensor)] = dq
+
+
+def _chain_end(node, consts: dict, consumers: dict[str, list]):
+    """The chain end in ONNX: a following Relu/Clip (or bias Add for MatMul) that solely consumes it."""
+    end = node
+    for _ in range(2):
+        users = consumers.get(end.output[0], [])
+        if len(users) == 1 and users[0].op_type in ("Relu", "Clip") or (
+            len(users) == 1 and end.op_type == "MatMul" and users[0].op_type == "Add"
+            and any(i in consts for i in users[0].input)
+        ):
+            end = users[0]
+        else:
+            break
+    return end

@@ -32,7 +32,7 @@ class ReductionKernel:
 def reduction_kernels(lowered) -> list[ReductionKernel]:
     """Every reduction block whose update multiplies two buffer loads (conv2d / matmul bodies)."""
     import tvm_ffi
-    from tvm import s_tir
+    from tvmq._compat import s_tir
 
     from tvmq._compat import tir
 

@@ -12,21 +12,17 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from tvmq.targets import get_preset
+
 __all__ = ["relax_passes", "fuse", "lower", "build", "schedule_rules", "dot_intrinsics", "unlowered_ops",
            "compile_lowered"]
-
-
-def _preset(preset):
-    from tvmq.targets import TargetPreset, get_preset
-
-    return preset if isinstance(preset, TargetPreset) else get_preset(preset)
 
 
 def schedule_rules(preset):
     """The default schedule rules for ``preset``."""
     from tvmq.targets.schedules import default_rules
 
-    preset = _preset(preset)
+    preset = get_preset(preset)
     if preset.kind != "llvm":
         return []
     return default_rules(dot_intrinsics(preset), lanes=preset.vector_lanes, registers=preset.vector_registers)
@@ -36,7 +32,7 @@ def dot_intrinsics(preset) -> dict[int, str] | None:
     """``{lanes: tensor intrinsic}`` for the preset's int8 micro-kernel (registered on demand)."""
     from tvmq.targets import intrinsics
 
-    kernel = _preset(preset).micro_kernel
+    kernel = get_preset(preset).micro_kernel
     if kernel is None:
         return None
     intrinsics.register()
@@ -48,7 +44,7 @@ def relax_passes(preset) -> list:
     """Graph-level passes that depend on the target (run before legalization)."""
     from tvmq.passes import FastMath, FastSoftmax, FoldAffineChains, PackKernels
 
-    preset = _preset(preset)
+    preset = get_preset(preset)
     if preset.kind != "llvm":
         return []
     from tvmq.targets.intrinsics import MICRO_KERNELS
@@ -79,7 +75,7 @@ def _fuse_passes(preset) -> list:
 
 def fuse(mod: tvm.IRModule, preset) -> tvm.IRModule:
     """Legalize and fuse: the module whose PrimFuncs are the kernels to schedule (or tune)."""
-    preset = _preset(preset)
+    preset = get_preset(preset)
     with preset.tvm_target():
         return tvm.transform.Sequential(_fuse_passes(preset), name="tvmq.fuse")(mod)
 
@@ -88,9 +84,11 @@ def _lower_gpu(mod: tvm.IRModule, target) -> tvm.IRModule:
     """TVM's CUDA pipeline, with DLight's Matmul rule not tensorizing 8-bit kernels (TVM 0.27
     aborts the build of an int8 matmul it tensorizes; see ``NoInt8TensorCores``)."""
     from tvm.relax.backend.cuda import pipeline as cuda
-    from tvm.s_tir import dlight as dl
 
-    from tvmq.targets.schedules import NoInt8TensorCores
+    from tvmq._compat import dlight
+    from tvmq.targets.generic_schedules import NoInt8TensorCores
+
+    dl = dlight()
 
     schedule = dl.ApplyDefaultSchedule(NoInt8TensorCores(dl.gpu.Matmul()), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())
@@ -106,11 +104,11 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
     ``database`` (from :func:`tvmq.tune.load_database`) supplies tuned kernels; every other
     kernel gets tvmq's default schedule.
     """
-    preset = _preset(preset)
+    preset = get_preset(preset)
     target = preset.tvm_target()
     if preset.kind != "llvm":
         return _lower_gpu(mod, target)
-    from tvm.s_tir import dlight
+    from tvmq._compat import dlight
 
     passes = list(_fuse_passes(preset))
     if database is not None:
@@ -119,7 +117,7 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
     from tvmq.targets.tails import VersionVectorTails
 
     passes += [
-        dlight.ApplyDefaultSchedule(*schedule_rules(preset)),
+        dlight().ApplyDefaultSchedule(*schedule_rules(preset)),
         VersionVectorTails(),  # predicated vector loops: a clean vector body where every lane is inside
         relax.transform.RewriteDataflowReshape(),
         relax.transform.ToNonDataflow(),
@@ -143,14 +141,14 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
 
 def build(mod: tvm.IRModule, preset, database=None):
     """Lower and compile; returns a ``tvm.runtime.Executable``."""
-    preset = _preset(preset)
+    preset = get_preset(preset)
     return compile_lowered(lower(mod, preset, database), preset)
 
 
 def compile_lowered(lowered: tvm.IRModule, preset):
     """Code generation of a module :func:`lower` made; an operator nothing lowered is a
     :class:`~tvmq.errors.TvmqError` naming it (TVM's VM codegen only says that one exists)."""
-    preset = _preset(preset)
+    preset = get_preset(preset)
     target = preset.tvm_target()
     try:
         with target:  # nvcc takes the CUDA arch from the current target

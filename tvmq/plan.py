@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from tvmq.errors import TvmqError
 from tvmq.qparams import QParams
 
-__all__ = ["LayerPlan", "QuantPlan"]
+__all__ = ["LayerPlan", "QuantPlan", "read_plan"]
 
 PLAN_VERSION = 1
 
@@ -131,3 +132,15 @@ class QuantPlan:
     @classmethod
     def loads(cls, text: str) -> "QuantPlan":
         return cls.from_json(json.loads(text))
+
+
+def read_plan(path) -> QuantPlan:
+    """A plan file written by ``tvmq compile`` (``plan.json``); a missing or damaged one is an input error."""
+    from pathlib import Path
+
+    try:
+        return QuantPlan.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TvmqError(f"plan file {path} does not exist") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise TvmqError(f"plan file {path} is not a valid tvmq plan ({err}); regenerate it with tvmq compile") from None

@@ -15,9 +15,10 @@ from tvmq.errors import TvmqError
 from tvmq.plan import LayerPlan, QuantPlan
 from tvmq.qparams import activation_qparams
 from tvmq.passes import Conv1dToConv2d, ConvertToNHWC, ConvTransposeToConv, DivideToMultiply, FoldConstantsNumpy, FoldQDQ, InsertQDQ
-from tvmq.passes.patterns import FunctionGraph, dtype_of, find_layers, static_shape
+from tvmq.passes.graph import FunctionGraph, dtype_of, static_shape
+from tvmq.passes.layers import find_layers
 
-__all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs", "smooth", "finish"]
+__all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs", "smooth", "smooth_and_calibrate", "finish"]
 
 log = logging.getLogger("tvmq")
 
@@ -118,29 +119,9 @@ def calibrate(
     layers = find_layers(func, graph)
     int8, root_of, slow = _int8_layers(layers, graph, config, get_preset(target).micro_kernel)
 
-    observed = []
-    for layer in layers:
-        if layer.name in int8:
-            for root in root_of[layer.name]:
-                if dtype_of(root) != "float32":
-                    raise TvmqError(f"layer {layer.name}: input is {dtype_of(root)}, only float32 inputs can be quantized")
-                if root not in observed:
-                    observed.append(root)
     method = CalibrationMethod(config.method)
-    stats = collect_statistics(
-        mod,
-        observed,
-        samples,
-        [s.name for s in specs],
-        histogram=method != CalibrationMethod.MINMAX,
-        num_bins=config.num_bins,
-        progress=progress,
-    )
-    qparams = {}
-    for tensor, st in zip(observed, stats):
-        lo, hi = select_range(st, method, percentile=config.percentile, dtype=spec.dtype, symmetric=spec.symmetric)
-        qparams[tensor] = activation_qparams(lo, hi, spec.dtype, spec.symmetric)
-
+    qparams = _activation_qparams(mod, _observed_tensors(layers, int8, root_of), samples, [s.name for s in specs],
+                                  config, method, spec, progress)
     corrections = {}
     if config.bias_correction:
         corrections = _bias_corrections(mod, layers, int8, samples, [s.name for s in specs])
@@ -166,10 +147,34 @@ def calibrate(
     )
 
 
+def _observed_tensors(layers, int8: set, root_of: dict) -> list:
+    """The float tensors entering the int8 layers, each once: what calibration observes."""
+    observed = []
+    for layer in layers:
+        if layer.name in int8:
+            for root in root_of[layer.name]:
+                if dtype_of(root) != "float32":
+                    raise TvmqError(f"layer {layer.name}: input is {dtype_of(root)}, only float32 inputs can be quantized")
+                if root not in observed:
+                    observed.append(root)
+    return observed
+
+
+def _activation_qparams(mod, observed, samples, names, config, method, spec, progress) -> dict:
+    """Each observed tensor's quantization parameters, from its statistics over ``samples``."""
+    stats = collect_statistics(mod, observed, samples, names, histogram=method != CalibrationMethod.MINMAX,
+                               num_bins=config.num_bins, progress=progress)
+    qparams = {}
+    for tensor, st in zip(observed, stats):
+        lo, hi = select_range(st, method, percentile=config.percentile, dtype=spec.dtype, symmetric=spec.symmetric)
+        qparams[tensor] = activation_qparams(lo, hi, spec.dtype, spec.symmetric)
+    return qparams
+
+
 def _bias_corrections(mod, layers, int8, samples, names):
     """Per int8 conv/matmul layer, the bias correction from its input's channel means."""
     from tvmq.calibrate import channel_statistics
-    from tvmq.passes.algorithms import bias_corrections
+    from tvmq.passes.bias_correction import bias_corrections
 
     targets = [l for l in layers if l.name in int8 and l.kind != "add"]
     # The anchor's own input (channels last), not its root: a transpose may lie between.
@@ -188,9 +193,9 @@ def _bias_corrections(mod, layers, int8, samples, names):
 
 
 def smooth(mod: tvm.IRModule, calib_data, alpha: float, input_names: list[str] | None = None) -> tvm.IRModule:
-    """SmoothQuant: migrate matmul input outliers into the weights (see passes.algorithms)."""
+    """SmoothQuant: migrate matmul input outliers into the weights (see :mod:`tvmq.passes.smooth_quant`)."""
     from tvmq.calibrate import channel_statistics
-    from tvmq.passes.algorithms import SmoothQuant, smoothing_factors
+    from tvmq.passes.smooth_quant import SmoothQuant, smoothing_factors
 
     specs = input_specs(mod, input_names)
     samples = validate_samples(calib_data, specs)
@@ -254,17 +259,23 @@ def quantize(
     if plan is None:
         if calib_data is None:
             raise TvmqError("quantize needs calibration data or a plan")
-        calib_data = list(calib_data)
-        if config.smoothquant:
-            mod = smooth(mod, calib_data, config.smoothquant, input_names)
-        plan = calibrate(mod, calib_data, config, target=target, input_names=input_names)
+        mod, plan = smooth_and_calibrate(mod, list(calib_data), config, target=target, input_names=input_names)
     return finish(quantize_pipeline(plan)(mod), config)
+
+
+def smooth_and_calibrate(mod: tvm.IRModule, samples: list, config: QuantConfig, *, target: str = "x86",
+                         input_names: list[str] | None = None, progress: bool = False) -> tuple[tvm.IRModule, QuantPlan]:
+    """SmoothQuant (when ``config`` asks for it), then :func:`calibrate`: the float module the plan
+    is made for, and the plan. :func:`quantize` and ``tvmq compile`` both go through here."""
+    if config.smoothquant:
+        mod = smooth(mod, samples, config.smoothquant, input_names)
+    return mod, calibrate(mod, samples, config, target=target, input_names=input_names, progress=progress)
 
 
 def finish(qmod: tvm.IRModule, config: QuantConfig) -> tvm.IRModule:
     """Passes after quantization: weight-only storage for the matmuls left in float."""
     if config.weight_only:
-        from tvmq.passes.algorithms import WeightOnly
+        from tvmq.passes.weight_only import WeightOnly
 
         qmod = WeightOnly(8 if config.weight_only == "int8" else 4, config.weight_only_group)(qmod)
     return qmod

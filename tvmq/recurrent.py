@@ -16,6 +16,8 @@ initial states.) Peepholes, ``clip``, ``input_forget``, non-default activations 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from tvmq.errors import TvmqError
@@ -102,7 +104,25 @@ def decompose_lstm(model) -> int:
     return count
 
 
-def _lstm(model, node, consts, shapes):
+@dataclass(frozen=True)
+class _LstmSpec:
+    """One LSTM node's input names and sizes, checked to be what the decomposition handles."""
+
+    x: str
+    w: str
+    r: str
+    b: str
+    init_h: str
+    init_c: str
+    hidden: int
+    direction: str
+    layout: int
+    dirs: int
+    steps: int
+    batch: int
+
+
+def _lstm_spec(node, consts, shapes) -> _LstmSpec:
     inputs = list(node.input) + [""] * (8 - len(node.input))
     x, w, r, b, seq_lens, init_h, init_c, peep = inputs
     hidden = int(_attr(node, "hidden_size", 0))
@@ -130,49 +150,67 @@ def _lstm(model, node, consts, shapes):
         lens = consts.get(seq_lens)
         if lens is None or np.any(np.asarray(lens) != steps):
             _refuse(node, "sequence_lens other than the full length for every batch entry")
-    W, R = consts[w].astype(np.float32), consts[r].astype(np.float32)
-    B = consts[b].astype(np.float32) if b else np.zeros((dirs, 8 * hidden), np.float32)
+    return _LstmSpec(x, w, r, b, init_h, init_c, hidden, direction, layout, dirs, steps, batch)
+
+
+def _lstm(model, node, consts, shapes):
+    s = _lstm_spec(node, consts, shapes)
+    hidden = s.hidden
+    W, R = consts[s.w].astype(np.float32), consts[s.r].astype(np.float32)
+    B = consts[s.b].astype(np.float32) if s.b else np.zeros((s.dirs, 8 * hidden), np.float32)
     e = _Emitter(model, node.name or node.output[0])
-    seq = x if layout == 0 else e.op("Transpose", [x], "x_tbi", perm=[1, 0, 2])
+    seq = s.x if s.layout == 0 else e.op("Transpose", [s.x], "x_tbi", perm=[1, 0, 2])
     starts = [e.const(np.array([g * hidden], np.int64), f"gate{g}_start") for g in range(4)]
     ends = [e.const(np.array([(g + 1) * hidden], np.int64), f"gate{g}_end") for g in range(4)]
     axis1 = e.const(np.array([1], np.int64), "axis1")
-    row = e.const(np.array([1, batch, hidden], np.int64), "row_shape")
+    row = e.const(np.array([1, s.batch, hidden], np.int64), "row_shape")
     ys, last_h, last_c = [], [], []
-    for d in range(dirs):
-        name = ("fw", "bw")[d] if dirs == 2 else ("bw" if direction == "reverse" else "fw")
-        reverse = name == "bw"
+    for d in range(s.dirs):
+        name = ("fw", "bw")[d] if s.dirs == 2 else ("bw" if s.direction == "reverse" else "fw")
         # the whole sequence projected onto the gates at once: [T, B, I] x [I, 4H] (+ both biases)
         proj = e.op("MatMul", [seq, e.const(W[d].T, f"{name}/W_t")], f"{name}/input_proj")
         proj = e.op("Add", [proj, e.const(B[d, :4 * hidden] + B[d, 4 * hidden:], f"{name}/bias")], f"{name}/input_bias")
         r_t = e.const(R[d].T, f"{name}/R_t")
-
-        def state(given, hint):
-            if not given:
-                return e.const(np.zeros((batch, hidden), np.float32), f"{name}/{hint}0")
-            index = e.const(np.array(d, np.int64), f"{name}/dir")
-            return e.op("Gather", [given, index], f"{name}/{hint}0", axis=0 if layout == 0 else 1)
-
-        h, c = state(init_h, "h"), state(init_c, "c")
-        outs = [None] * steps
-        for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
-            p = f"{name}/t{t}"
-            xt = e.op("Gather", [proj, e.const(np.array(t, np.int64), f"{p}/index")], f"{p}/x", axis=0)
-            g = e.op("Add", [xt, e.op("MatMul", [h, r_t], f"{p}/recurrent")], f"{p}/gates")
-            gate = [e.op("Slice", [g, starts[k], ends[k], axis1], f"{p}/{n}") for k, n in enumerate("iofc")]
-            i, o, f = (e.op("Sigmoid", [gate[k]], f"{p}/sigmoid_{n}") for k, n in enumerate("iof"))
-            cand = e.op("Tanh", [gate[3]], f"{p}/tanh_c")
-            c = e.op("Add", [e.op("Mul", [f, c], f"{p}/keep"), e.op("Mul", [i, cand], f"{p}/write")], f"{p}/cell")
-            h = e.op("Mul", [o, e.op("Tanh", [c], f"{p}/tanh_cell")], f"{p}/hidden")
-            outs[t] = e.op("Reshape", [h, row], f"{p}/row")
-        ys.append(e.op("Concat", outs, f"{name}/y", axis=0) if steps > 1 else outs[0])  # [T, B, H]
+        h, c = _initial_state(e, s, d, name, s.init_h, "h"), _initial_state(e, s, d, name, s.init_c, "c")
+        outs = [None] * s.steps
+        for t in (range(s.steps - 1, -1, -1) if name == "bw" else range(s.steps)):
+            h, c = _lstm_step(e, f"{name}/t{t}", t, proj, r_t, h, c, (starts, ends, axis1))
+            outs[t] = e.op("Reshape", [h, row], f"{name}/t{t}/row")
+        ys.append(e.op("Concat", outs, f"{name}/y", axis=0) if s.steps > 1 else outs[0])  # [T, B, H]
         last_h.append(e.op("Reshape", [h, row], f"{name}/h_last"))
         last_c.append(e.op("Reshape", [c, row], f"{name}/c_last"))
+    _lstm_outputs(e, node, s, ys, last_h, last_c)
+    return e.nodes
+
+
+def _initial_state(e: _Emitter, s: _LstmSpec, d: int, name: str, given: str, hint: str) -> str:
+    """Direction ``d``'s initial h or c: the given state's slice, or zeros."""
+    if not given:
+        return e.const(np.zeros((s.batch, s.hidden), np.float32), f"{name}/{hint}0")
+    index = e.const(np.array(d, np.int64), f"{name}/dir")
+    return e.op("Gather", [given, index], f"{name}/{hint}0", axis=0 if s.layout == 0 else 1)
+
+
+def _lstm_step(e: _Emitter, p: str, t: int, proj: str, r_t: str, h: str, c: str, gates) -> tuple[str, str]:
+    """One time step: the next hidden and cell states from the projected input ``proj[t]``."""
+    starts, ends, axis1 = gates
+    xt = e.op("Gather", [proj, e.const(np.array(t, np.int64), f"{p}/index")], f"{p}/x", axis=0)
+    g = e.op("Add", [xt, e.op("MatMul", [h, r_t], f"{p}/recurrent")], f"{p}/gates")
+    gate = [e.op("Slice", [g, starts[k], ends[k], axis1], f"{p}/{n}") for k, n in enumerate("iofc")]
+    i, o, f = (e.op("Sigmoid", [gate[k]], f"{p}/sigmoid_{n}") for k, n in enumerate("iof"))
+    cand = e.op("Tanh", [gate[3]], f"{p}/tanh_c")
+    c = e.op("Add", [e.op("Mul", [f, c], f"{p}/keep"), e.op("Mul", [i, cand], f"{p}/write")], f"{p}/cell")
+    h = e.op("Mul", [o, e.op("Tanh", [c], f"{p}/tanh_cell")], f"{p}/hidden")
+    return h, c
+
+
+def _lstm_outputs(e: _Emitter, node, s: _LstmSpec, ys: list[str], last_h: list[str], last_c: list[str]) -> None:
+    """The node's Y, Y_h and Y_c (those it has) from the per-direction results, in its layout."""
     y_out, h_out, c_out = (list(node.output) + ["", "", ""])[:3]
     if y_out:
-        tdbh = e.const(np.array([steps, 1, batch, hidden], np.int64), "y_shape")
+        tdbh = e.const(np.array([s.steps, 1, s.batch, s.hidden], np.int64), "y_shape")
         per_dir = [e.op("Reshape", [y, tdbh], f"y{d}") for d, y in enumerate(ys)]
-        if layout == 0:
+        if s.layout == 0:
             e.op("Concat", per_dir, "y", output=y_out, axis=1)
         else:
             y = e.op("Concat", per_dir, "y_tdbh", axis=1)
@@ -180,8 +218,7 @@ def _lstm(model, node, consts, shapes):
     for out, parts, hint in ((h_out, last_h, "y_h"), (c_out, last_c, "y_c")):
         if not out:
             continue
-        if layout == 0:
+        if s.layout == 0:
             e.op("Concat", parts, hint, output=out, axis=0)
         else:
             e.op("Transpose", [e.op("Concat", parts, f"{hint}_dbh", axis=0)], hint, output=out, perm=[1, 0, 2])
-    return e.nodes

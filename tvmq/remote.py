@@ -153,9 +153,9 @@ def _register_cross_export(compiler: str) -> None:
 
     import tvm_ffi
 
-    from tvmq.tune import _register_intrinsics
+    from tvmq.targets import intrinsics
 
-    _register_intrinsics()
+    intrinsics.register()  # traces name tvmq's intrinsics
 
     @tvm_ffi.register_global_func(EXPORT_FUNC, override=True)
     def _export(mod) -> str:

@@ -1,7 +1,8 @@
-"""The precision report: ``report.html`` with matplotlib charts, and its text twin in report.md.
+"""Reports written into a bundle, from its manifest alone (so any bundle's report can be redrawn).
 
-Written for ``--precision auto`` builds, from ``manifest["precision"]`` alone, so a report can
-be redrawn from any bundle's manifest.
+``report.md``: :func:`bundle_markdown` (target, layers, integer kernels) for every build, plus
+:func:`precision_markdown` for ``--precision auto`` builds, whose ``report.html`` with matplotlib
+charts :func:`write_html` draws.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import html
 import math
 from pathlib import Path
 
-__all__ = ["precision_markdown", "write_html"]
+__all__ = ["bundle_markdown", "precision_markdown", "write_html"]
 
 _COLORS = {"int8": "#2b7bba", "fp16": "#59a14f", "fp32": "#e4572e"}
 
@@ -42,12 +43,6 @@ def _budget_text(p: dict) -> str:
     drop = 100 * p["budget"] if p["metric"] == "top1" else p["budget"]
     unit = " points" if p["metric"] == "top1" else ""
     return f"{p['metric']} drop <= {drop:g}{unit} from FP32"
-
-
-def _count(precisions, n: int) -> str:
-    precisions = list(precisions)
-    text = f"{precisions.count('int8')} / {n}"
-    return text + (f" (+{precisions.count('fp16')} fp16)" if "fp16" in precisions else "")
 
 
 def _count_summary(s: dict, n: int) -> str:
@@ -123,10 +118,21 @@ def _charts(out: Path, p: dict) -> list[str]:
     chosen = {layer["name"]: layer["chosen"] for layer in layers}
     colors = [_COLORS[chosen[n]] for n in names]
     height = max(3.0, 0.28 * len(layers) + 1.5)
-    files = []
+    return [_sensitivity_chart(plt, out, p, names, colors, height), _latency_chart(plt, out, p, names, colors, height),
+            _tradeoff_chart(plt, out, p)]
 
-    # sensitivity: how much each layer alone costs when quantized (and, for other metrics, the
-    # output SQNR the search budgets with, which separates layers a discrete metric cannot)
+
+def _save(plt, fig, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _sensitivity_chart(plt, out: Path, p: dict, names: list[str], colors: list[str], height: float) -> str:
+    """How much each layer alone costs when quantized (and, for other metrics, the output SQNR the
+    search budgets with, which separates layers a discrete metric cannot)."""
+    layers = p["layers"]
     y = list(range(len(layers)))
     panels = 1 if p["metric"] == "sqnr" else 2
     fig, axes = plt.subplots(1, panels, figsize=(9 if panels == 1 else 12, height), sharey=True, squeeze=False)
@@ -146,12 +152,13 @@ def _charts(out: Path, p: dict) -> list[str]:
     axes[0][0].set_yticks(y, names, fontsize=7)
     axes[0][0].invert_yaxis()
     fig.suptitle("Per-layer sensitivity (colour: the plan's choice; blue int8, green fp16, red fp32)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / "sensitivity.png", dpi=110)
-    plt.close(fig)
-    files.append("sensitivity.png")
+    return _save(plt, fig, out, "sensitivity.png")
 
-    # latency per layer: FP32 kernel, INT8 kernel, and what the plan uses
+
+def _latency_chart(plt, out: Path, p: dict, names: list[str], colors: list[str], height: float) -> str:
+    """Latency per layer: FP32 kernel, INT8 kernel, and what the plan uses."""
+    layers = p["layers"]
+    y = list(range(len(layers)))
     fig, ax = plt.subplots(figsize=(9, height))
     ax.barh([v - 0.2 for v in y], [layer["fp32_ms"] for layer in layers], height=0.4, color="#999999", label="FP32 kernel")
     ax.barh([v + 0.2 for v in y], [layer[f"{layer['chosen']}_ms"] or 0.0 for layer in layers],
@@ -161,12 +168,27 @@ def _charts(out: Path, p: dict) -> list[str]:
     ax.set_xlabel(f"kernel time (ms; {p['latency_source']})")
     fig.suptitle("Latency per layer before (FP32) and after (plan)", fontsize=10)
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=110)
-    plt.close(fig)
-    files.append("latency.png")
+    return _save(plt, fig, out, "latency.png")
 
-    # accuracy vs latency of the candidate plans; plans landing on the same point share a label
+
+def _tradeoff_points(p: dict, rows: list[tuple]) -> dict[tuple[float, float], list[str]]:
+    """``{(ms, metric): labels}``: plans landing within 2% of the axes of each other share a point."""
+    finite = [v for _, v, _ in rows if v is not None and math.isfinite(v)]
+    top = max(finite) if finite else 0.0
+    shown = [(label, value if value is not None and math.isfinite(value) else top + 3.0, ms)  # FP32's SQNR: inf
+             for label, value, ms in rows]
+    xspan = max(max(r[2] for r in shown) - min(r[2] for r in shown), 1e-12)
+    yspan = max(max(r[1] for r in shown) - min(r[1] for r in shown), 1e-12)
+    points = {}
+    for label, value, ms in shown:
+        key = next((k for k in points if abs(k[0] - ms) < 0.02 * xspan and abs(k[1] - value) < 0.02 * yspan), (ms, value))
+        inf = label == "FP32" and not math.isfinite(p["fp32"])
+        points.setdefault(key, []).append(label + (" (inf)" if inf else ""))
+    return points
+
+
+def _tradeoff_chart(plt, out: Path, p: dict) -> str:
+    """Accuracy vs latency of the candidate plans; plans landing on the same point share a label."""
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -174,17 +196,7 @@ def _charts(out: Path, p: dict) -> list[str]:
             ("exact search", p["exact"]["metric"], p["exact"]["latency_ms"]),
             ("greedy", p["greedy"]["metric"], p["greedy"]["latency_ms"]),
             ("fallback (INC)", p["fallback"]["metric"], p["fallback"]["latency_ms"])]
-    finite = [v for _, v, _ in rows if v is not None and math.isfinite(v)]
-    top = max(finite) if finite else 0.0
-    shown = [(label, value if value is not None and math.isfinite(value) else top + 3.0, ms)  # FP32's SQNR: inf
-             for label, value, ms in rows]
-    xspan = max(max(r[2] for r in shown) - min(r[2] for r in shown), 1e-12)
-    yspan = max(max(r[1] for r in shown) - min(r[1] for r in shown), 1e-12)
-    points = {}  # plans within 2% of the axes of each other share a point and a label
-    for label, value, ms in shown:
-        key = next((k for k in points if abs(k[0] - ms) < 0.02 * xspan and abs(k[1] - value) < 0.02 * yspan), (ms, value))
-        inf = label == "FP32" and not math.isfinite(p["fp32"])
-        points.setdefault(key, []).append(label + (" (inf)" if inf else ""))
+    points = _tradeoff_points(p, rows)
     scale, unit = (1e3, "us") if max(ms for _, _, ms in rows) < 0.1 else (1.0, "ms")
     for (ms, value), labels in points.items():
         colour = "#2b7bba" if "exact search" in labels else "#777777"
@@ -198,11 +210,7 @@ def _charts(out: Path, p: dict) -> list[str]:
     ax.set_ylabel(p["metric"] + (" (dB)" if p["metric"] == "sqnr" else ""))
     ax.set_title("Accuracy vs latency of the candidate plans")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "tradeoff.png", dpi=110)
-    plt.close(fig)
-    files.append("tradeoff.png")
-    return files
+    return _save(plt, fig, out, "tradeoff.png")
 
 
 def write_html(out: Path, manifest: dict) -> list[str]:
@@ -252,3 +260,51 @@ and float regions).</p>
 """
     (out / "report.html").write_text(page)
     return ["report.html", *charts]
+
+
+def _fmt_qp(d: dict | None) -> str:
+    if not d:
+        return "float"
+    if isinstance(d.get("scale"), list):
+        return f"{d['dtype']} per-channel"
+    return f"{d['dtype']} s={d['scale']:.4g} zp={d['zero_point']}"
+
+
+def bundle_markdown(m: dict) -> str:
+    """``report.md``: the build's target, quantization, layers and integer kernels (from the manifest)."""
+    lines = [
+        f"# tvmq build report: {m['model'].get('file', 'model')}",
+        "",
+        f"- target: `{m['target']['preset']}` ({m['target']['triple']}, cpu {m['target']['cpu']})",
+        f"- tvmq {m['versions']['tvmq']}, apache-tvm {m['versions']['apache-tvm']}",
+    ]
+    q = m["quantization"]
+    if q:
+        lines.append(
+            f"- quantization: {q['int8_layers']} int8 layers, {q['float_layers']} float ({q.get('fp16_layers', 0)} of them fp16); "
+            f"calibration `{q['method']}`, "
+            f"activations {q['activation_dtype']}, requantize `{q['requantize']}`"
+        )
+        if q.get("kept_float_for_speed"):
+            from tvmq.targets.intrinsics import MICRO_KERNELS
+
+            kernel = m["target"]["int8_kernel"]
+            lines.append(f"- kept float where int8 is no faster on `{kernel}` ({MICRO_KERNELS[kernel].float_rules()}; "
+                         f"`--int8-everywhere` quantizes them): {', '.join(q['kept_float_for_speed'])}")
+    wb = m["weight_bytes"]
+    total_f = sum(wb["float_model"].values())
+    total_c = sum(wb["compiled"].values())
+    lines.append(f"- constant bytes: {total_f} in the float model, {total_c} compiled ({wb['compiled']})")
+    for w in m["warnings"]:
+        lines.append(f"- warning: {w}")
+    lines += ["", "## Layers", "", "| layer | kind | precision | input | output | weight scale range |", "|---|---|---|---|---|---|"]
+    for name, e in m["layers"].items():
+        inputs = ", ".join(_fmt_qp(i) for i in e.get("inputs", [])) or "float"
+        w = e.get("weight")
+        wr = f"{w['scale_min']:.3g} .. {w['scale_max']:.3g}" if w else ""
+        lines.append(f"| {name} | {e['kind']} | {e['precision']} | {inputs} | {_fmt_qp(e.get('output'))} | {wr} |")
+    lines += ["", "## Multiply-accumulate kernels (lowered TIR)", "",
+              "| kernel | operands | accumulator | micro-kernel intrinsic |", "|---|---|---|---|"]
+    for k in m["kernels"]:
+        lines.append(f"| {k['func']} | {' x '.join(k['operands'])} | {k['accumulator']} | {k.get('intrinsic') or ''} |")
+    return "\n".join(lines) + "\n"

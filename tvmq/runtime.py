@@ -240,7 +240,7 @@ class Bundle:
         arrays = self.check_inputs(inputs)
         args = [tvm_ffi.from_dlpack(a) for a in arrays]
         if device != 1:
-            args = [_copy_to(a, tvm_ffi.device("cuda", 0)) for a in args]
+            args = [copy_to(a, tvm_ffi.device("cuda", 0)) for a in args]
         result = vm["main"](*args)
         values = _flatten(result, host=device != 1)
         del arrays
@@ -288,7 +288,7 @@ def aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
     return out
 
 
-def _copy_to(tensor, device):
+def copy_to(tensor, device):
     """A copy of ``tensor`` on ``device`` (runtime-only API: no ``tvm`` package needed)."""
     import tvm_ffi
 
@@ -308,7 +308,7 @@ def _flatten(result, host: bool = False) -> list[np.ndarray]:
     if host:
         import tvm_ffi
 
-        result = _copy_to(result, tvm_ffi.device("cpu", 0))
+        result = copy_to(result, tvm_ffi.device("cpu", 0))
     if hasattr(result, "numpy"):
         return [result.numpy()]
     return [np.from_dlpack(result).copy()]

@@ -170,11 +170,10 @@ def tune(
         measures on boards.
     """
     from tvmq._compat import meta_schedule
-    from tvmq.pipeline import _preset, dot_intrinsics
-    from tvmq.targets.schedules import tunable_schedule
+    from tvmq.targets import get_preset
 
     ms = meta_schedule()
-    preset = _preset(preset)
+    preset = get_preset(preset)
     if trials < 1:
         raise TvmqError(f"--trials must be at least 1, got {trials}")
     db_dir = Path(db_dir)
@@ -186,6 +185,23 @@ def tune(
     report = TuneReport(database=str(db_dir))
     if not tasks:
         return report
+    contexts = _tune_contexts(ms, tasks, preset, target, seed)
+    database = _json_database(db_dir)
+    bar = _Progress(trials * len(tasks), [t.name for t in tasks], progress)
+    _search(ms, tasks, contexts, database, bar, db_dir=db_dir, trials=trials, preset=preset, runner=runner)
+    report.trials = trials * len(tasks)
+    for i, task in enumerate(tasks):
+        best = bar.best.get(i)
+        report.tasks.append({"name": task.name, "weight": task.weight, "best_us": None if best is None else best * 1e6,
+                             "error": bar.errors.get(i) if best is None else None})
+    return report
+
+
+def _tune_contexts(ms, tasks: list[Task], preset, target, seed: int) -> list:
+    """One MetaSchedule tuning context per task, searching tvmq's schedule's tile sizes."""
+    from tvmq.pipeline import dot_intrinsics
+    from tvmq.targets.schedules import tunable_schedule
+
     space = tunable_schedule(dot_intrinsics(preset), lanes=preset.vector_lanes, registers=preset.vector_registers)
     contexts = []
     for i, task in enumerate(tasks):
@@ -206,8 +222,12 @@ def tune(
                 num_threads=1,
             )
         )
-    database = _json_database(db_dir)
-    bar = _Progress(trials * len(tasks), [t.name for t in tasks], progress)
+    return contexts
+
+
+def _search(ms, tasks: list[Task], contexts: list, database, bar: _Progress, *, db_dir: Path, trials: int, preset,
+            runner) -> None:
+    """MetaSchedule's search over all tasks: builds, measures and records ``trials`` candidates each."""
     callbacks = [
         ms.measure_callback.AddToDatabase(),
         ms.measure_callback.RemoveBuildArtifact(),
@@ -245,12 +265,6 @@ def tune(
         )
     finally:
         bar.close()
-    report.trials = trials * len(tasks)
-    for i, task in enumerate(tasks):
-        best = bar.best.get(i)
-        report.tasks.append({"name": task.name, "weight": task.weight, "best_us": None if best is None else best * 1e6,
-                             "error": bar.errors.get(i) if best is None else None})
-    return report
 
 
 def _register_intrinsics():
@@ -344,10 +358,10 @@ def load_database(db_dir: str | Path, mod: tvm.IRModule, preset, *, top_k: int =
     that agrees with the untuned build (or none), ready for :func:`tvmq.pipeline.lower`.
     """
     from tvmq._compat import meta_schedule
-    from tvmq.pipeline import _preset
+    from tvmq.targets import get_preset
 
     ms = meta_schedule()
-    preset = _preset(preset)
+    preset = get_preset(preset)
     db_dir = Path(db_dir)
     if not db_dir.is_dir():
         raise TvmqError(f"tuning database folder {db_dir} does not exist; create it with `tvmq tune ... --db {db_dir}`")

@@ -1,0 +1,276 @@
+"""Sensitivity: what quantizing each layer costs in accuracy and saves in time.
+
+The measuring half of ``--precision auto`` (:mod:`tvmq.precision` is the choosing half):
+
+* Accuracy: one compiled simulation (:func:`tvmq.passes.insert_qdq.insert_switchable_qdq`)
+  whose layers are switched between int8 and float by an input mask, run over the evaluation
+  data with each layer alone quantized and alone left in float. No recompilation per layer.
+* Latency: the int8 and the float build are compiled once; each layer's kernel is timed on this
+  machine, or, for targets that do not run here, estimated from its multiply-accumulates and the
+  ISA's int8/float rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tvmq.errors import TvmqError
+from tvmq.metrics import Metric, OutputParts, sqnr_db
+
+__all__ = ["LayerInfo", "Analysis", "analyse", "layer_latency", "estimated_ms"]
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    kind: str
+    only_int8: float  # metric with this layer alone in int8
+    only_float: float  # metric with every other layer in int8
+    only_fp16: float | None = None  # metric with this layer alone in fp16 (fp16 targets)
+    int8_ms: float = 0.0
+    fp32_ms: float = 0.0
+    fp16_ms: float | None = None
+    estimated: bool = False  # latencies from a MAC-count model, not measured
+    sqnr_int8: float | None = None  # output SQNR with this layer alone in int8 (the search's cost)
+    sqnr_fp16: float | None = None
+    boundary_ms: float = 0.0  # converting its input to float and its output back, when it stays float amid int8
+
+    def __post_init__(self):
+        if self.sqnr_int8 is None:  # the metric is SQNR itself
+            self.sqnr_int8 = self.only_int8
+        if self.sqnr_fp16 is None:
+            self.sqnr_fp16 = self.only_fp16
+
+    def ms(self, precision: str) -> float:
+        return {"int8": self.int8_ms, "fp16": self.fp16_ms, "fp32": self.fp32_ms}[precision] or 0.0
+
+    def saving_ms(self, precision: str = "int8") -> float:
+        """Time saved by the ``precision`` kernel; negative where it is clearly (>10%) slower.
+
+        Differences within 10% of the float kernel's time are timing noise and count as a tie,
+        which the lower precision wins (smaller weights)."""
+        diff = self.fp32_ms + self.boundary_ms - self.ms(precision)
+        return diff if diff > 0 or -diff > 0.1 * self.fp32_ms else 0.0
+
+
+_CODE = {"fp32": 0.0, "int8": 1.0, "fp16": 2.0}
+
+
+@dataclass
+class Analysis:
+    metric: Metric
+    fp32: float  # metric of the float model (inf for sqnr, 1 for cosine, accuracy for top1)
+    all_int8: float
+    layers: list[LayerInfo] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # switchable layers, mask order
+    fp16: bool = False  # fp16 is a candidate
+    runner: object = field(default=None, repr=False)
+    samples: list = field(default_factory=list, repr=False)
+    reference: list = field(default_factory=list, repr=False)
+    labels: object = None
+    input_names: list = field(default_factory=list)
+    parts: object = None  # OutputParts: the outputs and output slices the metric judges apart
+    evaluations: int = 0
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return ("int8", "fp16") if self.fp16 else ("int8",)
+
+    def outputs(self, assignment) -> list[tuple[np.ndarray, ...]]:
+        """The simulation's outputs (a tuple per sample) under ``assignment``."""
+        if not isinstance(assignment, dict):
+            assignment = {n: "int8" for n in assignment}
+        mask = np.array([_CODE[assignment.get(n, "fp32")] for n in self.names], np.float32)
+        self.evaluations += 1
+        split = self.parts or tuple
+        return [split(self.runner(*[s[k] for k in self.input_names], mask)) for s in self.samples]
+
+    def evaluate(self, assignment) -> float:
+        """The metric of the simulation with ``assignment`` (layer -> int8|fp16|fp32, or a list
+        of the int8 layers; unnamed layers are fp32). Repeated assignments are not rerun."""
+        if not isinstance(assignment, dict):
+            assignment = {n: "int8" for n in assignment}
+        key = tuple(assignment.get(n, "fp32") for n in self.names)
+        if key not in self._cache:
+            self._cache[key] = self.metric(self.outputs(assignment), self.reference, self.labels)
+        return self._cache[key]
+
+
+def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, preset="x86",
+            measure_latency: bool = True, progress: bool = False, fp16: bool | None = None,
+            parts: OutputParts | None = None) -> Analysis:
+    """Per-layer sensitivity (and latency) of ``plan``'s int8 layers on ``samples``.
+
+    For each layer: the metric (and the output SQNR) with it alone in int8 (and alone in fp16
+    where that is a candidate), and with every other layer in int8. ``fp16`` adds fp16 as a
+    candidate (default: where the target has fast fp16). ``parts``: what the metric judges apart
+    (default: each output whole).
+    """
+    from tvmq.execute import HostModule
+    from tvmq.passes.insert_qdq import insert_switchable_qdq
+    from tvmq.targets import get_preset
+
+    preset = get_preset(preset)
+    fp16 = preset.fp16 if fp16 is None else fp16
+    if metric.needs_labels and labels is None:
+        raise TvmqError(f"metric {metric.kind} needs labels: put labels.npy (one label per sample) in the data folder")
+    switchable, names = insert_switchable_qdq(float_mod, plan, fp16=fp16)
+    runner = HostModule(switchable)
+    zeros = np.zeros(len(names), np.float32)
+    split = parts or tuple
+    reference = [split(runner(*[s[k] for k in input_names], zeros)) for s in samples]
+    a = Analysis(metric, 0.0, 0.0, names=names, fp16=fp16, runner=runner, samples=samples, reference=reference,
+                 labels=labels, input_names=input_names, parts=parts)
+    a.fp32 = metric(reference, reference, labels)
+    a.all_int8 = a.evaluate(names)
+
+    def measure(assignment):
+        outs = a.outputs(assignment)
+        return metric(outs, reference, labels), sqnr_db(outs, reference)
+
+    iterator = names
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(names, desc="sensitivity", unit="layer", leave=False)
+    for name in iterator:
+        only_int8, sqnr_int8 = measure({name: "int8"})
+        info = LayerInfo(name, plan.layers[name].kind, only_int8, a.evaluate([n for n in names if n != name]),
+                         sqnr_int8=sqnr_int8)
+        if fp16 and info.kind != "add":
+            info.only_fp16, info.sqnr_fp16 = measure({name: "fp16"})
+        a.layers.append(info)
+    if measure_latency:
+        layer_latency(float_mod, plan, a, preset)
+    return a
+
+
+def layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
+    """Each layer's kernel time per precision: measured on this machine for host targets,
+    else estimated from its multiply-accumulates and the target's relative throughput."""
+    from tvmq.kernels import call_order, reduction_kernels, time_kernel
+    from tvmq.passes.layers import find_layers
+    from tvmq.pipeline import lower
+    from tvmq.quantize import quantize_pipeline
+
+    mac_layers = [l for l in analysis.layers if l.kind != "add"]
+    if preset.runs_here:
+        ns = _conversion_ns_per_element(preset)
+        sizes = {l.name: l.io_elements for l in find_layers(float_mod["main"])}
+        for layer in analysis.layers:
+            layer.boundary_ms = ns * sizes.get(layer.name, 0) * 1e-6
+        builds = {"int8": quantize_pipeline(plan)(float_mod), "fp32": float_mod}
+        if analysis.fp16:
+            builds["fp16"] = quantize_pipeline(_all_fp16(plan))(float_mod)
+        times = {}
+        for precision, mod in builds.items():
+            lowered = lower(mod, preset)
+            # A layer's kernel is one of tvmq's packed conv/depthwise/matmul kernels; products
+            # of two activations (attention) are reductions too, but no layer of the plan.
+            heavy = {k.func for k in reduction_kernels(lowered) if "tvmq_" in k.func}
+            calls = call_order(lowered)
+            if sum(n in heavy for n in calls) != len(mac_layers):
+                break
+            measured = {n: time_kernel(lowered[n], preset.tvm_target()) for n in dict.fromkeys(calls)}
+            times[precision] = _attribute(calls, heavy, measured)
+        if len(times) == len(builds):
+            for i, layer in enumerate(mac_layers):
+                layer.int8_ms, layer.fp32_ms = times["int8"][i], times["fp32"][i]
+                if analysis.fp16:
+                    layer.fp16_ms = times["fp16"][i]
+            return
+    # A model, not a measurement: time proportional to MACs at the target's relative rates.
+    by_name = {l.name: l for l in find_layers(float_mod["main"])}
+    for layer in mac_layers:
+        fp32_ms, int8_ms, boundary_ms = estimated_ms(by_name.get(layer.name), preset)
+        layer.fp32_ms, layer.int8_ms, layer.boundary_ms = fp32_ms, int8_ms, boundary_ms
+        layer.fp16_ms = fp32_ms / 2.0 if analysis.fp16 else None  # fp16 lanes vs fp32
+        layer.estimated = True
+
+
+# What a cross target's estimate charges, in fp32 multiply-accumulates: converting one element
+# between int8 and float (a dequantize or a quantize: a multiply, a round, a clamp, a narrowing;
+# about 20 fp32 MACs' time on the x86 hosts measured); and the int8/fp32 rate of a layer whose
+# int8 kernel the ISA's rules say does not pay (short reductions, depthwise and one-pixel convs
+# without a dot product: 0.55-0.99x float in scripts/int8_breakeven.py).
+CONVERSION_MACS = 20.0
+
+
+SLOW_INT8_SPEEDUP = 0.7
+
+
+def estimated_ms(layer, preset) -> tuple[float, float, float]:
+    """(fp32, int8, boundary) time of ``layer`` on ``preset`` from its MACs and the ISA: its
+    micro-kernel's int8/fp32 rate where the ISA's rules say int8 pays, else slower than float;
+    LLVM's own widening loops (no micro-kernel) run slower than float too. 1 GMAC/s fp32 (only
+    ratios matter)."""
+    from tvmq.targets.intrinsics import int8_pays
+
+    if layer is None:
+        return 0.0, 0.0, 0.0
+    kernel = preset.micro_kernel
+    if kernel is None:
+        speedup = 4.0 if preset.fast_int8 else SLOW_INT8_SPEEDUP
+    elif int8_pays(kernel, layer.reduction, layer.depthwise, layer.pixels):
+        speedup = kernel.int8_speedup
+    else:
+        speedup = SLOW_INT8_SPEEDUP
+    fp32_ms = layer.macs * 1e-6
+    return fp32_ms, fp32_ms / speedup, CONVERSION_MACS * layer.io_elements * 1e-6
+
+
+def _attribute(calls: list[str], heavy: set, measured: dict) -> list[float]:
+    """Per layer (each call of a ``heavy`` kernel, in order): its kernel's time plus that of
+    every other kernel called before the next layer's (an activation, pad or quantize the
+    fusion left on its own), and, for the first layer, of those before it (the input's
+    quantization). Fusion differs between precisions (a swish's sigmoid fuses into the int8
+    kernel's requantize but runs apart after a float conv), so timing the layer's kernel alone
+    would charge the int8 layer for work the float one does too."""
+    out: list[float] = []
+    pending = 0.0
+    for name in calls:
+        if name in heavy:
+            out.append(measured[name] + pending)
+            pending = 0.0
+        elif out:
+            out[-1] += measured[name]
+        else:
+            pending += measured[name]
+    return out
+
+
+def _conversion_ns_per_element(preset) -> float:
+    """Nanoseconds per element to dequantize a tensor and quantize it again on this machine
+    (what a float layer between int8 layers adds: its input to float, its output to 8 bits)."""
+    from tvm import relax
+
+    from tvmq._compat import TensorType
+    from tvmq.execute import HostModule
+
+    n = 1 << 18
+    x = relax.Var("x", TensorType((n,), "uint8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            scale, zp = relax.const(np.float32(0.05)), relax.const(np.int32(128))
+            f = bb.emit(relax.op.dequantize(x, scale, zp))
+            g = bb.emit(relax.op.nn.relu(f))  # a float layer's epilogue stands between the two
+            q = bb.emit_output(relax.op.quantize(g, scale, zp, out_dtype="uint8"))
+        bb.emit_func_output(q)
+    module = HostModule(bb.get(), preset)
+    ms = module.latency_ms(np.random.default_rng(0).integers(0, 255, n).astype(np.uint8), repeat=20)
+    return ms * 1e6 / n
+
+
+def _all_fp16(plan):
+    """``plan`` with every conv/matmul layer in fp16."""
+    import dataclasses
+
+    layers = {n: dataclasses.replace(lp, precision="fp16", inputs=(), output=None, weight=None, bias_correction=None)
+              if lp.kind != "add" else dataclasses.replace(lp, precision="fp32", inputs=(), output=None)
+              for n, lp in plan.layers.items()}
+    return dataclasses.replace(plan, layers=layers)
+

@@ -5,6 +5,9 @@ Runs in :func:`tvmq.prepare`, after ConvTransposeToConv, Conv1dToConv2d and cons
 same arithmetic the compiled model runs. A vector divide costs several times a multiply on
 every CPU tvmq targets; exporters write ``x / 6`` (hard-swish), ``x / sqrt(d)`` (attention) and
 the like. The result differs from the division by at most one unit in the last place.
+
+The match is a dataflow pattern, ``divide(*, constant)``, rewritten by ``relax.dpl.rewrite_call``
+(which sees through variables bound to constants).
 """
 
 from __future__ import annotations
@@ -12,33 +15,24 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
-from tvmq._compat import constant_array, is_constant
+from tvmq._compat import constant_array
 
-from .graph import call_op, dtype_of, map_functions
+from .graph import dtype_of, relax_functions
 
 __all__ = ["DivideToMultiply"]
 
 
-@relax.expr_functor.mutator
-class _DivisionRewriter(relax.PyExprMutator):
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if call_op(call) != "relax.divide" or dtype_of(call) != "float32":
-            return call
-        divisor = call.args[1]
-        if isinstance(divisor, relax.Var):
-            divisor = self.lookup_binding(divisor)
-        if divisor is None or not is_constant(divisor):
-            return call
-        value = constant_array(divisor)
-        if value.dtype != np.float32 or not np.all(np.isfinite(value)) or np.any(value == 0):
-            return call
-        with np.errstate(over="ignore"):
-            reciprocal = (1.0 / value.astype(np.float64)).astype(np.float32)
-        if not np.all(np.isfinite(reciprocal)):
-            return call  # a subnormal divisor: its reciprocal overflows float32 (0 * inf would be NaN)
-        return relax.op.multiply(call.args[0], relax.const(reciprocal, "float32"))
+def _reciprocal(divisor) -> np.ndarray | None:
+    """``1 / divisor`` in float32, or ``None`` where multiplying by it would not equal dividing."""
+    value = constant_array(divisor)
+    if value.dtype != np.float32 or not np.all(np.isfinite(value)) or np.any(value == 0):
+        return None
+    with np.errstate(over="ignore"):
+        reciprocal = (1.0 / value.astype(np.float64)).astype(np.float32)
+    # a subnormal divisor's reciprocal overflows float32 (0 * inf would be NaN)
+    return reciprocal if np.all(np.isfinite(reciprocal)) else None
 
 
 @tvm.transform.module_pass(opt_level=0, name="DivideToMultiply")
@@ -46,5 +40,19 @@ class DivideToMultiply:
     """Replace division by a constant with multiplication by its reciprocal."""
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        rewriter = _DivisionRewriter(mod)
-        return map_functions(mod, rewriter.visit_expr, builder=rewriter.builder_)
+        x, c = wildcard(), is_const()
+        pattern = is_op("relax.divide")(x, c)
+
+        def rewrite(call, matches):
+            reciprocal = _reciprocal(matches[c]) if dtype_of(call) == "float32" else None
+            if reciprocal is None:
+                return call
+            return relax.op.multiply(matches[x], relax.const(reciprocal, "float32"))
+
+        out = mod
+        for gv, func in relax_functions(mod):
+            new = rewrite_call(pattern, rewrite, func)
+            if not new.same_as(func):
+                out = out.clone() if out is mod else out
+                out[gv] = new
+        return out

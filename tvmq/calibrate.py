@@ -4,8 +4,12 @@ Statistics are gathered by compiling the model once with extra outputs (per obse
 its min and max as reductions, or the tensor itself for the histogram methods) and running it
 over the samples, not by re-running an interpreter per tensor.
 
+Where it sits: ONNX -> frontend -> **calibrate** (statistics; :func:`tvmq.quantize.calibrate` turns
+them into a plan) -> passes -> pipeline -> bundle.
+
 The data-reader protocol is any iterable of ``{input name: array}`` dicts; ``load_samples_dir``
-reads a directory of ``.npy`` (single-input models) or ``.npz`` (name -> array) files.
+reads a directory of ``.npy`` (single-input models) or ``.npz`` (name -> array) files;
+:class:`CalibrationData` is either of them at the API edge (``compile_model(calib=...)``, ``--calib``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ __all__ = [
     "DataReader",
     "InputSpec",
     "load_samples_dir",
-    "load_raw_samples",
+    "CalibrationData",
     "peek_sample",
     "load_eval_data",
     "validate_samples",
@@ -119,16 +123,37 @@ def validate_samples(samples: Iterable[Mapping[str, np.ndarray]], inputs: list[I
     return out
 
 
-def load_raw_samples(calib) -> list[dict] | None:
-    """Calibration samples keyed by name, before the model's input names are known."""
-    if calib is None:
-        return None
-    if isinstance(calib, (str, Path)):
-        path = Path(calib)
-        if not path.is_dir():
-            raise TvmqError(f"calibration directory {path} does not exist; pass a folder of .npy/.npz samples to --calib")
-        return path  # read once the input names are known
-    return list(calib)
+class CalibrationData:
+    """Calibration samples as the API and the CLI take them, before the model is read: a folder of
+    ``.npy``/``.npz`` files (read once the input names are known) or an iterable of
+    ``{input name: array}`` dicts (read once, here). :meth:`first` is what shapes a model with
+    dynamic dimensions; :meth:`samples` validates every sample against the model's inputs."""
+
+    def __init__(self, source):
+        if isinstance(source, CalibrationData):
+            source = source.folder if source.folder is not None else source._samples
+        self.folder = Path(source) if isinstance(source, (str, Path)) else None
+        self._samples = None if self.folder is not None else list(source)
+        if self.folder is not None and not self.folder.is_dir():
+            raise TvmqError(f"calibration directory {self.folder} does not exist; "
+                            "pass a folder of .npy/.npz samples to --calib")
+
+    @classmethod
+    def of(cls, source) -> CalibrationData | None:
+        """``source`` (a folder, samples or ``None``) as calibration data; ``None`` stays ``None``."""
+        return None if source is None else cls(source)
+
+    def first(self) -> dict | None:
+        """The first sample (inputs named ``None`` for a single-input ``.npy``); ``None`` when empty."""
+        if self.folder is not None:
+            return peek_sample(self.folder)
+        return dict(self._samples[0]) if self._samples else None
+
+    def samples(self, inputs: list[InputSpec]) -> list[dict[str, np.ndarray]]:
+        """Every sample, checked against ``inputs`` (names, shapes, dtypes, finite values)."""
+        if self.folder is not None:
+            return load_samples_dir(self.folder, inputs)
+        return validate_samples(self._samples, inputs)
 
 
 def peek_sample(path: Path) -> dict | None:

@@ -87,7 +87,7 @@ def compile_model(
     auto : AutoPrecision, optional
         ``--precision auto``'s metric and budget (default: :data:`~tvmq.config.DEFAULT_MIN_SQNR` per output).
     """
-    from tvmq.calibrate import load_raw_samples
+    from tvmq.calibrate import CalibrationData
     from tvmq.targets import get_preset
 
     preset = get_preset(target)
@@ -95,7 +95,7 @@ def compile_model(
     output_dir = Path(output_dir)
     prepare_output_dir(output_dir, force)
     precision, tuning = Precision.parse(precision), tuning or TuneOptions()
-    raw = load_raw_samples(calib)
+    raw = CalibrationData.of(calib)
     _check_request(model, precision, raw, plan, tuning, auto)
     with staged_output(output_dir, force) as tmp:
         qm = quantized_module(model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress, auto)
@@ -122,21 +122,19 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
                      progress=False, auto: AutoPrecision | None = None) -> QuantizedModel:
     """Import ``model``, prepare it, and quantize it by calibration (``raw``: a folder or samples)
     or ``plan``; ``precision`` ``auto`` chooses each layer's precision (:func:`tvmq.precision.choose_plan`)."""
-    from tvmq.calibrate import load_raw_samples, peek_sample
+    from tvmq.calibrate import CalibrationData
     from tvmq.frontend import load_onnx
     from tvmq.passes import has_qdq
     from tvmq.plan import QuantPlan, read_plan
 
     config = config or QuantConfig()
     precision = Precision.parse(precision)
-    if isinstance(raw, (str, Path)):
-        raw = load_raw_samples(raw)
+    raw = CalibrationData.of(raw)
     qplan = None
     if precision is Precision.INT8 and plan is not None:
         qplan = plan if isinstance(plan, QuantPlan) else read_plan(plan)
         shapes = {**qplan.input_shapes, **(shapes or {})}  # a plan is made for fixed shapes
-    first = peek_sample(raw) if isinstance(raw, Path) else dict(raw[0]) if raw else None
-    mod, info = load_onnx(model, shapes, sample=first)
+    mod, info = load_onnx(model, shapes, sample=raw.first() if raw is not None else None)
     warnings = list(preset.warnings())
     if info.float_ops:
         warnings.append("ops kept in float (no int8 kernel for them): " + ", ".join(info.float_ops))
@@ -202,14 +200,13 @@ def _quantized(mod, info, preset, raw, config, precision, qplan, warnings, progr
 def _plan(float_mod, info, preset, raw, config, precision, progress, auto, concat):
     """The plan from the calibration data: calibrated (int8) or searched (auto); returns the float
     module it is for (SmoothQuant changes the weights), the plan and the search's report."""
-    from tvmq.calibrate import load_samples_dir, validate_samples
     from tvmq.precision import choose_plan
     from tvmq.quantize import smooth, smooth_and_calibrate
 
     if raw is None:
         raise TvmqError("int8 compilation needs calibration data: pass --calib DIR (one .npy/.npz per sample) or --plan")
     inputs, names = list(info.inputs), [s.name for s in info.inputs]
-    samples = load_samples_dir(raw, inputs) if isinstance(raw, Path) else validate_samples(raw, inputs)
+    samples = raw.samples(inputs)
     if precision is not Precision.AUTO:
         float_mod, plan = smooth_and_calibrate(float_mod, samples, config, target=preset.name, input_names=names,
                                                progress=progress)

@@ -1,5 +1,8 @@
 """ONNX import: static shapes, named layers, and the frontend workarounds TVM 0.27 needs.
 
+Where it sits: **frontend** (ONNX -> float Relax) -> calibrate -> plan -> passes -> pipeline -> bundle;
+the ONNX-level rewrites it applies first are in :mod:`tvmq.onnx_rewrites`.
+
 ``load_onnx`` returns a float Relax module whose bindings are named after the ONNX nodes that
 produced them (TVM's importer names everything ``lv``), so layer names in plans, reports and
 ``--keep-float`` globs are the names users see in Netron.

@@ -1,5 +1,7 @@
 """tvmq's compilation pipeline: Relax module -> scheduled, lowered module -> executable.
 
+Where it sits: frontend -> calibrate -> plan -> passes -> **pipeline** (lowering, schedules, build) -> bundle.
+
 It is TVM's CPU pipeline (``relax.backend.cpu_generic``) with three additions, per target
 preset: packed int8 dot-product kernels (:class:`tvmq.passes.PackKernels`) before legalization,
 kernels from a MetaSchedule tuning database when one is given, and tvmq's default schedule

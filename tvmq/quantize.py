@@ -1,4 +1,9 @@
-"""The high-level API: float Relax module + calibration data -> integer Relax module."""
+"""The high-level API: float Relax module + calibration data -> integer Relax module.
+
+Where it sits: frontend -> **prepare** (the float passes) -> calibrate -> **plan** (statistics ->
+:class:`~tvmq.plan.QuantPlan`) -> **the quantize passes** (InsertQDQ, FoldQDQ) -> pipeline -> bundle.
+:func:`quantize` composes them for a Relax module; :mod:`tvmq.compile` for an ONNX file.
+"""
 
 from __future__ import annotations
 

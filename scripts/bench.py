@@ -353,7 +353,7 @@ def plan_bundles(name, case, args, workdir, calib, shape):
 
     from tvmq.compile import compile_model
     from tvmq.config import AutoPrecision, QuantConfig
-    from tvmq.precision import config_for
+    from tvmq.plan_search import config_for
     from tvmq.runtime import Bundle
 
     inp = case["input"]

@@ -11,7 +11,7 @@ from onnx import helper
 
 from conftest import make_model, random_samples, sqnr_db
 from tvmq import metrics as M
-from tvmq import precision as P
+from tvmq import plan_search as PS
 from tvmq import sensitivity as S
 from tvmq.compile import compile_model
 from tvmq.config import AutoPrecision, LayerRule, QuantConfig, load_rules
@@ -184,17 +184,17 @@ def test_exact_search_is_optimal_and_never_slower_than_greedy_or_fallback(seed):
                                   fp16_ms=fp32_ms * 0.6 if fp16 else None))
     a = _fake_analysis(layers, fp16)
     budget = 34.0
-    exact, value = P.search(a, budget, "exact")
-    greedy, _ = P.search(a, budget, "greedy")
-    fallback, _, _ = P.fallback_plan(a, budget)
+    exact, value = PS.search(a, budget, "exact")
+    greedy, _ = PS.search(a, budget, "greedy")
+    fallback, _, _ = PS.fallback_plan(a, budget)
     assert value >= budget
     candidates = ["fp32", "int8", "fp16"] if fp16 else ["fp32", "int8"]
-    best = min(P.latency(a, dict(zip([l.name for l in layers], combo)))
+    best = min(PS.latency(a, dict(zip([l.name for l in layers], combo)))
                for combo in itertools.product(candidates, repeat=len(layers))
                if a.evaluate(dict(zip([l.name for l in layers], combo))) >= budget)
-    assert P.latency(a, exact) <= best * 1.01  # knapsack on a discretized budget: within 1%
-    assert P.latency(a, exact) <= P.latency(a, greedy) + 1e-9
-    assert P.latency(a, exact) <= P.latency(a, fallback) + 1e-9
+    assert PS.latency(a, exact) <= best * 1.01  # knapsack on a discretized budget: within 1%
+    assert PS.latency(a, exact) <= PS.latency(a, greedy) + 1e-9
+    assert PS.latency(a, exact) <= PS.latency(a, fallback) + 1e-9
 
 
 def test_layer_latency_counts_the_kernels_fusion_left_after_it():
@@ -216,9 +216,9 @@ def test_a_seed_plan_gives_back_the_int8_layers_that_are_slower_than_float():
     a.evaluate = lambda assignment: 100.0 if assignment.get("culprit", "fp32") == "fp32" else 98.0
     a.all_int8 = 98.0
     seed = {"culprit": "fp32", "slow": "int8", "fast": "int8"}
-    chosen, value = P.search(a, 0.3, seeds=[seed], max_evaluations=2)
+    chosen, value = PS.search(a, 0.3, seeds=[seed], max_evaluations=2)
     assert value == 100.0 and chosen == {"culprit": "fp32", "slow": "fp32", "fast": "int8"}
-    assert P.latency(a, chosen) < P.latency(a, seed)
+    assert PS.latency(a, chosen) < PS.latency(a, seed)
 
 
 def test_a_layer_that_loses_a_sample_alone_is_still_tried_with_the_plan_around_it():
@@ -241,18 +241,18 @@ def test_a_layer_that_loses_a_sample_alone_is_still_tried_with_the_plan_around_i
 
     a.evaluate = evaluate
     a.all_int8 = evaluate(a.names)
-    fallback, value, _ = P.fallback_plan(a, 0.3)
+    fallback, value, _ = PS.fallback_plan(a, 0.3)
     assert value == 100.0 and fallback == {"big": "fp32", "s1": "fp32", "helper": "int8", "other": "int8"}
-    chosen, value = P.search(a, 0.3, seeds=[fallback])
+    chosen, value = PS.search(a, 0.3, seeds=[fallback])
     assert value == 100.0 and chosen == {"big": "int8", "s1": "fp32", "helper": "int8", "other": "int8"}
-    assert P.latency(a, chosen) < P.latency(a, fallback)
+    assert PS.latency(a, chosen) < PS.latency(a, fallback)
 
 
 def test_slower_int8_kernels_stay_float_and_ties_go_to_int8():
     layers = [S.LayerInfo("fast", "conv2d", 60, 0, int8_ms=0.2, fp32_ms=1.0),
               S.LayerInfo("noise", "conv2d", 60, 0, int8_ms=1.05, fp32_ms=1.0),  # within 10%: a tie
               S.LayerInfo("slow", "matmul", 60, 0, int8_ms=2.0, fp32_ms=1.0)]
-    chosen, _ = P.search(_fake_analysis(layers), 30.0)
+    chosen, _ = PS.search(_fake_analysis(layers), 30.0)
     assert chosen == {"fast": "int8", "noise": "int8", "slow": "fp32"}
 
 
@@ -370,12 +370,12 @@ def test_discrete_metric_budget_is_searched_on_measurements_not_assumed():
     a.evaluate = evaluate
     a.all_int8 = evaluate([l.name for l in layers])
     assert 100 - a.all_int8 > 0.3
-    chosen, value = P.search(a, 0.3)
+    chosen, value = PS.search(a, 0.3)
     assert 100 - value <= 0.3
     n_int8 = sum(p == "int8" for p in chosen.values())
     assert 0 < n_int8 < len(layers)
-    fallback, _, _ = P.fallback_plan(a, 0.3)
-    assert P.latency(a, chosen) <= P.latency(a, fallback)
+    fallback, _, _ = PS.fallback_plan(a, 0.3)
+    assert PS.latency(a, chosen) <= PS.latency(a, fallback)
 
 
 def _auto_with_candidate(candidate_class, sensitive, tmp_path, monkeypatch):

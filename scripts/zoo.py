@@ -269,7 +269,7 @@ def _float_reasons(qm) -> dict:
 PLANS = ("default", "all_int8", "auto")
 
 
-def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLANS) -> dict:
+def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLANS, min_sqnr=None) -> dict:
     from tvmq.compile import quantized_module
     from tvmq.config import AutoPrecision, QuantConfig
     from tvmq.execute import HostModule
@@ -287,7 +287,7 @@ def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLAN
     ref = [tuple(fp32(*x.values())) for x in evals]
     builds = {}
     for label, kwargs in (("default", {}), ("all_int8", {"config": QuantConfig(int8_everywhere=True)}),
-                          ("auto", {"precision": "auto", "auto": AutoPrecision()})):
+                          ("auto", {"precision": "auto", "auto": AutoPrecision(min_sqnr=min_sqnr)})):
         if label not in plans:
             continue
         t0 = time.perf_counter()
@@ -360,6 +360,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-calib", type=int, default=16)
     ap.add_argument("--n-eval", type=int, default=8)
     ap.add_argument("--plans", default=",".join(PLANS), help=f"tvmq plans to build (default: {','.join(PLANS)})")
+    ap.add_argument("--min-sqnr", type=float, help="the auto plan's budget in dB (default: tvmq's default budget)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tvmq" / "zoo")
     ap.add_argument("--json", type=Path, help="write (and, with --resume, read back) the results")
     ap.add_argument("--resume", action="store_true", help="keep the models already in --json")
@@ -383,7 +384,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 results[name] = measure(name, zoo[name], args.target, args.runs, args.n_calib, args.n_eval, Path(tmp),
-                                        plans=args.plans.split(","))
+                                        plans=args.plans.split(","), min_sqnr=args.min_sqnr)
             except Exception as err:  # noqa: BLE001 - one model's failure is a row, not the end of the run
                 results[name] = {"family": zoo[name][0], "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
         if args.json:

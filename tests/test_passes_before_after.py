@@ -18,6 +18,7 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 from tvmq.passes import (
+    ConvTransposeToConv,
     ConvertToNHWC,
     DivideToMultiply,
     FastMath,
@@ -397,6 +398,58 @@ def test_fold_affine_chains_leaves_shared_broadcasting_and_single_steps_alone():
 
     mod = bind(Unfoldable, a=np.array([1.0, 2.0, 3.0], np.float32), wide=np.ones((2, 3), np.float32))
     tvm.ir.assert_structural_equal(FoldAffineChains()(mod), mod)
+
+
+# ----------------------------------------------------------------------------- ConvTransposeToConv
+def test_conv_transpose_with_kernel_equal_to_stride_becomes_a_1x1_conv_and_depth_to_space():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 3, 2, 2), "float32"),
+                 w: R.Tensor((3, 2, 2, 2), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                gv = R.nn.conv2d_transpose(x, w, strides=[2, 2])
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 3, 2, 2), "float32"),
+                 w1: R.Tensor((8, 3, 1, 1), "float32")) -> R.Tensor((1, 2, 4, 4), "float32"):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                z = R.nn.conv2d(x, w1, out_dtype="float32")
+                z6 = R.reshape(z, R.shape([1, 2, 2, 2, 2, 2]))
+                zt = R.permute_dims(z6, axes=[0, 1, 4, 2, 5, 3])
+                gv = R.reshape(zt, R.shape([1, 2, 4, 4]))
+                R.output(gv)
+            return gv
+
+    w = np.arange(24, dtype=np.float32).reshape(3, 2, 2, 2) - 12  # [C_in, O, kh, kw]
+    w1 = np.empty((8, 3, 1, 1), np.float32)  # W'[(o*kh + a)*kw + b, c] = w[c, o, a, b]
+    for o, a, b, c in np.ndindex(2, 2, 2, 3):
+        w1[(o * 2 + a) * 2 + b, c, 0, 0] = w[c, o, a, b]
+    tvm.ir.assert_structural_equal(ConvTransposeToConv()(bind(Before, w=w)), bind(Expected, w1=w1))
+
+
+def test_conv_transpose_that_overlaps_or_pads_is_left_alone():
+    @I.ir_module
+    class Overlapping:
+        @R.function
+        def main(x: R.Tensor((1, 3, 2, 2), "float32"), w: R.Tensor((3, 2, 3, 3), "float32"),
+                 v: R.Tensor((3, 2, 2, 2), "float32")):
+            R.func_attr({"num_input": 1})
+            with R.dataflow():
+                k3 = R.nn.conv2d_transpose(x, w, strides=[2, 2])
+                padded = R.nn.conv2d_transpose(x, v, strides=[2, 2], padding=[1, 1, 1, 1])
+                gv = (k3, padded)
+                R.output(gv)
+            return gv
+
+    mod = bind(Overlapping, w=np.ones((3, 2, 3, 3), np.float32), v=np.ones((3, 2, 2, 2), np.float32))
+    tvm.ir.assert_structural_equal(ConvTransposeToConv()(mod), mod)
 
 
 # ----------------------------------------------------------------------------- FastSoftmax

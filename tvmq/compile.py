@@ -14,14 +14,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tvmq.bundle import prepare_output_dir, staged_output, write_bundle
 from tvmq.config import AutoPrecision, Precision, QuantConfig, TuneOptions
 from tvmq.errors import TvmqError
 
+if TYPE_CHECKING:
+    import tvm
+
+    from tvmq.frontend import ModelInfo
+    from tvmq.plan import QuantPlan
+
 __all__ = ["CompileResult", "QuantizedModel", "compile_model", "quantized_module"]
-
-
 
 @dataclass
 class CompileResult:
@@ -29,11 +34,11 @@ class CompileResult:
 
     output_dir: Path
     manifest: dict
-    module: object = field(repr=False)  # the quantized (or float) Relax module
-    float_module: object = field(repr=False)
-    executable: object = field(repr=False, default=None)
-    plan: object = None
-    info: object = None
+    module: tvm.IRModule = field(repr=False)  # the quantized (or float) Relax module
+    float_module: tvm.IRModule = field(repr=False)
+    executable: tvm.runtime.Executable | None = field(repr=False, default=None)
+    plan: QuantPlan | None = None  # None for fp32 builds
+    info: ModelInfo | None = None
     warnings: list[str] = field(default_factory=list)
 
 
@@ -41,10 +46,10 @@ class CompileResult:
 class QuantizedModel:
     """An imported model, prepared and (for int8) quantized: what gets compiled or tuned."""
 
-    module: object = field(repr=False)
-    float_module: object = field(repr=False)
-    info: object
-    plan: object
+    module: tvm.IRModule = field(repr=False)
+    float_module: tvm.IRModule = field(repr=False)
+    info: ModelInfo
+    plan: QuantPlan | None
     warnings: list[str]
     precision: dict | None = None  # what --precision auto measured and chose
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import tvm
@@ -53,12 +52,6 @@ class HostModule:
 
     def latency_ms(self, *arrays: np.ndarray, repeat: int = 20, warmup: int = 3) -> float:
         """Median wall time of one call, inputs already on the device."""
-        call = self.prepared(*arrays)
-        for _ in range(warmup):
-            call()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return float(np.median(times))
+        from tvmq.runtime import median_ms
+
+        return median_ms(self.prepared(*arrays), repeat, warmup)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Bundle", "BundleError", "configure_threads", "find_runtime_library", "init_vm", "load_runtime", "main",
+__all__ = ["Bundle", "BundleError", "configure_threads", "find_runtime_library", "init_vm", "load_runtime", "main", "median_ms",
            "physical_cores"]
 
 MANIFEST = "manifest.json"
@@ -261,15 +261,19 @@ class Bundle:
         return call
 
     def latency_ms(self, inputs: dict, repeat: int = 50, warmup: int = 5) -> float:
-        call = self.prepared(inputs)
-        for _ in range(warmup):
-            call()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return float(np.median(times))
+        return median_ms(self.prepared(inputs), repeat, warmup)
+
+
+def median_ms(call, repeat: int, warmup: int) -> float:
+    """Median wall time (ms) of ``call()`` over ``repeat`` runs after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
 
 
 def aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:

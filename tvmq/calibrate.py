@@ -130,8 +130,6 @@ class CalibrationData:
     dynamic dimensions; :meth:`samples` validates every sample against the model's inputs."""
 
     def __init__(self, source):
-        if isinstance(source, CalibrationData):
-            source = source.folder if source.folder is not None else source._samples
         self.folder = Path(source) if isinstance(source, (str, Path)) else None
         self._samples = None if self.folder is not None else list(source)
         if self.folder is not None and not self.folder.is_dir():
@@ -140,8 +138,9 @@ class CalibrationData:
 
     @classmethod
     def of(cls, source) -> CalibrationData | None:
-        """``source`` (a folder, samples or ``None``) as calibration data; ``None`` stays ``None``."""
-        return None if source is None else cls(source)
+        """``source`` (a folder, samples, calibration data or ``None``) as calibration data;
+        ``None`` and calibration data stay as they are."""
+        return source if source is None or isinstance(source, CalibrationData) else cls(source)
 
     def first(self) -> dict | None:
         """The first sample (inputs named ``None`` for a single-input ``.npy``); ``None`` when empty."""

@@ -255,12 +255,6 @@ class FuzzResult:
     step_bound: float = 1.0  # what max_steps_vs_simulation may reach (see check_graph)
 
 
-def _sqnr(ref, test) -> float:
-    from tvmq.metrics import sample_sqnr
-
-    return sample_sqnr(test, ref)
-
-
 def check_graph(case: GraphCase, n_calib: int = 4) -> FuzzResult:
     """Compile ``case`` as FP32, Q/DQ simulation and integer program; return the agreement.
 
@@ -270,6 +264,7 @@ def check_graph(case: GraphCase, n_calib: int = 4) -> FuzzResult:
 
     from tvmq.execute import HostModule
     from tvmq.frontend import load_onnx
+    from tvmq.metrics import sample_sqnr
     from tvmq.passes import InsertQDQ
     from tvmq.quantize import calibrate, prepare, quantize_pipeline
 
@@ -285,8 +280,8 @@ def check_graph(case: GraphCase, n_calib: int = 4) -> FuzzResult:
     ref, out, simulated = fp32(x)[0], q(x)[0], s(x)[0]
     step = max(float(np.abs(simulated).max()) / 127.0, 1e-6)
     return FuzzResult(
-        sqnr_vs_simulation=_sqnr(simulated, out),
-        sqnr_vs_fp32=_sqnr(ref, out),
+        sqnr_vs_simulation=sample_sqnr(out, simulated),
+        sqnr_vs_fp32=sample_sqnr(out, ref),
         max_steps_vs_simulation=float(np.abs(out - simulated).max()) / step,
         int8_layers=plan.count("int8"),
         step_bound=1.0 + _float_output_gain(mod, plan) / step,

@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from tvm import relax
 
-from tvmq._compat import constant_array, expr_type, is_constant, make_call
+from tvmq._compat import constant_array, expr_type, is_constant, make_call, tir
 
 __all__ = [
     "relax_functions",
@@ -29,6 +30,8 @@ __all__ = [
     "call_op",
     "dtype_of",
     "static_shape",
+    "dims",
+    "known_size",
     "out_dtype_attr",
     "bound_constant",
     "rebuild_call",
@@ -80,6 +83,21 @@ def static_shape(expr) -> tuple[int, ...] | None:
         return tuple(int(d) for d in ty.shape.values)
     except (TypeError, ValueError):
         return None
+
+
+def dims(expr) -> tuple[int | str, ...] | None:
+    """Shape of a tensor-typed ``expr``: an int for each static dimension and the printed
+    expression for a symbolic one (``(1, 48, 8, "W // 4")``); None when it is not a tensor or its
+    rank is unknown. Two tensors with equal ``dims`` have equal shapes for every size."""
+    ty = _tensor_type(expr)
+    if ty is None or ty.shape is None:
+        return None
+    return tuple(int(d) if isinstance(d, tir.IntImm) else str(d) for d in ty.shape.values)
+
+
+def known_size(shape) -> int:
+    """Product of the static dimensions of a :func:`dims` shape (symbolic ones count as 1)."""
+    return int(np.prod([d for d in shape if isinstance(d, int)] or [1]))
 
 
 def relax_functions(mod) -> list:

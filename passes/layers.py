@@ -21,7 +21,7 @@ from tvm import relax
 
 from tvmq._compat import scalar_arg, var_name
 
-from .graph import FunctionGraph, QWeight, call_op, dtype_of, evaluate_constant, static_shape
+from .graph import FunctionGraph, QWeight, call_op, dims, dtype_of, evaluate_constant, known_size
 
 __all__ = ["Activation", "Chain", "Layer", "find_chains", "find_layers", "channel_vector"]
 
@@ -84,7 +84,7 @@ class Chain:
     anchor: relax.Var
     call: relax.Call
     channel_axis: int
-    out_shape: tuple[int, ...]
+    out_shape: tuple[int | str, ...]  # passes.graph.dims: str for a symbolic dimension
     bias_var: relax.Var | None = None
     bias: np.ndarray | None = None  # per output channel
     act_var: relax.Var | None = None
@@ -135,8 +135,8 @@ def find_chains(graph: FunctionGraph, accept=None, lookup=None) -> list[Chain]:
         kind = _anchor_kind(call)
         if kind is None or (accept is not None and not accept(kind, call)):
             continue
-        shape = static_shape(var)
-        if shape is None or not shape:
+        shape = dims(var)
+        if shape is None or not shape or not isinstance(shape[_channel_axis(kind, call, len(shape))], int):
             continue
         if kind == "add" and any(evaluate_constant(a, lookup) is not None for a in call.args):
             continue  # an add with a constant operand is a bias, not a residual
@@ -146,7 +146,7 @@ def find_chains(graph: FunctionGraph, accept=None, lookup=None) -> list[Chain]:
             user = graph.sole_user(cur)
             if user is not None and call_op(graph.value(user)) == ADD:
                 bias = _bias_operand(graph.value(user), cur, lookup)
-                if bias is not None and static_shape(user) == shape:
+                if bias is not None and dims(user) == shape:
                     vec = channel_vector(bias, shape, chain.channel_axis)
                     if vec is not None:
                         chain.bias_var, chain.bias, cur = user, vec.astype(np.float32), user
@@ -196,8 +196,8 @@ class Layer:
     @property
     def io_elements(self) -> int:
         """Elements of the activation inputs and of the output (what precision changes convert)."""
-        inputs = sum(int(np.prod(static_shape(x) or ())) for x in self.inputs)
-        return inputs + int(np.prod(self.chain.out_shape))
+        inputs = sum(known_size(dims(x) or ()) for x in self.inputs)
+        return inputs + known_size(self.chain.out_shape)
 
     @property
     def reduction(self) -> int:
@@ -216,7 +216,7 @@ class Layer:
             shape = shape[:1] + shape[2:]
         else:
             shape = shape[:-1]
-        return int(np.prod(shape))
+        return known_size(shape)
 
     @property
     def depthwise(self) -> bool:
@@ -228,7 +228,7 @@ class Layer:
     @property
     def macs(self) -> int:
         """Multiply-accumulates of the anchor (0 for adds)."""
-        return int(np.prod(self.chain.out_shape)) * self.reduction
+        return known_size(self.chain.out_shape) * self.reduction
 
 
 def find_layers(func: relax.Function, graph: FunctionGraph | None = None) -> list[Layer]:
@@ -256,12 +256,12 @@ def find_layers(func: relax.Function, graph: FunctionGraph | None = None) -> lis
         elif chain.kind == "matmul":
             data, weight = call.args
             w = const_float(weight)
-            if not float_tensor(data) or w is None or w.ndim != 2 or static_shape(data) is None:
+            if not float_tensor(data) or w is None or w.ndim != 2 or dims(data) is None:
                 continue
             layer = Layer("", chain, (data,), w, 1)
         else:
             lhs, rhs = call.args
-            if not (float_tensor(lhs) and float_tensor(rhs)) or static_shape(lhs) != static_shape(rhs):
+            if not (float_tensor(lhs) and float_tensor(rhs)) or dims(lhs) != dims(rhs):
                 continue
             layer = Layer("", chain, (lhs, rhs))
         names = [var_name(v) for v in chain.vars]

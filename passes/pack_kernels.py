@@ -31,6 +31,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
+from tvmq._compat import TensorType, arith, expr_type
 from tvmq.targets.kernel_names import (
     CONV_BLOCK,
     CONV_FUNC,
@@ -46,13 +47,20 @@ from tvmq.targets.kernel_names import (
     UNPAIR_BLOCK,
 )
 
-from .graph import bound_constant, call_op, dtype_of, map_functions, static_shape
+from .graph import bound_constant, call_op, dims, dtype_of, map_functions
 from .layers import Activation
 
 __all__ = ["PackKernels", "CONV_BLOCK", "MATMUL_BLOCK", "DEPTHWISE_BLOCK", "pack_conv_weight", "pack_matmul_weight"]
 
 PAIR_K = 8  # input channels per step of the two-pixel micro-kernel (smmla); no other kernel has 8
 
+
+
+def _out_extent(size, kernel, dilation, stride):
+    """Output extent of a convolution window over an input extent (padding already applied),
+    simplified: a symbolic extent must keep the form Relax's shape matching sees elsewhere."""
+    extent = (size - (kernel - 1) * dilation - 1) // stride + 1
+    return extent if isinstance(extent, int) else arith.Analyzer().simplify(extent)
 
 def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
@@ -97,8 +105,7 @@ def _float_conv_compute(strides, dilation, out_channels, lanes):
     def compute(data, wp):
         n, h, w, _ = data.shape
         _, kh_, kw_, i, _ = wp.shape
-        oh = (h - (kh_ - 1) * dh - 1) // sh + 1
-        ow = (w - (kw_ - 1) * dw - 1) // sw + 1
+        oh, ow = _out_extent(h, kh_, dh, sh), _out_extent(w, kw_, dw, sw)
         kh = te.reduce_axis((0, kh_), "kh")
         kw = te.reduce_axis((0, kw_), "kw")
         ic = te.reduce_axis((0, i), "ic")
@@ -152,8 +159,7 @@ def _conv_compute(strides, dilation, out_channels, lanes):
         n, h, w, _ = data.shape
         _, kh_, kw_, ib, _, k = wp.shape
         k = int(k)
-        oh = (h - (kh_ - 1) * dh - 1) // sh + 1
-        ow = (w - (kw_ - 1) * dw - 1) // sw + 1
+        oh, ow = _out_extent(h, kh_, dh, sh), _out_extent(w, kw_, dw, sw)
         kh = te.reduce_axis((0, kh_), "kh")
         kw = te.reduce_axis((0, kw_), "kw")
         ico = te.reduce_axis((0, ib), "ico")
@@ -190,8 +196,7 @@ def _depthwise_compute(strides, dilation, acc_dtype):
     def compute(data, w):
         n, h, width, c = data.shape
         kh_, kw_, _ = w.shape
-        oh = (h - (kh_ - 1) * dh - 1) // sh + 1
-        ow = (width - (kw_ - 1) * dw - 1) // sw + 1
+        oh, ow = _out_extent(h, kh_, dh, sh), _out_extent(width, kw_, dw, sw)
         kh = te.reduce_axis((0, kh_), "kh")
         kw = te.reduce_axis((0, kw_), "kw")
         return te.compute(
@@ -293,6 +298,18 @@ class _Packer(relax.PyExprMutator):
             new = self._matmul(call)
         return call if new is None else new
 
+    def _pad(self, data, pad_width):
+        """Zero padding, its symbolic extents simplified: Relax infers ``(W - 1) // 2 + 1 + 2``
+        where the legalized pad says ``(W - 1) // 2 + 3``, and FuseTIR (TVM 0.27) matches the
+        kernel's parameter shapes structurally, so the kernel must see the simplified form."""
+        padded = self.builder_.emit(relax.op.nn.pad(data, pad_width, pad_value=0.0))
+        shape = expr_type(padded).shape.values
+        analyzer = arith.Analyzer()
+        simple = [analyzer.simplify(d) for d in shape]
+        if all(a.same_as(b) for a, b in zip(shape, simple)):
+            return padded
+        return self.builder_.match_cast(padded, TensorType(simple, dtype_of(padded)))
+
     def _conv(self, call):
         a = call.attrs
         data, weight = call.args
@@ -305,20 +322,21 @@ class _Packer(relax.PyExprMutator):
         if int(a.groups) != 1 or str(a.out_dtype) != "int32" or dtype_of(data) != self.data_dtype:
             return None
         w = self._weight(weight)
-        shape = static_shape(data)
-        if w is None or w.dtype != np.int8 or shape is None:
+        shape = dims(data)  # height and width may be symbolic, channels are not
+        if w is None or w.dtype != np.int8 or shape is None or not isinstance(shape[3], int):
             return None
         lanes, k = self._lanes(w.shape[0]), self.k
         if lanes is None:
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
-        out_width = (shape[2] + left + right - (w.shape[2] - 1) * int(a.dilation[1]) - 1) // int(a.strides[1]) + 1
+        width = shape[2] if isinstance(shape[2], int) else 1  # a symbolic width may be odd
+        out_width = (width + left + right - (w.shape[2] - 1) * int(a.dilation[1]) - 1) // int(a.strides[1]) + 1
         if self.pairs and int(a.strides[1]) == 1 and out_width % 2 == 0:
             lanes, k = self.pairs  # neighbouring pixels read neighbouring columns: one two-pixel step
         extra_c = _round_up(shape[3], k) - shape[3]
         data = self._widen(data)
         if top or left or bottom or right or extra_c:
-            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, top, bottom, left, right, 0, extra_c], pad_value=0.0))
+            data = self._pad(data, [0, 0, top, bottom, left, right, 0, extra_c])
         wp = relax.const(pack_conv_weight(w, lanes, k), "int8")
         compute = _conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
         self.packed += 1
@@ -329,7 +347,7 @@ class _Packer(relax.PyExprMutator):
         a = call.attrs
         data, weight = call.args
         w = self._weight(weight)
-        shape = static_shape(data)
+        shape = dims(data)
         if w is None or shape is None or w.shape[3] != 1 or w.shape[0] != shape[3] or int(a.groups) != shape[3]:
             return None
         out_dtype = str(a.out_dtype) if a.out_dtype else dtype_of(data)
@@ -338,7 +356,7 @@ class _Packer(relax.PyExprMutator):
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
         if top or left or bottom or right:
-            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, top, bottom, left, right, 0, 0], pad_value=0.0))
+            data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0])
         wk = relax.const(np.ascontiguousarray(w[:, :, :, 0].transpose(1, 2, 0)), str(w.dtype))
         compute = _depthwise_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], out_dtype)
         self.packed += 1
@@ -348,11 +366,11 @@ class _Packer(relax.PyExprMutator):
         a = call.attrs
         data, weight = call.args
         w = self._weight(weight)
-        if w is None or w.dtype != np.float32 or static_shape(data) is None:
+        if w is None or w.dtype != np.float32 or dims(data) is None:
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
         if top or left or bottom or right:
-            data = self.builder_.emit(relax.op.nn.pad(data, [0, 0, top, bottom, left, right, 0, 0], pad_value=0.0))
+            data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0])
         lanes = self.float_lanes
         wp = relax.const(pack_float_conv_weight(w, lanes), "float32")
         compute = _float_conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
@@ -362,7 +380,7 @@ class _Packer(relax.PyExprMutator):
     def _float_matmul(self, call):
         x, weight = call.args
         w = self._weight(weight)
-        if w is None or w.dtype != np.float32 or w.ndim != 2 or static_shape(x) is None:
+        if w is None or w.dtype != np.float32 or w.ndim != 2 or dims(x) is None:
             return None
         wp = relax.const(pack_float_matmul_weight(w, self.float_lanes), "float32")
         self.packed += 1
@@ -377,18 +395,18 @@ class _Packer(relax.PyExprMutator):
         if str(call.attrs.out_dtype) != "int32" or dtype_of(x) != self.data_dtype:
             return None
         w = self._weight(weight)
-        shape = static_shape(x)
+        shape = dims(x)
         if w is None or w.dtype != np.int8 or w.ndim != 2 or shape is None:
             return None
         lanes, k = self._lanes(w.shape[1]), self.k
         if lanes is None:
             return None
-        if self.pairs and len(shape) >= 2 and shape[-2] % 2 == 0:
+        if self.pairs and len(shape) >= 2 and isinstance(shape[-2], int) and shape[-2] % 2 == 0:
             lanes, k = self.pairs
         extra_k = _round_up(w.shape[0], k) - w.shape[0]
         x = self._widen(x)
         if extra_k:
-            x = self.builder_.emit(relax.op.nn.pad(x, [0, 0] * (len(shape) - 1) + [0, extra_k], pad_value=0.0))
+            x = self._pad(x, [0, 0] * (len(shape) - 1) + [0, extra_k])
         wp = relax.const(pack_matmul_weight(w, lanes, k), "int8")
         self.packed += 1
         return self.builder_.normalize(

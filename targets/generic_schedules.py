@@ -27,18 +27,26 @@ import math
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
-__all__ = ["loop_extent", "vector_width", "find_block", "spatial_size", "inline_epilogue", "schedule_producers",
+__all__ = ["loop_extent", "extent_hint", "SYMBOLIC_EXTENT", "vector_width", "find_block", "spatial_size", "inline_epilogue", "schedule_producers",
            "spatial_schedule", "ChannelReductionRule", "InjectiveRule", "FallbackRule", "NoInt8TensorCores"]
 
 _SPATIAL, _REDUCE = 0, 2
 _PARALLEL_MIN = 2048  # elements below which threads cost more than they save
 _FEW_LANES = 4  # innermost extents too short to vectorize
+SYMBOLIC_EXTENT = 64  # what a symbolic extent (a dynamic dimension) counts as when sizes are weighed
 
 
 def loop_extent(sch, loop) -> int | None:
     """Extent of ``loop`` as an int, or None when it is not a constant."""
     ext = sch.get(loop).extent
     return int(ext.value) if hasattr(ext, "value") else (int(ext) if isinstance(ext, int) else None)
+
+
+def extent_hint(sch, loop) -> int:
+    """A loop's extent, or :data:`SYMBOLIC_EXTENT` for a symbolic one (a dynamic dimension):
+    what the rules weigh when they decide on threads and tile sizes."""
+    extent = loop_extent(sch, loop)
+    return SYMBOLIC_EXTENT if extent is None else extent
 
 
 def vector_width(n: int | None, lanes: int) -> int:
@@ -72,7 +80,7 @@ def spatial_size(sch, block) -> int:
     for iv in sch.get(block).iter_vars:
         if int(iv.iter_type) == _SPATIAL:
             ext = iv.dom.extent
-            size *= int(ext.value) if hasattr(ext, "value") else int(ext)
+            size *= int(ext.value) if hasattr(ext, "value") else SYMBOLIC_EXTENT
     return size
 
 
@@ -110,7 +118,7 @@ def spatial_schedule(sch, block, lanes):
         return
     inner = loops[-1]
     inner_ext = loop_extent(sch, inner) or 1
-    total = math.prod(loop_extent(sch, l) or 1 for l in loops)  # elements (splitting keeps it)
+    total = math.prod(extent_hint(sch, l) for l in loops)  # elements (splitting keeps it)
     if len(loops) > 2 and inner_ext <= _FEW_LANES:
         # A few channels innermost (an NHWC image, often read transposed from NCHW): a vector
         # of them is mostly gathers, and fusing the columns into the parallel loop costs a
@@ -214,8 +222,8 @@ class ChannelReductionRule(_LanesRule):
                 widen(last)
         total = 1
         for l in sch.get_loops(main):
-            total *= loop_extent(sch, l) or 1
-        if total >= _PARALLEL_MIN and (loop_extent(sch, outer) or 1) > 1:
+            total *= extent_hint(sch, l)
+        if total >= _PARALLEL_MIN and extent_hint(sch, outer) > 1:
             sch.parallel(outer)
         if width > 1:
             widen(ci)  # before decomposing, as for the depthwise kernels
@@ -279,7 +287,7 @@ class FallbackRule(_LanesRule):
                     if int(iv.iter_type) != _SPATIAL:
                         break
                     lead.append(l)
-                if len(lead) >= 1 and math.prod(loop_extent(sch, l) or 1 for l in lead) > 1:
+                if len(lead) >= 1 and math.prod(extent_hint(sch, l) for l in lead) > 1:
                     fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
                     sch.parallel(fused)
                     changed = True

@@ -35,6 +35,7 @@ from .generic_schedules import (
     FallbackRule,
     InjectiveRule,
     find_block,
+    extent_hint,
     inline_epilogue,
     loop_extent,
     schedule_producers,
@@ -48,6 +49,8 @@ __all__ = ["PackedKernelRule", "DepthwiseRule", "default_rules", "tunable_schedu
 
 
 def _divisor(n: int | None, limit: int) -> int:
+    """The largest divisor of ``n`` up to ``limit``; 1 for a symbolic ``n`` (a predicated last
+    tile would stop the int8 kernels' tensorization)."""
     if not n:
         return 1
     return max(d for d in range(1, max(1, min(limit, n)) + 1) if n % d == 0)
@@ -247,7 +250,7 @@ class PackedKernelRule(ScheduleRule):
             sch.reorder(*spatial_outer, xo, ooo, *reduce_outer, xi, ooi, *pair, oi, *inner)
             outer = sch.fuse(*spatial_outer, xo, ooo) if spatial_outer else sch.fuse(xo, ooo)
         _epilogue_per_tile(sch, main, outer, lanes, self.vector_lanes if pair else lanes)
-        if (loop_extent(sch, outer) or 1) > 1:
+        if extent_hint(sch, outer) > 1:
             sch.parallel(outer)  # before tensorize: the tensorized block is opaque to the check
         if not dot:
             sch.vectorize(oi)  # before decomposing, as for the depthwise kernels
@@ -295,7 +298,7 @@ class DepthwiseRule(ScheduleRule):
                     sch.vectorize(sch.get_loops(block)[-1])
                 except Exception:  # pylint: disable=broad-except
                     spatial_schedule(sch, block, self.lanes)
-            if (loop_extent(sch, outer) or 1) > 1:
+            if extent_hint(sch, outer) > 1:
                 sch.parallel(outer)
             sch.vectorize(ci)  # before decomposing: the update block fails the check afterwards
             sch.unroll(xi)

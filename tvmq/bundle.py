@@ -131,8 +131,10 @@ def manifest(model, info, preset, plan, float_mod, qmod, kernels, warnings) -> d
         "versions": versions(),
         "model": model_entry,
         "target": _target_entry(preset),
+        # a str in a shape is a dynamic dimension: its name (inputs, ranges in "dims") or its expression (outputs)
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in info.inputs],
         "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in info.outputs],
+        "dims": {name: [lo, hi] for name, lo, hi in info.dims},
         "quantization": None if plan is None else {
             "method": plan.method,
             "activation_dtype": plan.activation_dtype,

@@ -52,11 +52,27 @@ class DataReader(Protocol):
 @dataclass(frozen=True)
 class InputSpec:
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]  # a str names a symbolic dimension
     dtype: str
 
+    def accepts(self, shape, ranges: dict[str, tuple[int, int]] | None = None) -> bool:
+        """Whether an array of ``shape`` fits: same rank, equal static dimensions, and for each
+        symbolic name one size, inside its range when ``ranges`` gives one."""
+        if len(shape) != len(self.shape):
+            return False
+        sizes = {}
+        for want, got in zip(self.shape, shape):
+            if isinstance(want, str):
+                lo, hi = (ranges or {}).get(want, (1, None))
+                if sizes.setdefault(want, got) != got or got < lo or (hi is not None and got > hi):
+                    return False
+            elif want != got:
+                return False
+        return True
 
-def load_samples_dir(path: str | Path, inputs: list[InputSpec]) -> list[dict[str, np.ndarray]]:
+
+def load_samples_dir(path: str | Path, inputs: list[InputSpec],
+                     ranges: dict[str, tuple[int, int]] | None = None) -> list[dict[str, np.ndarray]]:
     """Read a calibration directory: one ``.npy`` or ``.npz`` file per sample, sorted by name
     (``labels.npy``, an evaluation folder's labels, is not a sample)."""
     path = Path(path)
@@ -83,11 +99,13 @@ def load_samples_dir(path: str | Path, inputs: list[InputSpec]) -> list[dict[str
             raise
         except Exception as err:  # numpy raises several types for damaged files
             raise TvmqError(f"cannot read calibration sample {f}: {err}; replace or remove the file") from None
-    return validate_samples(samples, inputs, source=str(path))
+    return validate_samples(samples, inputs, source=str(path), ranges=ranges)
 
 
-def validate_samples(samples: Iterable[Mapping[str, np.ndarray]], inputs: list[InputSpec], source="calibration data"):
-    """Check names, shapes, dtypes and finiteness; return the samples as a list of dicts."""
+def validate_samples(samples: Iterable[Mapping[str, np.ndarray]], inputs: list[InputSpec], source="calibration data",
+                     ranges: dict[str, tuple[int, int]] | None = None):
+    """Check names, shapes (dynamic dimensions inside ``ranges``), dtypes and finiteness; return
+    the samples as a list of dicts."""
     expected = {i.name: i for i in inputs}
     out = []
     for n, sample in enumerate(samples):
@@ -103,10 +121,11 @@ def validate_samples(samples: Iterable[Mapping[str, np.ndarray]], inputs: list[I
         fixed = {}
         for name, array in sample.items():
             spec, array = expected[name], np.asarray(array)
-            if tuple(array.shape) != spec.shape:
+            if not spec.accepts(array.shape, ranges):
+                span = "".join(f", {d} in {ranges[d][0]}..{ranges[d][1]}" for d in spec.shape if d in (ranges or {}))
                 raise TvmqError(
                     f"{source}: sample {n} input {name!r} has shape {list(array.shape)}, the model expects "
-                    f"{list(spec.shape)}; reshape the data or fix the shape with --shape {name}:"
+                    f"{list(spec.shape)}{span}; reshape the data or fix the shape with --shape {name}:"
                     + ",".join(str(d) for d in array.shape)
                 )
             if array.dtype.kind != np.dtype(spec.dtype).kind:
@@ -148,11 +167,11 @@ class CalibrationData:
             return peek_sample(self.folder)
         return dict(self._samples[0]) if self._samples else None
 
-    def samples(self, inputs: list[InputSpec]) -> list[dict[str, np.ndarray]]:
+    def samples(self, inputs: list[InputSpec], ranges: dict[str, tuple[int, int]] | None = None) -> list[dict[str, np.ndarray]]:
         """Every sample, checked against ``inputs`` (names, shapes, dtypes, finite values)."""
         if self.folder is not None:
-            return load_samples_dir(self.folder, inputs)
-        return validate_samples(self._samples, inputs)
+            return load_samples_dir(self.folder, inputs, ranges)
+        return validate_samples(self._samples, inputs, ranges=ranges)
 
 
 def peek_sample(path: Path) -> dict | None:

@@ -37,7 +37,10 @@ def _add_compile(sub):
     p.add_argument("--arch", help="CUDA targets: GPU architecture, e.g. sm_90 (default: the preset's)")
     p.add_argument("--calib", help="calibration folder: one .npy (single input) or .npz (name -> array) per sample")
     p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1,..",
-                   help="fix an input's dynamic shape (repeatable)")
+                   help="fix an input's dynamic shape (repeatable); a dimension given by name stays dynamic "
+                        "over its --dim range, e.g. --shape x:1,3,48,W --dim W=32..1280")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=LO..HI",
+                   help="the sizes a named --shape dimension may take: one bundle runs them all (repeatable)")
     p.add_argument("--method", default="minmax", choices=[m.value for m in CalibrationMethod],
                    help="activation range calibration (default: minmax)")
     p.add_argument("--percentile", type=float, default=99.999, help="kept %% for --method percentile")
@@ -98,6 +101,7 @@ def _add_tune(sub):
     p.add_argument("--calib", help="calibration folder (as for compile); omit with --precision fp32")
     p.add_argument("--plan", help="reuse a plan.json instead of calibrating")
     p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1,..")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=LO..HI", help="as for compile")
     p.add_argument("--precision", default="int8", choices=[Precision.INT8.value, Precision.FP32.value])
     p.add_argument("--method", default="minmax", choices=[m.value for m in CalibrationMethod])
     p.add_argument("--percentile", type=float, default=99.999)

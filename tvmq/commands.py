@@ -38,9 +38,10 @@ def _config_from_args(args):
 
 
 def cmd_compile(args) -> int:
-    from tvmq.frontend import parse_shape_arg
+    from tvmq.frontend import parse_dim_arg, parse_shape_arg
 
     shapes = dict(parse_shape_arg(s) for s in args.shape)
+    dims = dict(parse_dim_arg(d) for d in args.dim)
     config = _config_from_args(args)
     if args.model is None:
         return _demo(args, config)
@@ -56,6 +57,7 @@ def cmd_compile(args) -> int:
         calib=args.calib,
         config=config,
         shapes=shapes,
+        dims=dims,
         precision=args.precision,
         plan=args.plan,
         force=args.force,
@@ -95,12 +97,13 @@ def _auto_from_args(args):
 
 def cmd_tune(args) -> int:
     from tvmq.compile import quantized_module
-    from tvmq.frontend import parse_shape_arg
+    from tvmq.frontend import parse_dim_arg, parse_shape_arg
     from tvmq.targets import get_preset
     from tvmq.tune import require_board_runner, tune
 
     preset = get_preset(args.target)
     shapes = dict(parse_shape_arg(s) for s in args.shape)
+    dims = dict(parse_dim_arg(d) for d in args.dim)
     runner = None
     if args.rpc_tracker:
         from tvmq.remote import RemoteTarget, rpc_runner
@@ -108,7 +111,7 @@ def cmd_tune(args) -> int:
         runner = rpc_runner(RemoteTarget(tracker=args.rpc_tracker, key=args.rpc_key))
     require_board_runner(preset, runner)  # before calibrating, which takes a while
     qm = quantized_module(args.model, preset, raw=args.calib, config=_config_from_args(args), shapes=shapes,
-                          precision=args.precision, plan=args.plan)
+                          precision=args.precision, plan=args.plan, dims=dims)
     report = tune(qm.module, preset, args.db, trials=args.trials, max_tasks=args.max_tasks, progress=True,
                   runner=runner)
     for t in report.tasks:
@@ -179,8 +182,9 @@ def _demo(args, config) -> int:
     from tvmq.execute import HostModule
     from tvmq.runtime import Bundle
 
-    if args.calib or args.shape or args.plan:
-        raise TvmqError("the demo brings its own model, calibration data and shapes; pass a MODEL to use --calib/--shape/--plan")
+    if args.calib or args.shape or args.dim or args.plan:
+        raise TvmqError("the demo brings its own model, calibration data and shapes; pass a MODEL to use "
+                        "--calib/--shape/--dim/--plan")
     if args.target != "x86" and not args.output:
         raise TvmqError(f"the demo runs its bundle here; for --target {args.target} pass -o OUT to keep the bundle")
     model = DEMO_DIR / "digits.onnx"

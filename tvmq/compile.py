@@ -61,7 +61,8 @@ def compile_model(
     target: str = "x86",
     calib=None,
     config: QuantConfig | None = None,
-    shapes: dict[str, list[int]] | None = None,
+    shapes: dict[str, list[int | str]] | None = None,
+    dims: dict[str, tuple[int, int]] | None = None,
     precision: str = "int8",
     plan=None,
     force: bool = False,
@@ -82,7 +83,10 @@ def compile_model(
         Calibration folder or samples; required for int8 unless ``plan`` is given.
     config : QuantConfig, optional
     shapes : dict, optional
-        ``{input name: shape}`` for dynamic dimensions.
+        ``{input name: shape}`` for dynamic dimensions: a size fixes one, a name (``"W"``) keeps
+        it dynamic over its range in ``dims``.
+    dims : dict, optional
+        ``{dimension name: (smallest, largest)}``: the bundle runs every size in the range.
     precision : str or Precision
         ``int8`` (default), ``fp16``, ``fp32`` (no quantization) or ``auto`` (per layer, see ``auto``).
     plan : QuantPlan or path, optional
@@ -103,7 +107,7 @@ def compile_model(
     raw = CalibrationData.of(calib)
     _check_request(model, precision, raw, plan, tuning, auto)
     with staged_output(output_dir, force) as tmp:
-        qm = quantized_module(model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress, auto)
+        qm = quantized_module(model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress, auto, dims)
         executable, manifest = _build_into(tmp, model, qm, preset, tuning, progress)
     return CompileResult(output_dir, manifest, qm.module, qm.float_module, executable, qm.plan, qm.info, qm.warnings)
 
@@ -124,7 +128,7 @@ def _check_request(model, precision: Precision, raw, plan, tuning: TuneOptions, 
 
 
 def quantized_module(model, preset, raw=None, config=None, shapes=None, precision="int8", plan=None,
-                     progress=False, auto: AutoPrecision | None = None) -> QuantizedModel:
+                     progress=False, auto: AutoPrecision | None = None, dims=None) -> QuantizedModel:
     """Import ``model``, prepare it, and quantize it by calibration (``raw``: a folder or samples)
     or ``plan``; ``precision`` ``auto`` chooses each layer's precision (:func:`tvmq.precision.choose_plan`)."""
     from tvmq.calibrate import CalibrationData
@@ -139,7 +143,10 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
     if precision is Precision.INT8 and plan is not None:
         qplan = plan if isinstance(plan, QuantPlan) else read_plan(plan)
         shapes = {**qplan.input_shapes, **(shapes or {})}  # a plan is made for fixed shapes
-    mod, info = load_onnx(model, shapes, sample=raw.first() if raw is not None else None)
+    mod, info = load_onnx(model, shapes, sample=raw.first() if raw is not None else None, dims=dims)
+    if info.dims and precision is Precision.AUTO:
+        raise TvmqError("--precision auto does not take dynamic dimensions (--dim) yet; compile with --precision int8, "
+                        "or fix the sizes with --shape")
     warnings = list(preset.warnings())
     if info.float_ops:
         warnings.append("ops kept in float (no int8 kernel for them): " + ", ".join(info.float_ops))
@@ -211,7 +218,7 @@ def _plan(float_mod, info, preset, raw, config, precision, progress, auto, conca
     if raw is None:
         raise TvmqError("int8 compilation needs calibration data: pass --calib DIR (one .npy/.npz per sample) or --plan")
     inputs, names = list(info.inputs), [s.name for s in info.inputs]
-    samples = raw.samples(inputs)
+    samples = raw.samples(inputs, info.dim_ranges)
     if precision is not Precision.AUTO:
         float_mod, plan = smooth_and_calibrate(float_mod, samples, config, target=preset.name, input_names=names,
                                                progress=progress)

@@ -19,6 +19,7 @@ Workarounds (each covered by a test):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -33,7 +34,7 @@ from tvmq.errors import TvmqError
 from tvmq.onnx_rewrites import QLINEAR_OPS, fold_constant_subgraphs, rewrite_qlinear_ops, value_dims
 
 __all__ = ["ModelInfo", "load_onnx", "read_onnx", "parse_shape_arg", "fold_constant_subgraphs", "is_prequantized",
-           "rewrite_qlinear_ops"]
+           "rewrite_qlinear_ops", "parse_dim_arg", "check_dims"]
 
 log = logging.getLogger("tvmq")
 
@@ -48,18 +49,54 @@ class ModelInfo:
     opset: int
     producer: str
     float_ops: tuple[str, ...]  # op types that never run in int8 (reported, not an error)
+    dims: tuple[tuple[str, int, int], ...] = ()  # (name, smallest, largest) of each dynamic dimension
+
+    @property
+    def dim_ranges(self) -> dict[str, tuple[int, int]]:
+        return {name: (lo, hi) for name, lo, hi in self.dims}
 
 
-def parse_shape_arg(text: str) -> tuple[str, list[int]]:
-    """``NAME:1,3,48,192`` -> ``("NAME", [1, 3, 48, 192])``."""
+_DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_shape_arg(text: str) -> tuple[str, list[int | str]]:
+    """``NAME:1,3,48,192`` -> ``("NAME", [1, 3, 48, 192])``; a dimension may be a name, dynamic
+    over the range ``--dim`` gives it: ``NAME:1,3,48,W`` -> ``("NAME", [1, 3, 48, "W"])``."""
     name, sep, dims = text.rpartition(":")
-    try:
-        shape = [int(d) for d in dims.split(",")]
-    except ValueError:
-        shape = []
-    if not sep or not name or not shape or any(d <= 0 for d in shape):
-        raise TvmqError(f"--shape {text!r} is not NAME:D0,D1,... with positive integers, e.g. --shape input:1,3,48,192")
+    shape = [int(d) if d.strip().lstrip("-").isdigit() else d.strip() for d in dims.split(",")] if dims else []
+    if (not sep or not name or not shape
+            or any(d <= 0 if isinstance(d, int) else not _DIM_NAME.match(d) for d in shape)):
+        raise TvmqError(f"--shape {text!r} is not NAME:D0,D1,... with positive integers or dimension names, "
+                        "e.g. --shape input:1,3,48,192 or --shape input:1,3,48,W --dim W=32..1280")
     return name, shape
+
+
+def parse_dim_arg(text: str) -> tuple[str, tuple[int, int]]:
+    """``W=32..1280`` -> ``("W", (32, 1280))``: the sizes a dynamic dimension may take."""
+    name, sep, span = text.partition("=")
+    lo, dots, hi = span.partition("..")
+    try:
+        bounds = (int(lo), int(hi)) if dots else None
+    except ValueError:
+        bounds = None
+    if not sep or not _DIM_NAME.match(name.strip()) or bounds is None or not 1 <= bounds[0] <= bounds[1]:
+        raise TvmqError(f"--dim {text!r} is not NAME=LO..HI with 1 <= LO <= HI, e.g. --dim W=32..1280")
+    return name.strip(), bounds
+
+
+def check_dims(shapes: dict[str, list], dims: dict[str, tuple[int, int]]) -> None:
+    """Every dimension name in ``shapes`` has a range in ``dims``, and every range is used."""
+    used = {d for shape in shapes.values() for d in shape if isinstance(d, str)}
+    missing, unused = sorted(used - set(dims)), sorted(set(dims) - used)
+    if missing:
+        raise TvmqError(f"--shape names dynamic dimension(s) {missing} without a range; give each one, "
+                        f"e.g. --dim {missing[0]}=32..1280")
+    if unused:
+        raise TvmqError(f"--dim {unused[0]} names no dimension of --shape; use it in a shape, e.g. "
+                        f"--shape input:1,3,48,{unused[0]}, or drop it")
+    for name, (lo, hi) in dims.items():
+        if not 1 <= lo <= hi:
+            raise TvmqError(f"--dim {name}={lo}..{hi} is empty or not positive; give 1 <= LO <= HI")
 
 
 def read_onnx(path: str | Path):
@@ -132,7 +169,7 @@ def _static_inputs(model, shapes: dict[str, list[int]]) -> list[InputSpec]:
                     "(or give calibration data, whose shape is used)"
                 )
             shape = dims
-        specs.append(InputSpec(inp.name, tuple(int(d) for d in shape), dtype))
+        specs.append(InputSpec(inp.name, tuple(d if isinstance(d, str) else int(d) for d in shape), dtype))
     return specs
 
 
@@ -143,7 +180,10 @@ def _set_static_shapes(model, specs: list[InputSpec]):
         shape = by_name[inp.name].shape
         del dims[:]
         for d in shape:
-            dims.add().dim_value = d
+            if isinstance(d, str):
+                dims.add().dim_param = d  # a dynamic dimension (--dim), symbolic from here on
+            else:
+                dims.add().dim_value = d
 
 
 def name_nodes(model):
@@ -238,7 +278,8 @@ _INT8_CAPABLE = frozenset(
 )
 
 
-def load_onnx(model, shapes: dict[str, list[int]] | None = None, sample: dict | None = None):
+def load_onnx(model, shapes: dict[str, list[int | str]] | None = None, sample: dict | None = None,
+              dims: dict[str, tuple[int, int]] | None = None):
     """Import an ONNX model (path or ``ModelProto``) into a float Relax module with static shapes.
 
     Parameters
@@ -248,6 +289,9 @@ def load_onnx(model, shapes: dict[str, list[int]] | None = None, sample: dict | 
         ``{input name: shape}`` fixing dynamic dimensions (``--shape``).
     sample : dict, optional
         One calibration sample; its array shapes fix dimensions ``shapes`` does not.
+    dims : dict, optional
+        ``{dimension name: (smallest, largest)}`` for the names in ``shapes`` (``--dim``): those
+        dimensions stay symbolic through the whole compilation.
 
     Returns
     -------
@@ -259,6 +303,7 @@ def load_onnx(model, shapes: dict[str, list[int]] | None = None, sample: dict | 
         model = read_onnx(model)
     else:
         model = onnx.ModelProto.FromString(model.SerializeToString())
+    check_dims(dict(shapes or {}), dict(dims or {}))
     specs = _static_inputs(model, _shapes_with_sample(model, dict(shapes or {}), sample))
     _set_static_shapes(model, specs)
     rewrite_qlinear_ops(model)
@@ -274,7 +319,8 @@ def load_onnx(model, shapes: dict[str, list[int]] | None = None, sample: dict | 
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     mod = _import(model, specs)
-    return mod, _model_info(model, mod, specs, opset)
+    info = _model_info(model, mod, specs, opset)
+    return mod, dataclasses.replace(info, dims=tuple((n, lo, hi) for n, (lo, hi) in sorted((dims or {}).items())))
 
 
 def _shapes_with_sample(model, shapes: dict[str, list[int]], sample: dict | None) -> dict[str, list[int]]:
@@ -323,7 +369,9 @@ def _import(model, specs: list[InputSpec]):
     with warnings.catch_warnings(), _named_importer() as frontend:
         warnings.simplefilter("ignore")
         try:
-            return frontend.from_onnx(model, shape_dict={s.name: list(s.shape) for s in specs},
+            # dynamic inputs keep their dim_params (one symbolic variable per name)
+            static = {s.name: list(s.shape) for s in specs if all(isinstance(d, int) for d in s.shape)}
+            return frontend.from_onnx(model, shape_dict=static,
                                       dtype_dict={s.name: s.dtype for s in specs})
         except TvmqError:
             raise
@@ -332,14 +380,20 @@ def _import(model, specs: list[InputSpec]):
             raise TvmqError(f"TVM's ONNX importer failed: {first[:300]}; please report this model") from None
 
 
+def _dim_text(dim) -> str:
+    """A symbolic dimension as people write it: ``(W - 1) // 2 + 1``, not ``T.int64(1)``."""
+    return re.sub(r"T\.int(?:32|64)\((-?\d+)\)", r"\1", str(dim))
+
+
 def _model_info(model, mod, specs: list[InputSpec], opset: int) -> ModelInfo:
-    from tvmq._compat import TupleType, expr_type
+    from tvmq._compat import IntImm, TupleType, expr_type
 
     outputs = []
     ret = expr_type(mod["main"].body.body)
     fields = ret.fields if isinstance(ret, TupleType) else [ret]
     for out, ty in zip(model.graph.output, fields):
-        shape = tuple(int(d) for d in ty.shape.values) if getattr(ty, "shape", None) is not None else ()
+        shape = (tuple(int(d) if isinstance(d, IntImm) else _dim_text(d) for d in ty.shape.values)
+                 if getattr(ty, "shape", None) is not None else ())
         outputs.append(InputSpec(out.name, shape, str(getattr(ty, "dtype", "float32"))))
     float_ops = sorted({n.op_type for n in model.graph.node if n.op_type not in _INT8_CAPABLE})
     return ModelInfo(

@@ -20,7 +20,7 @@ from tvmq.errors import TvmqError
 from tvmq.plan import LayerPlan, QuantPlan
 from tvmq.qparams import activation_qparams
 from tvmq.passes import Conv1dToConv2d, ConvertToNHWC, ConvTransposeToConv, DivideToMultiply, FoldConstantsNumpy, FoldQDQ, InsertQDQ
-from tvmq.passes.graph import FunctionGraph, dtype_of, static_shape
+from tvmq.passes.graph import FunctionGraph, dtype_of, dims
 from tvmq.passes.layers import find_layers
 
 __all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs", "smooth", "smooth_and_calibrate", "finish"]
@@ -63,7 +63,7 @@ def input_specs(mod: tvm.IRModule, names: list[str] | None = None) -> list[Input
     names = names or [p.name for p in params]
     specs = []
     for name, p in zip(names, params):
-        shape = static_shape(p)
+        shape = dims(p)
         if shape is None:
             raise TvmqError(f"input {name!r} has a dynamic shape; fix it with --shape {name}:D0,D1,...")
         specs.append(InputSpec(name, shape, dtype_of(p)))

@@ -35,6 +35,24 @@ _DEVICE = {"cpu": 1, "cuda": 2}
 _POOLED_ALLOCATOR = 2
 
 
+def shape_problem(shape: list[int], expected: list, dims: dict, sizes: dict) -> str | None:
+    """Why ``shape`` does not fit ``expected`` (ints, and names of dynamic dimensions whose ranges
+    ``dims`` holds; ``sizes`` collects their values across the inputs): None when it fits, else
+    the text to append to the error (empty when the mismatch is plain)."""
+    if len(shape) != len(expected):
+        return ""
+    for got, want in zip(shape, expected):
+        if isinstance(want, str):
+            lo, hi = dims.get(want, (1, 2**62))
+            if not lo <= got <= hi:
+                return f" with {want} in {lo}..{hi} (the range it was compiled for; recompile with a wider --dim {want}=..)"
+            if sizes.setdefault(want, got) != got:
+                return f" ({want} is {sizes[want]} in another input: one size per dimension)"
+        elif got != want:
+            return ""
+    return None
+
+
 class BundleError(Exception):
     """A bundle that cannot be used as it is (missing, altered, or for another machine)."""
 
@@ -215,7 +233,7 @@ class Bundle:
         return self._vm
 
     def check_inputs(self, inputs: dict) -> list[np.ndarray]:
-        arrays = []
+        arrays, sizes = [], {}  # sizes: the dynamic dimensions' values, equal across inputs
         names = [i["name"] for i in self.inputs]
         unknown = sorted(set(inputs) - set(names))
         if unknown:
@@ -224,8 +242,10 @@ class Bundle:
             if spec["name"] not in inputs:
                 raise BundleError(f"missing input {spec['name']!r}; the model takes {names}")
             a = np.asarray(inputs[spec["name"]])
-            if list(a.shape) != list(spec["shape"]):
-                raise BundleError(f"input {spec['name']!r} has shape {list(a.shape)}, the bundle expects {spec['shape']}")
+            problem = shape_problem(list(a.shape), spec["shape"], self.manifest.get("dims", {}), sizes)
+            if problem is not None:
+                raise BundleError(f"input {spec['name']!r} has shape {list(a.shape)}, the bundle expects "
+                                  f"{spec['shape']}{problem}")
             if a.dtype.kind != np.dtype(spec["dtype"]).kind:
                 raise BundleError(f"input {spec['name']!r} is {a.dtype}, the bundle expects {spec['dtype']}")
             arrays.append(aligned(a.astype(spec["dtype"], copy=False)))

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -472,8 +473,39 @@ struct JsonParser {
 
 struct InputSpec {
   std::string name, dtype;
-  std::vector<int64_t> shape;
+  std::vector<int64_t> shape;     // -1 where the dimension is dynamic
+  std::vector<std::string> dims;  // the dynamic dimension's name there, else ""
 };
+
+struct DimRange {
+  int64_t lo, hi;
+};
+
+// Why `got` does not fit `spec` (dynamic dimensions inside their ranges, one size per name across
+// the inputs, collected in `sizes`); empty when it fits.
+std::string ShapeProblem(const std::vector<int64_t>& got, const InputSpec& spec, const std::map<std::string, DimRange>& ranges,
+                         std::map<std::string, int64_t>* sizes) {
+  std::string expected = "(";
+  for (size_t i = 0; i < spec.shape.size(); ++i)
+    expected += (spec.dims[i].empty() ? std::to_string(spec.shape[i]) : spec.dims[i]) + (i + 1 < spec.shape.size() ? ", " : "");
+  expected += spec.shape.size() == 1 ? ",)" : ")";
+  std::string plain = "shape " + npy::ShapeText(got) + ", but the model's input '" + spec.name + "' is " + expected;
+  if (got.size() != spec.shape.size()) return plain;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (spec.dims[i].empty()) {
+      if (got[i] != spec.shape[i]) return plain;
+      continue;
+    }
+    const std::string& name = spec.dims[i];
+    auto range = ranges.find(name);
+    if (range != ranges.end() && (got[i] < range->second.lo || got[i] > range->second.hi))
+      return plain + " with " + name + " in " + std::to_string(range->second.lo) + ".." + std::to_string(range->second.hi) +
+             " (the range it was compiled for; recompile with a wider --dim " + name + "=..)";
+    auto seen = sizes->emplace(name, got[i]).first;
+    if (seen->second != got[i]) return plain + " (" + name + " is " + std::to_string(seen->second) + " in another input)";
+  }
+  return "";
+}
 
 std::string Dirname(const std::string& path) {
   size_t slash = path.rfind('/');
@@ -486,7 +518,7 @@ std::string Basename(const std::string& path) {
 }
 
 // The manifest beside the library: its inputs, and (unless verify is off) the library's checksum.
-std::vector<InputSpec> CheckManifest(const std::string& lib, bool verify) {
+std::vector<InputSpec> CheckManifest(const std::string& lib, bool verify, std::map<std::string, DimRange>* ranges) {
   std::string path = Dirname(lib) + "/manifest.json";
   std::ifstream f(path, std::ios::binary);
   if (!f) {
@@ -510,13 +542,23 @@ std::vector<InputSpec> CheckManifest(const std::string& lib, bool verify) {
                                "copy the bundle again, or pass --no-verify to run it anyway");
   }
   std::vector<InputSpec> specs;
+  if (const Json* dims = m.Get("dims")) {
+    for (const auto& kv : dims->fields) {
+      if (kv.second.kind != Json::kArray || kv.second.items.size() != 2) throw std::runtime_error(path + ": malformed dims entry");
+      (*ranges)[kv.first] = DimRange{static_cast<int64_t>(kv.second.items[0].number), static_cast<int64_t>(kv.second.items[1].number)};
+    }
+  }
   const Json* inputs = m.Get("inputs");
   if (!inputs || inputs->kind != Json::kArray) return specs;
   for (const Json& in : inputs->items) {
     const Json *name = in.Get("name"), *dtype = in.Get("dtype"), *shape = in.Get("shape");
     if (!name || !dtype || !shape || shape->kind != Json::kArray) throw std::runtime_error(path + ": malformed inputs entry");
-    InputSpec spec{name->text, dtype->text, {}};
-    for (const Json& d : shape->items) spec.shape.push_back(static_cast<int64_t>(d.number));
+    InputSpec spec{name->text, dtype->text, {}, {}};
+    for (const Json& d : shape->items) {
+      bool named = d.kind == Json::kString;  // a dynamic dimension
+      spec.shape.push_back(named ? -1 : static_cast<int64_t>(d.number));
+      spec.dims.push_back(named ? d.text : "");
+    }
     specs.push_back(spec);
   }
   return specs;
@@ -548,7 +590,9 @@ int main(int argc, char** argv) {
   std::vector<npy::Array> arrays;
   try {
     // Everything the inputs can get wrong is found before the library is loaded or run.
-    std::vector<InputSpec> specs = CheckManifest(lib, verify);
+    std::map<std::string, DimRange> ranges;
+    std::map<std::string, int64_t> sizes;
+    std::vector<InputSpec> specs = CheckManifest(lib, verify, &ranges);
     if (!specs.empty() && specs.size() != inputs.size()) {
       std::string names;
       for (const auto& s : specs) names += (names.empty() ? "" : ", ") + s.name;
@@ -562,9 +606,8 @@ int main(int argc, char** argv) {
         if (npy::TypeName(a.type) != specs[i].dtype)
           throw std::runtime_error(inputs[i] + ": dtype " + npy::TypeName(a.type) + ", but the model's input '" + specs[i].name +
                                    "' is " + specs[i].dtype);
-        if (a.shape != specs[i].shape)
-          throw std::runtime_error(inputs[i] + ": shape " + npy::ShapeText(a.shape) + ", but the model's input '" + specs[i].name +
-                                   "' is " + npy::ShapeText(specs[i].shape));
+        std::string problem = ShapeProblem(a.shape, specs[i], ranges, &sizes);
+        if (!problem.empty()) throw std::runtime_error(inputs[i] + ": " + problem);
       }
     }
   } catch (const std::exception& e) {

@@ -1,0 +1,158 @@
+"""Dynamic shapes: one bundle compiled for a range of sizes (``--shape x:1,3,12,W --dim W=8..256``).
+
+The reference for a dynamic bundle at a width is the static bundle compiled for that width from
+the same plan: the integer kernels must give the same integers (bit-equal outputs), whatever
+tiles the two schedules chose.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from tvmq.compile import compile_model
+from tvmq.errors import TvmqError
+from tvmq.metrics import sample_sqnr
+from tvmq.runtime import Bundle, BundleError
+from tvmq.testing import make_model
+
+H, C = 12, 3
+RANGE = (8, 256)
+
+
+def _text_line_model(seed=0):
+    """A small OCR-recogniser-like model over a variable width: convs (one strided, one depthwise),
+    a residual add, then the columns as a sequence through a matmul (CTC-style head)."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * (2.0 / np.prod(shape[1:])) ** 0.5).astype(np.float32)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"]),
+        helper.make_node("Add", ["c2", "r1"], ["a2"]),
+        helper.make_node("Relu", ["a2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "wd", "bd"], ["cd"], pads=[1, 1, 1, 1], group=32),
+        helper.make_node("Reshape", ["cd", "seq_shape"], ["s"]),
+        helper.make_node("Transpose", ["s"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "wf"], ["logits"]),
+    ]
+    inits = [("w0", w(16, C, 3, 3)), ("b0", rng.standard_normal(16).astype(np.float32) * 0.1),
+             ("w1", w(32, 16, 3, 3)), ("b1", rng.standard_normal(32).astype(np.float32) * 0.1),
+             ("w2", w(32, 32, 1, 1)), ("b2", rng.standard_normal(32).astype(np.float32) * 0.1),
+             ("wd", w(32, 1, 3, 3)), ("bd", rng.standard_normal(32).astype(np.float32) * 0.1),
+             ("seq_shape", np.array([1, 32 * H // 2, -1], np.int64)), ("wf", w(32 * H // 2, 10) * 0.3)]
+    return make_model(nodes, [("x", [1, C, H, "W"])], [("logits", [1, "T", 10])], inits)
+
+
+def _line(rng, width):
+    return rng.uniform(-1, 1, (1, C, H, width)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def dynamic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dynamic")
+    model = _text_line_model()
+    rng = np.random.default_rng(1)
+    calib = [{"x": _line(rng, w)} for w in (24, 40, 64, 128, 200)]  # samples of several widths
+    result = compile_model(model, root / "dyn", calib=calib, shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
+    return model, root, result
+
+
+def test_manifest_records_the_range_and_every_kernel_is_integer(dynamic):
+    _, root, result = dynamic
+    m = json.loads((root / "dyn" / "manifest.json").read_text())
+    assert m["inputs"] == [{"name": "x", "shape": [1, C, H, "W"], "dtype": "float32"}]
+    assert m["dims"] == {"W": list(RANGE)}
+    assert m["outputs"][0]["shape"] == [1, "(W - 1) // 2 + 1", 10]
+    int8 = [n for n, lp in result.plan.layers.items() if lp.is_int8 and lp.kind != "add"]
+    assert len(int8) >= 4  # the three dense convs and the matmul, at least
+    integer = [k for k in m["kernels"] if k["accumulator"] == "int32"]
+    assert len(integer) >= len(int8) - 1  # the depthwise conv may stay float where int8 does not pay
+    assert all(k["operands"] in (["uint8", "int8"], ["int16", "int8"], ["int8", "int8"]) for k in integer)
+
+
+@pytest.mark.parametrize("width", [8, 37, 101, 256])
+def test_each_width_gives_the_integers_of_a_static_build_for_it(dynamic, width, tmp_path):
+    import onnxruntime as ort
+
+    model, root, result = dynamic
+    x = _line(np.random.default_rng(width), width)
+    out = Bundle(root / "dyn").run({"x": x})["logits"]
+    static = compile_model(model, tmp_path / "static", plan=root / "dyn" / "plan.json", shapes={"x": [1, C, H, width]})
+    assert json.loads((tmp_path / "static" / "manifest.json").read_text())["inputs"][0]["shape"] == [1, C, H, width]
+    assert static.plan.count("int8") == result.plan.count("int8")
+    ref = Bundle(tmp_path / "static").run({"x": x})["logits"]
+    assert out.shape == ref.shape == (1, (width - 1) // 2 + 1, 10)
+    np.testing.assert_array_equal(out, ref)
+    fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert sample_sqnr(fp32, out) > 20.0  # int8 at every width, not only the calibrated ones
+
+
+def test_sizes_outside_the_range_are_refused_before_running(dynamic, tmp_path):
+    _, root, _ = dynamic
+    bundle = Bundle(root / "dyn")
+    with pytest.raises(BundleError, match=r"W in 8\.\.256"):
+        bundle.run({"x": _line(np.random.default_rng(0), 300)})
+    with pytest.raises(BundleError, match="shape"):
+        bundle.run({"x": np.zeros((1, C, H + 1, 32), np.float32)})
+    np.save(tmp_path / "wide.npy", _line(np.random.default_rng(0), 257))
+    cmd = [sys.executable, "-m", "tvmq", "run", str(root / "dyn"), "--input", str(tmp_path / "wide.npy")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "W in 8..256" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cpp_runner_checks_the_range(dynamic, tmp_path):
+    from tvmq.crossrt import build_runner
+
+    _, root, _ = dynamic
+    runner = build_runner("g++", "x86_64")
+    x = _line(np.random.default_rng(3), 77)
+    np.save(tmp_path / "x.npy", x)
+    subprocess.run([str(runner), str(root / "dyn" / "model.so"), str(tmp_path / "x.npy"), "-o", str(tmp_path / "out")],
+                   check=True, capture_output=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "out0.npy"), Bundle(root / "dyn").run({"x": x})["logits"])
+    np.save(tmp_path / "wide.npy", _line(np.random.default_rng(3), 1000))
+    proc = subprocess.run([str(runner), str(root / "dyn" / "model.so"), str(tmp_path / "wide.npy")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "W in 8..256" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_dynamic_inputs_need_a_range_and_calibration_inside_it(tmp_path):
+    model = _text_line_model()
+    rng = np.random.default_rng(0)
+    with pytest.raises(TvmqError, match=r"without a range.*--dim W="):
+        compile_model(model, tmp_path / "a", calib=[{"x": _line(rng, 32)}], shapes={"x": [1, C, H, "W"]})
+    with pytest.raises(TvmqError, match=r"--dim V names no dimension"):
+        compile_model(model, tmp_path / "b", calib=[{"x": _line(rng, 32)}], shapes={"x": [1, C, H, "W"]},
+                      dims={"W": (8, 64), "V": (1, 2)})
+    with pytest.raises(TvmqError, match=r"sample 1 .*W in 8\.\.64"):
+        compile_model(model, tmp_path / "c", calib=[{"x": _line(rng, 32)}, {"x": _line(rng, 65)}],
+                      shapes={"x": [1, C, H, "W"]}, dims={"W": (8, 64)})
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()  # nothing left behind
+
+
+def test_cli_parses_named_dimensions_and_ranges(tmp_path):
+    from tvmq.frontend import parse_dim_arg, parse_shape_arg
+
+    assert parse_shape_arg("x:1,3,48,W") == ("x", [1, 3, 48, "W"])
+    assert parse_dim_arg("W=32..1280") == ("W", (32, 1280))
+    for bad in ("W=0..4", "W=9..4", "W=4", "3W=1..2", "W=a..b"):
+        with pytest.raises(TvmqError, match="--dim"):
+            parse_dim_arg(bad)
+    with pytest.raises(TvmqError, match="--shape"):
+        parse_shape_arg("x:1,3,48,W-1")
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_text_line_model().SerializeToString())
+    proc = subprocess.run([sys.executable, "-m", "tvmq", "compile", str(model), "-o", str(tmp_path / "out"), "--precision",
+                           "fp32", "--shape", "x:1,3,12,W", "--dim", "W=0..9"], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and proc.stderr.startswith("error: --dim 'W=0..9'") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax, te
 
-from tvmq._compat import TensorType, arith, expr_type
+from tvmq._compat import IntImm, TensorType, arith, expr_type
 from tvmq.targets.kernel_names import (
     CONV_BLOCK,
     CONV_FUNC,
@@ -54,6 +55,9 @@ __all__ = ["PackKernels", "CONV_BLOCK", "MATMUL_BLOCK", "DEPTHWISE_BLOCK", "pack
 
 PAIR_K = 8  # input channels per step of the two-pixel micro-kernel (smmla); no other kernel has 8
 
+
+
+DEPTHWISE_PIXELS = 8  # the depthwise schedule's pixel tile where the width allows it (targets.schedules)
 
 
 def _out_extent(size, kernel, dilation, stride):
@@ -135,11 +139,21 @@ def _float_matmul_compute(out_features, lanes):
     return compute
 
 
-def _crop(full, channels):
-    """The first ``channels`` of the last axis (output channels padded up to a lane multiple)."""
-    if int(full.shape[-1]) == channels:
+def _crop(full, channels, pixels=None):
+    """The first ``channels`` of the last axis (output channels padded up to a lane multiple) and,
+    given ``pixels``, the first ``pixels`` of the axis before it (a symbolic width or row count
+    padded up to a multiple of the register tile)."""
+    if int(full.shape[-1]) == channels and pixels is None:
         return full
-    return te.compute((*full.shape[:-1], channels), lambda *i: full[i], name=CROP_BLOCK)
+    shape = (*full.shape[:-2], full.shape[-2] if pixels is None else pixels, channels)
+    return te.compute(shape, lambda *i: full[i], name=CROP_BLOCK)
+
+
+def _tile_multiple(extent, granule: int):
+    """``extent`` rounded up to a multiple of ``granule`` (simplified; ``extent`` itself for 1)."""
+    if granule <= 1:
+        return extent
+    return arith.Analyzer().simplify((extent + granule - 1) // granule * granule)
 
 
 def _unpair(paired, channels):
@@ -151,7 +165,11 @@ def _unpair(paired, channels):
     return _crop(full, channels)
 
 
-def _conv_compute(strides, dilation, out_channels, lanes):
+def _conv_compute(strides, dilation, out_channels, lanes, granule: int = 1):
+    """The packed int8 conv. ``granule`` > 1 (a symbolic width): ``data`` carries ``granule - 1``
+    spare output columns of zero padding on the right, and the kernel computes the output width
+    rounded up to a multiple of ``granule`` (the register tile then divides it: tensorizable, no
+    predicated tile), cropped back after."""
     sh, sw = strides
     dh, dw = dilation
 
@@ -159,7 +177,7 @@ def _conv_compute(strides, dilation, out_channels, lanes):
         n, h, w, _ = data.shape
         _, kh_, kw_, ib, _, k = wp.shape
         k = int(k)
-        oh, ow = _out_extent(h, kh_, dh, sh), _out_extent(w, kw_, dw, sw)
+        oh, ow = _out_extent(h, kh_, dh, sh), _out_extent(w - (granule - 1) * sw, kw_, dw, sw)
         kh = te.reduce_axis((0, kh_), "kh")
         kw = te.reduce_axis((0, kw_), "kw")
         ico = te.reduce_axis((0, ib), "ico")
@@ -176,7 +194,7 @@ def _conv_compute(strides, dilation, out_channels, lanes):
             )
             return _unpair(paired, out_channels)
         full = te.compute(
-            (n, oh, ow, wp.shape[0] * lanes),
+            (n, oh, _tile_multiple(ow, granule), wp.shape[0] * lanes),
             lambda b, y, x, o: te.sum(
                 data[b, y * sh + kh * dh, x * sw + kw * dw, ico * k + ici].astype("int32")
                 * wp[o // lanes, kh, kw, ico, o % lanes, ici].astype("int32"),
@@ -184,34 +202,41 @@ def _conv_compute(strides, dilation, out_channels, lanes):
             ),
             name=CONV_BLOCK,
         )
-        return _crop(full, out_channels)
+        return _crop(full, out_channels, ow if granule > 1 else None)
 
     return compute
 
 
-def _depthwise_compute(strides, dilation, acc_dtype):
+def _depthwise_compute(strides, dilation, acc_dtype, granule: int = 1):
+    """The depthwise conv; ``granule`` as for :func:`_conv_compute` (spare columns, the width
+    computed to a multiple of the pixel tile, cropped after)."""
     sh, sw = strides
     dh, dw = dilation
 
     def compute(data, w):
         n, h, width, c = data.shape
         kh_, kw_, _ = w.shape
-        oh, ow = _out_extent(h, kh_, dh, sh), _out_extent(width, kw_, dw, sw)
+        oh, ow = _out_extent(h, kh_, dh, sh), _out_extent(width - (granule - 1) * sw, kw_, dw, sw)
         kh = te.reduce_axis((0, kh_), "kh")
         kw = te.reduce_axis((0, kw_), "kw")
-        return te.compute(
-            (n, oh, ow, c),
+        full = te.compute(
+            (n, oh, _tile_multiple(ow, granule), c),
             lambda b, y, x, ch: te.sum(
                 data[b, y * sh + kh * dh, x * sw + kw * dw, ch].astype(acc_dtype) * w[kh, kw, ch].astype(acc_dtype),
                 axis=[kh, kw],
             ),
             name=DEPTHWISE_BLOCK,
         )
+        return full if granule == 1 else _crop(full, int(c), ow)
 
     return compute
 
 
-def _matmul_compute(out_features, lanes):
+def _matmul_compute(out_features, lanes, granule: int = 1):
+    """The packed int8 matmul; ``granule`` > 1 (a symbolic row count): ``x`` carries
+    ``granule - 1`` spare zero rows, and the kernel computes the rows rounded up to a multiple of
+    ``granule``, cropped back after (as :func:`_conv_compute` does with columns)."""
+
     def compute(x, wp):
         kb, k = wp.shape[1], int(wp.shape[3])
         ko = te.reduce_axis((0, kb), "ko")
@@ -228,8 +253,9 @@ def _matmul_compute(out_features, lanes):
                 name=MATMUL_BLOCK,
             )
             return _unpair(paired, out_features)
+        rows = arith.Analyzer().simplify(x.shape[-2] - (granule - 1)) if granule > 1 else x.shape[-2]
         full = te.compute(
-            (*x.shape[:-1], wp.shape[0] * lanes),
+            (*x.shape[:-2], _tile_multiple(rows, granule), wp.shape[0] * lanes),
             lambda *idx: te.sum(
                 x[(*idx[:-1], ko * k + ki)].astype("int32")
                 * wp[idx[-1] // lanes, ko, idx[-1] % lanes, ki].astype("int32"),
@@ -237,15 +263,16 @@ def _matmul_compute(out_features, lanes):
             ),
             name=MATMUL_BLOCK,
         )
-        return _crop(full, out_features)
+        return _crop(full, out_features, rows if granule > 1 else None)
 
     return compute
 
 
 @relax.expr_functor.mutator
 class _Packer(relax.PyExprMutator):
-    def __init__(self, mod, data_dtype, lane_options, float_lanes, k, operand_dtype, pairs=None):
+    def __init__(self, mod, data_dtype, lane_options, float_lanes, k, operand_dtype, pairs=None, pixel_tile=None):
         super().__init__(mod)
+        self.pixel_tile = pixel_tile
         self.k = k
         self.pairs = pairs
         self.operand_dtype = operand_dtype
@@ -298,17 +325,31 @@ class _Packer(relax.PyExprMutator):
             new = self._matmul(call)
         return call if new is None else new
 
+    def _granule(self, pixels, channels: int, lanes: int, k: int) -> int:
+        """The pixel (or row) multiple a kernel over a symbolic extent ``pixels`` computes: the
+        register tile's pixels for its channel blocks; 1 for a static extent (the tile divides
+        it) or a two-pixel micro-kernel (pairs need an even extent, and that is not known)."""
+        if isinstance(pixels, int) or self.pixel_tile is None or (self.pairs and (lanes, k) == tuple(self.pairs)):
+            return 1
+        return max(1, int(self.pixel_tile(-(-channels // lanes), lanes)))
+
     def _pad(self, data, pad_width):
-        """Zero padding, its symbolic extents simplified: Relax infers ``(W - 1) // 2 + 1 + 2``
-        where the legalized pad says ``(W - 1) // 2 + 3``, and FuseTIR (TVM 0.27) matches the
-        kernel's parameter shapes structurally, so the kernel must see the simplified form."""
-        padded = self.builder_.emit(relax.op.nn.pad(data, pad_width, pad_value=0.0))
-        shape = expr_type(padded).shape.values
+        """Zero padding, its extents simplified (see :meth:`_canonical`)."""
+        return self._canonical(self.builder_.emit(relax.op.nn.pad(data, pad_width, pad_value=0.0)))
+
+    def _canonical(self, data):
+        """``data`` with its symbolic extents simplified. Relax infers a pad as
+        ``(W - 1) // 2 + 1 + 2`` where the legalized pad says ``(W - 1) // 2 + 3``, and FuseTIR
+        (TVM 0.27) matches a kernel's parameter shapes structurally against its arguments, so a
+        kernel made from the unsimplified form fails to fuse; a ``match_cast`` gives it the other."""
+        shape = expr_type(data).shape
+        if shape is None or all(isinstance(d, IntImm) for d in shape.values):
+            return data
         analyzer = arith.Analyzer()
-        simple = [analyzer.simplify(d) for d in shape]
-        if all(a.same_as(b) for a, b in zip(shape, simple)):
-            return padded
-        return self.builder_.match_cast(padded, TensorType(simple, dtype_of(padded)))
+        simple = [analyzer.simplify(d) for d in shape.values]
+        if all(tvm_ffi.structural_equal(a, b) for a, b in zip(shape.values, simple)):
+            return data
+        return self.builder_.match_cast(data, TensorType(simple, dtype_of(data)))
 
     def _conv(self, call):
         a = call.attrs
@@ -329,16 +370,19 @@ class _Packer(relax.PyExprMutator):
         if lanes is None:
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
-        width = shape[2] if isinstance(shape[2], int) else 1  # a symbolic width may be odd
-        out_width = (width + left + right - (w.shape[2] - 1) * int(a.dilation[1]) - 1) // int(a.strides[1]) + 1
-        if self.pairs and int(a.strides[1]) == 1 and out_width % 2 == 0:
+        static_width = isinstance(shape[2], int)  # a symbolic width may be odd: no pixel pairs
+        out_width = (shape[2] + left + right - (w.shape[2] - 1) * int(a.dilation[1]) - 1) // int(a.strides[1]) + 1 \
+            if static_width else 1
+        if self.pairs and static_width and int(a.strides[1]) == 1 and out_width % 2 == 0:
             lanes, k = self.pairs  # neighbouring pixels read neighbouring columns: one two-pixel step
         extra_c = _round_up(shape[3], k) - shape[3]
+        granule = self._granule(shape[2], w.shape[0], lanes, k)
+        right += (granule - 1) * int(a.strides[1])  # spare columns for the last, padded tile
         data = self._widen(data)
-        if top or left or bottom or right or extra_c:
-            data = self._pad(data, [0, 0, top, bottom, left, right, 0, extra_c])
+        data = self._pad(data, [0, 0, top, bottom, left, right, 0, extra_c]) if top or left or bottom or right or extra_c \
+            else self._canonical(data)
         wp = relax.const(pack_conv_weight(w, lanes, k), "int8")
-        compute = _conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
+        compute = _conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes, granule)
         self.packed += 1
         return self.builder_.normalize(self.builder_.call_te(compute, data, wp, primfunc_name_hint=CONV_FUNC))
 
@@ -355,10 +399,12 @@ class _Packer(relax.PyExprMutator):
         if (dtype_of(data), str(w.dtype), out_dtype) not in kinds:
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
-        if top or left or bottom or right:
-            data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0])
+        granule = 1 if isinstance(shape[2], int) or self.pixel_tile is None else DEPTHWISE_PIXELS
+        right += (granule - 1) * int(a.strides[1])
+        data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0]) if top or left or bottom or right \
+            else self._canonical(data)
         wk = relax.const(np.ascontiguousarray(w[:, :, :, 0].transpose(1, 2, 0)), str(w.dtype))
-        compute = _depthwise_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], out_dtype)
+        compute = _depthwise_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], out_dtype, granule)
         self.packed += 1
         return self.builder_.normalize(self.builder_.call_te(compute, data, wk, primfunc_name_hint=DEPTHWISE_FUNC))
 
@@ -369,8 +415,8 @@ class _Packer(relax.PyExprMutator):
         if w is None or w.dtype != np.float32 or dims(data) is None:
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
-        if top or left or bottom or right:
-            data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0])
+        data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0]) if top or left or bottom or right \
+            else self._canonical(data)
         lanes = self.float_lanes
         wp = relax.const(pack_float_conv_weight(w, lanes), "float32")
         compute = _float_conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
@@ -383,6 +429,7 @@ class _Packer(relax.PyExprMutator):
         if w is None or w.dtype != np.float32 or w.ndim != 2 or dims(x) is None:
             return None
         wp = relax.const(pack_float_matmul_weight(w, self.float_lanes), "float32")
+        x = self._canonical(x)
         self.packed += 1
         return self.builder_.normalize(
             self.builder_.call_te(_float_matmul_compute(w.shape[1], self.float_lanes), x, wp, primfunc_name_hint=FMA_MATMUL_FUNC)
@@ -404,13 +451,14 @@ class _Packer(relax.PyExprMutator):
         if self.pairs and len(shape) >= 2 and isinstance(shape[-2], int) and shape[-2] % 2 == 0:
             lanes, k = self.pairs
         extra_k = _round_up(w.shape[0], k) - w.shape[0]
+        granule = self._granule(shape[-2] if len(shape) >= 2 else 1, w.shape[1], lanes, k)
         x = self._widen(x)
-        if extra_k:
-            x = self._pad(x, [0, 0] * (len(shape) - 1) + [0, extra_k])
+        x = self._pad(x, [0, 0] * (len(shape) - 2) + [0, granule - 1, 0, extra_k]) if extra_k or granule > 1 \
+            else self._canonical(x)
         wp = relax.const(pack_matmul_weight(w, lanes, k), "int8")
         self.packed += 1
         return self.builder_.normalize(
-            self.builder_.call_te(_matmul_compute(w.shape[1], lanes), x, wp, primfunc_name_hint=MATMUL_FUNC)
+            self.builder_.call_te(_matmul_compute(w.shape[1], lanes, granule), x, wp, primfunc_name_hint=MATMUL_FUNC)
         )
 
 
@@ -442,10 +490,15 @@ class PackKernels:
         channels x 2 pixels), packed for every layer whose output pixels pair up along a row
         (a stride-1 conv of even output width; a matmul of an even number of rows); the others
         take ``lanes``/``k``.
+    pixel_tile : callable, optional
+        ``(channel blocks, lanes) -> pixels`` of the int8 register tile the schedule will choose.
+        An int8 kernel over a symbolic width (or row count) computes a multiple of it, so the
+        tile divides the loop and stays tensorized (see :func:`_conv_compute`).
     """
 
     def __init__(self, data_dtype: str = "uint8", lanes: tuple[int, ...] = (16, 8, 4), float_lanes: int = 16,
-                 k: int = 4, operand_dtype: str | None = None, pairs: tuple[int, int] | None = None):
+                 k: int = 4, operand_dtype: str | None = None, pairs: tuple[int, int] | None = None,
+                 pixel_tile=None):
         if k not in (2, 4):
             raise ValueError(f"k must be 2 or 4, not {k}")
         self.pairs = tuple(pairs) if pairs else None
@@ -454,8 +507,10 @@ class PackKernels:
         self.float_lanes = float_lanes
         self.k = k
         self.operand_dtype = operand_dtype or data_dtype
+        self.pixel_tile = pixel_tile
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-        packer = _Packer(mod, self.data_dtype, self.lanes, self.float_lanes, self.k, self.operand_dtype, self.pairs)
+        packer = _Packer(mod, self.data_dtype, self.lanes, self.float_lanes, self.k, self.operand_dtype, self.pairs,
+                         self.pixel_tile)
         new = map_functions(mod, packer.visit_expr, builder=packer.builder_, remove_unused=True)
         return new if packer.packed else mod

@@ -27,13 +27,15 @@ import math
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
+from tvmq._compat import arith
+
 __all__ = ["loop_extent", "extent_hint", "SYMBOLIC_EXTENT", "vector_width", "find_block", "spatial_size", "inline_epilogue", "schedule_producers",
            "spatial_schedule", "ChannelReductionRule", "InjectiveRule", "FallbackRule", "NoInt8TensorCores"]
 
 _SPATIAL, _REDUCE = 0, 2
 _PARALLEL_MIN = 2048  # elements below which threads cost more than they save
 _FEW_LANES = 4  # innermost extents too short to vectorize
-SYMBOLIC_EXTENT = 64  # what a symbolic extent (a dynamic dimension) counts as when sizes are weighed
+SYMBOLIC_EXTENT = 256  # what a dynamic dimension counts as when the rules weigh sizes
 
 
 def loop_extent(sch, loop) -> int | None:
@@ -43,10 +45,18 @@ def loop_extent(sch, loop) -> int | None:
 
 
 def extent_hint(sch, loop) -> int:
-    """A loop's extent, or :data:`SYMBOLIC_EXTENT` for a symbolic one (a dynamic dimension):
+    """A loop's extent; for a symbolic one (a dynamic dimension), its value with every variable
+    at :data:`SYMBOLIC_EXTENT` (a fused ``8 * T * T`` loop counts as such, not as one dimension):
     what the rules weigh when they decide on threads and tile sizes."""
     extent = loop_extent(sch, loop)
-    return SYMBOLIC_EXTENT if extent is None else extent
+    if extent is not None:
+        return extent
+    analyzer = arith.Analyzer()
+    expr = sch.get(loop).extent
+    for var in tirx.analysis.undefined_vars(expr):
+        analyzer.bind(var, SYMBOLIC_EXTENT)
+    value = analyzer.simplify(expr)
+    return max(1, int(value)) if isinstance(value, (int, tirx.IntImm)) else SYMBOLIC_EXTENT
 
 
 def vector_width(n: int | None, lanes: int) -> int:
@@ -202,7 +212,9 @@ class ChannelReductionRule(_LanesRule):
         loops = sch.get_loops(main)
         spatial, reduce = loops[:n_spatial], loops[n_spatial:]
         extent = loop_extent(sch, spatial[-1]) or 0
-        vec = vector_width(extent, self.lanes)
+        # a symbolic innermost extent (attention over a dynamic sequence): whole vectors and a
+        # predicated last one, which VersionVectorTails gives a clean vector body
+        vec = vector_width(extent, self.lanes) if extent else self.lanes
         # An odd width no vector divides (attention's 15-wide heads): whole rows per task, the
         # row unrolled inside the reduction for LLVM's SLP vectorizer.
         short = vec == 1 and 1 < extent <= 2 * self.lanes and n_spatial > 1

@@ -28,6 +28,8 @@ import math
 
 import tvm
 from tvm import s_tir, tirx
+
+from tvmq._compat import arith
 from tvm.s_tir.dlight.base import ScheduleRule
 
 from .generic_schedules import (
@@ -48,9 +50,13 @@ from .kernel_names import CONV_BLOCK, DEPTHWISE_BLOCK, FMA_CONV_BLOCK, FMA_MATMU
 __all__ = ["PackedKernelRule", "DepthwiseRule", "default_rules", "tunable_schedule", "is_tunable"]
 
 
+ANY_EXTENT = 720720  # divisible by 1..16: an extent that allows every tile
+
+
 def _divisor(n: int | None, limit: int) -> int:
-    """The largest divisor of ``n`` up to ``limit``; 1 for a symbolic ``n`` (a predicated last
-    tile would stop the int8 kernels' tensorization)."""
+    """The largest divisor of ``n`` up to ``limit``; 1 for an unknown ``n`` (a predicated last
+    tile would stop the int8 kernels' tensorization). ``tile(None, ...)`` asks with
+    :data:`ANY_EXTENT`."""
     if not n:
         return 1
     return max(d for d in range(1, max(1, min(limit, n)) + 1) if n % d == 0)
@@ -65,6 +71,16 @@ def _float_pixels(x: int | None, accumulators: int) -> int:
         return preferred
     limit = min(x, accumulators, 2 * preferred)
     return max(range(1, limit + 1), key=lambda b: (x / (math.ceil(x / b) * b) * min(b, preferred), -b))
+
+
+def _known_multiple(extent, limit: int = 64) -> int | None:
+    """The largest ``d <= limit`` a symbolic ``extent`` is provably a multiple of (a width
+    PackKernels rounded up to its register tile), or None."""
+    analyzer = arith.Analyzer()
+    for d in range(limit, 1, -1):
+        if analyzer.can_prove(tirx.floormod(extent, d) == 0):
+            return d
+    return None
 
 
 def _weights_outweigh_activations(sch, main) -> bool:
@@ -139,6 +155,18 @@ def _epilogue_per_tile(sch, main, outer, lanes: int, vector_lanes: int):
             spatial_schedule(sch, block, lanes)
 
 
+def _epilogue_apart(sch, main, lanes: int):
+    """The epilogue of a kernel over a symbolic width, as its own parallel loop after the kernel.
+
+    Computed per tile, it reads the accumulators under a predicate (the width is cropped from
+    the tile multiple the kernel computes), and TVM 0.27 then sizes the tile's accumulator
+    buffer symbolically: a heap workspace allocated in every tile, which made the PP-OCR
+    recogniser's 1x1 conv 480 -> 480 2.5x slower than the static build (0.92 vs 0.36 ms at
+    width 320). Apart, the accumulators live in one buffer per call: 0.33 ms."""
+    for block in inline_epilogue(sch, main):
+        spatial_schedule(sch, block, lanes)
+
+
 class PackedKernelRule(ScheduleRule):
     """Packed conv2d/matmul blocks: register-blocked over output pixels and channel blocks.
 
@@ -195,11 +223,13 @@ class PackedKernelRule(ScheduleRule):
             xs = sch.sample_perfect_tile(x, n=2, max_innermost_factor=16)
             os_ = sch.sample_perfect_tile(oo, n=2, max_innermost_factor=8)
             return xs, os_
-        xb, ob = self.tile(loop_extent(sch, x), loop_extent(sch, oo), lanes, dot)
+        xb, ob = self.tile(loop_extent(sch, x) or _known_multiple(sch.get(x).extent), loop_extent(sch, oo), lanes, dot)
         return [None, xb], [None, ob]
 
     def tile(self, x: int | None, oo: int | None, lanes: int, dot: bool) -> tuple[int, int]:
-        """Output pixels x channel blocks of one register tile (``x``, ``oo``: their extents).
+        """Output pixels x channel blocks of one register tile (``x``, ``oo``: their extents;
+        ``x=None``: the tile for an extent that allows any, what PackKernels pads a symbolic
+        width to a multiple of).
 
         Accumulators fill three quarters of the registers. An int8 kernel also holds one
         register of weights per channel block (widened to int16 for ``vpmaddwd``, or loaded
@@ -217,6 +247,7 @@ class PackedKernelRule(ScheduleRule):
         accumulators = max(1, self.registers * 3 // 4 // per_acc)
         if not dot:
             return _float_pixels(x, accumulators), 1
+        x = ANY_EXTENT if x is None else x
         best = (1, 1)
         for ob in range(1, self.o_block + 1):
             if oo and oo % ob:
@@ -237,6 +268,7 @@ class PackedKernelRule(ScheduleRule):
         schedule_producers(sch, main, 64)
         two_pixels = dot and _intrinsic_pixels(intrin) == 2
         spatial_outer, x, oo, oi, reduce_outer, inner, pair = _packed_loops(sch, main, is_conv, dot, lanes, two_pixels)
+        symbolic = loop_extent(sch, x) is None
         x_tiles, o_tiles = self._tiles(sch, x, oo, lanes, tunable, dot)
         xo, xi = sch.split(x, x_tiles)
         ooo, ooi = sch.split(oo, o_tiles)
@@ -249,7 +281,10 @@ class PackedKernelRule(ScheduleRule):
         else:
             sch.reorder(*spatial_outer, xo, ooo, *reduce_outer, xi, ooi, *pair, oi, *inner)
             outer = sch.fuse(*spatial_outer, xo, ooo) if spatial_outer else sch.fuse(xo, ooo)
-        _epilogue_per_tile(sch, main, outer, lanes, self.vector_lanes if pair else lanes)
+        if symbolic:
+            _epilogue_apart(sch, main, lanes)
+        else:
+            _epilogue_per_tile(sch, main, outer, lanes, self.vector_lanes if pair else lanes)
         if extent_hint(sch, outer) > 1:
             sch.parallel(outer)  # before tensorize: the tensorized block is opaque to the check
         if not dot:
@@ -283,16 +318,22 @@ class DepthwiseRule(ScheduleRule):
         try:
             schedule_producers(sch, main, 64)
             n, y, x, c, kh, kw = sch.get_loops(main)
+            symbolic = loop_extent(sch, x) is None
             vec = vector_width(loop_extent(sch, c), self.lanes)
             co, ci = sch.split(c, [None, vec])
             if tunable:
                 x_tiles = sch.sample_perfect_tile(x, n=2, max_innermost_factor=8)
             else:
-                x_tiles = [None, _float_pixels(loop_extent(sch, x), self.x_block)]
+                x_tiles = [None, _float_pixels(loop_extent(sch, x) or _known_multiple(sch.get(x).extent), self.x_block)]
             xo, xi = sch.split(x, x_tiles)
             sch.reorder(n, y, xo, co, kh, kw, xi, ci)
             outer = sch.fuse(n, y)
-            for block in inline_epilogue(sch, main):
+            epilogue = inline_epilogue(sch, main)
+            if symbolic:  # see _epilogue_apart
+                for block in epilogue:
+                    spatial_schedule(sch, block, self.lanes)
+                epilogue = []
+            for block in epilogue:
                 try:
                     sch.reverse_compute_at(block, co, preserve_unit_loops=True)
                     sch.vectorize(sch.get_loops(block)[-1])

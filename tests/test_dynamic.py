@@ -77,6 +77,24 @@ def test_manifest_records_the_range_and_every_kernel_is_integer(dynamic):
     integer = [k for k in m["kernels"] if k["accumulator"] == "int32"]
     assert len(integer) >= len(int8) - 1  # the depthwise conv may stay float where int8 does not pay
     assert all(k["operands"] in (["uint8", "int8"], ["int16", "int8"], ["int8", "int8"]) for k in integer)
+    # the dot-product kernels are tensorized with the ISA's micro-kernel although the width is
+    # symbolic (they compute a multiple of their pixel tile and crop); depthwise has no dot product
+    dots = [k for k in integer if k["block"].startswith("tvmq_dot_")]
+    assert len(dots) >= 4 and all(k["intrinsic"] for k in dots)
+
+
+def test_avx2_build_of_a_dynamic_width_is_tensorized_and_exact(dynamic, tmp_path):
+    """The AVX2 preset (vpmaddwd, 16 registers: other tiles than AVX-512's) on a width no tile divides."""
+    model, root, _ = dynamic
+    dyn = compile_model(model, tmp_path / "dyn", target="x86-avx2", plan=root / "dyn" / "plan.json",
+                        shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
+    kernels = [k for k in dyn.manifest["kernels"] if k["block"].startswith("tvmq_dot_")]
+    assert len(kernels) >= 4 and all("pmadd" in (k["intrinsic"] or "") for k in kernels)
+    compile_model(model, tmp_path / "static", target="x86-avx2", plan=root / "dyn" / "plan.json",
+                  shapes={"x": [1, C, H, 53]})
+    x = _line(np.random.default_rng(53), 53)
+    np.testing.assert_array_equal(Bundle(tmp_path / "dyn").run({"x": x})["logits"],
+                                  Bundle(tmp_path / "static").run({"x": x})["logits"])
 
 
 @pytest.mark.parametrize("width", [8, 37, 101, 256])
@@ -156,3 +174,63 @@ def test_cli_parses_named_dimensions_and_ranges(tmp_path):
                            "fp32", "--shape", "x:1,3,12,W", "--dim", "W=0..9"], capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and proc.stderr.startswith("error: --dim 'W=0..9'") and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _shape_arithmetic_model():
+    """A conv, then Paddle2ONNX-style shape arithmetic (Shape -> Slice -> Concat) feeding a
+    Reshape to [batch, channels x height, width]: TVM's importer reads only constant targets."""
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["y"], pads=[1, 1, 1, 1]),
+        helper.make_node("Shape", ["y"], ["s"]),
+        helper.make_node("Slice", ["s", "zero", "one"], ["n"]),
+        helper.make_node("Slice", ["s", "three", "four"], ["w"]),
+        helper.make_node("Concat", ["n", "ch", "w"], ["target"], axis=0),
+        helper.make_node("Reshape", ["y", "target"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "wf"], ["out"]),
+    ]
+    inits = [("w0", rng.standard_normal((8, C, 3, 3)).astype(np.float32) * 0.3),
+             ("zero", np.array([0], np.int64)), ("one", np.array([1], np.int64)),
+             ("three", np.array([3], np.int64)), ("four", np.array([4], np.int64)),
+             ("ch", np.array([8 * H], np.int64)), ("wf", rng.standard_normal((8 * H, 5)).astype(np.float32) * 0.1)]
+    return make_model(nodes, [("x", ["N", C, H, "W"])], [("out", ["N", "W", 5])], inits)
+
+
+def test_reshape_targets_computed_from_dynamic_shapes_import(tmp_path):
+    import onnxruntime as ort
+
+    from onnx import numpy_helper
+
+    from tvmq.onnx_rewrites import resolve_dynamic_reshapes
+
+    model = _shape_arithmetic_model()
+    copy = type(model).FromString(model.SerializeToString())
+    assert resolve_dynamic_reshapes(copy, {"N": (1, 4), "W": (8, 64)}) == 1
+    reshape = next(n for n in copy.graph.node if n.op_type == "Reshape")
+    target = next(i for i in copy.graph.initializer if i.name == reshape.input[1])
+    assert numpy_helper.to_array(target).tolist() == [0, 8 * H, -1]  # batch copied, width inferred
+    assert not any(n.op_type in ("Shape", "Slice", "Concat") for n in copy.graph.node)  # dead arithmetic gone
+
+    compile_model(model, tmp_path / "b", precision="fp32", shapes={"x": ["N", C, H, "W"]}, dims={"N": (1, 4), "W": (8, 64)})
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    bundle = Bundle(tmp_path / "b")
+    for n, width in ((1, 8), (3, 21), (4, 64)):
+        x = np.random.default_rng(width).standard_normal((n, C, H, width)).astype(np.float32)
+        np.testing.assert_allclose(bundle.run({"x": x})["out"], session.run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_reshape_target_with_two_dynamic_entries_is_one_error(tmp_path):
+    from onnx import numpy_helper
+
+    model = _shape_arithmetic_model()
+    # [N, 8, H, W] -> [W, N * 8 * H]: two entries follow the dimensions, neither copies its axis
+    nodes = [n for n in model.graph.node if n.op_type not in ("Concat", "Reshape", "Transpose", "MatMul")]
+    nodes += [helper.make_node("Mul", ["n", "ch"], ["nch"]),
+              helper.make_node("Concat", ["w", "nch"], ["target"], axis=0),
+              helper.make_node("Reshape", ["y", "target"], ["out"], name="odd_reshape")]
+    inits = [(i.name, numpy_helper.to_array(i)) for i in model.graph.initializer if i.name != "wf"]
+    bad = make_model(nodes, [("x", ["N", C, H, "W"])], [("out", ["W", "M"])], inits)
+    with pytest.raises(TvmqError, match=r"Reshape 'odd_reshape'.*fix those dimensions with --shape"):
+        compile_model(bad, tmp_path / "b", precision="fp32", shapes={"x": ["N", C, H, "W"]}, dims={"N": (1, 4), "W": (8, 64)})
+    assert not (tmp_path / "b").exists()

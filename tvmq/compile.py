@@ -151,8 +151,21 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
     if info.float_ops:
         warnings.append("ops kept in float (no int8 kernel for them): " + ", ".join(info.float_ops))
     if has_qdq(mod):
-        return _prequantized(mod, info, config, precision, qplan, raw is not None, warnings)
-    return _quantized(mod, info, preset, raw, config, precision, qplan, warnings, progress, auto)
+        qm = _prequantized(mod, info, config, precision, qplan, raw is not None, warnings)
+    else:
+        qm = _quantized(mod, info, preset, raw, config, precision, qplan, warnings, progress, auto)
+    return dataclasses.replace(qm, module=with_dim_bounds(qm.module, info), float_module=with_dim_bounds(qm.float_module, info))
+
+
+def with_dim_bounds(mod, info):
+    """``mod`` with its dynamic dimensions' largest sizes on ``main`` (``tir_var_upper_bound``):
+    TVM's memory planner then plans every intermediate tensor once, at its largest size, instead
+    of allocating it at each call (which cost the PP-OCR recogniser more than its kernels)."""
+    if not info.dims:
+        return mod
+    mod = mod.clone() if hasattr(mod, "clone") else mod
+    mod["main"] = mod["main"].with_attr("tir_var_upper_bound", {name: hi for name, _, hi in info.dims})
+    return mod
 
 
 def _prequantized(mod, info, config, precision, qplan, with_calib: bool, warnings) -> QuantizedModel:

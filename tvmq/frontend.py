@@ -31,7 +31,7 @@ import numpy as np
 
 from tvmq.calibrate import InputSpec
 from tvmq.errors import TvmqError
-from tvmq.onnx_rewrites import QLINEAR_OPS, fold_constant_subgraphs, rewrite_qlinear_ops, value_dims
+from tvmq.onnx_rewrites import QLINEAR_OPS, fold_constant_subgraphs, resolve_dynamic_reshapes, rewrite_qlinear_ops, value_dims
 
 __all__ = ["ModelInfo", "load_onnx", "read_onnx", "parse_shape_arg", "fold_constant_subgraphs", "is_prequantized",
            "rewrite_qlinear_ops", "parse_dim_arg", "check_dims"]
@@ -309,6 +309,10 @@ def load_onnx(model, shapes: dict[str, list[int | str]] | None = None, sample: d
     rewrite_qlinear_ops(model)
     name_nodes(model)
     _check_supported(model)
+    if dims:
+        resolved = resolve_dynamic_reshapes(model, dims)
+        if resolved:
+            log.info("gave %d reshapes of dynamic shapes a constant target", resolved)
     folded = fold_constant_subgraphs(model)
     if folded:
         log.info("folded %d constant shape nodes before import", folded)

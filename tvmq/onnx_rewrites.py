@@ -2,8 +2,10 @@
 
 :func:`tvmq.frontend.load_onnx` runs them after fixing the input shapes: first
 :func:`rewrite_qlinear_ops` (QLinear / Integer ops into QDQ form, which the importer reads and
-FoldQDQ turns back into integer kernels), then :func:`fold_constant_subgraphs` (shape arithmetic
-evaluated into initializers, so a ``Reshape`` fed by it imports; needs the static shapes). After
+FoldQDQ turns back into integer kernels), then :func:`resolve_dynamic_reshapes` (only with dynamic
+dimensions: a ``Reshape`` target computed from them becomes a constant with ``0``/``-1``), then
+:func:`fold_constant_subgraphs` (shape arithmetic evaluated into initializers, so a ``Reshape``
+fed by it imports; needs the static shapes). After
 them come the LSTM unrolling (:mod:`tvmq.recurrent`) and the import itself.
 :func:`tvmq.export.export_qdq` folds the same way before matching layers to nodes.
 """
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["QLINEAR_OPS", "value_dims", "fold_constant_subgraphs", "rewrite_qlinear_ops"]
+from tvmq.errors import TvmqError
+
+__all__ = ["QLINEAR_OPS", "value_dims", "fold_constant_subgraphs", "rewrite_qlinear_ops", "resolve_dynamic_reshapes"]
 
 # Ops whose constant instances are evaluated in ONNX before import (shape arithmetic).
 _FOLDABLE = frozenset(
@@ -139,6 +143,82 @@ def _fold_once(model):
         del model.graph.initializer[:]
         model.graph.initializer.extend(live)
     return folded
+
+
+def resolve_dynamic_reshapes(model, dims: dict[str, tuple[int, int]]) -> int:
+    """Give each ``Reshape`` whose target is computed from dynamic shapes a constant target, in
+    ONNX's own terms: ``0`` copies the input's dimension, ``-1`` is inferred (TVM's importer reads
+    only constant targets). The target is evaluated at two sizes of every dynamic dimension: an
+    entry equal at both is a constant, one that follows the input's dimension at the same axis is
+    ``0``, and the one other entry is ``-1``. Returns the number of reshapes rewritten; a target
+    that needs more than one inferred entry is a :class:`TvmqError` naming the node."""
+    import onnx
+    from onnx import numpy_helper
+
+    if not dims:
+        return 0
+    inits = {i.name for i in model.graph.initializer}
+    consts = inits | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    targets = [n for n in model.graph.node if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] not in consts]
+    if not targets:
+        return 0
+    probes = []
+    for pick in range(3):  # the smallest, a middle and the largest size of every dimension
+        sizes = {name: (lo, (lo + hi) // 2 + 1 if hi > lo else lo, hi)[pick] for name, (lo, hi) in dims.items()}
+        static = onnx.ModelProto.FromString(model.SerializeToString())
+        for inp in static.graph.input:
+            for d in inp.type.tensor_type.shape.dim:
+                if d.HasField("dim_param") and d.dim_param in sizes:
+                    d.dim_value = sizes[d.dim_param]
+        fold_constant_subgraphs(static)
+        folded = {i.name: numpy_helper.to_array(i) for i in static.graph.initializer}
+        shapes = _static_shapes(static)
+        probes.append((folded, shapes))
+    rewritten = 0
+    for node in targets:
+        got = [(f.get(node.input[1]), s.get(node.input[0])) for f, s in probes]
+        if any(t is None or x is None for t, x in got):
+            continue  # not shape arithmetic of the inputs alone: left to the importer
+        values = [t.tolist() for t, _ in got]
+        if len({len(v) for v in values}) != 1:
+            raise TvmqError(f"Reshape {node.name!r} changes its rank with the dynamic dimensions; fix them with --shape")
+        target = []
+        for i, entry in enumerate(zip(*values)):
+            if len(set(entry)) == 1:
+                target.append(entry[0])
+            elif all(i < len(x) and e == x[i] for e, (_, x) in zip(entry, got)):
+                target.append(0)  # ONNX: copy the input's dimension
+            else:
+                target.append(-1)
+        if target.count(-1) > 1:
+            raise TvmqError(f"Reshape {node.name!r} has a target shape that depends on the dynamic dimensions "
+                            f"({' / '.join(map(str, values))} at three sizes) in a way tvmq cannot express; "
+                            "fix those dimensions with --shape")
+        name = f"{node.name}_dynamic_target"
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(target, np.int64), name))
+        node.input[1] = name
+        rewritten += 1
+    if rewritten:
+        _drop_dead_nodes(model)
+    return rewritten
+
+
+def _drop_dead_nodes(model) -> None:
+    """Remove nodes (and initializers) nothing reads any more."""
+    outputs = {o.name for o in model.graph.output}
+    nodes = list(model.graph.node)
+    while True:
+        used = {i for n in nodes for i in n.input} | outputs
+        live = [n for n in nodes if any(o in used for o in n.output)]
+        if len(live) == len(nodes):
+            break
+        nodes = live
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
 
 
 # ----------------------------------------------------------------------------- QLinear ops

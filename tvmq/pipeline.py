@@ -57,9 +57,18 @@ def relax_passes(preset) -> list:
     lanes, k, operand = (kernel.lanes, kernel.k, kernel.operand_dtype) if kernel is not None else ((), 4, None)
     return [FoldAffineChains(),
             PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes, k=k, operand_dtype=operand,
-                        pairs=pairs),
+                        pairs=pairs, pixel_tile=_pixel_tile(preset)),
             FastSoftmax(preset.vector_lanes),
             FastMath()]
+
+
+def _pixel_tile(preset):
+    """``(channel blocks, lanes) -> pixels`` of the int8 register tile tvmq's schedule picks when
+    the pixel extent allows any (what a kernel over a symbolic width is padded to a multiple of)."""
+    from tvmq.targets.schedules import PackedKernelRule
+
+    rule = PackedKernelRule(registers=preset.vector_registers, vector_lanes=preset.vector_lanes)
+    return lambda blocks, lanes: rule.tile(None, blocks, lanes, dot=True)[0]
 
 
 def _fuse_passes(preset) -> list:

@@ -1,0 +1,173 @@
+"""Dynamic shapes on a real model: PP-OCRv4's recogniser on text lines of any width.
+
+One bundle compiled with ``--shape x:1,3,48,W --dim W=32..1280`` against
+
+* static bundles compiled from the same plan for single widths (a sweep): same outputs? how
+  much slower is the dynamic bundle?
+* the whole recognition step on rendered text lines of varied length, resized as the PP-OCR
+  pipeline does (height 48, aspect kept), each at its own width: throughput and exact-string
+  accuracy of tvmq INT8 (dynamic), tvmq FP32 (dynamic), ONNX Runtime FP32 and ONNX Runtime
+  INT8 (``quantize_static``, QDQ, per-channel, the same calibration lines), same threads, one run.
+
+Usage: ``python scripts/dynamic_bench.py [--lines 150] [--widths 48,96,...] [--json out.json]``
+(needs the ``bench`` extra). Figures depend on the host's ISA: it is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import ort_quantize, ort_session  # noqa: E402
+from ocrdata import ctc_decode, ppocr_model, random_text, rec_charset, render_line  # noqa: E402
+
+RANGE = (32, 1280)
+
+
+def host_isa() -> str:
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    return ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm") if f in flags)
+
+
+def text_line(rng, width: int | None = None):
+    """``(x [1, 3, 48, W], text)``: a rendered line resized to height 48, aspect kept (W clamped
+    to the range), scaled to [-1, 1] as PP-OCR's ``resize_norm_img`` does, without padding."""
+    from PIL import Image
+
+    text = random_text(rng)
+    img = render_line(text, rng)
+    w = width or min(RANGE[1], max(RANGE[0], int(math.ceil(48 * img.width / img.height))))
+    arr = np.asarray(img.resize((w, 48), Image.BILINEAR)).astype(np.float32).transpose(2, 0, 1) / 255.0
+    return ((arr - 0.5) / 0.5)[None], text
+
+
+def median_of(run, x, repeat: int) -> float:
+    for _ in range(3):
+        run(x)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        run(x)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) * 1e3
+
+
+def sweep(model, work: Path, widths, dyn, repeat: int) -> list[dict]:
+    from tvmq.compile import compile_model
+    from tvmq.runtime import Bundle
+
+    rows = []
+    rng = np.random.default_rng(7)
+    for w in widths:
+        compile_model(model, work / f"static{w}", plan=work / "int8" / "plan.json", shapes={"x": [1, 3, 48, w]})
+        static = Bundle(work / f"static{w}")
+        x, _ = text_line(rng, w)
+        a, b = dyn.run({"x": x}), static.run({"x": x})
+        out, ref = next(iter(a.values())), next(iter(b.values()))
+        t_dyn, t_static = [], []
+        for _ in range(3):  # alternate, so a slow period of the machine hits both
+            t_dyn.append(median_of(lambda v: dyn.run({"x": v}), x, repeat))
+            t_static.append(median_of(lambda v, s=static: s.run({"x": v}), x, repeat))
+        row = {"width": w, "bit_equal": bool(np.array_equal(out, ref)), "max_abs_diff": float(np.abs(out - ref).max()),
+               "argmax_agree": float((out.argmax(-1) == ref.argmax(-1)).mean()),
+               "dynamic_ms": min(t_dyn), "static_ms": min(t_static)}
+        row["ratio"] = row["dynamic_ms"] / row["static_ms"]
+        rows.append(row)
+        print(f"  W={w:5d}  dynamic {row['dynamic_ms']:7.3f} ms  static {row['static_ms']:7.3f} ms  "
+              f"x{row['ratio']:.2f}  bit-equal {row['bit_equal']}  max |diff| {row['max_abs_diff']:.2e}  "
+              f"argmax agree {row['argmax_agree']:.3f}", flush=True)
+    return rows
+
+
+def pipeline(engines: dict, lines, charset, rounds: int) -> dict:
+    """Every line through every engine, ``rounds`` times alternating; the median total time."""
+    results = {}
+    totals = {name: [] for name in engines}
+    for _ in range(rounds):
+        for name, run in engines.items():
+            t = time.perf_counter()
+            outs = [run(x) for x, _ in lines]
+            totals[name].append(time.perf_counter() - t)
+            results[name] = [ctc_decode(o, charset).strip() for o in outs]
+    return {name: {"total_s": float(np.median(totals[name])), "texts": results[name]} for name in engines}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lines", type=int, default=150)
+    p.add_argument("--calib", type=int, default=16)
+    p.add_argument("--widths", default="48,96,160,240,320,480,640,960,1280")
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", help="folder for the bundles (default: a temporary one)")
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args(argv)
+
+    import os
+
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    from tvmq.compile import compile_model
+    from tvmq.runtime import Bundle, configure_threads
+
+    configure_threads()
+    model = ppocr_model("rec")
+    charset = rec_charset(model)
+    work = Path(args.work or tempfile.mkdtemp(prefix="tvmq-dynamic-"))
+    rng = np.random.default_rng(0)
+    calib = [{"x": text_line(rng)[0]} for _ in range(args.calib)]
+    lines = [text_line(np.random.default_rng(1000 + i)) for i in range(args.lines)]
+    widths = sorted(x.shape[3] for x, _ in lines)
+    print(f"host ISA: {host_isa()}; {args.threads} threads; PP-OCRv4 rec, W in {RANGE[0]}..{RANGE[1]}")
+    print(f"calibration widths {sorted(c['x'].shape[3] for c in calib)}; {len(lines)} lines, widths "
+          f"{widths[0]}..{widths[-1]} (median {widths[len(widths) // 2]})")
+    dims = {"W": RANGE}
+    t = time.time()
+    compile_model(model, work / "int8", calib=calib, shapes={"x": [1, 3, 48, "W"]}, dims=dims, force=True)
+    print(f"dynamic int8 bundle compiled in {time.time() - t:.0f} s")
+    compile_model(model, work / "fp32", precision="fp32", shapes={"x": [1, 3, 48, "W"]}, dims=dims, force=True)
+    dyn, fp32 = Bundle(work / "int8"), Bundle(work / "fp32")
+
+    print("sweep: the dynamic bundle vs a static bundle per width (same plan)")
+    rows = sweep(model, work, [int(w) for w in args.widths.split(",")], dyn, args.repeat)
+
+    ort_fp32 = ort_session(model, args.threads)
+    ort_int8 = ort_session(ort_quantize(model, "x", calib, work), args.threads)
+    engines = {
+        "tvmq INT8 (dynamic)": lambda x: next(iter(dyn.run({"x": x}).values())),
+        "tvmq FP32 (dynamic)": lambda x: next(iter(fp32.run({"x": x}).values())),
+        "ORT FP32": lambda x: ort_fp32.run(None, {"x": x})[0],
+        "ORT INT8": lambda x: ort_int8.run(None, {"x": x})[0],
+    }
+    res = pipeline(engines, lines, charset, args.rounds)
+    truth = [text for _, text in lines]
+    reference = res["ORT FP32"]["texts"]
+    best_ort = min(res["ORT FP32"]["total_s"], res["ORT INT8"]["total_s"])
+    print(f"pipeline: {len(lines)} variable-width lines, median of {args.rounds} rounds")
+    print("| engine | total s | lines/s | vs ORT faster | exact string vs truth | same string as FP32 |")
+    print("|---|---|---|---|---|---|")
+    summary = {}
+    for name, r in res.items():
+        exact = 100.0 * np.mean([a == b for a, b in zip(r["texts"], truth)])
+        same = 100.0 * np.mean([a == b for a, b in zip(r["texts"], reference)])
+        summary[name] = {"total_s": r["total_s"], "lines_per_s": len(lines) / r["total_s"], "exact_pct": exact,
+                         "same_as_fp32_pct": same}
+        print(f"| {name} | {r['total_s']:.3f} | {len(lines) / r['total_s']:.1f} | {r['total_s'] / best_ort:.2f}x | "
+              f"{exact:.1f}% | {same:.1f}% |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"host_isa": host_isa(), "threads": args.threads, "sweep": rows,
+                                               "pipeline": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,16 +18,24 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvmq._compat import expr_type
+
 from .graph import bound_constant, out_dtype_attr, rewrite_calls, static_shape
 
 __all__ = ["ConvTransposeToConv"]
+
+
+def _symbolic_shape(expr):
+    ty = expr_type(expr)
+    shape = getattr(ty, "shape", None)
+    return list(shape.values) if shape is not None and hasattr(shape, "values") else None
 
 
 def _as_conv(mutator, call):
     a = call.attrs
     data, weight = call.args
     w = bound_constant(mutator, weight)
-    shape = static_shape(data)
+    shape = static_shape(data) or _symbolic_shape(data)  # a dynamic page size stays symbolic
     if w is None or shape is None or w.ndim != 4:
         return None
     kh, kw = int(w.shape[2]), int(w.shape[3])

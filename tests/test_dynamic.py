@@ -163,7 +163,8 @@ def test_cli_parses_named_dimensions_and_ranges(tmp_path):
 
     assert parse_shape_arg("x:1,3,48,W") == ("x", [1, 3, 48, "W"])
     assert parse_dim_arg("W=32..1280") == ("W", (32, 1280))
-    for bad in ("W=0..4", "W=9..4", "W=4", "3W=1..2", "W=a..b"):
+    assert parse_dim_arg("H=320..1280:32") == ("H", (320, 1280, 32))
+    for bad in ("W=0..4", "W=9..4", "W=4", "3W=1..2", "W=a..b", "W=1..4:0", "W=1..4:"):
         with pytest.raises(TvmqError, match="--dim"):
             parse_dim_arg(bad)
     with pytest.raises(TvmqError, match="--shape"):
@@ -234,3 +235,82 @@ def test_reshape_target_with_two_dynamic_entries_is_one_error(tmp_path):
     with pytest.raises(TvmqError, match=r"Reshape 'odd_reshape'.*fix those dimensions with --shape"):
         compile_model(bad, tmp_path / "b", precision="fp32", shapes={"x": ["N", C, H, "W"]}, dims={"N": (1, 4), "W": (8, 64)})
     assert not (tmp_path / "b").exists()
+
+
+def _fpn_model(seed=5):
+    """A detector-like model: a stride-2 conv, a nearest x2 Resize back up, added to the full-size
+    branch (equal shapes only for even sizes: the dimensions are dynamic in steps of 2)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Resize", ["r1", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Add", ["up", "r0"], ["a"]),
+        helper.make_node("Conv", ["a", "w2"], ["y"]),
+    ]
+    inits = [("w0", rng.standard_normal((16, C, 3, 3)).astype(np.float32) * 0.3),
+             ("w1", rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.1),
+             ("scales", np.array([1, 1, 2, 2], np.float32)),
+             ("w2", rng.standard_normal((2, 16, 1, 1)).astype(np.float32) * 0.3)]
+    return make_model(nodes, [("x", [1, C, "H", "W"])], [("y", [1, 2, "H", "W"])], inits)
+
+
+def test_dimensions_in_steps_upsample_and_add(tmp_path):
+    """``--dim H=8..64:2``: shapes that only agree for multiples of the step (x2 upsampling of a
+    stride-2 branch, added to the full-size one) import, run at every multiple, and the runners
+    refuse the sizes between."""
+    import onnxruntime as ort
+
+    from tvmq.crossrt import build_runner
+
+    model = _fpn_model()
+    dims = {"H": (8, 64, 2), "W": (8, 128, 2)}
+    rng = np.random.default_rng(0)
+    calib = [{"x": rng.uniform(-1, 1, (1, C, h, w)).astype(np.float32)} for h, w in ((8, 8), (16, 40), (32, 64))]
+    result = compile_model(model, tmp_path / "dyn", calib=calib, shapes={"x": [1, C, "H", "W"]}, dims=dims)
+    m = json.loads((tmp_path / "dyn" / "manifest.json").read_text())
+    assert m["dims"] == {"H": [8, 64, 2], "W": [8, 128, 2]}
+    assert m["shape_args"] == [{"input": "x", "axis": 2, "step": 2}, {"input": "x", "axis": 3, "step": 2}]
+    assert result.plan.count("int8") >= 3
+    bundle = Bundle(tmp_path / "dyn")
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    runner = build_runner("g++", "x86_64")
+    for h, w in ((8, 8), (22, 34), (64, 128)):
+        x = rng.uniform(-1, 1, (1, C, h, w)).astype(np.float32)
+        out = bundle.run({"x": x})["y"]
+        assert sample_sqnr(session.run(None, {"x": x})[0], out) > 20.0
+        compile_model(model, tmp_path / f"s{h}", plan=tmp_path / "dyn" / "plan.json", shapes={"x": [1, C, h, w]})
+        np.testing.assert_array_equal(out, Bundle(tmp_path / f"s{h}").run({"x": x})["y"])
+        np.save(tmp_path / "x.npy", x)
+        subprocess.run([str(runner), str(tmp_path / "dyn" / "model.so"), str(tmp_path / "x.npy"), "-o",
+                        str(tmp_path / "c")], check=True, capture_output=True)
+        np.testing.assert_array_equal(np.load(tmp_path / "c0.npy"), out)
+    odd = np.zeros((1, C, 21, 34), np.float32)
+    with pytest.raises(BundleError, match="H in 8..64, multiples of 2"):
+        bundle.run({"x": odd})
+    np.save(tmp_path / "odd.npy", odd)
+    proc = subprocess.run([str(runner), str(tmp_path / "dyn" / "model.so"), str(tmp_path / "odd.npy")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and "multiples of 2" in proc.stderr
+
+
+def test_precision_auto_judges_samples_of_several_sizes(tmp_path):
+    """``--precision auto`` with a dynamic width: the search runs the model on calibration samples
+    of several widths, times its kernels at one of them, and the bundle it picks holds the budget
+    on every sample."""
+    from tvmq.config import AutoPrecision
+
+    model = _text_line_model(seed=2)
+    rng = np.random.default_rng(3)
+    calib = [{"x": _line(rng, w)} for w in (16, 48, 120, 200)]
+    result = compile_model(model, tmp_path / "auto", calib=calib, precision="auto", auto=AutoPrecision(min_sqnr=25.0),
+                           shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    bundle = Bundle(tmp_path / "auto")
+    for sample in calib:
+        assert sample_sqnr(session.run(None, sample)[0], bundle.run(sample)["logits"]) >= 25.0 - 0.5
+    assert result.plan.count("int8") >= 1

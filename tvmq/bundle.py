@@ -119,6 +119,8 @@ def versions() -> dict:
 
 def manifest(model, info, preset, plan, float_mod, qmod, kernels, warnings) -> dict:
     """``manifest.json``: what the bundle holds, for its runners, ``tvmq run`` and people."""
+    from tvmq.execute import shape_arguments
+
     model_entry = {"opset": info.opset, "producer": info.producer}
     if isinstance(model, (str, Path)):
         model_entry.update(file=Path(model).name, sha256=sha256_file(model))
@@ -134,7 +136,10 @@ def manifest(model, info, preset, plan, float_mod, qmod, kernels, warnings) -> d
         # a str in a shape is a dynamic dimension: its name (inputs, ranges in "dims") or its expression (outputs)
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in info.inputs],
         "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in info.outputs],
-        "dims": {name: [lo, hi] for name, lo, hi in info.dims},
+        "dims": {name: [lo, hi] + ([step] if step > 1 else []) for name, lo, hi, step in info.dims},
+        # a stepped dimension's size / step, passed to main after the inputs as one shape argument
+        "shape_args": [{"input": info.inputs[i].name, "axis": axis, "step": step}
+                       for i, axis, step in shape_arguments(qmod["main"])[1]],
         "quantization": None if plan is None else {
             "method": plan.method,
             "activation_dtype": plan.activation_dtype,

@@ -63,8 +63,9 @@ class InputSpec:
         sizes = {}
         for want, got in zip(self.shape, shape):
             if isinstance(want, str):
-                lo, hi = (ranges or {}).get(want, (1, None))
-                if sizes.setdefault(want, got) != got or got < lo or (hi is not None and got > hi):
+                lo, hi, *step = (ranges or {}).get(want, (1, None))
+                if (sizes.setdefault(want, got) != got or got < lo or (hi is not None and got > hi)
+                        or (step and got % step[0])):
                     return False
             elif want != got:
                 return False
@@ -122,7 +123,9 @@ def validate_samples(samples: Iterable[Mapping[str, np.ndarray]], inputs: list[I
         for name, array in sample.items():
             spec, array = expected[name], np.asarray(array)
             if not spec.accepts(array.shape, ranges):
-                span = "".join(f", {d} in {ranges[d][0]}..{ranges[d][1]}" for d in spec.shape if d in (ranges or {}))
+                span = "".join(f", {d} in {ranges[d][0]}..{ranges[d][1]}"
+                               + (f" (multiples of {ranges[d][2]})" if len(ranges[d]) > 2 and ranges[d][2] > 1 else "")
+                               for d in spec.shape if d in (ranges or {}))
                 raise TvmqError(
                     f"{source}: sample {n} input {name!r} has shape {list(array.shape)}, the model expects "
                     f"{list(spec.shape)}{span}; reshape the data or fix the shape with --shape {name}:"

@@ -144,9 +144,6 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
         qplan = plan if isinstance(plan, QuantPlan) else read_plan(plan)
         shapes = {**qplan.input_shapes, **(shapes or {})}  # a plan is made for fixed shapes
     mod, info = load_onnx(model, shapes, sample=raw.first() if raw is not None else None, dims=dims)
-    if info.dims and precision is Precision.AUTO:
-        raise TvmqError("--precision auto does not take dynamic dimensions (--dim) yet; compile with --precision int8, "
-                        "or fix the sizes with --shape")
     warnings = list(preset.warnings())
     if info.float_ops:
         warnings.append("ops kept in float (no int8 kernel for them): " + ", ".join(info.float_ops))
@@ -164,7 +161,8 @@ def with_dim_bounds(mod, info):
     if not info.dims:
         return mod
     mod = mod.clone() if hasattr(mod, "clone") else mod
-    mod["main"] = mod["main"].with_attr("tir_var_upper_bound", {name: hi for name, _, hi in info.dims})
+    bounds = {name if step == 1 else f"{name}_{step}": hi // step for name, _, hi, step in info.dims}
+    mod["main"] = mod["main"].with_attr("tir_var_upper_bound", bounds)
     return mod
 
 

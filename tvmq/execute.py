@@ -12,6 +12,41 @@ __all__ = ["HostModule", "to_numpy_list"]
 
 
 
+def shape_arguments(func) -> tuple[int, list[tuple[int, int, int]]]:
+    """Where ``main`` takes its shape argument (``R.Shape([H_32, ...])``, made for stepped dynamic
+    dimensions by :func:`tvmq.frontend.load_onnx`) and what it holds: ``(position, [(array, axis,
+    step), ...])``, each value the size / step of ``array``'s (the call's other arguments, in
+    order) ``axis``. ``(-1, [])`` when ``main`` takes none."""
+    from tvmq._compat import IntImm, expr_type, tir
+
+    params = list(func.params)
+    types = [expr_type(p) for p in params]
+    position = next((i for i, t in enumerate(types) if not hasattr(t, "dtype") and getattr(t, "values", None)), -1)
+    if position < 0:
+        return -1, []
+    others = [t for i, t in enumerate(types) if i != position]
+    found = []
+    for var in types[position].values:
+        for i, t in enumerate(others):
+            shape = getattr(t, "shape", None)
+            hits = [(i, axis, int(d.a.value if isinstance(d.a, IntImm) else d.b.value))
+                    for axis, d in enumerate(shape.values if shape is not None else [])
+                    if isinstance(d, tir.Mul) and any(x.same_as(var) for x in (d.a, d.b))]
+            if hits:
+                found.append(hits[0])
+                break
+        else:
+            raise ValueError(f"main's shape argument {var} is no input's size / step")
+    return position, found
+
+
+def shape_argument(shape_args, shapes):
+    """The ``ShapeTuple`` for main's shape argument, from the input arrays' shapes."""
+    import tvm_ffi
+
+    return tvm_ffi.Shape([int(shapes[i][axis]) // step for i, axis, step in shape_args])
+
+
 def to_numpy_list(result) -> list[np.ndarray]:
     if isinstance(result, (list, tuple)) or type(result).__name__ in ("Array", "List"):
         out = []
@@ -39,14 +74,21 @@ class HostModule:
 
         self.executable = executable if executable is not None else build(mod, preset, database)
         self.vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        self.shape_args = shape_arguments(mod["main"])
+
+    def _args(self, arrays) -> list:
+        args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+        position, entries = self.shape_args
+        if entries:
+            args.insert(position, shape_argument(entries, [np.shape(a) for a in arrays]))
+        return args
 
     def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
-        return to_numpy_list(self.vm["main"](*args))
+        return to_numpy_list(self.vm["main"](*self._args(arrays)))
 
     def prepared(self, *arrays: np.ndarray):
         """A zero-argument callable running the model on ``arrays`` (copied to the device once)."""
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a)) for a in arrays]
+        args = self._args(arrays)
         fn = self.vm["main"]
         return lambda: fn(*args)
 

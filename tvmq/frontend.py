@@ -49,11 +49,11 @@ class ModelInfo:
     opset: int
     producer: str
     float_ops: tuple[str, ...]  # op types that never run in int8 (reported, not an error)
-    dims: tuple[tuple[str, int, int], ...] = ()  # (name, smallest, largest) of each dynamic dimension
+    dims: tuple[tuple[str, int, int, int], ...] = ()  # (name, smallest, largest, step) of each dynamic dimension
 
     @property
-    def dim_ranges(self) -> dict[str, tuple[int, int]]:
-        return {name: (lo, hi) for name, lo, hi in self.dims}
+    def dim_ranges(self) -> dict[str, tuple[int, int, int]]:
+        return {name: (lo, hi, step) for name, lo, hi, step in self.dims}
 
 
 _DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -71,17 +71,28 @@ def parse_shape_arg(text: str) -> tuple[str, list[int | str]]:
     return name, shape
 
 
-def parse_dim_arg(text: str) -> tuple[str, tuple[int, int]]:
-    """``W=32..1280`` -> ``("W", (32, 1280))``: the sizes a dynamic dimension may take."""
+def parse_dim_arg(text: str) -> tuple[str, tuple[int, ...]]:
+    """``W=32..1280`` -> ``("W", (32, 1280))``: the sizes a dynamic dimension may take;
+    ``H=320..1280:32`` -> ``("H", (320, 1280, 32))``: multiples of 32 only (a detector's pages,
+    whose feature maps are added after upsampling: equal shapes need the multiple)."""
     name, sep, span = text.partition("=")
+    span, colon, step = span.partition(":")
     lo, dots, hi = span.partition("..")
     try:
-        bounds = (int(lo), int(hi)) if dots else None
+        bounds = (int(lo), int(hi)) + ((int(step),) if colon else ()) if dots else None
     except ValueError:
         bounds = None
-    if not sep or not _DIM_NAME.match(name.strip()) or bounds is None or not 1 <= bounds[0] <= bounds[1]:
-        raise TvmqError(f"--dim {text!r} is not NAME=LO..HI with 1 <= LO <= HI, e.g. --dim W=32..1280")
+    if (not sep or not _DIM_NAME.match(name.strip()) or bounds is None or not 1 <= bounds[0] <= bounds[1]
+            or (colon and bounds[2] < 1)):
+        raise TvmqError(f"--dim {text!r} is not NAME=LO..HI[:STEP] with 1 <= LO <= HI, e.g. --dim W=32..1280 "
+                        "or --dim H=320..1280:32")
     return name.strip(), bounds
+
+
+def dim_range(bounds) -> tuple[int, int, int]:
+    """``(lo, hi)`` or ``(lo, hi, step)`` as ``(lo, hi, step)``."""
+    lo, hi, *step = bounds
+    return int(lo), int(hi), int(step[0]) if step else 1
 
 
 def check_dims(shapes: dict[str, list], dims: dict[str, tuple[int, int]]) -> None:
@@ -94,9 +105,11 @@ def check_dims(shapes: dict[str, list], dims: dict[str, tuple[int, int]]) -> Non
     if unused:
         raise TvmqError(f"--dim {unused[0]} names no dimension of --shape; use it in a shape, e.g. "
                         f"--shape input:1,3,48,{unused[0]}, or drop it")
-    for name, (lo, hi) in dims.items():
-        if not 1 <= lo <= hi:
-            raise TvmqError(f"--dim {name}={lo}..{hi} is empty or not positive; give 1 <= LO <= HI")
+    for name, bounds in dims.items():
+        lo, hi, step = dim_range(bounds)
+        if not 1 <= lo <= hi or step < 1 or hi // step * step < lo:
+            raise TvmqError(f"--dim {name}={lo}..{hi}:{step} holds no size; give 1 <= LO <= HI (and a multiple of "
+                            "STEP between them)")
 
 
 def read_onnx(path: str | Path):
@@ -233,9 +246,25 @@ def is_prequantized(model) -> bool:
     return bool(ops & {"QuantizeLinear", "DequantizeLinear", *QLINEAR_OPS})
 
 
+def _integer_scales(inputs):
+    """Resize's inputs with constant whole-number scales as a ``ShapeExpr`` of ints."""
+    from tvm import relax
+
+    from tvmq._compat import constant_array, is_constant
+
+    if len(inputs) > 2 and inputs[2] is not None and is_constant(inputs[2]):
+        scales = constant_array(inputs[2])
+        if scales.size and np.all(scales == np.round(scales)) and np.all(scales >= 1):
+            inputs = list(inputs)
+            inputs[2] = relax.ShapeExpr([int(v) for v in scales.reshape(-1)])
+    return inputs
+
+
 @contextlib.contextmanager
-def _named_importer():
-    """Swap TVM's ONNX importer for one that names each binding after its ONNX node."""
+def _named_importer(integer_scales: bool = False):
+    """Swap TVM's ONNX importer for one that names each binding after its ONNX node. With
+    ``integer_scales``, a ``Resize`` by whole-number scales sizes its output as ``2 * H`` (TVM
+    computes ``int64(2.0f * float(H))``, which no symbolic shape equals)."""
     from tvm import relax
 
     from tvmq._compat import onnx_frontend
@@ -252,6 +281,8 @@ def _named_importer():
                 return emit(expr, name_hint or name)
 
             self.bb.emit = named_emit
+            if integer_scales and op_name == "Resize":
+                inputs = _integer_scales(inputs)
             try:
                 sym = _clip_with_constant_bounds(op_name, inputs) if op_name == "Clip" else None
                 if sym is None:
@@ -322,9 +353,9 @@ def load_onnx(model, shapes: dict[str, list[int | str]] | None = None, sample: d
         name_nodes(model)
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    mod = _import(model, specs)
+    mod = _import(model, specs, dims or {})
     info = _model_info(model, mod, specs, opset)
-    return mod, dataclasses.replace(info, dims=tuple((n, lo, hi) for n, (lo, hi) in sorted((dims or {}).items())))
+    return mod, dataclasses.replace(info, dims=tuple((n, *dim_range(b)) for n, b in sorted((dims or {}).items())))
 
 
 def _shapes_with_sample(model, shapes: dict[str, list[int]], sample: dict | None) -> dict[str, list[int]]:
@@ -368,15 +399,45 @@ def _check_supported(model) -> None:
         )
 
 
-def _import(model, specs: list[InputSpec]):
+def _symbolic_shapes(specs: list[InputSpec], dims: dict):
+    """Each input's shape for the importer: ints, one variable per dynamic dimension, and
+    ``step * blocks`` for a stepped one (``H=320..1280:32`` is ``32 * H_32``, so the shapes a
+    detector adds after upsampling simplify to equal ones); and the ``blocks`` variables."""
+    from tvmq._compat import tir
+
+    variables, blocks = {}, []
+    for name in sorted(dims):
+        step = dim_range(dims[name])[2]
+        if step > 1:
+            var = tir.Var(f"{name}_{step}", "int64")
+            variables[name] = step * var
+            blocks.append(var)
+        else:
+            variables[name] = tir.Var(name, "int64")
+    return {s.name: [variables.get(d, d) if isinstance(d, str) else d for d in s.shape] for s in specs}, blocks
+
+
+def _with_shape_parameter(mod, blocks):
+    """``main`` with one more parameter, ``R.Shape(blocks)``, defining the stepped dimensions'
+    block counts (a tensor's ``32 * H_32`` cannot define ``H_32``); the runners pass it, computed
+    from the inputs (:func:`tvmq.execute.shape_arguments`)."""
+    from tvm import relax
+
+    func = mod["main"]
+    param = relax.Var("tvmq_dims", relax.ShapeType(blocks))
+    ret = func.ret_ty if hasattr(func, "ret_ty") else func.ret_struct_info  # 0.27: ret_ty
+    mod["main"] = relax.Function([*func.params, param], func.body, ret, func.is_pure, func.attrs)
+    return mod
+
+
+def _import(model, specs: list[InputSpec], dims: dict):
     """TVM's importer (with named bindings) on the prepared ``model``; its failures as one line."""
-    with warnings.catch_warnings(), _named_importer() as frontend:
+    with warnings.catch_warnings(), _named_importer(integer_scales=bool(dims)) as frontend:
         warnings.simplefilter("ignore")
         try:
-            # dynamic inputs keep their dim_params (one symbolic variable per name)
-            static = {s.name: list(s.shape) for s in specs if all(isinstance(d, int) for d in s.shape)}
-            return frontend.from_onnx(model, shape_dict=static,
-                                      dtype_dict={s.name: s.dtype for s in specs})
+            shapes, blocks = _symbolic_shapes(specs, dims)
+            mod = frontend.from_onnx(model, shape_dict=shapes, dtype_dict={s.name: s.dtype for s in specs})
+            return _with_shape_parameter(mod, blocks) if blocks else mod
         except TvmqError:
             raise
         except Exception as err:

@@ -62,7 +62,7 @@ def input_specs(mod: tvm.IRModule, names: list[str] | None = None) -> list[Input
     params = list(mod["main"].params)
     names = names or [p.name for p in params]
     specs = []
-    for name, p in zip(names, params):
+    for name, p in zip(names, [p for p in params if dtype_of(p) is not None]):  # not main's shape argument
         shape = dims(p)
         if shape is None:
             raise TvmqError(f"input {name!r} has a dynamic shape; fix it with --shape {name}:D0,D1,...")

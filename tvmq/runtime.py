@@ -43,9 +43,11 @@ def shape_problem(shape: list[int], expected: list, dims: dict, sizes: dict) -> 
         return ""
     for got, want in zip(shape, expected):
         if isinstance(want, str):
-            lo, hi = dims.get(want, (1, 2**62))
-            if not lo <= got <= hi:
-                return f" with {want} in {lo}..{hi} (the range it was compiled for; recompile with a wider --dim {want}=..)"
+            lo, hi, *step = dims.get(want, (1, 2**62))
+            if not lo <= got <= hi or (step and got % step[0]):
+                multiple = f", multiples of {step[0]}" if step else ""
+                return (f" with {want} in {lo}..{hi}{multiple} (the range it was compiled for; recompile with a "
+                        f"wider --dim {want}=..)")
             if sizes.setdefault(want, got) != got:
                 return f" ({want} is {sizes[want]} in another input: one size per dimension)"
         elif got != want:
@@ -251,6 +253,16 @@ class Bundle:
             arrays.append(aligned(a.astype(spec["dtype"], copy=False)))
         return arrays
 
+    def shape_argument(self, arrays) -> list:
+        """``[ShapeTuple]`` for a bundle whose dimensions are dynamic in steps (``--dim H=..:32``):
+        each such dimension's size / step, after the inputs; ``[]`` otherwise."""
+        import tvm_ffi
+
+        names = [i["name"] for i in self.inputs]
+        spec = self.manifest.get("shape_args") or []
+        return [tvm_ffi.Shape([int(arrays[names.index(a["input"])].shape[a["axis"]]) // int(a["step"]) for a in spec])] \
+            if spec else []
+
     def run(self, inputs: dict) -> dict:
         """``{input name: array}`` -> ``{output name: array}``."""
         import tvm_ffi
@@ -261,7 +273,7 @@ class Bundle:
         args = [tvm_ffi.from_dlpack(a) for a in arrays]
         if device != 1:
             args = [copy_to(a, tvm_ffi.device("cuda", 0)) for a in args]
-        result = vm["main"](*args)
+        result = vm["main"](*args, *self.shape_argument(arrays))
         values = _flatten(result, host=device != 1)
         del arrays
         return {spec["name"]: v for spec, v in zip(self.outputs, values)}
@@ -272,7 +284,7 @@ class Bundle:
 
         vm, _ = self._load()
         arrays = self.check_inputs(inputs)
-        args = [tvm_ffi.from_dlpack(a) for a in arrays]
+        args = [tvm_ffi.from_dlpack(a) for a in arrays] + self.shape_argument(arrays)
         fn = vm["main"]
 
         def call(_keep=arrays):  # the aligned arrays live as long as the callable

@@ -157,6 +157,7 @@ def layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
     from tvmq.quantize import quantize_pipeline
 
     mac_layers = [l for l in analysis.layers if l.kind != "add"]
+    float_mod = specialised(float_mod, analysis.samples[0], analysis.input_names) if analysis.samples else float_mod
     if preset.runs_here:
         ns = _conversion_ns_per_element(preset)
         sizes = {l.name: l.io_elements for l in find_layers(float_mod["main"])}
@@ -189,6 +190,27 @@ def layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
         layer.fp32_ms, layer.int8_ms, layer.boundary_ms = fp32_ms, int8_ms, boundary_ms
         layer.fp16_ms = fp32_ms / 2.0 if analysis.fp16 else None  # fp16 lanes vs fp32
         layer.estimated = True
+
+
+def specialised(mod, sample: dict, input_names: list[str]):
+    """``mod`` with its dynamic dimensions fixed at ``sample``'s sizes (``H_32`` at H / 32): the
+    kernels a latency measurement can time. ``mod`` itself when it has none."""
+    from tvm import relax
+
+    from tvmq._compat import expr_type, tir
+
+    tensors = [p for p in mod["main"].params if hasattr(expr_type(p), "dtype")]
+    values = {}
+    for name, param in zip(input_names, tensors):
+        shape = getattr(expr_type(param), "shape", None)
+        for d, size in zip(shape.values if shape is not None else [], np.shape(sample[name])):
+            if isinstance(d, tir.Var):
+                values[d] = int(size)
+            elif isinstance(d, tir.Mul) and isinstance(d.b, tir.Var):
+                values[d.b] = int(size) // int(d.a)
+            elif isinstance(d, tir.Mul) and isinstance(d.a, tir.Var):
+                values[d.a] = int(size) // int(d.b)
+    return relax.transform.BindSymbolicVars(values, "main")(mod) if values else mod
 
 
 # What a cross target's estimate charges, in fp32 multiply-accumulates: converting one element

@@ -238,6 +238,7 @@ int main(int argc, char** argv) {
 
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/shape.h>
 #include <tvm/ffi/container/tensor.h>
 #include <tvm/ffi/extra/module.h>
 #include <tvm/ffi/function.h>
@@ -478,7 +479,13 @@ struct InputSpec {
 };
 
 struct DimRange {
-  int64_t lo, hi;
+  int64_t lo, hi, step;
+};
+
+// One value of main's shape argument (stepped dynamic dimensions): input `input`'s size on `axis` / `step`.
+struct ShapeArg {
+  size_t input;
+  int64_t axis, step;
 };
 
 // Why `got` does not fit `spec` (dynamic dimensions inside their ranges, one size per name across
@@ -498,8 +505,10 @@ std::string ShapeProblem(const std::vector<int64_t>& got, const InputSpec& spec,
     }
     const std::string& name = spec.dims[i];
     auto range = ranges.find(name);
-    if (range != ranges.end() && (got[i] < range->second.lo || got[i] > range->second.hi))
+    if (range != ranges.end() &&
+        (got[i] < range->second.lo || got[i] > range->second.hi || got[i] % range->second.step != 0))
       return plain + " with " + name + " in " + std::to_string(range->second.lo) + ".." + std::to_string(range->second.hi) +
+             (range->second.step > 1 ? ", multiples of " + std::to_string(range->second.step) : "") +
              " (the range it was compiled for; recompile with a wider --dim " + name + "=..)";
     auto seen = sizes->emplace(name, got[i]).first;
     if (seen->second != got[i]) return plain + " (" + name + " is " + std::to_string(seen->second) + " in another input)";
@@ -518,7 +527,8 @@ std::string Basename(const std::string& path) {
 }
 
 // The manifest beside the library: its inputs, and (unless verify is off) the library's checksum.
-std::vector<InputSpec> CheckManifest(const std::string& lib, bool verify, std::map<std::string, DimRange>* ranges) {
+std::vector<InputSpec> CheckManifest(const std::string& lib, bool verify, std::map<std::string, DimRange>* ranges,
+                                     std::vector<ShapeArg>* shape_args) {
   std::string path = Dirname(lib) + "/manifest.json";
   std::ifstream f(path, std::ios::binary);
   if (!f) {
@@ -544,8 +554,10 @@ std::vector<InputSpec> CheckManifest(const std::string& lib, bool verify, std::m
   std::vector<InputSpec> specs;
   if (const Json* dims = m.Get("dims")) {
     for (const auto& kv : dims->fields) {
-      if (kv.second.kind != Json::kArray || kv.second.items.size() != 2) throw std::runtime_error(path + ": malformed dims entry");
-      (*ranges)[kv.first] = DimRange{static_cast<int64_t>(kv.second.items[0].number), static_cast<int64_t>(kv.second.items[1].number)};
+      const auto& v = kv.second.items;
+      if (kv.second.kind != Json::kArray || v.size() < 2 || v.size() > 3) throw std::runtime_error(path + ": malformed dims entry");
+      (*ranges)[kv.first] = DimRange{static_cast<int64_t>(v[0].number), static_cast<int64_t>(v[1].number),
+                                     v.size() == 3 ? static_cast<int64_t>(v[2].number) : 1};
     }
   }
   const Json* inputs = m.Get("inputs");
@@ -560,6 +572,16 @@ std::vector<InputSpec> CheckManifest(const std::string& lib, bool verify, std::m
       spec.dims.push_back(named ? d.text : "");
     }
     specs.push_back(spec);
+  }
+  if (const Json* args = m.Get("shape_args")) {
+    for (const Json& a : args->items) {
+      const Json *input = a.Get("input"), *axis = a.Get("axis"), *step = a.Get("step");
+      if (!input || !axis || !step) throw std::runtime_error(path + ": malformed shape_args entry");
+      size_t index = 0;
+      while (index < specs.size() && specs[index].name != input->text) ++index;
+      if (index == specs.size()) throw std::runtime_error(path + ": shape_args names an unknown input");
+      shape_args->push_back(ShapeArg{index, static_cast<int64_t>(axis->number), static_cast<int64_t>(step->number)});
+    }
   }
   return specs;
 }
@@ -588,11 +610,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::vector<npy::Array> arrays;
+  std::vector<ShapeArg> shape_args;
   try {
     // Everything the inputs can get wrong is found before the library is loaded or run.
     std::map<std::string, DimRange> ranges;
     std::map<std::string, int64_t> sizes;
-    std::vector<InputSpec> specs = CheckManifest(lib, verify, &ranges);
+    std::vector<InputSpec> specs = CheckManifest(lib, verify, &ranges, &shape_args);
     if (!specs.empty() && specs.size() != inputs.size()) {
       std::string names;
       for (const auto& s : specs) names += (names.empty() ? "" : ", ") + s.name;
@@ -625,6 +648,11 @@ int main(int argc, char** argv) {
       Tensor t = Tensor::FromNDAlloc(AlignedCPUAlloc(), tvm::ffi::ShapeView(a.shape.data(), a.shape.size()), ToDL(a.type), cpu);
       std::memcpy(t.GetDLTensorPtr()->data, a.data.data(), a.data.size());
       args.push_back(t);
+    }
+    if (!shape_args.empty()) {  // stepped dynamic dimensions: their size / step, after the inputs
+      std::vector<int64_t> blocks;
+      for (const ShapeArg& a : shape_args) blocks.push_back(arrays[a.input].shape[a.axis] / a.step);
+      args.push_back(tvm::ffi::Shape(blocks));
     }
     std::vector<tvm::ffi::AnyView> views(args.begin(), args.end());
     Any result;

@@ -15,10 +15,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvmq._compat import TensorType
+from tvmq._compat import TensorType, expr_type
 from tvmq.targets.kernel_names import SOFTMAX_FUNC
 
-from .graph import call_op, dtype_of, map_functions, static_shape
+from .graph import call_op, dims, dtype_of, map_functions, static_shape
 
 __all__ = ["FastSoftmax"]
 
@@ -53,6 +53,18 @@ class _SoftmaxRewriter(relax.PyExprMutator):
         x = call.args[0]
         shape = static_shape(x)
         axis = int(call.attrs.axis)
+        symbolic = dims(x)
+        if (shape is None and symbolic and axis in (-1, len(symbolic) - 1) and isinstance(symbolic[-1], int)
+                and symbolic[-1] >= self.lanes):
+            # dynamic leading dimensions (a sequence of any length): the same row kernel over the
+            # rows as [rows, n], so a dynamic build computes what a static one does, bit for bit
+            from tvmq.targets.softmax import row_softmax
+
+            n = symbolic[-1]
+            rows = self.builder_.emit(relax.op.reshape(x, [-1, n]))
+            kernel = self.builder_.add_func(row_softmax(None, n, self.lanes), SOFTMAX_FUNC)
+            y = self.builder_.emit(relax.call_tir(kernel, [rows], TensorType(expr_type(rows).shape.values, "float32")))
+            return relax.op.reshape(y, expr_type(x).shape)
         if shape and axis in (-1, len(shape) - 1) and shape[-1] >= self.lanes:
             # Last axis, static shape: tvmq's row kernel (DLight's reduction rule scalarizes rows
             # whose length is not a multiple of the vector width), on the tensor before a reshape

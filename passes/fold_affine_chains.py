@@ -14,7 +14,7 @@ from tvm import relax
 
 from tvmq._compat import constant_array, is_constant
 
-from .graph import FunctionGraph, call_op, dtype_of, map_functions, relax_functions, static_shape
+from .graph import FunctionGraph, call_op, dims, dtype_of, map_functions, relax_functions
 
 __all__ = ["FoldAffineChains"]
 
@@ -35,16 +35,14 @@ def _affine_step(call):
         x, c = b, a
     else:
         return None
-    shape = static_shape(x)
-    if shape is None or static_shape(call) != shape:
+    shape = dims(x)  # dynamic dimensions too: a dynamic build must fold as the static one does
+    if shape is None or dims(call) != shape:
         return None
     value = constant_array(c)
     if value.dtype != np.float32 or not np.all(np.isfinite(value)):
         return None
-    try:
-        if np.broadcast_shapes(value.shape, shape) != tuple(shape):
-            return None
-    except ValueError:
+    if value.ndim > len(shape) or any(  # c broadcasts into x's shape without growing it
+            v != 1 and v != d for v, d in zip(value.shape[::-1], shape[::-1])):
         return None
     return x, value.astype(np.float64), op
 

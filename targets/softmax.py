@@ -31,8 +31,9 @@ def fast_exp(v):
     return T.max(T.reinterpret("float32", T.shift_left(T.Cast("int32", n + c(127.0)), 23)) * p, v)
 
 
-def row_softmax(rows: int, n: int, lanes: int = 16, shape=None):
+def row_softmax(rows: int | None, n: int, lanes: int = 16, shape=None):
     """A scheduled PrimFunc ``(x[rows, n]) -> y[rows, n]``: softmax of each row, rows in parallel.
+    ``rows=None``: any number of rows (a dynamic dimension), the same arithmetic per row.
 
     Needs ``n >= lanes``. Three passes per row: lane-wise maxima; ``fast_exp(x - max)`` into
     ``y`` with lane-wise sums; ``y / sum``. With ``shape`` (``rows`` x ``n`` elements, last axis
@@ -41,9 +42,15 @@ def row_softmax(rows: int, n: int, lanes: int = 16, shape=None):
     """
     from tvm.script import tirx as T
 
-    shape = tuple(int(d) for d in (shape or (rows, n)))
-    if shape[-1] != n or int(np.prod(shape, dtype=np.int64)) != rows * n:
-        raise ValueError(f"shape {shape} does not hold {rows} rows of {n}")
+    from tvmq._compat import tir
+
+    if rows is None:  # a dynamic row count: the parameters are [rows, n], rows defined by them
+        rows = tir.Var("rows", "int64")
+        shape = (rows, n)
+    else:
+        shape = tuple(int(d) for d in (shape or (rows, n)))
+        if shape[-1] != n or int(np.prod(shape, dtype=np.int64)) != rows * n:
+            raise ValueError(f"shape {shape} does not hold {rows} rows of {n}")
     if n < lanes:
         raise ValueError(f"row_softmax needs rows of at least {lanes} elements, not {n}")
     whole, tail = n // lanes, n % lanes

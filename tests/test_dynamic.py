@@ -21,6 +21,7 @@ from tvmq.testing import make_model
 
 H, C = 12, 3
 RANGE = (8, 256)
+CLASSES = 20  # at least a vector of them: the softmax runs tvmq's row kernel
 
 
 def _text_line_model(seed=0):
@@ -40,16 +41,24 @@ def _text_line_model(seed=0):
         helper.make_node("Add", ["c2", "r1"], ["a2"]),
         helper.make_node("Relu", ["a2"], ["r2"]),
         helper.make_node("Conv", ["r2", "wd", "bd"], ["cd"], pads=[1, 1, 1, 1], group=32),
-        helper.make_node("Reshape", ["cd", "seq_shape"], ["s"]),
+        # an affine chain (FoldAffineChains must fold it on a dynamic shape as on a static one)
+        helper.make_node("Mul", ["cd", "gamma"], ["g"]),
+        helper.make_node("Add", ["g", "beta"], ["gb0"]),
+        helper.make_node("Mul", ["gb0", "sixth"], ["gb"]),
+        helper.make_node("Reshape", ["gb", "seq_shape"], ["s"]),
         helper.make_node("Transpose", ["s"], ["t"], perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["t", "wf"], ["logits"]),
+        helper.make_node("MatMul", ["t", "wf"], ["m"]),
+        helper.make_node("Softmax", ["m"], ["logits"], axis=-1),  # tvmq's row kernel over T rows
     ]
     inits = [("w0", w(16, C, 3, 3)), ("b0", rng.standard_normal(16).astype(np.float32) * 0.1),
              ("w1", w(32, 16, 3, 3)), ("b1", rng.standard_normal(32).astype(np.float32) * 0.1),
              ("w2", w(32, 32, 1, 1)), ("b2", rng.standard_normal(32).astype(np.float32) * 0.1),
              ("wd", w(32, 1, 3, 3)), ("bd", rng.standard_normal(32).astype(np.float32) * 0.1),
-             ("seq_shape", np.array([1, 32 * H // 2, -1], np.int64)), ("wf", w(32 * H // 2, 10) * 0.3)]
-    return make_model(nodes, [("x", [1, C, H, "W"])], [("logits", [1, "T", 10])], inits)
+             ("gamma", rng.uniform(0.5, 1.5, (1, 32, 1, 1)).astype(np.float32)),
+             ("beta", rng.uniform(-0.2, 0.2, (1, 32, 1, 1)).astype(np.float32)),
+             ("sixth", np.array(1 / 6, np.float32) * 5.0),
+             ("seq_shape", np.array([1, 32 * H // 2, -1], np.int64)), ("wf", w(32 * H // 2, CLASSES) * 0.3)]
+    return make_model(nodes, [("x", [1, C, H, "W"])], [("logits", [1, "T", CLASSES])], inits)
 
 
 def _line(rng, width):
@@ -71,7 +80,7 @@ def test_manifest_records_the_range_and_every_kernel_is_integer(dynamic):
     m = json.loads((root / "dyn" / "manifest.json").read_text())
     assert m["inputs"] == [{"name": "x", "shape": [1, C, H, "W"], "dtype": "float32"}]
     assert m["dims"] == {"W": list(RANGE)}
-    assert m["outputs"][0]["shape"] == [1, "(W - 1) // 2 + 1", 10]
+    assert m["outputs"][0]["shape"] == [1, "(W - 1) // 2 + 1", CLASSES]
     int8 = [n for n, lp in result.plan.layers.items() if lp.is_int8 and lp.kind != "add"]
     assert len(int8) >= 4  # the three dense convs and the matmul, at least
     integer = [k for k in m["kernels"] if k["accumulator"] == "int32"]
@@ -108,7 +117,7 @@ def test_each_width_gives_the_integers_of_a_static_build_for_it(dynamic, width, 
     assert json.loads((tmp_path / "static" / "manifest.json").read_text())["inputs"][0]["shape"] == [1, C, H, width]
     assert static.plan.count("int8") == result.plan.count("int8")
     ref = Bundle(tmp_path / "static").run({"x": x})["logits"]
-    assert out.shape == ref.shape == (1, (width - 1) // 2 + 1, 10)
+    assert out.shape == ref.shape == (1, (width - 1) // 2 + 1, CLASSES)
     np.testing.assert_array_equal(out, ref)
     fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert sample_sqnr(fp32, out) > 20.0  # int8 at every width, not only the calibrated ones

@@ -199,6 +199,7 @@ def main(argv=None) -> int:
 
     configure_threads()
     work = Path(args.work or tempfile.mkdtemp(prefix="tvmq-dynamic-"))
+    work.mkdir(parents=True, exist_ok=True)
     print(f"host ISA: {host_isa()}; {args.threads} threads")
     figures = {"host_isa": host_isa(), "threads": args.threads}
     if args.only in (None, "rec"):

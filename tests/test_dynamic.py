@@ -220,6 +220,8 @@ def test_reshape_targets_computed_from_dynamic_shapes_import(tmp_path):
     reshape = next(n for n in copy.graph.node if n.op_type == "Reshape")
     target = next(i for i in copy.graph.initializer if i.name == reshape.input[1])
     assert numpy_helper.to_array(target).tolist() == [0, 8 * H, -1]  # batch copied, width inferred
+    stepped = type(model).FromString(model.SerializeToString())  # probed on the steps of the range
+    assert resolve_dynamic_reshapes(stepped, {"N": (1, 4), "W": (8, 64, 4)}) == 1
     assert not any(n.op_type in ("Shape", "Slice", "Concat") for n in copy.graph.node)  # dead arithmetic gone
 
     compile_model(model, tmp_path / "b", precision="fp32", shapes={"x": ["N", C, H, "W"]}, dims={"N": (1, 4), "W": (8, 64)})

@@ -145,12 +145,12 @@ def _fold_once(model):
     return folded
 
 
-def resolve_dynamic_reshapes(model, dims: dict[str, tuple[int, int]]) -> int:
+def resolve_dynamic_reshapes(model, dims: dict[str, tuple[int, ...]]) -> int:
     """Give each ``Reshape`` whose target is computed from dynamic shapes a constant target, in
     ONNX's own terms: ``0`` copies the input's dimension, ``-1`` is inferred (TVM's importer reads
-    only constant targets). The target is evaluated at two sizes of every dynamic dimension: an
-    entry equal at both is a constant, one that follows the input's dimension at the same axis is
-    ``0``, and the one other entry is ``-1``. Returns the number of reshapes rewritten; a target
+    only constant targets). The target is evaluated at three sizes of every dynamic dimension
+    (smallest, middle, largest; on its steps): an entry equal at all three is a constant, one that
+    follows the input's dimension at the same axis is ``0``, and the one other entry is ``-1``. Returns the number of reshapes rewritten; a target
     that needs more than one inferred entry is a :class:`TvmqError` naming the node."""
     import onnx
     from onnx import numpy_helper
@@ -163,8 +163,9 @@ def resolve_dynamic_reshapes(model, dims: dict[str, tuple[int, int]]) -> int:
     if not targets:
         return 0
     probes = []
+    probe = {name: _probe_sizes(bounds) for name, bounds in dims.items()}
     for pick in range(3):  # the smallest, a middle and the largest size of every dimension
-        sizes = {name: (lo, (lo + hi) // 2 + 1 if hi > lo else lo, hi)[pick] for name, (lo, hi) in dims.items()}
+        sizes = {name: three[pick] for name, three in probe.items()}
         static = onnx.ModelProto.FromString(model.SerializeToString())
         for inp in static.graph.input:
             for d in inp.type.tensor_type.shape.dim:
@@ -201,6 +202,14 @@ def resolve_dynamic_reshapes(model, dims: dict[str, tuple[int, int]]) -> int:
     if rewritten:
         _drop_dead_nodes(model)
     return rewritten
+
+
+def _probe_sizes(bounds) -> tuple[int, int, int]:
+    """The smallest, a middle and the largest size of ``(lo, hi)`` or ``(lo, hi, step)``, each a
+    multiple of the step."""
+    lo, hi, step = (*bounds, 1)[:3]
+    first, last = -(-lo // step) * step, hi // step * step
+    return first, min(last, first + ((last - first) // 2 // step + 1) * step), last
 
 
 def _drop_dead_nodes(model) -> None:

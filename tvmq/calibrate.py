@@ -55,21 +55,13 @@ class InputSpec:
     shape: tuple[int | str, ...]  # a str names a symbolic dimension
     dtype: str
 
-    def accepts(self, shape, ranges: dict[str, tuple[int, int]] | None = None) -> bool:
+    def accepts(self, shape, ranges: dict[str, tuple[int, ...]] | None = None) -> bool:
         """Whether an array of ``shape`` fits: same rank, equal static dimensions, and for each
-        symbolic name one size, inside its range when ``ranges`` gives one."""
-        if len(shape) != len(self.shape):
-            return False
-        sizes = {}
-        for want, got in zip(self.shape, shape):
-            if isinstance(want, str):
-                lo, hi, *step = (ranges or {}).get(want, (1, None))
-                if (sizes.setdefault(want, got) != got or got < lo or (hi is not None and got > hi)
-                        or (step and got % step[0])):
-                    return False
-            elif want != got:
-                return False
-        return True
+        symbolic name one size, inside its range (and steps) when ``ranges`` gives one: the
+        check the bundle's runners make (:func:`tvmq.runtime.shape_problem`)."""
+        from tvmq.runtime import shape_problem
+
+        return shape_problem(list(shape), list(self.shape), ranges or {}, {}) is None
 
 
 def load_samples_dir(path: str | Path, inputs: list[InputSpec],

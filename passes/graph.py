@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from tvm import relax
 
 from tvmq._compat import constant_array, expr_type, is_constant, make_call, tir

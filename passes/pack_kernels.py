@@ -54,9 +54,6 @@ from .layers import Activation
 __all__ = ["PackKernels", "CONV_BLOCK", "MATMUL_BLOCK", "DEPTHWISE_BLOCK", "pack_conv_weight", "pack_matmul_weight"]
 
 PAIR_K = 8  # input channels per step of the two-pixel micro-kernel (smmla); no other kernel has 8
-
-
-
 DEPTHWISE_PIXELS = 8  # the depthwise schedule's pixel tile where the width allows it (targets.schedules)
 
 

@@ -28,16 +28,16 @@ import math
 
 import tvm
 from tvm import s_tir, tirx
+from tvm.s_tir.dlight.base import ScheduleRule
 
 from tvmq._compat import arith
-from tvm.s_tir.dlight.base import ScheduleRule
 
 from .generic_schedules import (
     ChannelReductionRule,
     FallbackRule,
     InjectiveRule,
-    find_block,
     extent_hint,
+    find_block,
     inline_epilogue,
     loop_extent,
     schedule_producers,
@@ -81,6 +81,12 @@ def _known_multiple(extent, limit: int = 64) -> int | None:
         if analyzer.can_prove(tirx.floormod(extent, d) == 0):
             return d
     return None
+
+
+def _pixel_extent(sch, loop) -> int | None:
+    """A pixel loop's extent, or for a symbolic one the multiple it provably is (the tile
+    multiple PackKernels computes), or None."""
+    return loop_extent(sch, loop) or _known_multiple(sch.get(loop).extent)
 
 
 def _weights_outweigh_activations(sch, main) -> bool:
@@ -223,7 +229,7 @@ class PackedKernelRule(ScheduleRule):
             xs = sch.sample_perfect_tile(x, n=2, max_innermost_factor=16)
             os_ = sch.sample_perfect_tile(oo, n=2, max_innermost_factor=8)
             return xs, os_
-        xb, ob = self.tile(loop_extent(sch, x) or _known_multiple(sch.get(x).extent), loop_extent(sch, oo), lanes, dot)
+        xb, ob = self.tile(_pixel_extent(sch, x), loop_extent(sch, oo), lanes, dot)
         return [None, xb], [None, ob]
 
     def tile(self, x: int | None, oo: int | None, lanes: int, dot: bool) -> tuple[int, int]:
@@ -324,16 +330,13 @@ class DepthwiseRule(ScheduleRule):
             if tunable:
                 x_tiles = sch.sample_perfect_tile(x, n=2, max_innermost_factor=8)
             else:
-                x_tiles = [None, _float_pixels(loop_extent(sch, x) or _known_multiple(sch.get(x).extent), self.x_block)]
+                x_tiles = [None, _float_pixels(_pixel_extent(sch, x), self.x_block)]
             xo, xi = sch.split(x, x_tiles)
             sch.reorder(n, y, xo, co, kh, kw, xi, ci)
             outer = sch.fuse(n, y)
-            epilogue = inline_epilogue(sch, main)
-            if symbolic:  # see _epilogue_apart
-                for block in epilogue:
-                    spatial_schedule(sch, block, self.lanes)
-                epilogue = []
-            for block in epilogue:
+            if symbolic:
+                _epilogue_apart(sch, main, self.lanes)
+            for block in [] if symbolic else inline_epilogue(sch, main):
                 try:
                     sch.reverse_compute_at(block, co, preserve_unit_loops=True)
                     sch.vectorize(sch.get_loops(block)[-1])

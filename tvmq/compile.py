@@ -160,8 +160,10 @@ def with_dim_bounds(mod, info):
     of allocating it at each call (which cost the PP-OCR recogniser more than its kernels)."""
     if not info.dims:
         return mod
+    from tvmq.frontend import dim_variable_name
+
     mod = mod.clone() if hasattr(mod, "clone") else mod
-    bounds = {name if step == 1 else f"{name}_{step}": hi // step for name, _, hi, step in info.dims}
+    bounds = {dim_variable_name(name, step): hi // step for name, _, hi, step in info.dims}
     mod["main"] = mod["main"].with_attr("tir_var_upper_bound", bounds)
     return mod
 

@@ -12,32 +12,45 @@ __all__ = ["HostModule", "to_numpy_list"]
 
 
 
+def dim_variable(dim):
+    """``(variable, step)`` of an input dimension made by :func:`tvmq.frontend.load_onnx`: a
+    dynamic one is a variable (step 1), a stepped one ``step * variable``; None for the others."""
+    from tvmq._compat import IntImm, tir
+
+    if isinstance(dim, tir.Var):
+        return dim, 1
+    if isinstance(dim, tir.Mul):
+        for var, step in ((dim.a, dim.b), (dim.b, dim.a)):
+            if isinstance(var, tir.Var) and isinstance(step, IntImm):
+                return var, int(step.value)
+    return None
+
+
 def shape_arguments(func) -> tuple[int, list[tuple[int, int, int]]]:
     """Where ``main`` takes its shape argument (``R.Shape([H_32, ...])``, made for stepped dynamic
     dimensions by :func:`tvmq.frontend.load_onnx`) and what it holds: ``(position, [(array, axis,
     step), ...])``, each value the size / step of ``array``'s (the call's other arguments, in
     order) ``axis``. ``(-1, [])`` when ``main`` takes none."""
-    from tvmq._compat import IntImm, expr_type, tir
+    from tvmq._compat import expr_type
 
-    params = list(func.params)
-    types = [expr_type(p) for p in params]
+    types = [expr_type(p) for p in func.params]
     position = next((i for i, t in enumerate(types) if not hasattr(t, "dtype") and getattr(t, "values", None)), -1)
     if position < 0:
         return -1, []
-    others = [t for i, t in enumerate(types) if i != position]
-    found = []
+    stepped = []  # (variable, (array, axis, step)) for each stepped input dimension, in order
+    for i, t in enumerate(t for i, t in enumerate(types) if i != position):
+        shape = getattr(t, "shape", None)
+        for axis, d in enumerate(shape.values if shape is not None else []):
+            var, step = dim_variable(d) or (None, 1)
+            if step > 1:
+                stepped.append((var, (i, axis, step)))
+    entries = []
     for var in types[position].values:
-        for i, t in enumerate(others):
-            shape = getattr(t, "shape", None)
-            hits = [(i, axis, int(d.a.value if isinstance(d.a, IntImm) else d.b.value))
-                    for axis, d in enumerate(shape.values if shape is not None else [])
-                    if isinstance(d, tir.Mul) and any(x.same_as(var) for x in (d.a, d.b))]
-            if hits:
-                found.append(hits[0])
-                break
-        else:
+        entry = next((e for v, e in stepped if v.same_as(var)), None)
+        if entry is None:
             raise ValueError(f"main's shape argument {var} is no input's size / step")
-    return position, found
+        entries.append(entry)
+    return position, entries
 
 
 def shape_argument(shape_args, shapes):

@@ -95,6 +95,12 @@ def dim_range(bounds) -> tuple[int, int, int]:
     return int(lo), int(hi), int(step[0]) if step else 1
 
 
+def dim_variable_name(name: str, step: int) -> str:
+    """The symbolic variable a dynamic dimension imports as: ``W``, or ``H_32`` (H / 32) for one
+    in steps of 32; ``tir_var_upper_bound`` names it too."""
+    return name if step == 1 else f"{name}_{step}"
+
+
 def check_dims(shapes: dict[str, list], dims: dict[str, tuple[int, int]]) -> None:
     """Every dimension name in ``shapes`` has a range in ``dims``, and every range is used."""
     used = {d for shape in shapes.values() for d in shape if isinstance(d, str)}
@@ -408,12 +414,12 @@ def _symbolic_shapes(specs: list[InputSpec], dims: dict):
     variables, blocks = {}, []
     for name in sorted(dims):
         step = dim_range(dims[name])[2]
+        var = tir.Var(dim_variable_name(name, step), "int64")
         if step > 1:
-            var = tir.Var(f"{name}_{step}", "int64")
             variables[name] = step * var
             blocks.append(var)
         else:
-            variables[name] = tir.Var(name, "int64")
+            variables[name] = var
     return {s.name: [variables.get(d, d) if isinstance(d, str) else d for d in s.shape] for s in specs}, blocks
 
 

@@ -197,19 +197,17 @@ def specialised(mod, sample: dict, input_names: list[str]):
     kernels a latency measurement can time. ``mod`` itself when it has none."""
     from tvm import relax
 
-    from tvmq._compat import expr_type, tir
+    from tvmq._compat import expr_type
+    from tvmq.execute import dim_variable
 
     tensors = [p for p in mod["main"].params if hasattr(expr_type(p), "dtype")]
     values = {}
     for name, param in zip(input_names, tensors):
         shape = getattr(expr_type(param), "shape", None)
         for d, size in zip(shape.values if shape is not None else [], np.shape(sample[name])):
-            if isinstance(d, tir.Var):
-                values[d] = int(size)
-            elif isinstance(d, tir.Mul) and isinstance(d.b, tir.Var):
-                values[d.b] = int(size) // int(d.a)
-            elif isinstance(d, tir.Mul) and isinstance(d.a, tir.Var):
-                values[d.a] = int(size) // int(d.b)
+            var, step = dim_variable(d) or (None, 1)
+            if var is not None:
+                values[var] = int(size) // step
     return relax.transform.BindSymbolicVars(values, "main")(mod) if values else mod
 
 

@@ -3,8 +3,9 @@
 Runs in :func:`tvmq.pipeline.relax_passes` (LLVM targets), after FoldAffineChains and
 PackKernels and before FastMath and legalization (``LegalizeOps``), on the quantized module.
 LLVM turns a vector ``exp`` into one libm call per lane; TVM's ``fast_exp`` polynomial
-vectorizes. A softmax over the last axis of a static shape becomes tvmq's row kernel
-(:func:`tvmq.targets.softmax.row_softmax`), every other one ``topi.nn.fast_softmax``. The
+vectorizes. A softmax over the last axis becomes tvmq's row kernel
+(:func:`tvmq.targets.softmax.row_softmax`), static or dynamic shape (the same arithmetic for a
+size either way), every other one ``topi.nn.fast_softmax``. The
 pass also removes the reshape pairs ONNX's flatten-softmax-unflatten (opset < 13) leaves
 around the row kernel.
 """
@@ -54,20 +55,25 @@ class _SoftmaxRewriter(relax.PyExprMutator):
         shape = static_shape(x)
         axis = int(call.attrs.axis)
         symbolic = dims(x)
-        if (shape is None and symbolic and axis in (-1, len(symbolic) - 1) and isinstance(symbolic[-1], int)
-                and symbolic[-1] >= self.lanes):
-            # dynamic leading dimensions (a sequence of any length): the same row kernel over the
-            # rows as [rows, n], so a dynamic build computes what a static one does, bit for bit
+        if shape is None and symbolic and axis in (-1, len(symbolic) - 1):
+            # dynamic dimensions (a sequence of any length, rows of any length): the same row
+            # kernel over the rows as [rows, n], so a dynamic build computes what a static one does,
+            # bit for bit
             from tvmq.targets.softmax import row_softmax
 
             n = symbolic[-1]
-            rows = self.builder_.emit(relax.op.reshape(x, [-1, n]))
-            kernel = self.builder_.add_func(row_softmax(None, n, self.lanes), SOFTMAX_FUNC)
-            y = self.builder_.emit(relax.call_tir(kernel, [rows], TensorType(expr_type(rows).shape.values, "float32")))
+            rows = int(np.prod(symbolic[:-1], dtype=np.int64)) if all(isinstance(d, int) for d in symbolic[:-1]) else None
+            count = 1
+            for d in list(expr_type(x).shape.values)[:-1]:
+                count = d * count
+            as_rows = self.builder_.emit(relax.op.reshape(x, [count, expr_type(x).shape.values[-1]]))
+            kernel = self.builder_.add_func(row_softmax(rows, n if isinstance(n, int) else None, self.lanes), SOFTMAX_FUNC)
+            y = self.builder_.emit(relax.call_tir(kernel, [as_rows], TensorType(expr_type(as_rows).shape.values, "float32")))
             return relax.op.reshape(y, expr_type(x).shape)
-        if shape and axis in (-1, len(shape) - 1) and shape[-1] >= self.lanes:
+        if shape and axis in (-1, len(shape) - 1):
             # Last axis, static shape: tvmq's row kernel (DLight's reduction rule scalarizes rows
-            # whose length is not a multiple of the vector width), on the tensor before a reshape
+            # whose length is not a multiple of the vector width; rows shorter than a vector run
+            # in scalars, as a dynamic build runs them), on the tensor before a reshape
             # that only merged its leading axes.
             from tvmq.targets.softmax import row_softmax
 
@@ -90,7 +96,7 @@ class FastSoftmax:
     LLVM turns a vector ``exp`` into one libm call per lane; the polynomial vectorizes. Relative
     error below 5e-5 of the exact softmax (tested); PP-OCR's recogniser ends in a 6625-class
     softmax over 40 steps, which took a fifth of its int8 kernel time with ``exp``. A softmax
-    over the last axis of a static shape uses :func:`tvmq.targets.softmax.row_softmax` with
+    over the last axis uses :func:`tvmq.targets.softmax.row_softmax` with
     ``lanes``-wide vectors.
     """
 

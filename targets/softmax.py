@@ -31,29 +31,32 @@ def fast_exp(v):
     return T.max(T.reinterpret("float32", T.shift_left(T.Cast("int32", n + c(127.0)), 23)) * p, v)
 
 
-def row_softmax(rows: int | None, n: int, lanes: int = 16, shape=None):
+def row_softmax(rows: int | None, n: int | None, lanes: int = 16, shape=None):
     """A scheduled PrimFunc ``(x[rows, n]) -> y[rows, n]``: softmax of each row, rows in parallel.
-    ``rows=None``: any number of rows (a dynamic dimension), the same arithmetic per row.
+    ``rows=None`` / ``n=None``: any number of rows / any row length (dynamic dimensions), the same
+    arithmetic per row as the kernel for those sizes.
 
-    Needs ``n >= lanes``. Three passes per row: lane-wise maxima; ``fast_exp(x - max)`` into
-    ``y`` with lane-wise sums; ``y / sum``. With ``shape`` (``rows`` x ``n`` elements, last axis
-    ``n``) the parameters have that shape and the kernel views them as rows: no reshape around
-    the call, which TVM would run as a copy where the result is the model's output.
+    Three passes per row: lane-wise maxima over the whole vectors (the maximum is exact, in any
+    order); ``fast_exp(x - max)`` into ``y`` with lane-wise sums, the remainder in scalars; ``y /
+    sum``. With ``shape`` (``rows`` x ``n`` elements, last axis ``n``) the parameters have that
+    shape and the kernel views them as rows: no reshape around the call, which TVM would run as a
+    copy where the result is the model's output.
     """
     from tvm.script import tirx as T
 
     from tvmq._compat import tir
 
-    if rows is None:  # a dynamic row count: the parameters are [rows, n], rows defined by them
-        rows = tir.Var("rows", "int64")
+    if rows is None or n is None:  # dynamic: the parameters are [rows, n], their sizes defined by them
+        rows = tir.Var("rows", "int64") if rows is None else rows
+        n = tir.Var("n", "int64") if n is None else n
         shape = (rows, n)
     else:
         shape = tuple(int(d) for d in (shape or (rows, n)))
         if shape[-1] != n or int(np.prod(shape, dtype=np.int64)) != rows * n:
             raise ValueError(f"shape {shape} does not hold {rows} rows of {n}")
-    if n < lanes:
-        raise ValueError(f"row_softmax needs rows of at least {lanes} elements, not {n}")
     whole, tail = n // lanes, n % lanes
+    # the vector part runs once if the row holds a whole vector (a loop of 0 or 1 for a dynamic length)
+    vectors = min(whole, 1) if isinstance(whole, int) else T.min(whole, 1)
 
     @T.prim_func(private=True, s_tir=True)
     def tvmq_softmax(x_in: T.Buffer(shape, "float32"), y_out: T.Buffer(shape, "float32")):
@@ -67,14 +70,15 @@ def row_softmax(rows: int | None, n: int, lanes: int = 16, shape=None):
             top = T.sblock_alloc_buffer((rows,), "float32")
             total = T.sblock_alloc_buffer((rows,), "float32")
             for r in T.parallel(rows):
-                for l in T.vectorized(lanes):
-                    acc[r, l] = x[r, l]
-                for ko in range(1, whole):
+                top[r] = x[r, 0]
+                for _ in range(vectors):
                     for l in T.vectorized(lanes):
-                        acc[r, l] = T.max(acc[r, l], x[r, ko * lanes + l])
-                top[r] = acc[r, 0]
-                for l in range(1, lanes):
-                    top[r] = T.max(top[r], acc[r, l])
+                        acc[r, l] = x[r, l]
+                    for ko in range(1, whole):
+                        for l in T.vectorized(lanes):
+                            acc[r, l] = T.max(acc[r, l], x[r, ko * lanes + l])
+                    for l in range(lanes):
+                        top[r] = T.max(top[r], acc[r, l])
                 for t in range(tail):
                     top[r] = T.max(top[r], x[r, whole * lanes + t])
                 for l in T.vectorized(lanes):

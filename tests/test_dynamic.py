@@ -26,7 +26,8 @@ CLASSES = 20  # at least a vector of them: the softmax runs tvmq's row kernel
 
 def _text_line_model(seed=0):
     """A small OCR-recogniser-like model over a variable width: convs (one strided, one depthwise),
-    a residual add, then the columns as a sequence through a matmul (CTC-style head)."""
+    a residual add, then the columns as a sequence through self-attention and a matmul (CTC-style
+    head)."""
     rng = np.random.default_rng(seed)
 
     def w(*shape):
@@ -47,7 +48,15 @@ def _text_line_model(seed=0):
         helper.make_node("Mul", ["gb0", "sixth"], ["gb"]),
         helper.make_node("Reshape", ["gb", "seq_shape"], ["s"]),
         helper.make_node("Transpose", ["s"], ["t"], perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["t", "wf"], ["m"]),
+        # self-attention over the columns: a softmax whose rows are as long as the line (any
+        # length, shorter than a vector at the narrowest widths)
+        helper.make_node("MatMul", ["t", "wq"], ["q"]),
+        helper.make_node("Transpose", ["q"], ["k"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "k"], ["qk"]),
+        helper.make_node("Softmax", ["qk"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "t"], ["ctx"]),
+        helper.make_node("Add", ["ctx", "t"], ["u"]),
+        helper.make_node("MatMul", ["u", "wf"], ["m"]),
         helper.make_node("Softmax", ["m"], ["logits"], axis=-1),  # tvmq's row kernel over T rows
     ]
     inits = [("w0", w(16, C, 3, 3)), ("b0", rng.standard_normal(16).astype(np.float32) * 0.1),
@@ -57,8 +66,10 @@ def _text_line_model(seed=0):
              ("gamma", rng.uniform(0.5, 1.5, (1, 32, 1, 1)).astype(np.float32)),
              ("beta", rng.uniform(-0.2, 0.2, (1, 32, 1, 1)).astype(np.float32)),
              ("sixth", np.array(1 / 6, np.float32) * 5.0),
-             ("seq_shape", np.array([1, 32 * H // 2, -1], np.int64)), ("wf", w(32 * H // 2, CLASSES) * 0.3)]
-    return make_model(nodes, [("x", [1, C, H, "W"])], [("logits", [1, "T", CLASSES])], inits)
+             ("seq_shape", np.array([1, 32 * H // 2, -1], np.int64)), ("wq", w(32 * H // 2, 8)),
+             ("wf", w(32 * H // 2, CLASSES) * 0.3)]
+    # the attention probabilities are an output too: float, not rounded away by a requantize
+    return make_model(nodes, [("x", [1, C, H, "W"])], [("logits", [1, "T", CLASSES]), ("p", [1, "T", "T"])], inits)
 
 
 def _line(rng, width):
@@ -116,9 +127,11 @@ def test_each_width_gives_the_integers_of_a_static_build_for_it(dynamic, width, 
     static = compile_model(model, tmp_path / "static", plan=root / "dyn" / "plan.json", shapes={"x": [1, C, H, width]})
     assert json.loads((tmp_path / "static" / "manifest.json").read_text())["inputs"][0]["shape"] == [1, C, H, width]
     assert static.plan.count("int8") == result.plan.count("int8")
-    ref = Bundle(tmp_path / "static").run({"x": x})["logits"]
-    assert out.shape == ref.shape == (1, (width - 1) // 2 + 1, CLASSES)
-    np.testing.assert_array_equal(out, ref)
+    got = Bundle(root / "dyn").run({"x": x})
+    ref = Bundle(tmp_path / "static").run({"x": x})
+    assert out.shape == ref["logits"].shape == (1, (width - 1) // 2 + 1, CLASSES)
+    np.testing.assert_array_equal(out, ref["logits"])
+    np.testing.assert_array_equal(got["p"], ref["p"])  # the softmax over a dynamic row length
     fp32 = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert sample_sqnr(fp32, out) > 20.0  # int8 at every width, not only the calibrated ones
 

@@ -467,14 +467,15 @@ def row_softmax_expected(shape):
             x = T.decl_buffer((2, 5), data=x_in.data)
             y = T.decl_buffer((2, 5), data=y_out.data)
             for r in T.parallel(2):
-                for l in T.vectorized(4):
-                    acc[r, l] = x[r, l]
-                for ko in range(1, 1):
+                top[r] = x[r, 0]
+                for _ in range(1):
                     for l in T.vectorized(4):
-                        acc[r, l] = T.max(acc[r, l], x[r, ko * 4 + l])
-                top[r] = acc[r, 0]
-                for l in range(1, 4):
-                    top[r] = T.max(top[r], acc[r, l])
+                        acc[r, l] = x[r, l]
+                    for ko in range(1, 1):
+                        for l in T.vectorized(4):
+                            acc[r, l] = T.max(acc[r, l], x[r, ko * 4 + l])
+                    for l in range(4):
+                        top[r] = T.max(top[r], acc[r, l])
                 for t in range(1):
                     top[r] = T.max(top[r], x[r, 4 + t])
                 for l in T.vectorized(4):

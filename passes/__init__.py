@@ -4,6 +4,7 @@
 """
 
 from .smooth_quant import SmoothQuant
+from .specialize import Specialize
 from .weight_only import WeightOnly
 from .divide_to_multiply import DivideToMultiply
 from .fast_softmax import FastSoftmax
@@ -20,4 +21,4 @@ from .graph import count_ops
 from .layers import find_layers
 from .strip_qdq import has_qdq, strip_qdq
 
-__all__ = ["Conv1dToConv2d", "ConvTransposeToConv", "DivideToMultiply", "FastMath", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "SmoothQuant", "WeightOnly", "find_layers", "count_ops", "has_qdq", "strip_qdq"]
+__all__ = ["Conv1dToConv2d", "ConvTransposeToConv", "DivideToMultiply", "FastMath", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "SmoothQuant", "Specialize", "WeightOnly", "find_layers", "count_ops", "has_qdq", "strip_qdq"]

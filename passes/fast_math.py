@@ -47,4 +47,22 @@ class FastMath:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         rewriter = _SigmoidRewriter(mod)
         mod = map_functions(mod, rewriter.visit_expr, builder=rewriter.builder_)
-        return relax.transform.FastMathTransform()(mod)
+        # TVM 0.27's FastMathTransform reads ``call.op.name`` of every call and fails on a call to
+        # another function (a GlobalVar: Specialize's dispatch in main); it runs without those.
+        callers = {gv: f for gv, f in mod.functions_items() if _calls_functions(f)}
+        if not callers:
+            return relax.transform.FastMathTransform()(mod)
+        out = relax.transform.FastMathTransform()(tvm.IRModule(
+            {gv: f for gv, f in mod.functions_items() if gv not in callers}, attrs=mod.attrs))
+        for gv, f in callers.items():
+            out[gv] = f
+        return out
+
+
+def _calls_functions(func) -> bool:
+    """Whether a Relax function calls another function of the module."""
+    found = []
+    if isinstance(func, relax.Function):
+        relax.analysis.post_order_visit(
+            func.body, lambda e: found.append(e) if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.GlobalVar) else None)
+    return bool(found)

@@ -136,6 +136,48 @@ def test_each_width_gives_the_integers_of_a_static_build_for_it(dynamic, width, 
     assert sample_sqnr(fp32, out) > 20.0  # int8 at every width, not only the calibrated ones
 
 
+def test_static_copies_run_for_their_sizes_and_the_dynamic_program_for_the_rest(dynamic, tmp_path):
+    """``--dim W=8..256@37,64``: static copies of the model for widths 37 and 64, dispatched inside
+    ``main``; each gives its static build's bits, every other width the dynamic program's."""
+    model, root, _ = dynamic
+    out = tmp_path / "spec"
+    compile_model(model, out, plan=root / "dyn" / "plan.json", shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE},
+                  variants={"W": [37, 64]})
+    assert json.loads((out / "manifest.json").read_text())["variants"] == [{"W": 37}, {"W": 64}]
+    bundle, dyn = Bundle(out), Bundle(root / "dyn")
+    vm, _ = bundle._load()
+    called = []
+    vm.set_instrument(lambda func, name, before, ret, *args: (called.append(name) if before else None, 0)[1])
+    for width, program in ((37, "main_W37"), (64, "main_W64"), (8, "main_dynamic"), (101, "main_dynamic")):
+        x = _line(np.random.default_rng(width), width)
+        called.clear()
+        got = bundle.run({"x": x})
+        assert [n for n in called if n.startswith("main")] == [program]
+        if program == "main_dynamic":
+            ref = dyn.run({"x": x})
+        else:
+            compile_model(model, tmp_path / f"s{width}", plan=root / "dyn" / "plan.json", shapes={"x": [1, C, H, width]})
+            ref = Bundle(tmp_path / f"s{width}").run({"x": x})
+        for name in ("logits", "p"):
+            np.testing.assert_array_equal(got[name], ref[name])
+
+
+def test_sizes_to_specialise_must_lie_in_the_range(tmp_path):
+    from tvmq.frontend import parse_dim_spec
+
+    assert parse_dim_spec("W=32..1280@160,320") == ("W", (32, 1280), [160, 320])
+    assert parse_dim_spec("H=64..1280:32@640") == ("H", (64, 1280, 32), [640])
+    with pytest.raises(TvmqError, match="after @"):
+        parse_dim_spec("W=32..1280@")
+    model = tmp_path / "m.onnx"
+    model.write_bytes(_text_line_model().SerializeToString())
+    for spec, problem in (("W=8..64@65", "65 is not a size of 8..64"), ("W=8..64:4@30", "30 is not a size of 8..64 in steps of 4")):
+        proc = subprocess.run([sys.executable, "-m", "tvmq", "compile", str(model), "-o", str(tmp_path / "out"), "--precision",
+                               "fp32", "--shape", "x:1,3,12,W", "--dim", spec], capture_output=True, text=True, check=False)
+        assert proc.returncode != 0 and proc.stderr.startswith("error: --dim W: " + problem), proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
 def test_sizes_outside_the_range_are_refused_before_running(dynamic, tmp_path):
     _, root, _ = dynamic
     bundle = Bundle(root / "dyn")
@@ -284,7 +326,8 @@ def _fpn_model(seed=5):
 def test_dimensions_in_steps_upsample_and_add(tmp_path):
     """``--dim H=8..64:2``: shapes that only agree for multiples of the step (x2 upsampling of a
     stride-2 branch, added to the full-size one) import, run at every multiple, and the runners
-    refuse the sizes between."""
+    refuse the sizes between. A copy specialised for H=22 (W still dynamic in it) runs at that
+    height and gives the bits of the static build too."""
     import onnxruntime as ort
 
     from tvmq.crossrt import build_runner
@@ -293,9 +336,10 @@ def test_dimensions_in_steps_upsample_and_add(tmp_path):
     dims = {"H": (8, 64, 2), "W": (8, 128, 2)}
     rng = np.random.default_rng(0)
     calib = [{"x": rng.uniform(-1, 1, (1, C, h, w)).astype(np.float32)} for h, w in ((8, 8), (16, 40), (32, 64))]
-    result = compile_model(model, tmp_path / "dyn", calib=calib, shapes={"x": [1, C, "H", "W"]}, dims=dims)
+    result = compile_model(model, tmp_path / "dyn", calib=calib, shapes={"x": [1, C, "H", "W"]}, dims=dims,
+                           variants={"H": [22]})
     m = json.loads((tmp_path / "dyn" / "manifest.json").read_text())
-    assert m["dims"] == {"H": [8, 64, 2], "W": [8, 128, 2]}
+    assert m["dims"] == {"H": [8, 64, 2], "W": [8, 128, 2]} and m["variants"] == [{"H": 22}]
     assert m["shape_args"] == [{"input": "x", "axis": 2, "step": 2}, {"input": "x", "axis": 3, "step": 2}]
     assert result.plan.count("int8") >= 3
     bundle = Bundle(tmp_path / "dyn")

@@ -137,6 +137,8 @@ def manifest(model, info, preset, plan, float_mod, qmod, kernels, warnings) -> d
         "inputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in info.inputs],
         "outputs": [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in info.outputs],
         "dims": {name: [lo, hi] + ([step] if step > 1 else []) for name, lo, hi, step in info.dims},
+        # sizes compiled as static copies, dispatched inside main (every other size: the dynamic program)
+        **({"variants": [dict(v) for v in info.variants]} if info.variants else {}),
         # a stepped dimension's size / step, passed to main after the inputs as one shape argument
         "shape_args": [{"input": info.inputs[i].name, "axis": axis, "step": step}
                        for i, axis, step in shape_arguments(qmod["main"])[1]],

@@ -39,8 +39,10 @@ def _add_compile(sub):
     p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1,..",
                    help="fix an input's dynamic shape (repeatable); a dimension given by name stays dynamic "
                         "over its --dim range, e.g. --shape x:1,3,48,W --dim W=32..1280")
-    p.add_argument("--dim", action="append", default=[], metavar="NAME=LO..HI",
-                   help="the sizes a named --shape dimension may take: one bundle runs them all (repeatable)")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=LO..HI[:STEP][@S1,S2]",
+                   help="the sizes a named --shape dimension may take: one bundle runs them all (repeatable); "
+                        "STEP: multiples of it only; @S1,S2: also compile static copies for those sizes, "
+                        "run when called with them (as fast as a bundle for that size alone)")
     p.add_argument("--method", default="minmax", choices=[m.value for m in CalibrationMethod],
                    help="activation range calibration (default: minmax)")
     p.add_argument("--percentile", type=float, default=99.999, help="kept %% for --method percentile")

@@ -38,10 +38,12 @@ def _config_from_args(args):
 
 
 def cmd_compile(args) -> int:
-    from tvmq.frontend import parse_dim_arg, parse_shape_arg
+    from tvmq.frontend import parse_dim_spec, parse_shape_arg
 
     shapes = dict(parse_shape_arg(s) for s in args.shape)
-    dims = dict(parse_dim_arg(d) for d in args.dim)
+    specs = [parse_dim_spec(d) for d in args.dim]
+    dims = {name: bounds for name, bounds, _ in specs}
+    variants = {name: sizes for name, _, sizes in specs if sizes}
     config = _config_from_args(args)
     if args.model is None:
         return _demo(args, config)
@@ -64,6 +66,7 @@ def cmd_compile(args) -> int:
         progress=args.verbose or bool(args.tune),
         tuning=TuneOptions(db=args.db, trials=args.tune, max_tasks=args.max_tasks),
         auto=_auto_from_args(args),
+        variants=variants,
     )
     _print_summary(result)
     return 0

@@ -69,6 +69,7 @@ def compile_model(
     progress: bool = False,
     tuning: TuneOptions | None = None,
     auto: AutoPrecision | None = None,
+    variants: dict[str, list[int]] | None = None,
 ) -> CompileResult:
     """Compile an ONNX model into a bundle folder.
 
@@ -95,8 +96,13 @@ def compile_model(
         Tuning database (its kernels are verified, then used) and trials to run first.
     auto : AutoPrecision, optional
         ``--precision auto``'s metric and budget (default: :data:`~tvmq.config.DEFAULT_MIN_SQNR` per output).
+    variants : dict, optional
+        ``{dimension name: [sizes]}`` inside its range in ``dims``: the bundle also carries a static
+        copy of the model for each size (each combination, for several names) and runs it for
+        calls of that size, the dynamic program for every other (``--dim W=32..1280@160,320``).
     """
     from tvmq.calibrate import CalibrationData
+    from tvmq.frontend import check_variants, variant_product
     from tvmq.targets import get_preset
 
     preset = get_preset(target)
@@ -106,8 +112,10 @@ def compile_model(
     precision, tuning = Precision.parse(precision), tuning or TuneOptions()
     raw = CalibrationData.of(calib)
     _check_request(model, precision, raw, plan, tuning, auto)
+    check_variants(dims, variants)
     with staged_output(output_dir, force) as tmp:
         qm = quantized_module(model, preset, raw, config or QuantConfig(), shapes, precision, plan, progress, auto, dims)
+        qm = dataclasses.replace(qm, info=dataclasses.replace(qm.info, variants=variant_product(variants)))
         executable, manifest = _build_into(tmp, model, qm, preset, tuning, progress)
     return CompileResult(output_dir, manifest, qm.module, qm.float_module, executable, qm.plan, qm.info, qm.warnings)
 
@@ -273,6 +281,12 @@ def _build_into(out: Path, model, qm: QuantizedModel, preset, tuning: TuneOption
         from tvmq.cuda import prepare_cuda_build
 
         prepare_cuda_build()
-    lowered = lower(qm.module, preset, database)
+    module = qm.module
+    if qm.info.variants:
+        from tvmq.frontend import variant_bindings
+        from tvmq.passes import Specialize
+
+        module = Specialize(variant_bindings(qm.info))(module)
+    lowered = lower(module, preset, database)
     executable = compile_lowered(lowered, preset)
     return executable, write_bundle(out, model, qm, preset, executable, reduction_kernels(lowered), tuning_info)

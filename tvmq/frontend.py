@@ -34,7 +34,7 @@ from tvmq.errors import TvmqError
 from tvmq.onnx_rewrites import QLINEAR_OPS, fold_constant_subgraphs, resolve_dynamic_reshapes, rewrite_qlinear_ops, value_dims
 
 __all__ = ["ModelInfo", "load_onnx", "read_onnx", "parse_shape_arg", "fold_constant_subgraphs", "is_prequantized",
-           "rewrite_qlinear_ops", "parse_dim_arg", "check_dims"]
+           "rewrite_qlinear_ops", "parse_dim_arg", "parse_dim_spec", "check_dims", "check_variants"]
 
 log = logging.getLogger("tvmq")
 
@@ -50,6 +50,8 @@ class ModelInfo:
     producer: str
     float_ops: tuple[str, ...]  # op types that never run in int8 (reported, not an error)
     dims: tuple[tuple[str, int, int, int], ...] = ()  # (name, smallest, largest, step) of each dynamic dimension
+    # the sizes compiled as static copies too (--dim W=32..1280@160,320): one ((name, size), ...) per copy
+    variants: tuple[tuple[tuple[str, int], ...], ...] = ()
 
     @property
     def dim_ranges(self) -> dict[str, tuple[int, int, int]]:
@@ -87,6 +89,53 @@ def parse_dim_arg(text: str) -> tuple[str, tuple[int, ...]]:
         raise TvmqError(f"--dim {text!r} is not NAME=LO..HI[:STEP] with 1 <= LO <= HI, e.g. --dim W=32..1280 "
                         "or --dim H=320..1280:32")
     return name.strip(), bounds
+
+
+def parse_dim_spec(text: str) -> tuple[str, tuple[int, ...], list[int]]:
+    """:func:`parse_dim_arg` with the sizes to compile static copies for after ``@``:
+    ``W=32..1280@160,320,640`` -> ``("W", (32, 1280), [160, 320, 640])``."""
+    span, at, sizes = text.partition("@")
+    name, bounds = parse_dim_arg(span)
+    if not at:
+        return name, bounds, []
+    try:
+        values = [int(v) for v in sizes.split(",")]
+    except ValueError:
+        values = []
+    if not values:
+        raise TvmqError(f"--dim {text!r}: after @ come the sizes to compile static copies for, e.g. "
+                        "--dim W=32..1280@160,320,640")
+    return name, bounds, values
+
+
+def check_variants(dims: dict, variants: dict[str, list[int]]) -> None:
+    """Every size to specialise names a dynamic dimension and lies inside its range (on its steps)."""
+    for name, sizes in (variants or {}).items():
+        if name not in (dims or {}):
+            raise TvmqError(f"sizes to specialise for {name!r}, which has no --dim range; give one, e.g. "
+                            f"--dim {name}=32..1280@{','.join(map(str, sizes))}")
+        lo, hi, step = dim_range(dims[name])
+        for size in sizes:
+            if not lo <= size <= hi or size % step:
+                raise TvmqError(f"--dim {name}: {size} is not a size of {lo}..{hi}"
+                                + (f" in steps of {step}" if step > 1 else "") + "; specialise sizes the range holds")
+
+
+def variant_bindings(info: ModelInfo) -> list[dict[str, int]]:
+    """Each static copy in ``info.variants`` as ``{symbolic variable: value}`` (``H_32: 20`` for
+    H=640 in steps of 32), what :class:`tvmq.passes.Specialize` takes."""
+    steps = {name: step for name, _, _, step in info.dims}
+    return [{dim_variable_name(name, steps[name]): size // steps[name] for name, size in variant}
+            for variant in info.variants]
+
+
+def variant_product(variants: dict[str, list[int]]) -> tuple[tuple[tuple[str, int], ...], ...]:
+    """``{"H": [320, 640], "W": [640]}`` -> every combination, ``((("H", 320), ("W", 640)), ...)``."""
+    import itertools
+
+    names = sorted(n for n, sizes in (variants or {}).items() if sizes)
+    combos = itertools.product(*[list(dict.fromkeys(variants[n])) for n in names])
+    return tuple(tuple(zip(names, combo)) for combo in combos) if names else ()
 
 
 def dim_range(bounds) -> tuple[int, int, int]:

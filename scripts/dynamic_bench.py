@@ -3,14 +3,15 @@
 One bundle compiled with ``--shape x:1,3,48,W --dim W=32..1280`` against
 
 * static bundles compiled from the same plan for single widths (a sweep): same outputs? how
-  much slower is the dynamic bundle?
+  much slower is the dynamic bundle, and one carrying static copies for a few widths
+  (``--dim W=32..1280@160,320,640``)?
 * PP-OCR's text-orientation classifier with a dynamic batch (``N=1..8``): time per image;
 * the whole recognition step on rendered text lines of varied length, resized as the PP-OCR
   pipeline does (height 48, aspect kept), each at its own width: throughput and exact-string
   accuracy of tvmq INT8 (dynamic), tvmq FP32 (dynamic), ONNX Runtime FP32 and ONNX Runtime
   INT8 (``quantize_static``, QDQ, per-channel, the same calibration lines), same threads, one run.
 
-Usage: ``python scripts/dynamic_bench.py [--lines 150] [--widths 48,96,...] [--json out.json]``
+Usage: ``python scripts/dynamic_bench.py [--lines 150] [--widths 48,96,...] [--copies 160,320,640] [--json out.json]``
 (needs the ``bench`` extra). Figures depend on the host's ISA: it is printed with them.
 """
 
@@ -64,7 +65,9 @@ def median_of(run, x, repeat: int) -> float:
     return float(np.median(times)) * 1e3
 
 
-def sweep(model, work: Path, widths, dyn, repeat: int) -> list[dict]:
+def sweep(model, work: Path, widths, dyn, repeat: int, copies=None) -> list[dict]:
+    """Each width: the dynamic bundle (and ``copies``, the one with static copies, if given) vs a
+    static bundle for that width from the same plan."""
     from tvmq.compile import compile_model
     from tvmq.runtime import Bundle
 
@@ -76,18 +79,26 @@ def sweep(model, work: Path, widths, dyn, repeat: int) -> list[dict]:
         x, _ = text_line(rng, w)
         a, b = dyn.run({"x": x}), static.run({"x": x})
         out, ref = next(iter(a.values())), next(iter(b.values()))
-        t_dyn, t_static = [], []
-        for _ in range(3):  # alternate, so a slow period of the machine hits both
+        t_dyn, t_static, t_copies = [], [], []
+        for _ in range(3):  # alternate, so a slow period of the machine hits all
             t_dyn.append(median_of(lambda v: dyn.run({"x": v}), x, repeat))
             t_static.append(median_of(lambda v, s=static: s.run({"x": v}), x, repeat))
+            if copies is not None:
+                t_copies.append(median_of(lambda v: copies.run({"x": v}), x, repeat))
         row = {"width": w, "bit_equal": bool(np.array_equal(out, ref)), "max_abs_diff": float(np.abs(out - ref).max()),
                "argmax_agree": float((out.argmax(-1) == ref.argmax(-1)).mean()),
                "dynamic_ms": min(t_dyn), "static_ms": min(t_static)}
         row["ratio"] = row["dynamic_ms"] / row["static_ms"]
+        extra = ""
+        if copies is not None:
+            with_copies = next(iter(copies.run({"x": x}).values()))
+            row.update(copies_ms=min(t_copies), copies_ratio=min(t_copies) / row["static_ms"],
+                       copies_bit_equal=bool(np.array_equal(with_copies, ref)))
+            extra = f"  | with copies x{row['copies_ratio']:.2f} bit-equal {row['copies_bit_equal']}"
         rows.append(row)
         print(f"  W={w:5d}  dynamic {row['dynamic_ms']:7.3f} ms  static {row['static_ms']:7.3f} ms  "
               f"x{row['ratio']:.2f}  bit-equal {row['bit_equal']}  max |diff| {row['max_abs_diff']:.2e}  "
-              f"argmax agree {row['argmax_agree']:.3f}", flush=True)
+              f"argmax agree {row['argmax_agree']:.3f}{extra}", flush=True)
     return rows
 
 
@@ -180,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--lines", type=int, default=150)
     p.add_argument("--calib", type=int, default=16)
     p.add_argument("--widths", default="48,96,160,240,320,480,640,960,1280")
+    p.add_argument("--copies", default="160,320,640",
+                   help="widths of the static copies in a second rec bundle (--dim W=..@160,320,640); '' for none")
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -232,14 +245,25 @@ def recogniser(work: Path, args) -> dict:
     print(f"dynamic int8 bundle compiled in {time.time() - t:.0f} s")
     compile_model(model, work / "fp32", precision="fp32", shapes={"x": [1, 3, 48, "W"]}, dims=dims, force=True)
     dyn, fp32 = Bundle(work / "int8"), Bundle(work / "fp32")
+    copies = None
+    if args.copies:
+        sizes = [int(w) for w in args.copies.split(",")]
+        t = time.time()
+        compile_model(model, work / "int8_copies", plan=work / "int8" / "plan.json", shapes={"x": [1, 3, 48, "W"]},
+                      dims=dims, variants={"W": sizes}, force=True)
+        print(f"int8 bundle with static copies at W={args.copies} (--dim W={RANGE[0]}..{RANGE[1]}@{args.copies}) "
+              f"compiled in {time.time() - t:.0f} s")
+        copies = Bundle(work / "int8_copies")
 
     print("sweep: the dynamic bundle vs a static bundle per width (same plan)")
-    rows = sweep(model, work, [int(w) for w in args.widths.split(",")], dyn, args.repeat)
+    rows = sweep(model, work, [int(w) for w in args.widths.split(",")], dyn, args.repeat, copies)
 
     ort_fp32 = ort_session(model, args.threads)
     ort_int8 = ort_session(ort_quantize(model, "x", calib, work), args.threads)
     engines = {
         "tvmq INT8 (dynamic)": lambda x: next(iter(dyn.run({"x": x}).values())),
+        **({f"tvmq INT8 (dynamic, copies @{args.copies})": lambda x: next(iter(copies.run({"x": x}).values()))}
+           if copies is not None else {}),
         "tvmq FP32 (dynamic)": lambda x: next(iter(fp32.run({"x": x}).values())),
         "ORT FP32": lambda x: ort_fp32.run(None, {"x": x})[0],
         "ORT INT8": lambda x: ort_int8.run(None, {"x": x})[0],

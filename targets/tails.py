@@ -25,7 +25,8 @@ import tvm_ffi
 __all__ = ["VersionVectorTails", "version_vector_tails"]
 
 
-def _substitute(expr, var, value):
+def substitute(expr, var, value):
+    """``expr`` (an expression or statement) with ``var`` replaced by ``value``."""
     from tvmq._compat import tir as tirx
 
     return tvm_ffi.structural_mutate(expr, [(tirx.Var, lambda x, _: value if x.same_as(var) else x)])
@@ -49,12 +50,12 @@ def version_vector_tails(func):
         if not isinstance(pred, tirx.LT):
             return loop
         v = loop.loop_var
-        step = analyzer.simplify(_substitute(pred.a, v, v + 1) - pred.a)
+        step = analyzer.simplify(substitute(pred.a, v, v + 1) - pred.a)
         if not (isinstance(step, tirx.IntImm) and step.value > 0):
             return loop  # not increasing with the lane: "last lane inside" says nothing of the others
-        if not analyzer.can_prove_equal(_substitute(pred.b, v, v + 1), pred.b):
+        if not analyzer.can_prove_equal(substitute(pred.b, v, v + 1), pred.b):
             return loop
-        every_lane = tirx.LT(_substitute(pred.a, v, loop.min + loop.extent - 1), pred.b)
+        every_lane = tirx.LT(substitute(pred.a, v, loop.min + loop.extent - 1), pred.b)
         clean = tirx.For(v, loop.min, loop.extent, loop.kind,
                          s_tir.SBlockRealize(realize.iter_values, tirx.const(True, "bool"), realize.block),
                          loop.thread_binding, loop.annotations)

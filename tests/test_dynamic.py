@@ -103,6 +103,57 @@ def test_manifest_records_the_range_and_every_kernel_is_integer(dynamic):
     assert len(dots) >= 4 and all(k["intrinsic"] for k in dots)
 
 
+def test_reshapes_of_dynamic_shapes_are_views_not_copies(dynamic):
+    """TOPI's reshape kernel on a symbolic extent indexes with a division and a modulo per element,
+    and TVM keeps it as a copy; tvmq keeps such reshapes as Relax reshapes (views at run time)."""
+    from tvmq._compat import tir
+    from tvmq.pipeline import lower
+
+    _, _, result = dynamic
+    lowered = lower(result.module, "x86")
+    kernels = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tir.PrimFunc)]
+    assert not [k for k in kernels if k.startswith("reshape")], kernels
+    assert "vm.builtin.reshape" in lowered["main"].script()
+
+
+def test_parallel_loops_over_a_dynamic_extent_use_threads_only_when_big_enough():
+    """A parallel loop over a symbolic extent becomes ``if extent x inner work >= 2048: parallel
+    else serial`` (a static build decides that at compile time); constant extents, and loops whose
+    every iteration is worth a thread, are left alone. Both copies compute the same."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from tvmq.targets.parallel import serial_when_small
+
+    @T.prim_func(s_tir=True)
+    def scale(a: T.handle, b: T.handle, c: T.Buffer((4, 64), "float32"), d: T.Buffer((4, 64), "float32")):
+        n = T.int64()
+        x = T.match_buffer(a, (n, 64), "float32")
+        y = T.match_buffer(b, (n, 64), "float32")
+        for i in T.parallel(n):
+            for j in T.vectorized(64):
+                with T.sblock("y"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    y[vi, vj] = x[vi, vj] * T.float32(2)
+        for i in T.parallel(4):  # constant extent: the schedule already chose
+            for j in range(64):
+                with T.sblock("d"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    d[vi, vj] = c[vi, vj]
+
+    out = serial_when_small(scale)
+    text = out.script()
+    assert "T.parallel(n)" in text and "for i_serial in range(n)" in text and "if n * T.int64(64) >= T.int64(2048)" in text
+    assert text.count("T.parallel(4)") == 1
+    assert serial_when_small(scale, minimum=64).script() == scale.script()  # each row is worth a thread
+    lib = tvm.compile(tvm.IRModule({"main": out}), "llvm")
+    for rows in (3, 300):  # one below the threshold, one above
+        x = np.random.default_rng(rows).standard_normal((rows, 64)).astype(np.float32)
+        y, c = tvm.runtime.tensor(np.zeros_like(x)), tvm.runtime.tensor(np.ones((4, 64), np.float32))
+        lib(tvm.runtime.tensor(x), y, c, tvm.runtime.tensor(np.zeros((4, 64), np.float32)))
+        np.testing.assert_array_equal(y.numpy(), x * 2)
+
+
 def test_avx2_build_of_a_dynamic_width_is_tensorized_and_exact(dynamic, tmp_path):
     """The AVX2 preset (vpmaddwd, 16 registers: other tiles than AVX-512's) on a width no tile divides."""
     model, root, _ = dynamic

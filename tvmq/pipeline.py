@@ -62,13 +62,25 @@ def relax_passes(preset) -> list:
             FastMath()]
 
 
+# The pixels a kernel over a symbolic width rounds its width up to on 512-bit vector ISAs: the
+# crop wastes up to this many minus one columns per row, which a short line feels. PP-OCRv4 rec,
+# dynamic/static in one run (VNNI host, 2 threads) at widths 48 / 96 / 160 / 320 / 1280: the full
+# register tile (6 to 12 pixels) 1.30 / 1.20 / 1.12 / 1.08 / 1.08x; at most 4 pixels 1.19 / 1.20 /
+# 1.11 / 1.05 / 1.08x. With 16 registers (AVX2) the tile for 4 pixels shrinks to 2 x 2 and lost
+# at large widths (1.10 -> 1.38x at 1280, x86-avx2 build on the same host): there, and on the
+# ISAs not measured, the full tile.
+SYMBOLIC_PIXELS = 4
+
+
 def _pixel_tile(preset):
-    """``(channel blocks, lanes) -> pixels`` of the int8 register tile tvmq's schedule picks when
-    the pixel extent allows any (what a kernel over a symbolic width is padded to a multiple of)."""
+    """``(channel blocks, lanes) -> pixels`` of the int8 register tile tvmq's schedule picks for
+    a symbolic extent (what a kernel over a symbolic width is padded to a multiple of): for an
+    extent of :data:`SYMBOLIC_PIXELS` with 512-bit vectors, for any extent otherwise."""
     from tvmq.targets.schedules import PackedKernelRule
 
     rule = PackedKernelRule(registers=preset.vector_registers, vector_lanes=preset.vector_lanes)
-    return lambda blocks, lanes: rule.tile(None, blocks, lanes, dot=True)[0]
+    extent = SYMBOLIC_PIXELS if preset.vector_lanes >= 16 else None
+    return lambda blocks, lanes: rule.tile(extent, blocks, lanes, dot=True)[0]
 
 
 def _fuse_passes(preset) -> list:

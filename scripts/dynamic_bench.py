@@ -65,7 +65,7 @@ def median_of(run, x, repeat: int) -> float:
     return float(np.median(times)) * 1e3
 
 
-def sweep(model, work: Path, widths, dyn, repeat: int, copies=None) -> list[dict]:
+def sweep(model, work: Path, widths, dyn, repeat: int, copies=None, alternations: int = 9) -> list[dict]:
     """Each width: the dynamic bundle (and ``copies``, the one with static copies, if given) vs a
     static bundle for that width from the same plan."""
     from tvmq.compile import compile_model
@@ -80,7 +80,7 @@ def sweep(model, work: Path, widths, dyn, repeat: int, copies=None) -> list[dict
         a, b = dyn.run({"x": x}), static.run({"x": x})
         out, ref = next(iter(a.values())), next(iter(b.values()))
         t_dyn, t_static, t_copies = [], [], []
-        for _ in range(3):  # alternate, so a slow period of the machine hits all
+        for _ in range(alternations):  # alternate, so a slow period of the machine hits all; the best median
             t_dyn.append(median_of(lambda v: dyn.run({"x": v}), x, repeat))
             t_static.append(median_of(lambda v, s=static: s.run({"x": v}), x, repeat))
             if copies is not None:
@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--copies", default="160,320,640",
                    help="widths of the static copies in a second rec bundle (--dim W=..@160,320,640); '' for none")
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--alternations", type=int, default=9,
+                   help="sweep: bundles timed in turn this many times, the best median kept (this machine's "
+                        "slow periods move one median by 10%%)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pages", default="320x320,480x640,736x1280", help="detector page sizes, HxW (multiples of 32)")
@@ -256,7 +259,7 @@ def recogniser(work: Path, args) -> dict:
         copies = Bundle(work / "int8_copies")
 
     print("sweep: the dynamic bundle vs a static bundle per width (same plan)")
-    rows = sweep(model, work, [int(w) for w in args.widths.split(",")], dyn, args.repeat, copies)
+    rows = sweep(model, work, [int(w) for w in args.widths.split(",")], dyn, args.repeat, copies, args.alternations)
 
     ort_fp32 = ort_session(model, args.threads)
     ort_int8 = ort_session(ort_quantize(model, "x", calib, work), args.threads)

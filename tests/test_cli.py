@@ -221,3 +221,14 @@ def test_tune_says_so_when_the_model_has_nothing_to_tune(tmp_path, capsys):
                  "--trials", "1", "--target", "x86-avx2"]) == 0
     out = capsys.readouterr()
     assert "tuned 0 kernels" in out.out and "warning: nothing to tune for target 'x86-avx2'" in out.err
+
+
+def test_tune_time_budgets_parse_or_give_one_error():
+    from tvmq.errors import TvmqError
+    from tvmq.tune import parse_duration
+
+    assert parse_duration("10m") == 600 and parse_duration("90s") == 90 and parse_duration("1h") == 3600
+    assert parse_duration("45") == 45
+    for bad in ("", "m", "-5m", "ten minutes", "0s"):
+        with pytest.raises(TvmqError, match="--time"):
+            parse_duration(bad)

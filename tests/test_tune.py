@@ -87,8 +87,9 @@ def test_a_wrong_tuned_kernel_is_rejected_and_the_next_best_used(qmodel, tmp_pat
 
 
 def test_tune_then_reuse_the_database_without_trials(qmodel, tmp_path):
-    report = tune(qmodel.module, PRESET, tmp_path, trials=2, max_tasks=1, progress=False)
+    report = tune(qmodel.module, PRESET, tmp_path, trials=2, max_tasks=1, progress=False, time_budget=3600)
     assert len(report.tasks) == 1 and report.tasks[0]["best_us"] is not None
+    assert report.trials == 2 and not report.out_of_time  # a budget that is not spent changes nothing
     records = (tmp_path / "database_tuning_record.json").read_text().strip().splitlines()
     assert len(records) >= 1
     db = load_database(tmp_path, qmodel.module, PRESET)
@@ -126,3 +127,11 @@ def test_tensorized_int8_kernel_allocates_nothing_per_tile(qmodel):
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), PRESET.tvm_target())
         asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
         assert "vpdpbusd" in asm and "TVMBackendAllocWorkspace" not in asm, gv.name_hint
+
+
+def test_a_time_budget_ends_the_search_after_the_batch_in_flight(qmodel, tmp_path):
+    """``--time``: no batch of candidates starts once the budget is spent; the report says so."""
+    report = tune(qmodel.module, PRESET, tmp_path, trials=8, max_tasks=1, progress=False, time_budget=0.01, batch=2)
+    assert report.out_of_time
+    assert report.trials == 2  # the first batch measured, the other three never started
+    assert report.tasks[0]["best_us"] is not None

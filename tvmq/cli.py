@@ -110,7 +110,9 @@ def _add_tune(sub):
     p.add_argument("--keep-float", action="append", default=[], metavar="GLOB")
     p.add_argument("--int8-everywhere", action="store_true", help="as for compile")
     p.add_argument("--requantize", choices=[m.value for m in RequantizeMode])
-    p.add_argument("--trials", type=int, default=32, help="measured candidates per kernel (default 32)")
+    p.add_argument("--trials", type=int, help="measured candidates per kernel (default 32; with --time, 1000: "
+                                               "the time ends the search)")
+    p.add_argument("--time", help="search budget, e.g. 10m, 90s, 1h: no new batch of candidates starts after it")
     p.add_argument("--max-tasks", type=int, help="tune only the largest kernels")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on boards registered with this TVM RPC tracker")
     p.add_argument("--rpc-key", default="", help="with --rpc-tracker: the kind of board (the servers' --key)")

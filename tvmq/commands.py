@@ -102,9 +102,11 @@ def cmd_tune(args) -> int:
     from tvmq.compile import quantized_module
     from tvmq.frontend import parse_dim_arg, parse_shape_arg
     from tvmq.targets import get_preset
-    from tvmq.tune import require_board_runner, tune
+    from tvmq.tune import parse_duration, require_board_runner, tune
 
     preset = get_preset(args.target)
+    budget = parse_duration(args.time) if args.time else None
+    trials = args.trials or (1000 if budget else 32)
     shapes = dict(parse_shape_arg(s) for s in args.shape)
     dims = dict(parse_dim_arg(d) for d in args.dim)
     runner = None
@@ -115,12 +117,13 @@ def cmd_tune(args) -> int:
     require_board_runner(preset, runner)  # before calibrating, which takes a while
     qm = quantized_module(args.model, preset, raw=args.calib, config=_config_from_args(args), shapes=shapes,
                           precision=args.precision, plan=args.plan, dims=dims)
-    report = tune(qm.module, preset, args.db, trials=args.trials, max_tasks=args.max_tasks, progress=True,
-                  runner=runner)
+    report = tune(qm.module, preset, args.db, trials=trials, max_tasks=args.max_tasks, progress=True,
+                  runner=runner, time_budget=budget)
     for t in report.tasks:
         best = f"{t['best_us']:.1f} us" if t["best_us"] is not None else f"no valid candidate ({t['error']})"
         print(f"{t['name'][:60]:<60} x{t['weight']}  best {best}")
-    print(f"tuned {len(report.tasks)} kernels, {report.trials} trials -> {args.db}")
+    print(f"tuned {len(report.tasks)} kernels, {report.trials} trials -> {args.db}"
+          + (f" (stopped by --time {args.time})" if report.out_of_time else ""))
     if not report.tasks:
         kernel = preset.micro_kernel
         print(f"warning: nothing to tune for target {preset.name!r}: tvmq tunes its packed conv2d/matmul kernels "

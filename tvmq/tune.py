@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +48,9 @@ class Task:
 @dataclass
 class TuneReport:
     tasks: list[dict] = field(default_factory=list)
-    trials: int = 0
+    trials: int = 0  # candidates measured
     database: str = ""
+    out_of_time: bool = False  # the time budget ended the search before the trials did
 
 
 def _normalized(func) -> tvm.IRModule:
@@ -92,10 +94,13 @@ def _cost(task: Task) -> float:
 class _Progress:
     """tqdm bar over all trials, showing the best time so far of the task being tuned."""
 
-    def __init__(self, total: int, names: list[str], enabled: bool):
+    def __init__(self, total: int, names: list[str], enabled: bool, deadline: float | None = None):
         self.best: dict[int, float] = {}
         self.errors: dict[int, str] = {}  # first build/run error of each task
         self.names = names
+        self.measured = 0
+        self.deadline = deadline  # time.monotonic() after which no new batch starts
+        self.out_of_time = False
         self.bar = None
         if enabled:
             from tqdm import tqdm
@@ -103,6 +108,7 @@ class _Progress:
             self.bar = tqdm(total=total, desc="tuning", unit="trial")
 
     def update(self, task_id: int, seconds: list[float]) -> None:
+        self.measured += len(seconds)
         good = [s for s in seconds if s is not None and np.isfinite(s)]
         if good:
             self.best[task_id] = min(self.best.get(task_id, float("inf")), min(good))
@@ -135,8 +141,29 @@ def _measure_callback(progress: _Progress):
                     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
                     progress.errors[task_id] = (lines[-1] if lines else "unknown error")[:300]
             progress.update(task_id, secs)
+            if progress.deadline is not None and time.monotonic() >= progress.deadline and not progress.out_of_time:
+                # the budget is spent: every task ends after the batch in flight
+                progress.out_of_time = True
+                for i in range(len(progress.names)):
+                    try:
+                        task_scheduler.terminate_task(i)
+                    except Exception:  # pylint: disable=broad-except
+                        pass  # already finished
 
     return ProgressCallback()
+
+
+def parse_duration(text: str) -> float:
+    """``--time`` values: ``90s``, ``10m``, ``1h`` or plain seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    value, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        seconds = float(value) * unit
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise TvmqError(f"--time {text!r} is not a duration; give e.g. --time 10m, --time 90s or --time 1h")
+    return seconds
 
 
 def require_board_runner(preset, runner) -> None:
@@ -156,6 +183,8 @@ def tune(
     progress: bool = True,
     seed: int = 0,
     runner=None,
+    time_budget: float | None = None,
+    batch: int = 16,
 ) -> TuneReport:
     """Tune the kernels of ``mod`` (a quantized or float Relax module) and store the results.
 
@@ -168,6 +197,11 @@ def tune(
     runner : MetaSchedule runner, optional
         Where candidates are measured; default this machine (``LocalRunner``). An ``RPCRunner``
         measures on boards.
+    time_budget : float, optional
+        Seconds of search (``--time 10m``): no batch of candidates starts after it, whatever
+        ``trials`` is left; ``report.out_of_time`` says when it ended the search.
+    batch : int
+        Candidates built and measured per round (the budget is checked between rounds).
     """
     from tvmq._compat import meta_schedule
     from tvmq.targets import get_preset
@@ -176,6 +210,9 @@ def tune(
     preset = get_preset(preset)
     if trials < 1:
         raise TvmqError(f"--trials must be at least 1, got {trials}")
+    if time_budget is not None and time_budget <= 0:
+        raise TvmqError(f"--time must be positive, got {time_budget:g} s")
+    deadline = None if time_budget is None else time.monotonic() + time_budget
     db_dir = Path(db_dir)
     db_dir.mkdir(parents=True, exist_ok=True)
     target = preset.tvm_target()
@@ -187,9 +224,9 @@ def tune(
         return report
     contexts = _tune_contexts(ms, tasks, preset, target, seed)
     database = _json_database(db_dir)
-    bar = _Progress(trials * len(tasks), [t.name for t in tasks], progress)
-    _search(ms, tasks, contexts, database, bar, db_dir=db_dir, trials=trials, preset=preset, runner=runner)
-    report.trials = trials * len(tasks)
+    bar = _Progress(trials * len(tasks), [t.name for t in tasks], progress, deadline)
+    _search(ms, tasks, contexts, database, bar, db_dir=db_dir, trials=trials, preset=preset, runner=runner, batch=batch)
+    report.trials, report.out_of_time = bar.measured, bar.out_of_time
     for i, task in enumerate(tasks):
         best = bar.best.get(i)
         report.tasks.append({"name": task.name, "weight": task.weight, "best_us": None if best is None else best * 1e6,
@@ -226,7 +263,7 @@ def _tune_contexts(ms, tasks: list[Task], preset, target, seed: int) -> list:
 
 
 def _search(ms, tasks: list[Task], contexts: list, database, bar: _Progress, *, db_dir: Path, trials: int, preset,
-            runner) -> None:
+            runner, batch: int = 16) -> None:
     """MetaSchedule's search over all tasks: builds, measures and records ``trials`` candidates each."""
     callbacks = [
         ms.measure_callback.AddToDatabase(),
@@ -255,7 +292,7 @@ def _search(ms, tasks: list[Task], contexts: list, database, bar: _Progress, *, 
             work_dir=str(db_dir / "logs"),
             max_trials_global=trials * len(tasks),
             max_trials_per_task=trials,
-            num_trials_per_iter=min(trials, 16),
+            num_trials_per_iter=min(trials, batch),
             builder=builder,
             runner=runner,
             database=database,

@@ -90,6 +90,8 @@ def test_tune_then_reuse_the_database_without_trials(qmodel, tmp_path):
     report = tune(qmodel.module, PRESET, tmp_path, trials=2, max_tasks=1, progress=False, time_budget=3600)
     assert len(report.tasks) == 1 and report.tasks[0]["best_us"] is not None
     assert report.trials == 2 and not report.out_of_time  # a budget that is not spent changes nothing
+    # the task was timed under the default schedule first (tasks are tuned by their share of the time)
+    assert report.tasks[0]["untuned_us"] > 0 and 0 < report.tasks[0]["share"] <= 1
     records = (tmp_path / "database_tuning_record.json").read_text().strip().splitlines()
     assert len(records) >= 1
     db = load_database(tmp_path, qmodel.module, PRESET)
@@ -135,3 +137,18 @@ def test_a_time_budget_ends_the_search_after_the_batch_in_flight(qmodel, tmp_pat
     assert report.out_of_time
     assert report.trials == 2  # the first batch measured, the other three never started
     assert report.tasks[0]["best_us"] is not None
+
+
+def test_tasks_are_tuned_by_their_measured_share_of_the_kernel_time(demo_dir):
+    """``--max-tasks``: the kernels that take the most time, timed under the default schedule, not
+    the ones with the biggest buffers."""
+    from tvmq.tune import _cost, _order
+
+    qm = quantized_module(str(demo_dir / "digits.onnx"), PRESET, raw=str(demo_dir / "digits_calib"))
+    tasks = _order(extract_tasks(qm.module, PRESET), PRESET)
+    assert len(tasks) >= 3 and all(t.untuned_s and t.untuned_s > 0 for t in tasks)
+    shares = [t.untuned_s * t.weight for t in tasks]
+    assert shares == sorted(shares, reverse=True)
+    # the digits model's first matmul has the biggest buffers (its 8640 weights) and runs in
+    # about 0.1 us; the convs take 7-12 us each
+    assert tasks[0].name != max(tasks, key=_cost).name

@@ -121,7 +121,9 @@ def cmd_tune(args) -> int:
                   runner=runner, time_budget=budget)
     for t in report.tasks:
         best = f"{t['best_us']:.1f} us" if t["best_us"] is not None else f"no valid candidate ({t['error']})"
-        print(f"{t['name'][:60]:<60} x{t['weight']}  best {best}")
+        untuned = f"  untuned {t['untuned_us']:.1f} us ({100 * t['share']:.0f}% of the kernel time)" \
+            if t.get("share") is not None else ""
+        print(f"{t['name'][:60]:<60} x{t['weight']}{untuned}  best {best}")
     print(f"tuned {len(report.tasks)} kernels, {report.trials} trials -> {args.db}"
           + (f" (stopped by --time {args.time})" if report.out_of_time else ""))
     if not report.tasks:

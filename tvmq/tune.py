@@ -43,6 +43,7 @@ class Task:
     name: str
     mod: tvm.IRModule
     weight: int = 1
+    untuned_s: float | None = None  # one call under the default schedule, timed here
 
 
 @dataclass
@@ -89,6 +90,31 @@ def _cost(task: Task) -> float:
         shape = [int(s) for s in p.shape]
         total += int(np.prod(shape)) if shape else 1
     return total * task.weight
+
+
+def _untuned_seconds(task: Task, preset) -> float | None:
+    """The task's kernel under tvmq's default schedule, timed on this machine (median seconds of
+    one call); None where it cannot run here (a cross target, a dynamic shape)."""
+    if preset.cross_compiler or preset.kind != "llvm":
+        return None
+    try:
+        func = _default_schedule(task.mod["main"], preset)
+        lib = tvm.compile(tvm.IRModule({"main": func}), preset.tvm_target()).jit()
+        args = [tvm.runtime.tensor(a) for a in _random_args(func, np.random.default_rng(0))]
+        timer = lib.time_evaluator("main", tvm.cpu(), number=10, repeat=3)
+        return float(np.median(timer(*args).results))
+    except Exception:  # pylint: disable=broad-except
+        return None
+
+
+def _order(tasks: list[Task], preset) -> list[Task]:
+    """Tasks by their share of the model's kernel time (untuned time x occurrences), largest
+    first; by buffer sizes where the kernels cannot be timed here."""
+    for task in tasks:
+        task.untuned_s = _untuned_seconds(task, preset)
+    if all(t.untuned_s is not None for t in tasks):
+        return sorted(tasks, key=lambda t: t.untuned_s * t.weight, reverse=True)
+    return sorted(tasks, key=_cost, reverse=True)
 
 
 class _Progress:
@@ -216,7 +242,8 @@ def tune(
     db_dir = Path(db_dir)
     db_dir.mkdir(parents=True, exist_ok=True)
     target = preset.tvm_target()
-    tasks = sorted(extract_tasks(mod, preset), key=_cost, reverse=True)
+    tasks = _order(extract_tasks(mod, preset), preset)
+    total_s = sum(t.untuned_s * t.weight for t in tasks) if all(t.untuned_s is not None for t in tasks) else None
     if max_tasks is not None:
         tasks = tasks[:max_tasks]
     report = TuneReport(database=str(db_dir))
@@ -230,6 +257,9 @@ def tune(
     for i, task in enumerate(tasks):
         best = bar.best.get(i)
         report.tasks.append({"name": task.name, "weight": task.weight, "best_us": None if best is None else best * 1e6,
+                             "untuned_us": None if task.untuned_s is None else task.untuned_s * 1e6,
+                             # the kernel's share of the model's tunable kernel time, untuned
+                             "share": None if total_s is None else task.untuned_s * task.weight / total_s,
                              "error": bar.errors.get(i) if best is None else None})
     return report
 

@@ -92,6 +92,8 @@ def test_tune_then_reuse_the_database_without_trials(qmodel, tmp_path):
     assert report.trials == 2 and not report.out_of_time  # a budget that is not spent changes nothing
     # the task was timed under the default schedule first (tasks are tuned by their share of the time)
     assert report.tasks[0]["untuned_us"] > 0 and 0 < report.tasks[0]["share"] <= 1
+    untuned_ms, tuned_ms = report.kernel_ms  # the estimate never counts a candidate slower than the default
+    assert 0 < tuned_ms <= untuned_ms == pytest.approx(report.tasks[0]["untuned_us"] * report.tasks[0]["weight"] / 1e3)
     records = (tmp_path / "database_tuning_record.json").read_text().strip().splitlines()
     assert len(records) >= 1
     db = load_database(tmp_path, qmodel.module, PRESET)

@@ -126,6 +126,9 @@ def cmd_tune(args) -> int:
         print(f"{t['name'][:60]:<60} x{t['weight']}{untuned}  best {best}")
     print(f"tuned {len(report.tasks)} kernels, {report.trials} trials -> {args.db}"
           + (f" (stopped by --time {args.time})" if report.out_of_time else ""))
+    if report.kernel_ms:
+        print(f"those kernels in the model: {report.kernel_ms[0]:.3f} ms untuned, {report.kernel_ms[1]:.3f} ms with the "
+              "best candidates (each used only if it agrees with the untuned kernel)")
     if not report.tasks:
         kernel = preset.micro_kernel
         print(f"warning: nothing to tune for target {preset.name!r}: tvmq tunes its packed conv2d/matmul kernels "

@@ -52,6 +52,7 @@ class TuneReport:
     trials: int = 0  # candidates measured
     database: str = ""
     out_of_time: bool = False  # the time budget ended the search before the trials did
+    kernel_ms: tuple[float, float] | None = None  # the tuned kernels' time in the model: untuned, tuned
 
 
 def _normalized(func) -> tvm.IRModule:
@@ -120,7 +121,9 @@ def _order(tasks: list[Task], preset) -> list[Task]:
 class _Progress:
     """tqdm bar over all trials, showing the best time so far of the task being tuned."""
 
-    def __init__(self, total: int, names: list[str], enabled: bool, deadline: float | None = None):
+    def __init__(self, total: int, names: list[str], enabled: bool, deadline: float | None = None,
+                 untuned: list[tuple[float | None, int]] | None = None):
+        self.untuned = untuned or []  # (untuned seconds, occurrences) of each task
         self.best: dict[int, float] = {}
         self.errors: dict[int, str] = {}  # first build/run error of each task
         self.names = names
@@ -141,7 +144,19 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(len(seconds))
             best = self.best.get(task_id)
-            self.bar.set_postfix_str(f"{self.names[task_id][:32]} best {best * 1e6:.1f} us" if best else "")
+            estimate = self.estimate()
+            self.bar.set_postfix_str((f"{self.names[task_id][:32]} best {best * 1e6:.1f} us" if best else "")
+                                     + (f"; kernels {estimate[1] * 1e3:.3f} ms (untuned {estimate[0] * 1e3:.3f})"
+                                        if estimate else ""))
+
+    def estimate(self) -> tuple[float, float] | None:
+        """``(untuned, now)`` seconds of the tuned kernels, occurrences counted: the model's time
+        spent in them, before and with the best candidate of each so far."""
+        if not self.untuned or any(s is None for s, _ in self.untuned):
+            return None
+        before = sum(s * w for s, w in self.untuned)
+        now = sum(min(s, self.best.get(i, s)) * w for i, (s, w) in enumerate(self.untuned))
+        return before, now
 
     def close(self):
         if self.bar is not None:
@@ -251,9 +266,11 @@ def tune(
         return report
     contexts = _tune_contexts(ms, tasks, preset, target, seed)
     database = _json_database(db_dir)
-    bar = _Progress(trials * len(tasks), [t.name for t in tasks], progress, deadline)
+    bar = _Progress(trials * len(tasks), [t.name for t in tasks], progress, deadline,
+                    [(t.untuned_s, t.weight) for t in tasks])
     _search(ms, tasks, contexts, database, bar, db_dir=db_dir, trials=trials, preset=preset, runner=runner, batch=batch)
     report.trials, report.out_of_time = bar.measured, bar.out_of_time
+    report.kernel_ms = None if bar.estimate() is None else tuple(v * 1e3 for v in bar.estimate())
     for i, task in enumerate(tasks):
         best = bar.best.get(i)
         report.tasks.append({"name": task.name, "weight": task.weight, "best_us": None if best is None else best * 1e6,

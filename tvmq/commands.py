@@ -120,7 +120,12 @@ def cmd_tune(args) -> int:
     report = tune(qm.module, preset, args.db, trials=trials, max_tasks=args.max_tasks, progress=True,
                   runner=runner, time_budget=budget)
     for t in report.tasks:
-        best = f"{t['best_us']:.1f} us" if t["best_us"] is not None else f"no valid candidate ({t['error']})"
+        if t["best_us"] is not None:
+            best = f"{t['best_us']:.1f} us"
+        elif t["error"] is None:
+            best = "not reached (the --time budget ran out first)" if report.out_of_time else "no candidate measured"
+        else:
+            best = f"no valid candidate ({t['error']})"
         untuned = f"  untuned {t['untuned_us']:.1f} us ({100 * t['share']:.0f}% of the kernel time)" \
             if t.get("share") is not None else ""
         print(f"{t['name'][:60]:<60} x{t['weight']}{untuned}  best {best}")

@@ -154,3 +154,19 @@ def test_tasks_are_tuned_by_their_measured_share_of_the_kernel_time(demo_dir):
     # the digits model's first matmul has the biggest buffers (its 8640 weights) and runs in
     # about 0.1 us; the convs take 7-12 us each
     assert tasks[0].name != max(tasks, key=_cost).name
+
+
+def test_candidates_are_built_in_the_tuning_process(qmodel):
+    """No process pool per batch (TVM's LocalBuilder starts one, each worker importing TVM): the
+    candidate is compiled here into an artifact MetaSchedule's runner loads and times."""
+    from tvmq._compat import meta_schedule
+    from tvmq.tune import _in_process_builder
+
+    ms = meta_schedule()
+    task = extract_tasks(qmodel.module, PRESET)[0]
+    built, = _in_process_builder(ms).build([ms.builder.BuilderInput(task.mod, PRESET.tvm_target())])
+    assert built.error_msg is None and built.artifact_path.endswith(".tar")
+    runner = ms.runner.LocalRunner(timeout_sec=60)
+    args = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
+    result, = [f.result() for f in runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args)])]
+    assert result.error_msg is None and min(float(s) for s in result.run_secs) > 0

@@ -325,7 +325,8 @@ def _search(ms, tasks: list[Task], contexts: list, database, bar: _Progress, *, 
         builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=_BUILDER_TIMEOUT, f_export=EXPORT_FUNC,
                                           initializer=cross_export_initializer(preset.cross_compiler))
     else:
-        builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=_BUILDER_TIMEOUT, initializer=_register_intrinsics)
+        _register_intrinsics()
+        builder = _in_process_builder(ms)
     if runner is None:
         runner = ms.runner.LocalRunner(
             timeout_sec=60,
@@ -349,6 +350,33 @@ def _search(ms, tasks: list[Task], contexts: list, database, bar: _Progress, *, 
         )
     finally:
         bar.close()
+
+
+def _in_process_builder(ms):
+    """A MetaSchedule builder that compiles the candidates in this process.
+
+    TVM 0.27's ``LocalBuilder`` starts a fresh process pool for every batch (a comment there
+    cites a memory leak of long-lived pool workers), and each worker imports TVM and registers
+    tvmq's intrinsics before it builds anything: most of a small batch's time. Here the
+    intrinsics are registered already and each candidate is compiled with MetaSchedule's own
+    build and export functions; a candidate that fails to build is an error result, as there."""
+    from tvm.ir.utils import derived_object
+
+    build = tvm.get_global_func("s_tir.meta_schedule.builder.default_build")
+    export = tvm.get_global_func("s_tir.meta_schedule.builder.default_export")
+
+    @derived_object
+    class InProcessBuilder(ms.builder.PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for item in build_inputs:
+                try:
+                    results.append(ms.builder.BuilderResult(export(build(item.mod, item.target, None)), None))
+                except Exception as err:  # pylint: disable=broad-except
+                    results.append(ms.builder.BuilderResult(None, f"build failed: {str(err).splitlines()[-1][:300]}"))
+            return results
+
+    return InProcessBuilder()
 
 
 def _register_intrinsics():

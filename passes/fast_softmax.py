@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from tvmq._compat import TensorType, expr_type
+from tvmq._compat import IntImm, TensorType, expr_type
 from tvmq.targets.kernel_names import SOFTMAX_FUNC
 
 from .graph import call_op, dims, dtype_of, map_functions, static_shape
@@ -62,11 +62,11 @@ class _SoftmaxRewriter(relax.PyExprMutator):
             from tvmq.targets.softmax import row_softmax
 
             n = symbolic[-1]
-            rows = int(np.prod(symbolic[:-1], dtype=np.int64)) if all(isinstance(d, int) for d in symbolic[:-1]) else None
-            count = 1
+            count = 1  # the rows: the product of the leading extents (a constant when they all are)
             for d in list(expr_type(x).shape.values)[:-1]:
                 count = d * count
             as_rows = self.builder_.emit(relax.op.reshape(x, [count, expr_type(x).shape.values[-1]]))
+            rows = int(count) if isinstance(count, (int, IntImm)) else None
             kernel = self.builder_.add_func(row_softmax(rows, n if isinstance(n, int) else None, self.lanes), SOFTMAX_FUNC)
             y = self.builder_.emit(relax.call_tir(kernel, [as_rows], TensorType(expr_type(as_rows).shape.values, "float32")))
             return relax.op.reshape(y, expr_type(x).shape)

@@ -29,7 +29,7 @@ import tvm
 import tvm_ffi
 from tvm import relax
 
-from tvmq._compat import expr_type, tir, var_name
+from tvmq._compat import expr_type, ret_type, tir, var_name
 
 __all__ = ["Specialize", "variant_name"]
 
@@ -37,10 +37,6 @@ __all__ = ["Specialize", "variant_name"]
 def variant_name(binding: dict[str, int]) -> str:
     """``{"W": 160}`` -> ``main_W160``: the function a static copy is added as."""
     return "main_" + "_".join(f"{name}{value}" for name, value in sorted(binding.items()))
-
-
-def _ty(func, attr):
-    return getattr(func, attr + "_ty", None) if hasattr(func, attr + "_ty") else getattr(func, attr + "_struct_info")
 
 
 @tvm.transform.module_pass(opt_level=0, name="Specialize")
@@ -65,7 +61,7 @@ class Specialize:
         main = mod["main"]
         symbols = {var.name: var for p in main.params for var in relax.analysis.definable_tir_vars_in_type(expr_type(p))}
         builder = relax.BlockBuilder(mod)  # gives the added functions' GlobalVars their types
-        ret = _ty(main, "ret")
+        ret = ret_type(main)
 
         def private(func):
             return func.without_attr("global_symbol")
@@ -77,9 +73,9 @@ class Specialize:
             unknown = sorted(set(binding) - set(symbols))
             if unknown:
                 raise ValueError(f"variant {binding}: main has no dynamic dimension {unknown[0]} ({sorted(symbols)})")
-            func = main.bind_symbolic_vars({symbols[n]: v for n, v in binding.items()})
-            func = private(func.without_attr("tir_var_upper_bound")) if not (set(symbols) - set(binding)) \
-                else private(func)
+            func = private(main.bind_symbolic_vars({symbols[n]: v for n, v in binding.items()}))
+            if set(binding) == set(symbols):  # fully static: no dynamic size left to bound
+                func = func.without_attr("tir_var_upper_bound")
             gv = builder.add_func(relax.utils.copy_with_new_vars(func), variant_name(binding))
             functions[gv] = func
             cond = functools.reduce(tir.And, [tir.EQ(symbols[n], tir.IntImm("int64", v)) for n, v in binding.items()])

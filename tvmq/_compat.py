@@ -34,6 +34,11 @@ def expr_type(expr):
     return expr.ty if hasattr(expr, "ty") else expr.struct_info
 
 
+def ret_type(func):
+    """The declared return type of a Relax function (0.27: ``ret_ty``, formerly ``ret_struct_info``)."""
+    return func.ret_ty if hasattr(func, "ret_ty") else func.ret_struct_info
+
+
 def var_name(var) -> str:
     return var.name if hasattr(var, "name") else var.name_hint
 

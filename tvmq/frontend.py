@@ -478,10 +478,11 @@ def _with_shape_parameter(mod, blocks):
     from the inputs (:func:`tvmq.execute.shape_arguments`)."""
     from tvm import relax
 
+    from tvmq._compat import ret_type
+
     func = mod["main"]
     param = relax.Var("tvmq_dims", relax.ShapeType(blocks))
-    ret = func.ret_ty if hasattr(func, "ret_ty") else func.ret_struct_info  # 0.27: ret_ty
-    mod["main"] = relax.Function([*func.params, param], func.body, ret, func.is_pure, func.attrs)
+    mod["main"] = relax.Function([*func.params, param], func.body, ret_type(func), func.is_pure, func.attrs)
     return mod
 
 

@@ -38,12 +38,12 @@ from tvmq.qparams import QParams, dtype_range, fixed_point_multiplier
 from .graph import (
     DEQUANTIZE,
     QUANTIZE,
-    SCALE_PRESERVING_OPS,
     FunctionGraph,
     QWeight,
     call_op,
     dtype_of,
     evaluate_constant,
+    moves_values,
     map_functions,
     rebuild_call,
 )
@@ -377,6 +377,21 @@ class _QDQFolder(relax.PyExprMutator):
         self._bind(var, relax.op.dequantize(moved, dq.scale, dq.zero_point, axis=-1))
         return True
 
+    def _concat_through(self, var, call) -> bool:
+        """``concat(dequantize(a, q), dequantize(b, q), ...)`` -> ``dequantize(concat(a, b, ...), q)``:
+        parts with the same scalar parameters are joined as integers."""
+        fields = self.visit_expr(call.args[0])
+        if isinstance(fields, relax.Var):
+            fields = self._lookup(fields)
+        if not isinstance(fields, relax.Tuple) or not fields.fields:
+            return False
+        dqs = [self._dq_of(f) for f in fields.fields]
+        if any(d is None or d.qp.per_channel or d.qp != dqs[0].qp for d in dqs):
+            return False
+        joined = self._emit(relax.op.concat([d.data for d in dqs], axis=int(call.attrs.axis)))
+        self._bind(var, relax.op.dequantize(joined, dqs[0].scale, dqs[0].zero_point, axis=-1))
+        return True
+
     def visit_var_binding_(self, binding):
         var, value = binding.var, binding.value
         if isinstance(binding, relax.VarBinding):
@@ -386,7 +401,9 @@ class _QDQFolder(relax.PyExprMutator):
             op = call_op(value)
             if op == QUANTIZE and self._fold_quantize(var, value):
                 return
-            if op in SCALE_PRESERVING_OPS and self._push_through(var, value):
+            if moves_values(value) and self._push_through(var, value):
+                return
+            if op == "relax.concat" and self._concat_through(var, value):
                 return
         super().visit_var_binding_(binding)
 

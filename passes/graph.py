@@ -38,6 +38,7 @@ __all__ = [
     "QWeight",
     "evaluate_constant",
     "SCALE_PRESERVING_OPS",
+    "moves_values",
     "QUANTIZE",
     "DEQUANTIZE",
     "count_ops",
@@ -66,6 +67,19 @@ def call_op(expr) -> str | None:
     if isinstance(expr, relax.Call) and hasattr(expr.op, "name"):
         return str(expr.op.name)
     return None
+
+
+def moves_values(expr) -> bool:
+    """Whether ``expr`` only moves or selects its input's elements (it commutes with quantize and
+    dequantize): one of :data:`SCALE_PRESERVING_OPS`, or a nearest-neighbour resize (an FPN or
+    YOLO neck's upsampling; a linear one computes new values)."""
+    op = call_op(expr)
+    if op in SCALE_PRESERVING_OPS:
+        return True
+    if op == "relax.image.resize2d":
+        attrs = expr.attrs
+        return str(attrs.method) == "nearest_neighbor" and not attrs.out_dtype
+    return False
 
 
 def _tensor_type(expr):
@@ -238,7 +252,7 @@ class FunctionGraph:
         path = []
         while isinstance(var, relax.Var):
             value = self.value(var)
-            if call_op(value) not in SCALE_PRESERVING_OPS or not isinstance(value.args[0], relax.Var):
+            if not moves_values(value) or not isinstance(value.args[0], relax.Var):
                 break
             path.append((var, value))
             var = value.args[0]

@@ -11,11 +11,14 @@ reference :class:`FoldQDQ` is checked against.
 For every int8 layer of the plan:
 
 * each activation input gets ``dequantize(quantize(x))`` with the layer's input parameters.
-  The pair is placed at the input's *root* (before any max-pool / reshape / transpose between
-  the producer and the layer), so those ops later run on integers too;
+  The pair is placed at the input's *root* (before any max-pool / reshape / transpose / nearest
+  resize between the producer and the layer), so those ops later run on integers too;
 * the weight becomes ``dequantize(const int8, per-channel scale, 0, axis)``;
 * the output gets ``dequantize(quantize(y))`` when the plan gives output parameters, i.e. when
   an int8 layer reads it.
+
+And a concat that only int8 layers read has its parts quantized instead (see
+:func:`_quantized_concat_parts`), so that it joins integers.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from tvmq._compat import TensorType
 from tvmq.plan import QuantPlan
 from tvmq.qparams import QParams, quantize_weight
 
-from .graph import FunctionGraph, map_functions, rebuild_call
+from .graph import FunctionGraph, dtype_of, map_functions, rebuild_call
 from .layers import find_layers
 
 __all__ = ["InsertQDQ"]
@@ -66,6 +69,7 @@ class _Inserter(relax.PyExprMutator):
                 key = layer.chain.bias_var if layer.chain.bias_var is not None else layer.chain.anchor
                 self.corrections[key] = (layer, np.asarray(lp.bias_correction, np.float32))
         self.memo = {}
+        self.concat_parts = {} if mask is not None else _quantized_concat_parts(self.graph, func, plan)
 
     def _emit_like(self, var, expr, suffix=""):
         """Emit ``expr`` as a variable of the same kind (dataflow or not) as ``var``."""
@@ -183,11 +187,61 @@ class _Inserter(relax.PyExprMutator):
             shape = [1] * len(layer.chain.out_shape)
             shape[layer.chain.channel_axis] = -1
             self.set_var_remap(var, self._emit_like(var, relax.op.add(self.visit_expr(var), relax.const(corr.reshape(shape), "float32"))))
+        if var in self.concat_parts:
+            self.set_var_remap(var, self._fake_quant(self.visit_expr(var), self.concat_parts[var], var))
         if var in self.outputs:
             qp = self.outputs[var]
             dq = self._fake_quant(self.visit_expr(var), qp, var)
             self.memo[(var, qp.key())] = dq
             self.set_var_remap(var, dq)
+
+
+def _quantized_concat_parts(graph: FunctionGraph, func, plan: QuantPlan) -> dict:
+    """The parts of concats that can be quantized before the concat: ``{part var: QParams}``.
+
+    A concat whose every reader is an int8 layer quantizing it with the same parameters ``q``
+    has its parts quantized with ``q`` instead, where the concat is all that reads them (directly
+    or through max-pools, nearest resizes, reshapes and slices: an SPP pyramid, an FPN's upsampling). Quantizing is elementwise and
+    monotonic, so ``quantize(concat(a, maxpool(b))) == concat(quantize(a), maxpool(quantize(b)))``:
+    the numbers stay the same, but the producers (a conv's epilogue, a SiLU) write int8 instead of
+    float and the concat and the pools move int8 values (CSP blocks, SPP, YOLO and FPN necks).
+    """
+    from .graph import call_op, moves_values
+
+    reads: dict = {}  # root -> {binding reading it on the way to an int8 layer: its parameters}
+    for layer in find_layers(func, graph):
+        lp = plan.get(layer.name)
+        if lp is None or lp.kind != layer.kind or not lp.is_int8 or len(lp.inputs) != len(layer.inputs):
+            continue
+        for x, qp in zip(layer.inputs, lp.inputs):
+            root, path = graph.root(x)
+            if all(graph.num_uses(v) == 1 for v, _ in path[:-1]):  # no step of the way read by anything else
+                reads.setdefault(root, {})[path[0][0] if path else layer.chain.anchor] = qp
+
+    def only_into(var, concat, depth=0) -> bool:
+        """Whether everything that reads ``var`` ends in ``concat`` (through value-moving ops)."""
+        users = graph.users.get(var, [])
+        return bool(users) and depth < 16 and all(
+            u == concat or (u is not None and moves_values(graph.value(u))
+                            and graph.value(u).args[0] == var and only_into(u, concat, depth + 1))
+            for u in users)
+
+    out = {}
+    for var, value in graph.values.items():
+        if call_op(value) != "relax.concat" or not isinstance(value.args[0], relax.Tuple) or var not in reads:
+            continue
+        users = set(graph.users.get(var, []))
+        if not users or not users <= set(reads[var]):
+            continue  # something reads the concat in float
+        qps = {reads[var][u].key(): reads[var][u] for u in users}
+        qp = next(iter(qps.values()))
+        if len(qps) != 1 or qp.per_channel:
+            continue
+        for part in value.args[0].fields:
+            root = graph.root(part)[0]
+            if root in graph.values and dtype_of(root) == "float32" and only_into(root, var):
+                out[root] = qp
+    return out
 
 
 @tvm.transform.module_pass(opt_level=0, name="InsertQDQ")

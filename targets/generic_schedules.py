@@ -35,6 +35,7 @@ __all__ = ["loop_extent", "extent_hint", "SYMBOLIC_EXTENT", "vector_width", "fin
 _SPATIAL, _REDUCE = 0, 2
 _PARALLEL_MIN = 2048  # elements below which threads cost more than they save
 _FEW_LANES = 4  # innermost extents too short to vectorize
+_PARALLEL_TASKS = 16  # parallel iterations enough to share among threads without a dynamic loop
 SYMBOLIC_EXTENT = 256  # what a dynamic dimension counts as when the rules weigh sizes
 
 
@@ -148,9 +149,24 @@ def spatial_schedule(sch, block, lanes):
         sch.vectorize(vi)
     outer = sch.get_loops(block)[:-1]
     if outer and total >= _PARALLEL_MIN:
-        keep = [l for l in outer[: max(1, len(outer) - 1)]]
+        keep = _parallel_prefix(sch, outer[: max(1, len(outer) - 1)])
         fused = sch.fuse(*keep) if len(keep) > 1 else keep[0]
         sch.parallel(fused)
+
+
+def _parallel_prefix(sch, loops):
+    """The leading ``loops`` to fuse into one parallel loop. A loop over a dynamic dimension
+    fused with others makes every iteration divide by its symbolic extent (a 64-bit division
+    per vector, which TVM cannot turn into a multiply as it does for a constant); where the
+    loops before it already give :data:`_PARALLEL_TASKS` tasks, they alone run in parallel
+    and the dynamic loop stays inside each task."""
+    constant = 1
+    for i, loop in enumerate(loops):
+        extent = loop_extent(sch, loop)
+        if extent is None:
+            return loops[:i] if i and constant >= _PARALLEL_TASKS else loops
+        constant *= extent
+    return loops
 
 
 class _LanesRule(ScheduleRule):

@@ -154,6 +154,41 @@ def test_parallel_loops_over_a_dynamic_extent_use_threads_only_when_big_enough()
         np.testing.assert_array_equal(y.numpy(), x * 2)
 
 
+@pytest.mark.parametrize("rows, fused", [(26, False), (3, True)])
+def test_a_dynamic_width_stays_out_of_the_parallel_loop_when_rows_suffice(rows, fused):
+    """A pad over ``[1, rows, W, 16]``: with enough rows, only they run in parallel and the loop
+    over the dynamic width stays inside each task (fused with the rows, every vector would pay a
+    division by ``W``); with few rows the width is fused in, for threads enough. Exact either way."""
+    import tvm
+    from tvm import s_tir
+    from tvm.script import tirx as T
+
+    from tvmq.targets.generic_schedules import spatial_schedule
+
+    @T.prim_func(s_tir=True)
+    def pad(a: T.handle, b: T.handle):
+        w = T.int64()
+        x = T.match_buffer(a, (1, rows, w, 16), "uint8")
+        y = T.match_buffer(b, (1, rows, w + 2, 16), "uint8")
+        for i0, i1, i2, i3 in T.grid(1, rows, w + 2, 16):
+            with T.sblock("pad"):
+                v0, v1, v2, v3 = T.axis.remap("SSSS", [i0, i1, i2, i3])
+                y[v0, v1, v2, v3] = T.if_then_else(1 <= v2 and v2 <= w, x[v0, v1, v2 - 1, v3], T.uint8(7))
+
+    sch = s_tir.Schedule(pad)
+    spatial_schedule(sch, sch.get_sblock("pad"), 16)
+    parallel = [l for l in sch.get_loops(sch.get_sblock("pad")) if sch.get(l).kind == tvm.tirx.ForKind.PARALLEL]
+    assert len(parallel) == 1
+    extent = sch.get(parallel[0]).extent
+    assert isinstance(extent, tvm.tirx.IntImm) != fused
+    lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), "llvm")
+    for width in (5, 300):
+        x = np.random.default_rng(width).integers(0, 255, (1, rows, width, 16), dtype=np.uint8)
+        y = tvm.runtime.tensor(np.zeros((1, rows, width + 2, 16), np.uint8))
+        lib(tvm.runtime.tensor(x), y)
+        np.testing.assert_array_equal(y.numpy(), np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)), constant_values=7))
+
+
 def test_avx2_build_of_a_dynamic_width_is_tensorized_and_exact(dynamic, tmp_path):
     """The AVX2 preset (vpmaddwd, 16 registers: other tiles than AVX-512's) on a width no tile divides."""
     model, root, _ = dynamic

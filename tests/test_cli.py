@@ -221,6 +221,13 @@ def test_tune_says_so_when_the_model_has_nothing_to_tune(tmp_path, capsys):
                  "--trials", "1", "--target", "x86-avx2"]) == 0
     out = capsys.readouterr()
     assert "tuned 0 kernels" in out.out and "warning: nothing to tune for target 'x86-avx2'" in out.err
+    assert "cost model prior: none" in out.out  # no prior ships for AVX2's micro-kernel
+    # a prior that is not there: one error line, before anything is calibrated or tuned
+    assert main(["tune", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "--db", str(tmp_path / "db2"),
+                 "--cost-model", str(tmp_path / "missing.tar.gz")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cost model") and "--cost-model none" in err[0]
+    assert not (tmp_path / "db2").exists()
 
 
 def test_tune_time_budgets_parse_or_give_one_error():

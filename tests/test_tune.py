@@ -186,3 +186,73 @@ def test_candidates_are_built_in_the_tuning_process(qmodel):
     args = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
     result, = [f.result() for f in runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args)])]
     assert result.error_msg is None and min(float(s) for s in result.run_secs) > 0
+
+
+def _tile_records(task):
+    """Every tiling of ``task``'s tunable schedule (each split of its pixel and channel-block
+    loops), each with a made-up time that falls as its register tile grows: ``(traces, seconds)``."""
+    import itertools
+
+    from tvmq.pipeline import dot_intrinsics
+    from tvmq.targets.schedules import tunable_schedule
+
+    space = tunable_schedule(dot_intrinsics(PRESET), lanes=PRESET.vector_lanes, registers=PRESET.vector_registers)
+    trace = space(tvm.s_tir.Schedule(task.mod)).trace
+    samples = [inst for inst in trace.decisions if inst.kind.name == "SamplePerfectTile"]
+    extents = [int(np.prod([int(v) for v in trace.decisions[inst]])) for inst in samples]
+    limits = [int(inst.attrs[1]) for inst in samples]  # max_innermost_factor
+    choices = [[[e // f, f] for f in range(1, min(e, m) + 1) if e % f == 0] for e, m in zip(extents, limits)]
+    traces, seconds = [], []
+    for tiles in itertools.product(*choices):
+        t = trace
+        for inst, tile in zip(samples, tiles):
+            t = t.with_decision(inst, tile, remove_postproc=False)
+        traces.append(t)
+        seconds.append(1e-4 / float(np.prod([inner for _, inner in tiles])))
+    return traces, seconds
+
+
+def test_a_cost_model_prior_ranks_the_kernels_it_was_trained_on(qmodel, tmp_path):
+    """``train_cost_model`` learns the records of a database (here: times that fall with the
+    tile's size); loaded as a prior, the XGBoost model ranks those schedules by that time from
+    its first prediction (a fresh one guesses at random until it holds 100 measurements), and
+    ``tune`` reports the prior it started from."""
+    from tvmq._compat import meta_schedule
+    from tvmq.errors import TvmqError
+    from tvmq.tune import _xgb_model, prior_path, train_cost_model
+
+    ms = meta_schedule()
+    register_intrinsics()
+    model, _, _ = conv_model(cin=16, cout=64, k=3, relu=True, hw=16)
+    (task,) = extract_tasks(quantized_module(model, PRESET, raw=random_samples((1, 16, 16, 16), n=4)).module, PRESET)
+    traces, seconds = _tile_records(task)
+    assert len(traces) >= 12 and len(set(seconds)) >= 5  # 16 pixels x 4 channel blocks, split every way
+    traces, seconds = traces * (120 // len(traces) + 1), seconds * (120 // len(traces) + 1)  # 100+ records
+    (tmp_path / "db").mkdir()
+    db = ms.database.JSONDatabase(str(tmp_path / "db" / "database_workload.json"),
+                                  str(tmp_path / "db" / "database_tuning_record.json"), allow_missing=True)
+    workload = db.commit_workload(task.mod)
+    args = ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])
+    for trace, secs in zip(traces, seconds):
+        db.commit_tuning_record(ms.database.TuningRecord(trace, workload, [secs], PRESET.tvm_target(), args))
+    db.commit_tuning_record(ms.database.TuningRecord(traces[0], workload, [1e10], PRESET.tvm_target(), args))  # failed
+    prior = tmp_path / "x86.tar.gz"
+    stats = train_cost_model([tmp_path / "db"], PRESET, prior)
+    assert stats == {"workloads": 1, "records": len(traces), "bytes": prior.stat().st_size}
+
+    context = ms.TuneContext(mod=task.mod, target=PRESET.tvm_target(), num_threads=1)
+    candidates = []
+    for trace in traces:
+        sch = tvm.s_tir.Schedule(task.mod)
+        trace.apply_to_schedule(sch, remove_postproc=False)
+        candidates.append(ms.MeasureCandidate(sch, args))
+    scores = _xgb_model(ms, prior).predict(context, candidates)
+    speed = min(seconds) / np.array(seconds)  # what MetaSchedule's model predicts: 1 for the fastest
+    assert np.corrcoef(scores, speed)[0, 1] > 0.9
+
+    report = tune(qmodel.module, PRESET, tmp_path / "tuned", trials=2, max_tasks=1, progress=False, cost_model=prior)
+    assert report.cost_model == str(prior) and report.trials == 2
+    assert report.history and report.history[-1] == (2, pytest.approx(report.kernel_ms[1]))
+    assert prior_path("none", PRESET) is None
+    with pytest.raises(TvmqError, match="does not exist"):
+        prior_path(tmp_path / "missing.tar.gz", PRESET)

@@ -114,6 +114,9 @@ def _add_tune(sub):
                                                "the time ends the search)")
     p.add_argument("--time", help="search budget, e.g. 10m, 90s, 1h: no new batch of candidates starts after it")
     p.add_argument("--max-tasks", type=int, help="tune only the largest kernels")
+    p.add_argument("--cost-model", default="auto", metavar="FILE|none",
+                   help="prior of the search's cost model: a file from scripts/cost_model.py train, or none "
+                        "(default: the one tvmq ships for the target's ISA, if any)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on boards registered with this TVM RPC tracker")
     p.add_argument("--rpc-key", default="", help="with --rpc-tracker: the kind of board (the servers' --key)")
     p.set_defaults(func=commands.cmd_tune)

@@ -102,7 +102,7 @@ def cmd_tune(args) -> int:
     from tvmq.compile import quantized_module
     from tvmq.frontend import parse_dim_arg, parse_shape_arg
     from tvmq.targets import get_preset
-    from tvmq.tune import parse_duration, require_board_runner, tune
+    from tvmq.tune import prior_path, parse_duration, require_board_runner, tune
 
     preset = get_preset(args.target)
     budget = parse_duration(args.time) if args.time else None
@@ -115,10 +115,11 @@ def cmd_tune(args) -> int:
 
         runner = rpc_runner(RemoteTarget(tracker=args.rpc_tracker, key=args.rpc_key))
     require_board_runner(preset, runner)  # before calibrating, which takes a while
+    prior_path(args.cost_model, preset)  # a missing file is an error before calibrating too
     qm = quantized_module(args.model, preset, raw=args.calib, config=_config_from_args(args), shapes=shapes,
                           precision=args.precision, plan=args.plan, dims=dims)
     report = tune(qm.module, preset, args.db, trials=trials, max_tasks=args.max_tasks, progress=True,
-                  runner=runner, time_budget=budget)
+                  runner=runner, time_budget=budget, cost_model=args.cost_model)
     for t in report.tasks:
         if t["best_us"] is not None:
             best = f"{t['best_us']:.1f} us"
@@ -130,7 +131,8 @@ def cmd_tune(args) -> int:
             if t.get("share") is not None else ""
         print(f"{t['name'][:60]:<60} x{t['weight']}{untuned}  best {best}")
     print(f"tuned {len(report.tasks)} kernels, {report.trials} trials -> {args.db}"
-          + (f" (stopped by --time {args.time})" if report.out_of_time else ""))
+          + (f" (stopped by --time {args.time})" if report.out_of_time else "")
+          + f"; cost model prior: {report.cost_model}")
     if report.kernel_ms:
         print(f"those kernels in the model: {report.kernel_ms[0]:.3f} ms untuned, {report.kernel_ms[1]:.3f} ms with the "
               "best candidates (each used only if it agrees with the untuned kernel)")

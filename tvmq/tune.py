@@ -5,6 +5,10 @@ The design space of each kernel is tvmq's own default schedule with its tile siz
 by its XGBoost cost model, mutates them and measures candidates. So an untuned build is one
 point of the tuned space, and tuning can only pick something measured to be faster.
 
+The search's XGBoost cost model starts from a prior where tvmq ships one for the target's ISA
+(``tvmq/costmodels/<isa>.tar.gz``, :func:`train_cost_model` on the records of tuned zoo models):
+without one, MetaSchedule's model guesses at random until it has 100 measurements of its own.
+
 Results go to a JSON database in ``--db DIR`` (``database_workload.json`` and
 ``database_tuning_record.json``), keyed by kernel (structural hash) and target. Before a tuned
 kernel is used, :func:`load_database` runs it against the untuned build of the same kernel on
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +33,13 @@ import tvm_ffi
 
 from tvmq.errors import TvmqError
 
-__all__ = ["Task", "TuneReport", "extract_tasks", "tune", "load_database", "verify_schedule"]
+__all__ = ["Task", "TuneReport", "extract_tasks", "tune", "load_database", "verify_schedule", "isa_key",
+           "shipped_cost_model", "prior_path", "train_cost_model"]
 
 log = logging.getLogger("tvmq")
 
 REJECTED = "rejected.json"
+COST_MODELS = Path(__file__).resolve().parent / "costmodels"
 _BUILDER_TIMEOUT = 300.0  # a fresh builder process spends 30-60 s importing TVM's intrinsics
 
 
@@ -55,6 +62,9 @@ class TuneReport:
     database: str = ""
     out_of_time: bool = False  # the time budget ended the search before the trials did
     kernel_ms: tuple[float, float] | None = None  # the tuned kernels' time in the model: untuned, tuned
+    cost_model: str = "none"  # the prior the search's cost model started from ("none": MetaSchedule's own)
+    # after each measured batch: (candidates measured so far, the tuned kernels' time in the model, ms)
+    history: list[tuple[int, float]] = field(default_factory=list)
 
 
 def _normalized(func) -> tvm.IRModule:
@@ -136,6 +146,7 @@ class _Progress:
         self.measured = 0
         self.deadline = deadline  # time.monotonic() after which no new batch starts
         self.out_of_time = False
+        self.history: list[tuple[int, float]] = []  # (measured, kernels' estimated seconds)
         self.bar = None
         if enabled:
             from tqdm import tqdm
@@ -147,10 +158,12 @@ class _Progress:
         good = [s for s in seconds if s is not None and np.isfinite(s)]
         if good:
             self.best[task_id] = min(self.best.get(task_id, float("inf")), min(good))
+        estimate = self.estimate()
+        if estimate is not None:
+            self.history.append((self.measured, estimate[1]))
         if self.bar is not None:
             self.bar.update(len(seconds))
             best = self.best.get(task_id)
-            estimate = self.estimate()
             self.bar.set_postfix_str((f"{self.names[task_id][:32]} best {best * 1e6:.1f} us" if best else "")
                                      + (f"; kernels {estimate[1] * 1e3:.3f} ms (untuned {estimate[0] * 1e3:.3f})"
                                         if estimate else ""))
@@ -232,6 +245,7 @@ def tune(
     runner=None,
     time_budget: float | None = None,
     batch: int = 16,
+    cost_model: str | Path | None = "auto",
 ) -> TuneReport:
     """Tune the kernels of ``mod`` (a quantized or float Relax module) and store the results.
 
@@ -249,6 +263,9 @@ def tune(
         ``trials`` is left; ``report.out_of_time`` says when it ended the search.
     batch : int
         Candidates built and measured per round (the budget is checked between rounds).
+    cost_model : path, "auto" or None
+        The prior of the search's cost model: a file written by :func:`train_cost_model`;
+        ``"auto"`` (default) the one tvmq ships for the target's ISA, if any; None none.
     """
     from tvmq._compat import meta_schedule
     from tvmq.targets import get_preset
@@ -260,6 +277,7 @@ def tune(
     if time_budget is not None and time_budget <= 0:
         raise TvmqError(f"--time must be positive, got {time_budget:g} s")
     deadline = None if time_budget is None else time.monotonic() + time_budget
+    prior = prior_path(cost_model, preset)
     db_dir = Path(db_dir)
     db_dir.mkdir(parents=True, exist_ok=True)
     target = preset.tvm_target()
@@ -267,7 +285,7 @@ def tune(
     total_s = sum(t.untuned_s * t.weight for t in tasks) if all(t.untuned_s is not None for t in tasks) else None
     if max_tasks is not None:
         tasks = tasks[:max_tasks]
-    report = TuneReport(database=str(db_dir))
+    report = TuneReport(database=str(db_dir), cost_model=str(prior) if prior else "none")
     if not tasks:
         return report
     contexts = _tune_contexts(ms, tasks, preset, target, seed)
@@ -275,8 +293,10 @@ def tune(
     _record_defaults(ms, tasks, database, preset)
     bar = _Progress(trials * len(tasks), [t.name for t in tasks], progress, deadline,
                     [(t.untuned_s, t.weight) for t in tasks])
-    _search(ms, tasks, contexts, database, bar, db_dir=db_dir, trials=trials, preset=preset, runner=runner, batch=batch)
+    _search(ms, tasks, contexts, database, bar, db_dir=db_dir, trials=trials, preset=preset, runner=runner, batch=batch,
+            cost_model=_xgb_model(ms, prior))
     report.trials, report.out_of_time = bar.measured, bar.out_of_time
+    report.history = [(n, s * 1e3) for n, s in bar.history]
     report.kernel_ms = None if bar.estimate() is None else tuple(v * 1e3 for v in bar.estimate())
     for i, task in enumerate(tasks):
         best = bar.best.get(i)
@@ -330,7 +350,7 @@ def _tune_contexts(ms, tasks: list[Task], preset, target, seed: int) -> list:
 
 
 def _search(ms, tasks: list[Task], contexts: list, database, bar: _Progress, *, db_dir: Path, trials: int, preset,
-            runner, batch: int = 16) -> None:
+            runner, batch: int = 16, cost_model=None) -> None:
     """MetaSchedule's search over all tasks: builds, measures and records ``trials`` candidates each."""
     callbacks = [
         ms.measure_callback.AddToDatabase(),
@@ -364,7 +384,7 @@ def _search(ms, tasks: list[Task], contexts: list, database, bar: _Progress, *, 
             builder=builder,
             runner=runner,
             database=database,
-            cost_model=ms.cost_model.XGBModel(),
+            cost_model=_xgb_model(ms, None) if cost_model is None else cost_model,
             measure_callbacks=callbacks,
             task_scheduler="round-robin",
         )
@@ -419,6 +439,114 @@ def _json_database(db_dir: Path):
             f"tuning database in {db_dir} is unreadable ({str(err).splitlines()[0][:200]}); "
             "remove the folder or point --db at another one"
         ) from None
+
+
+# ----------------------------------------------------------------------------- cost model prior
+def isa_key(preset) -> str:
+    """What a kernel's measured speed depends on beyond its code: the architecture and the int8
+    micro-kernel (``x86_64-vnni``, ``x86_64-pmaddwd256``, ``aarch64-sdot``, ``cuda``)."""
+    if preset.kind != "llvm":
+        return preset.kind
+    arch = str(preset.target.get("mtriple", "x86_64")).split("-")[0]
+    return f"{arch}-{preset.int8_kernel or 'none'}"
+
+
+def shipped_cost_model(preset) -> Path | None:
+    """The cost model prior tvmq ships for ``preset``'s ISA, or None."""
+    path = COST_MODELS / f"{isa_key(preset)}.tar.gz"
+    return path if path.is_file() else None
+
+
+def prior_path(cost_model, preset) -> Path | None:
+    """The cost model prior ``cost_model`` names (a file, ``"auto"`` or ``"none"``/None) for ``preset``."""
+    if cost_model is None or str(cost_model) == "none":
+        return None
+    if str(cost_model) == "auto":
+        return shipped_cost_model(preset)
+    path = Path(cost_model)
+    if not path.is_file():
+        raise TvmqError(f"cost model {path} does not exist; pass a file written by scripts/cost_model.py train, "
+                        "or --cost-model none")
+    return path
+
+
+def _xgb_model(ms, prior: Path | None):
+    """MetaSchedule's XGBoost cost model, holding ``prior``'s records (features and measured
+    speeds) and trained on them: it ranks candidates from the first batch, and every batch
+    measured here is added to those records when it retrains."""
+    import gzip
+    import shutil
+    import tempfile
+
+    model = ms.cost_model.XGBModel()
+    if prior is None:
+        return model
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = Path(tmp) / "model.tar"
+        with gzip.open(prior, "rb") as src, open(tar, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        try:
+            with warnings.catch_warnings():  # xgboost: "Unknown file format: `bin`" (MetaSchedule's name)
+                warnings.simplefilter("ignore", UserWarning)
+                model.load(str(tar))
+        except Exception as err:  # pylint: disable=broad-except
+            raise TvmqError(f"cost model {prior} is unreadable ({str(err).splitlines()[0][:160]}); "
+                            "train it again with scripts/cost_model.py train, or pass --cost-model none") from None
+    model.last_train_size = model.data_size  # retrain once the new records add a fifth
+    return model
+
+
+def train_cost_model(db_dirs, preset, out: str | Path) -> dict:
+    """Train MetaSchedule's XGBoost cost model on every record of the tuning databases
+    ``db_dirs`` (measured on ``preset``'s ISA) and write it, with the records' features, to
+    ``out`` (a gzipped tar). Returns counts: workloads, records, bytes written."""
+    import gzip
+    import shutil
+    import tempfile
+
+    from tvmq._compat import meta_schedule
+    from tvmq.targets import get_preset
+
+    ms = meta_schedule()
+    preset = get_preset(preset)
+    target = preset.tvm_target()
+    groups: dict[int, tuple] = {}  # workload hash -> (mod, [records])
+    for db_dir in db_dirs:
+        for rec in _json_database(Path(db_dir)).get_all_tuning_records():
+            secs = [float(s) for s in rec.run_secs or []]
+            if not secs or not all(np.isfinite(s) and s < 1e9 for s in secs):
+                continue  # a candidate that failed to build or run
+            mod = rec.workload.mod
+            groups.setdefault(tvm_ffi.structural_hash(mod), (mod, []))[1].append(rec)
+    if not groups:
+        raise TvmqError(f"no measured records in {', '.join(str(d) for d in db_dirs)}; run tvmq tune into them first")
+    model = ms.cost_model.XGBModel()
+    model.last_train_size = 1 << 62  # train once, after the last workload (below), not after each
+    count = 0
+    for i, (mod, records) in enumerate(groups.values()):
+        candidates, results = [], []
+        for rec in records:
+            sch = tvm.s_tir.Schedule(mod)
+            try:
+                rec.trace.apply_to_schedule(sch, remove_postproc=False)
+            except Exception:  # pylint: disable=broad-except
+                continue
+            candidates.append(ms.MeasureCandidate(sch, rec.args_info))
+            results.append(ms.runner.RunnerResult([float(s) for s in rec.run_secs], None))
+        if i == len(groups) - 1:
+            model.last_train_size = 0
+        model.update(ms.TuneContext(mod=mod, target=target, num_threads=1), candidates, results)
+        count += len(candidates)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tar = Path(tmp) / "model.tar"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model.save(str(tar))
+        with open(tar, "rb") as src, gzip.open(out, "wb", compresslevel=9) as dst:
+            shutil.copyfileobj(src, dst)
+    return {"workloads": len(groups), "records": count, "bytes": out.stat().st_size}
 
 
 # ----------------------------------------------------------------------------- verification

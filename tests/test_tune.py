@@ -256,3 +256,21 @@ def test_a_cost_model_prior_ranks_the_kernels_it_was_trained_on(qmodel, tmp_path
     assert prior_path("none", PRESET) is None
     with pytest.raises(TvmqError, match="does not exist"):
         prior_path(tmp_path / "missing.tar.gz", PRESET)
+
+
+def test_an_unreadable_prior_is_an_error_unless_it_is_the_shipped_one(qmodel, tmp_path, monkeypatch):
+    """A damaged ``--cost-model`` file stops the search with one error; the shipped prior, if this
+    installation cannot read it (another xgboost), only costs the search its prior, and the report says so."""
+    import tvmq.tune
+    from tvmq.errors import TvmqError
+    from tvmq.tune import isa_key
+
+    bad = tmp_path / "prior" / f"{isa_key(PRESET)}.tar.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a cost model")
+    with pytest.raises(TvmqError, match="unreadable"):
+        tune(qmodel.module, PRESET, tmp_path / "a", trials=1, max_tasks=1, progress=False, cost_model=bad)
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setattr(tvmq.tune, "COST_MODELS", bad.parent)
+    report = tune(qmodel.module, PRESET, tmp_path / "b", trials=1, max_tasks=1, progress=False)
+    assert report.cost_model == f"none ({bad.name} unreadable here)" and report.trials == 1

@@ -278,6 +278,15 @@ def tune(
         raise TvmqError(f"--time must be positive, got {time_budget:g} s")
     deadline = None if time_budget is None else time.monotonic() + time_budget
     prior = prior_path(cost_model, preset)
+    prior_name = str(prior) if prior else "none"
+    try:  # before anything is written: a damaged prior leaves no database behind
+        model = _xgb_model(ms, prior)
+    except TvmqError as err:
+        if str(cost_model) != "auto":
+            raise
+        # the shipped prior, unreadable here (another xgboost?): tune without it, and say so
+        log.warning("%s; tuning without a prior", err)
+        model, prior_name = _xgb_model(ms, None), f"none ({prior.name} unreadable here)"
     db_dir = Path(db_dir)
     db_dir.mkdir(parents=True, exist_ok=True)
     target = preset.tvm_target()
@@ -285,7 +294,7 @@ def tune(
     total_s = sum(t.untuned_s * t.weight for t in tasks) if all(t.untuned_s is not None for t in tasks) else None
     if max_tasks is not None:
         tasks = tasks[:max_tasks]
-    report = TuneReport(database=str(db_dir), cost_model=str(prior) if prior else "none")
+    report = TuneReport(database=str(db_dir), cost_model=prior_name)
     if not tasks:
         return report
     contexts = _tune_contexts(ms, tasks, preset, target, seed)
@@ -294,7 +303,7 @@ def tune(
     bar = _Progress(trials * len(tasks), [t.name for t in tasks], progress, deadline,
                     [(t.untuned_s, t.weight) for t in tasks])
     _search(ms, tasks, contexts, database, bar, db_dir=db_dir, trials=trials, preset=preset, runner=runner, batch=batch,
-            cost_model=_xgb_model(ms, prior))
+            cost_model=model)
     report.trials, report.out_of_time = bar.measured, bar.out_of_time
     report.history = [(n, s * 1e3) for n, s in bar.history]
     report.kernel_ms = None if bar.estimate() is None else tuple(v * 1e3 for v in bar.estimate())
@@ -483,9 +492,9 @@ def _xgb_model(ms, prior: Path | None):
         return model
     with tempfile.TemporaryDirectory() as tmp:
         tar = Path(tmp) / "model.tar"
-        with gzip.open(prior, "rb") as src, open(tar, "wb") as dst:
-            shutil.copyfileobj(src, dst)
         try:
+            with gzip.open(prior, "rb") as src, open(tar, "wb") as dst:
+                shutil.copyfileobj(src, dst)
             with warnings.catch_warnings():  # xgboost: "Unknown file format: `bin`" (MetaSchedule's name)
                 warnings.simplefilter("ignore", UserWarning)
                 model.load(str(tar))

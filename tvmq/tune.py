@@ -359,7 +359,7 @@ def _tune_contexts(ms, tasks: list[Task], preset, target, seed: int) -> list:
 
 
 def _search(ms, tasks: list[Task], contexts: list, database, bar: _Progress, *, db_dir: Path, trials: int, preset,
-            runner, batch: int = 16, cost_model=None) -> None:
+            runner, cost_model, batch: int = 16) -> None:
     """MetaSchedule's search over all tasks: builds, measures and records ``trials`` candidates each."""
     callbacks = [
         ms.measure_callback.AddToDatabase(),
@@ -393,7 +393,7 @@ def _search(ms, tasks: list[Task], contexts: list, database, bar: _Progress, *, 
             builder=builder,
             runner=runner,
             database=database,
-            cost_model=_xgb_model(ms, None) if cost_model is None else cost_model,
+            cost_model=cost_model,
             measure_callbacks=callbacks,
             task_scheduler="round-robin",
         )
@@ -483,36 +483,42 @@ def _xgb_model(ms, prior: Path | None):
     """MetaSchedule's XGBoost cost model, holding ``prior``'s records (features and measured
     speeds) and trained on them: it ranks candidates from the first batch, and every batch
     measured here is added to those records when it retrains."""
+    model = ms.cost_model.XGBModel()
+    if prior is None:
+        return model
+    try:
+        _gzipped_tar(model.load, prior, write=False)
+    except Exception as err:  # pylint: disable=broad-except
+        raise TvmqError(f"cost model {prior} is unreadable ({str(err).splitlines()[0][:160]}); "
+                        "train it again with scripts/cost_model.py train, or pass --cost-model none") from None
+    model.last_train_size = model.data_size  # retrain once the new records add a fifth
+    return model
+
+
+def _gzipped_tar(io, path: Path, write: bool) -> None:
+    """``io(tar)`` (XGBModel's ``load`` or ``save``, which use an uncompressed tar) on the
+    gzipped file ``path``: unpacked into a temporary tar before a load, packed after a save."""
     import gzip
     import shutil
     import tempfile
 
-    model = ms.cost_model.XGBModel()
-    if prior is None:
-        return model
     with tempfile.TemporaryDirectory() as tmp:
         tar = Path(tmp) / "model.tar"
-        try:
-            with gzip.open(prior, "rb") as src, open(tar, "wb") as dst:
+        if not write:
+            with gzip.open(path, "rb") as src, open(tar, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            with warnings.catch_warnings():  # xgboost: "Unknown file format: `bin`" (MetaSchedule's name)
-                warnings.simplefilter("ignore", UserWarning)
-                model.load(str(tar))
-        except Exception as err:  # pylint: disable=broad-except
-            raise TvmqError(f"cost model {prior} is unreadable ({str(err).splitlines()[0][:160]}); "
-                            "train it again with scripts/cost_model.py train, or pass --cost-model none") from None
-    model.last_train_size = model.data_size  # retrain once the new records add a fifth
-    return model
+        with warnings.catch_warnings():  # xgboost: "Unknown file format: `bin`" (MetaSchedule's name)
+            warnings.simplefilter("ignore", UserWarning)
+            io(str(tar))
+        if write:
+            with open(tar, "rb") as src, gzip.open(path, "wb", compresslevel=9) as dst:
+                shutil.copyfileobj(src, dst)
 
 
 def train_cost_model(db_dirs, preset, out: str | Path) -> dict:
     """Train MetaSchedule's XGBoost cost model on every record of the tuning databases
     ``db_dirs`` (measured on ``preset``'s ISA) and write it, with the records' features, to
     ``out`` (a gzipped tar). Returns counts: workloads, records, bytes written."""
-    import gzip
-    import shutil
-    import tempfile
-
     from tvmq._compat import meta_schedule
     from tvmq.targets import get_preset
 
@@ -548,13 +554,7 @@ def train_cost_model(db_dirs, preset, out: str | Path) -> dict:
         count += len(candidates)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        tar = Path(tmp) / "model.tar"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            model.save(str(tar))
-        with open(tar, "rb") as src, gzip.open(out, "wb", compresslevel=9) as dst:
-            shutil.copyfileobj(src, dst)
+    _gzipped_tar(model.save, out, write=True)
     return {"workloads": len(groups), "records": count, "bytes": out.stat().st_size}
 
 

@@ -29,15 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zoo import models  # noqa: E402
-
-CACHE = Path.home() / ".cache" / "tvmq" / "zoo"  # zoo.py's default: the wheels it fetched
-
-
-def host_isa() -> str:
-    from tvmq.targets import host_cpu_flags
-
-    return ", ".join(sorted(host_cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}))
+from zoo import CACHE, host_isa, models  # noqa: E402
 
 
 def build(name: str, plan: str, preset, n_calib: int = 8):

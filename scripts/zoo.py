@@ -57,6 +57,14 @@ PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
           "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "color.png", "logo.png", "grass.png"]
 README_START, README_END = "<!-- zoo:start -->", "<!-- zoo:end -->"
 TUNE_START, TUNE_END = "<!-- zoo-tune:start -->", "<!-- zoo-tune:end -->"
+CACHE = Path.home() / ".cache" / "tvmq" / "zoo"  # the wheels fetched and the models taken from them
+
+
+def host_isa() -> str:
+    """The host's x86 ISA extensions that decide int8 speed, for the figures' captions."""
+    from tvmq.targets import host_cpu_flags
+
+    return ", ".join(sorted(host_cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}))
 
 
 def wheel_member(package: str, member: str, cache: Path) -> Path:
@@ -431,7 +439,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-eval", type=int, default=8)
     ap.add_argument("--plans", default=",".join(PLANS), help=f"tvmq plans to build (default: {','.join(PLANS)})")
     ap.add_argument("--min-sqnr", type=float, help="the auto plan's budget in dB (default: tvmq's default budget)")
-    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tvmq" / "zoo")
+    ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--json", type=Path, help="write (and, with --resume, read back) the results")
     ap.add_argument("--resume", action="store_true", help="keep the models already in --json")
     ap.add_argument("--readme", type=Path, help="replace the zoo table in this README")
@@ -448,9 +456,9 @@ def main(argv=None) -> int:
     unknown = [m for m in chosen if m not in zoo]
     if unknown:
         raise SystemExit(f"error: unknown model(s) {', '.join(unknown)}; choose from {', '.join(zoo)}")
-    from tvmq.targets import get_preset, host_cpu_flags
+    from tvmq.targets import get_preset
 
-    isa = ", ".join(sorted(host_cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}))
+    isa = host_isa()
     saved = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else {}
     results = dict(saved.get("models", {}))
     for name in chosen:

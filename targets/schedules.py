@@ -131,6 +131,10 @@ def _packed_loops(sch, main, is_conv: bool, dot: bool, lanes: int, two_pixels: b
         else:
             *spatial_outer, x, o = loops[: len(loops) - (2 if dot else 1)]
             reduce = loops[len(loops) - (2 if dot else 1) :]
+            if spatial_outer and loop_extent(sch, x) == 1 and extent_hint(sch, spatial_outer[-1]) > 1:
+                # [T, 1, K] x [K, N] (an LSTM's input projection over its time steps): the rows
+                # are the outer loop; as pixels they share the register tile's weight loads
+                spatial_outer[-1], x = x, spatial_outer[-1]
         reduce_outer, inner = (reduce[:-1], [reduce[-1]]) if dot else (reduce, [])
         oo, oi = sch.split(o, [None, lanes])
     return spatial_outer, x, oo, oi, reduce_outer, inner, pair
@@ -252,7 +256,11 @@ class PackedKernelRule(ScheduleRule):
         per_acc = max(1, lanes // self.vector_lanes)
         accumulators = max(1, self.registers * 3 // 4 // per_acc)
         if not dot:
-            return _float_pixels(x, accumulators), 1
+            # fewer pixels than FMAs in flight (a matrix-vector product: one): more channel
+            # blocks, each its own accumulator chain, rather than one chain waiting on itself
+            # (while 4+ tiles are left to run in parallel)
+            xb = _float_pixels(x, accumulators)
+            return xb, _divisor(oo, max(1, min(min(accumulators, 8) // xb, (oo or 1) // 4)))
         x = ANY_EXTENT if x is None else x
         best = (1, 1)
         for ob in range(1, self.o_block + 1):

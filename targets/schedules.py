@@ -62,11 +62,15 @@ def _divisor(n: int | None, limit: int) -> int:
     return max(d for d in range(1, max(1, min(limit, n)) + 1) if n % d == 0)
 
 
+# Independent FMA chains a float tile keeps in flight to hide their latency.
+_FMA_CHAINS = 8
+
+
 def _float_pixels(x: int | None, accumulators: int) -> int:
     """Output pixels of a float register tile: up to 8 (enough independent FMAs to hide their
     latency), more (up to 16) when that covers a row exactly; a tile need not divide the row
     (the last one is predicated), so the choice weighs the wasted pixels of the last tile."""
-    preferred = max(1, min(8, accumulators))
+    preferred = max(1, min(_FMA_CHAINS, accumulators))
     if not x:
         return preferred
     limit = min(x, accumulators, 2 * preferred)
@@ -260,7 +264,7 @@ class PackedKernelRule(ScheduleRule):
             # blocks, each its own accumulator chain, rather than one chain waiting on itself
             # (while 4+ tiles are left to run in parallel)
             xb = _float_pixels(x, accumulators)
-            return xb, _divisor(oo, max(1, min(min(accumulators, 8) // xb, (oo or 1) // 4)))
+            return xb, _divisor(oo, max(1, min(min(_FMA_CHAINS, accumulators) // xb, (oo or 1) // 4)))
         x = ANY_EXTENT if x is None else x
         best = (1, 1)
         for ob in range(1, self.o_block + 1):

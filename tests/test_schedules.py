@@ -217,7 +217,8 @@ def test_float_tiles_of_rows_with_no_small_divisor_are_exact(preset):
     for model, shape in [(conv_model(cin=32, cout=48, hw=13)[0], [1, 32, 13, 13]),
                          (conv_model(cin=32, cout=32, groups=32, hw=19)[0], [1, 32, 19, 19]),
                          (conv_model(cin=16, cout=32, k=1, pad=0, hw=7)[0], [1, 16, 7, 7]),
-                         (matmul_model(k=64, n=32, batch=25)[0], [25, 64])]:
+                         (matmul_model(k=64, n=32, batch=25)[0], [25, 64]),
+                         *((_matmul_of_rows(shape, 64), shape) for shape in _ROW_SHAPES)]:
         x = rng.normal(0, 1, shape).astype(np.float32)
         ref = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         mod, _ = load_onnx(model)
@@ -238,19 +239,28 @@ def test_a_float_tile_keeps_its_rows_in_l1_and_covers_ragged_rows():
     assert all(avx2.tile(x, 24, 16, dot=False)[0] * 2 <= 12 for x in (13, 7, 56, 52, 208))
 
 
+_ROW_SHAPES = ([1, 64], [20, 1, 64])  # one row (an LSTM's recurrent step), rows outside a unit pixel loop
+
+
+def _matmul_of_rows(shape, n, seed=5):
+    """An ONNX model ``y = x @ w``, ``x`` of ``shape`` (its last dimension the reduction), ``w`` normal(0, 0.2)."""
+    from conftest import make_model
+    from onnx import helper
+
+    w = np.random.default_rng(seed).normal(0, 0.2, (shape[-1], n)).astype(np.float32)
+    return make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [("x", shape)],
+                      [("y", shape[:-1] + [n])], [("w", w)])
+
+
 @pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512"])
 def test_a_float_matrix_vector_product_keeps_eight_fmas_in_flight(preset):
     """A float kernel with one row (an LSTM's recurrent step ``h @ R``) or with its rows outside
     a unit pixel loop (the input projection ``[T, 1, K] @ [K, 4H]``) had one accumulator per tile:
     every FMA waited on the one before (ddddocr's projection 0.90 -> 0.17 ms, its recurrent
     step 0.032 -> 0.024 ms; AVX-512 host, 2 threads). Now the tile holds 8 accumulators (channel
-    blocks, or the rows as pixels) and the results are exact."""
-    import onnxruntime as ort
-    from conftest import make_model
-    from onnx import helper
+    blocks, or the rows as pixels); both shapes are in the exactness test above."""
     from tvm import s_tir
 
-    from tvmq.execute import HostModule
     from tvmq.frontend import load_onnx
     from tvmq.pipeline import fuse
     from tvmq.quantize import prepare
@@ -260,20 +270,11 @@ def test_a_float_matrix_vector_product_keeps_eight_fmas_in_flight(preset):
     from tvmq.targets.schedules import PackedKernelRule
 
     p = get_preset(preset)
-    rng = np.random.default_rng(5)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    w = rng.normal(0, 0.2, (64, 32 * p.vector_lanes)).astype(np.float32)
-    for shape in ([1, 64], [20, 1, 64]):
-        model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [("x", shape)], [("y", shape[:-1] + [w.shape[1]])], [("w", w)])
-        mod = prepare(load_onnx(model)[0])
+    for shape in _ROW_SHAPES:
+        mod = prepare(load_onnx(_matmul_of_rows(shape, 32 * p.vector_lanes))[0])
         (func,) = [f for gv, f in fuse(mod, p).functions_items() if "matmul" in gv.name_hint and isinstance(f, tir.PrimFunc)]
         sch = s_tir.Schedule(func)
         assert PackedKernelRule(None, p.vector_registers, p.vector_lanes).schedule(sch)
-        loops = sch.get_loops(find_block(sch, FMA_MATMUL_BLOCK + "_update"))
+        loops = sch.get_loops(find_block(sch, FMA_MATMUL_BLOCK + "_update"))  # decompose_reduction renames it
         unrolled = [int(sch.get(lp).extent) for lp in loops if sch.get(lp).kind == tvm.tirx.ForKind.UNROLLED]
         assert np.prod(unrolled) >= 8, (shape, unrolled)
-        x = rng.uniform(-1, 1, shape).astype(np.float32)
-        ref = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-        got = HostModule(mod, p)(x)[0]
-        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())

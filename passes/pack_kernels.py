@@ -323,12 +323,13 @@ class _Packer(relax.PyExprMutator):
         return call if new is None else new
 
     def _granule(self, pixels, channels: int, lanes: int, k: int) -> int:
-        """The pixel (or row) multiple a kernel over a symbolic extent ``pixels`` computes: the
-        register tile's pixels for its channel blocks; 1 for a static extent (the tile divides
-        it) or a two-pixel micro-kernel (pairs need an even extent, and that is not known)."""
-        if isinstance(pixels, int) or self.pixel_tile is None or (self.pairs and (lanes, k) == tuple(self.pairs)):
+        """The pixel (or row) multiple a kernel over ``pixels`` computes (cropped after): for a
+        symbolic extent the register tile's pixels for its channel blocks; for a static one 1
+        (the tile divides it) unless a few spare pixels buy a much fuller tile (a width of 13);
+        1 for a two-pixel micro-kernel (pairs need an even extent, and that is not known)."""
+        if self.pixel_tile is None or (self.pairs and (lanes, k) == tuple(self.pairs)):
             return 1
-        return max(1, int(self.pixel_tile(-(-channels // lanes), lanes)))
+        return max(1, int(self.pixel_tile(-(-channels // lanes), lanes, pixels if isinstance(pixels, int) else None)))
 
     def _pad(self, data, pad_width):
         """Zero padding, its extents simplified (see :meth:`_canonical`)."""
@@ -373,7 +374,7 @@ class _Packer(relax.PyExprMutator):
         if self.pairs and static_width and int(a.strides[1]) == 1 and out_width % 2 == 0:
             lanes, k = self.pairs  # neighbouring pixels read neighbouring columns: one two-pixel step
         extra_c = _round_up(shape[3], k) - shape[3]
-        granule = self._granule(shape[2], w.shape[0], lanes, k)
+        granule = self._granule(out_width if static_width else shape[2], w.shape[0], lanes, k)
         right += (granule - 1) * int(a.strides[1])  # spare columns for the last, padded tile
         data = self._widen(data)
         data = self._pad(data, [0, 0, top, bottom, left, right, 0, extra_c]) if top or left or bottom or right or extra_c \

@@ -73,14 +73,21 @@ SYMBOLIC_PIXELS = 4
 
 
 def _pixel_tile(preset):
-    """``(channel blocks, lanes) -> pixels`` of the int8 register tile tvmq's schedule picks for
-    a symbolic extent (what a kernel over a symbolic width is padded to a multiple of): for an
-    extent of :data:`SYMBOLIC_PIXELS` with 512-bit vectors, for any extent otherwise."""
+    """``(channel blocks, lanes, pixels) -> multiple`` an int8 kernel computes its pixels to
+    (cropped after). For a symbolic extent (``pixels=None``) the register tile tvmq's schedule
+    picks: for an extent of :data:`SYMBOLIC_PIXELS` with 512-bit vectors, for any extent
+    otherwise; for a static one, 1 or a few spare pixels (``PackedKernelRule.padded_pixels``)."""
     from tvmq.targets.schedules import PackedKernelRule
 
     rule = PackedKernelRule(registers=preset.vector_registers, vector_lanes=preset.vector_lanes)
     extent = SYMBOLIC_PIXELS if preset.vector_lanes >= 16 else None
-    return lambda blocks, lanes: rule.tile(extent, blocks, lanes, dot=True)[0]
+
+    def multiple(blocks, lanes, pixels=None):
+        if pixels is not None:
+            return rule.padded_pixels(pixels, blocks, lanes)
+        return rule.tile(extent, blocks, lanes, dot=True)[0]
+
+    return multiple
 
 
 def _fuse_passes(preset) -> list:

@@ -15,6 +15,15 @@ Loops handled: ``for v in vectorized(n)`` whose body is one block realize with a
 ``a(v) < b`` where ``a`` increases with ``v`` and ``b`` does not depend on it (what
 ``reverse_compute_at`` and imperfect ``split`` produce). TVM's own ``loop_partition``
 schedule primitive, which would express this, produces a broken function in 0.27.
+
+A select whose condition depends on the lane (``if_then_else(96 <= c, a[c - 96], b[c])``: a
+concatenation along channels, what every NHWC feature pyramid does) scalarizes its loop the same
+way, though the boundary (96) usually falls between vectors. :class:`VersionVectorTails` also
+versions such a loop: where the condition holds at both the first and the last lane (it is a
+comparison of an affine function of the lane, so it then holds at every lane) the loop takes the
+first branch, where it fails at both the second, and only a vector that straddles the boundary
+runs the select. YOLOX's upsample + concat + quantize kernel at 52x52x192: 163 -> 53 us (VNNI
+host, 2 threads); its plain channel concatenations 21-34 -> 2-14 us.
 """
 
 from __future__ import annotations
@@ -62,8 +71,68 @@ def version_vector_tails(func):
         changed.append(loop)
         return tirx.IfThenElse(every_lane, clean, loop)
 
-    body = tvm_ffi.structural_mutate(func.body, [(tirx.For, on_for)])
+    def on_vector_loop(loop, mutator):
+        loop = on_for(loop, mutator)
+        return _version_selects(loop, analyzer, changed) if isinstance(loop, tirx.For) else loop
+
+    body = tvm_ffi.structural_mutate(func.body, [(tirx.For, on_vector_loop)])
     return func.with_body(body) if changed else func
+
+
+# Selects per vector loop versioned at most (each doubles the loop's code).
+_MAX_SELECTS = 4
+
+
+def _version_selects(loop, analyzer, changed, depth: int = 0):
+    """``loop`` (vectorized, one block realize) versioned on its first lane-dependent select: the
+    loop with the select's first branch where the condition holds at every lane, with its second
+    where it holds at none, else ``loop`` itself; the branch loops are versioned in turn."""
+    from tvmq._compat import s_tir
+    from tvmq._compat import tir as tirx
+
+    realize = loop.body
+    if depth >= _MAX_SELECTS or loop.kind != tirx.ForKind.VECTORIZED or not isinstance(realize, s_tir.SBlockRealize):
+        return loop
+    block, v = realize.block, loop.loop_var
+    bindings = dict(zip((iv.var for iv in block.iter_vars), realize.iter_values))
+    selects = []
+
+    def on_call(call):
+        if getattr(call.op, "name", "") == "prim.if_then_else" and not selects:
+            selects.append(call)
+
+    tvm_ffi.structural_walk(block.body, [(tvm.ir.expr.Call, on_call)])
+    if not selects:
+        return loop
+    select = selects[0]
+    cond = select.args[0]
+    for var, value in bindings.items():
+        cond = substitute(cond, var, value)
+    if not isinstance(cond, (tirx.LT, tirx.LE, tirx.GT, tirx.GE)):
+        return loop
+    diff = cond.a - cond.b
+    step = analyzer.simplify(substitute(diff, v, v + 1) - diff)
+    if not isinstance(step, tirx.IntImm) or step.value == 0:
+        return loop  # not affine in the lane, or uniform already (TVM vectorizes a uniform select)
+    first, last = (analyzer.simplify(substitute(cond, v, loop.min + i)) for i in (0, loop.extent - 1))
+
+    def branch(value):
+        body = tvm_ffi.structural_mutate(block.body, [(tvm.ir.expr.Call, lambda c, m: value if c.same_as(select) else m.default_mutate(c))])
+        new = s_tir.SBlockRealize(realize.iter_values, realize.predicate, _with_body(block, body))
+        return _version_selects(tirx.For(v, loop.min, loop.extent, loop.kind, new, loop.thread_binding, loop.annotations),
+                                analyzer, changed, depth + 1)
+
+    changed.append(loop)
+    return tirx.IfThenElse(tirx.And(first, last), branch(select.args[1]),
+                           tirx.IfThenElse(tirx.And(tirx.Not(first), tirx.Not(last)), branch(select.args[2]), loop))
+
+
+def _with_body(block, body):
+    """``block`` with ``body`` (0.27's SBlock has no ``with_body``)."""
+    from tvmq._compat import s_tir
+
+    return s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body, block.init,
+                        block.alloc_buffers, block.match_buffers, block.annotations)
 
 
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="VersionVectorTails")

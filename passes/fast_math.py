@@ -4,11 +4,14 @@ Runs last in :func:`tvmq.pipeline.relax_passes`, after FastSoftmax and before le
 each rewritten op is a small elementwise PrimFunc that fuses into the kernel before it (a conv's
 epilogue). LLVM turns a vector ``exp`` (what TVM's ``sigmoid`` is made of) into one libm call per
 lane: a YOLOv8n spent more than half its int8 time in the SiLU epilogues of its convs
-(``x * sigmoid(x)``, 4 ns per element). Sigmoid becomes ``1 / (1 + fast_exp(-x))`` with TVM's
-``fast_exp`` polynomial; tanh (LSTM cells), erf (GELU) and exp go through Relax's own
-``FastMathTransform`` (``topi.fast_tanh``, ``fast_erf``, ``fast_exp``). Runtimes do the same
-(ONNX Runtime's MLAS computes logistic and tanh as rational polynomials). Absolute errors
-measured: 8e-8 sigmoid, 2.2e-7 tanh, 2.4e-7 erf (tested).
+(``x * sigmoid(x)``, 4 ns per element). Sigmoid becomes a rational polynomial (ONNX Runtime's
+MLAS logistic); tanh (LSTM cells), erf (GELU) and exp go through Relax's own
+``FastMathTransform`` (``topi.fast_tanh``, ``fast_erf``, ``fast_exp``). Absolute errors
+measured: 1.7e-7 sigmoid (over [-40, 40]), 2.2e-7 tanh, 2.4e-7 erf (tested).
+
+Sigmoid was ``1 / (1 + fast_exp(-x))`` (21 vector operations, 8e-8); the rational form takes 15,
+and YOLOX's int8 kernels, SiLU after nearly every conv, went from 6.33 to 5.90 ms summed (its
+stem conv 0.57 -> 0.47 ms), the whole model 7.18 -> 6.84 ms (VNNI host, 2 threads, one run).
 """
 
 from __future__ import annotations
@@ -21,14 +24,36 @@ from .graph import call_op, dtype_of, map_functions
 __all__ = ["FastMath"]
 
 
+# sigmoid(x) ~ 0.5 + x p(x^2) / q(x^2) on [-18, 18]: the rational approximation ONNX Runtime's
+# MLAS computes its logistic with (MIT licence); largest absolute error 1.7e-7 in float32.
+_LOGISTIC_RANGE = 18.0
+_LOGISTIC_P = (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05, 8.51377133304701e-03,
+               2.48287947061529e-01)
+_LOGISTIC_Q = (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06, 1.70198817374094e-03,
+               1.16817656904453e-01, 9.93151921023180e-01)
+
+
 def fast_sigmoid(x):
-    """``te`` compute: ``1 / (1 + fast_exp(-x))``, elementwise."""
+    """``te`` compute: the logistic function as a rational polynomial, elementwise. 15 vector
+    operations with one division, where ``1 / (1 + fast_exp(-x))`` took 21: SiLU (``x *
+    sigmoid(x)``) is the epilogue of most convs in YOLO-family detectors."""
     from tvm import te, tirx
 
-    from tvmq.targets.softmax import fast_exp
+    def c(value):
+        return tirx.const(value, "float32")
 
-    one = tirx.const(1.0, "float32")
-    return te.compute(x.shape, lambda *i: one / (one + fast_exp(-x(*i))), name="fast_sigmoid", tag="elemwise")
+    def horner(coefficients, s):
+        acc = c(coefficients[0])
+        for k in coefficients[1:]:
+            acc = acc * s + c(k)
+        return acc
+
+    def logistic(v):
+        v = tirx.max(tirx.min(v, c(_LOGISTIC_RANGE)), c(-_LOGISTIC_RANGE))
+        s = v * v
+        return v * horner(_LOGISTIC_P, s) / horner(_LOGISTIC_Q, s) + c(0.5)
+
+    return te.compute(x.shape, lambda *i: logistic(x(*i)), name="fast_sigmoid", tag="elemwise")
 
 
 @relax.expr_functor.mutator

@@ -51,7 +51,7 @@ def test_conv_within_scale_bound(cin, cout, k, stride, pad, groups):
     assert_integer_kernels(c.qmod, 1)
 
 
-@pytest.mark.parametrize("batch,relu", [(1, False), (4, True)])
+@pytest.mark.parametrize("batch,relu", [(1, False), (4, True), (13, False)])  # 13 rows: computed to 14
 def test_matmul_within_scale_bound(batch, relu):
     model, w, _ = matmul_model(32, 16, batch, relu)
     samples = random_samples((batch, 32))

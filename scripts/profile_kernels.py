@@ -47,7 +47,10 @@ def main(argv=None):
     ap.add_argument("--target", default="x86", help="an x86 preset this machine runs")
     args = ap.parse_args(argv)
 
+    from collections import Counter
+
     from tvmq.frontend import load_onnx, parse_shape_arg
+    from tvmq.kernels import call_order
     from tvmq.pipeline import lower
     from tvmq.quantize import calibrate, prepare, quantize_pipeline
     from tvmq.targets import get_preset
@@ -62,20 +65,12 @@ def main(argv=None):
         mod = quantize_pipeline(plan)(mod)
     target = get_preset(args.target).tvm_target()
     lowered = lower(mod, args.target)
-    calls = kernel_calls(lowered)
+    calls = Counter(call_order(lowered))
     rows = sorted(((ms * calls.get(name, 1), ms, name) for ms, name in time_primfuncs(lowered, target)), reverse=True)
     total = sum(ms for ms, _, _ in rows)
     for ms, each, name in rows[: args.top]:
         print(f"{ms:8.4f} ms {100 * ms / total:5.1f}%  {calls.get(name, 1):3d} x {each:.4f}  {name}")
     print(f"{total:8.4f} ms per inference over {len(rows)} kernels")
-
-
-def kernel_calls(lowered) -> dict:
-    """``{PrimFunc name: calls}`` that the lowered module's ``main`` makes (VM calls by name)."""
-    import re
-    from collections import Counter
-
-    return Counter(re.findall(r"^\s+(?:\w+ = )?(?:R\.call_tir\(cls\.)?(\w+)\(", lowered["main"].script(), re.M))
 
 
 if __name__ == "__main__":

@@ -298,10 +298,11 @@ class PackedKernelRule(ScheduleRule):
             xb, ob = self.tile(padded, oo, lanes, dot=True)
             return xb * ob * x / padded
 
-        if self.tile(x, oo, lanes, dot=True)[0] >= _PAD_BELOW:
+        xb, ob = self.tile(x, oo, lanes, dot=True)
+        if xb >= _PAD_BELOW:
             return 1
-        best = max(range(1, self.x_block + 1), key=lambda m: (useful(m), -m))
-        return best if useful(best) >= _PAD_GAIN * useful(1) else 1
+        best = max(range(2, self.x_block + 1), key=lambda m: (useful(m), -m))
+        return best if useful(best) >= _PAD_GAIN * xb * ob else 1
 
     def _schedule(self, sch, main, is_conv, dot, tunable=False):
         weight = sch.get(main).reads[-1].source  # 0.27: TensorRegion.source is the buffer

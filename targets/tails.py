@@ -52,22 +52,17 @@ def version_vector_tails(func):
 
     def on_for(loop, mutator):
         loop = mutator.default_mutate(loop)
-        realize = loop.body
-        if loop.kind != tirx.ForKind.VECTORIZED or not isinstance(realize, s_tir.SBlockRealize):
+        realize = _vector_realize(loop)
+        if realize is None or not isinstance(realize.predicate, tirx.LT):
             return loop
-        pred = realize.predicate
-        if not isinstance(pred, tirx.LT):
-            return loop
-        v = loop.loop_var
-        step = analyzer.simplify(substitute(pred.a, v, v + 1) - pred.a)
-        if not (isinstance(step, tirx.IntImm) and step.value > 0):
+        pred, v = realize.predicate, loop.loop_var
+        step = _lane_step(pred.a, v, analyzer)
+        if step is None or step <= 0:
             return loop  # not increasing with the lane: "last lane inside" says nothing of the others
         if not analyzer.can_prove_equal(substitute(pred.b, v, v + 1), pred.b):
             return loop
         every_lane = tirx.LT(substitute(pred.a, v, loop.min + loop.extent - 1), pred.b)
-        clean = tirx.For(v, loop.min, loop.extent, loop.kind,
-                         s_tir.SBlockRealize(realize.iter_values, tirx.const(True, "bool"), realize.block),
-                         loop.thread_binding, loop.annotations)
+        clean = _with_realize(loop, s_tir.SBlockRealize(realize.iter_values, tirx.const(True, "bool"), realize.block))
         changed.append(loop)
         return tirx.IfThenElse(every_lane, clean, loop)
 
@@ -90,8 +85,8 @@ def _version_selects(loop, analyzer, changed, depth: int = 0):
     from tvmq._compat import s_tir
     from tvmq._compat import tir as tirx
 
-    realize = loop.body
-    if depth >= _MAX_SELECTS or loop.kind != tirx.ForKind.VECTORIZED or not isinstance(realize, s_tir.SBlockRealize):
+    realize = _vector_realize(loop)
+    if depth >= _MAX_SELECTS or realize is None:
         return loop
     block, v = realize.block, loop.loop_var
     bindings = dict(zip((iv.var for iv in block.iter_vars), realize.iter_values))
@@ -110,21 +105,43 @@ def _version_selects(loop, analyzer, changed, depth: int = 0):
         cond = substitute(cond, var, value)
     if not isinstance(cond, (tirx.LT, tirx.LE, tirx.GT, tirx.GE)):
         return loop
-    diff = cond.a - cond.b
-    step = analyzer.simplify(substitute(diff, v, v + 1) - diff)
-    if not isinstance(step, tirx.IntImm) or step.value == 0:
+    if not _lane_step(cond.a - cond.b, v, analyzer):
         return loop  # not affine in the lane, or uniform already (TVM vectorizes a uniform select)
     first, last = (analyzer.simplify(substitute(cond, v, loop.min + i)) for i in (0, loop.extent - 1))
 
     def branch(value):
         body = tvm_ffi.structural_mutate(block.body, [(tvm.ir.expr.Call, lambda c, m: value if c.same_as(select) else m.default_mutate(c))])
         new = s_tir.SBlockRealize(realize.iter_values, realize.predicate, _with_body(block, body))
-        return _version_selects(tirx.For(v, loop.min, loop.extent, loop.kind, new, loop.thread_binding, loop.annotations),
-                                analyzer, changed, depth + 1)
+        return _version_selects(_with_realize(loop, new), analyzer, changed, depth + 1)
 
     changed.append(loop)
     return tirx.IfThenElse(tirx.And(first, last), branch(select.args[1]),
                            tirx.IfThenElse(tirx.And(tirx.Not(first), tirx.Not(last)), branch(select.args[2]), loop))
+
+
+def _vector_realize(loop):
+    """The block realize a vectorized ``loop`` holds as its whole body, or None."""
+    from tvmq._compat import s_tir
+    from tvmq._compat import tir as tirx
+
+    if loop.kind != tirx.ForKind.VECTORIZED or not isinstance(loop.body, s_tir.SBlockRealize):
+        return None
+    return loop.body
+
+
+def _lane_step(expr, v, analyzer) -> int | None:
+    """How much ``expr`` changes from lane ``v`` to the next, where that is a constant."""
+    from tvmq._compat import tir as tirx
+
+    step = analyzer.simplify(substitute(expr, v, v + 1) - expr)
+    return step.value if isinstance(step, tirx.IntImm) else None
+
+
+def _with_realize(loop, realize):
+    """``loop`` with ``realize`` as its body."""
+    from tvmq._compat import tir as tirx
+
+    return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, realize, loop.thread_binding, loop.annotations)
 
 
 def _with_body(block, body):

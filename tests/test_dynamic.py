@@ -116,6 +116,20 @@ def test_reshapes_of_dynamic_shapes_are_views_not_copies(dynamic):
     assert "vm.builtin.reshape" in lowered["main"].script()
 
 
+def test_depthwise_epilogue_over_a_dynamic_width_runs_in_the_row_loop(dynamic):
+    """The depthwise kernel's requantize epilogue is computed per output row, inside the one
+    parallel loop, not as a second pass over an int32 buffer; the per-width tests below check
+    that the columns past the last whole tile are written (widths 8, 37, 101: no tile divides)."""
+    from tvmq._compat import tir
+    from tvmq.pipeline import lower
+
+    _, _, result = dynamic
+    lowered = lower(result.module, "x86")
+    depthwise = [f for gv, f in lowered.functions_items() if isinstance(f, tir.PrimFunc) and "depthwise" in gv.name_hint]
+    assert len(depthwise) == 1 and "int32" in depthwise[0].script()
+    assert depthwise[0].script().count("T.parallel") == 1
+
+
 def test_parallel_loops_over_a_dynamic_extent_use_threads_only_when_big_enough():
     """A parallel loop over a symbolic extent becomes ``if extent x inner work >= 2048: parallel
     else serial`` (a static build decides that at compile time); constant extents, and loops whose

@@ -54,7 +54,7 @@ from .layers import Activation
 __all__ = ["PackKernels", "CONV_BLOCK", "MATMUL_BLOCK", "DEPTHWISE_BLOCK", "pack_conv_weight", "pack_matmul_weight"]
 
 PAIR_K = 8  # input channels per step of the two-pixel micro-kernel (smmla); no other kernel has 8
-DEPTHWISE_PIXELS = 8  # the depthwise schedule's pixel tile where the width allows it (targets.schedules)
+FLOAT_PIXELS = 8  # the float and depthwise schedules' pixel tile where the extent allows it (targets.schedules)
 
 
 def _out_extent(size, kernel, dilation, stride):
@@ -99,39 +99,43 @@ def pack_float_matmul_weight(w: np.ndarray, lanes: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(k, np_ // lanes, lanes).transpose(1, 0, 2))
 
 
-def _float_conv_compute(strides, dilation, out_channels, lanes):
+def _float_conv_compute(strides, dilation, out_channels, lanes, granule: int = 1):
+    """The packed float conv; ``granule`` as for :func:`_conv_compute`: over a symbolic width a
+    predicated last tile keeps the accumulators in memory (4x slower), a tile multiple does not."""
     sh, sw = strides
     dh, dw = dilation
 
     def compute(data, wp):
         n, h, w, _ = data.shape
         _, kh_, kw_, i, _ = wp.shape
-        oh, ow = _out_extent(h, kh_, dh, sh), _out_extent(w, kw_, dw, sw)
+        oh, ow = _out_extent(h, kh_, dh, sh), _out_extent(w - (granule - 1) * sw, kw_, dw, sw)
         kh = te.reduce_axis((0, kh_), "kh")
         kw = te.reduce_axis((0, kw_), "kw")
         ic = te.reduce_axis((0, i), "ic")
         full = te.compute(
-            (n, oh, ow, wp.shape[0] * lanes),
+            (n, oh, _tile_multiple(ow, granule), wp.shape[0] * lanes),
             lambda b, y, x, o: te.sum(
                 data[b, y * sh + kh * dh, x * sw + kw * dw, ic] * wp[o // lanes, kh, kw, ic, o % lanes],
                 axis=[kh, kw, ic],
             ),
             name=FMA_CONV_BLOCK,
         )
-        return _crop(full, out_channels)
+        return _crop(full, out_channels, ow if granule > 1 else None)
 
     return compute
 
 
-def _float_matmul_compute(out_features, lanes):
+def _float_matmul_compute(out_features, lanes, granule: int = 1):
+    """The packed float matmul; ``granule`` as for :func:`_matmul_compute` (spare rows)."""
     def compute(x, wp):
         k = te.reduce_axis((0, wp.shape[1]), "k")
+        rows = arith.Analyzer().simplify(x.shape[-2] - (granule - 1)) if granule > 1 else x.shape[-2]
         full = te.compute(
-            (*x.shape[:-1], wp.shape[0] * lanes),
+            (*x.shape[:-2], _tile_multiple(rows, granule), wp.shape[0] * lanes),
             lambda *idx: te.sum(x[(*idx[:-1], k)] * wp[idx[-1] // lanes, k, idx[-1] % lanes], axis=[k]),
             name=FMA_MATMUL_BLOCK,
         )
-        return _crop(full, out_features)
+        return _crop(full, out_features, rows if granule > 1 else None)
 
     return compute
 
@@ -331,6 +335,12 @@ class _Packer(relax.PyExprMutator):
             return 1
         return max(1, int(self.pixel_tile(-(-channels // lanes), lanes, pixels if isinstance(pixels, int) else None)))
 
+    def _float_granule(self, pixels) -> int:
+        """The pixel (or row) multiple a float or depthwise kernel over ``pixels`` computes: its
+        schedule's pixel tile for a symbolic extent (the tile then divides the loop, no
+        predicated last tile), else 1."""
+        return 1 if isinstance(pixels, int) or self.pixel_tile is None else FLOAT_PIXELS
+
     def _pad(self, data, pad_width):
         """Zero padding, its extents simplified (see :meth:`_canonical`)."""
         return self._canonical(self.builder_.emit(relax.op.nn.pad(data, pad_width, pad_value=0.0)))
@@ -397,7 +407,7 @@ class _Packer(relax.PyExprMutator):
         if (dtype_of(data), str(w.dtype), out_dtype) not in kinds:
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
-        granule = 1 if isinstance(shape[2], int) or self.pixel_tile is None else DEPTHWISE_PIXELS
+        granule = self._float_granule(shape[2])
         right += (granule - 1) * int(a.strides[1])
         data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0]) if top or left or bottom or right \
             else self._canonical(data)
@@ -413,11 +423,14 @@ class _Packer(relax.PyExprMutator):
         if w is None or w.dtype != np.float32 or dims(data) is None:
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
+        granule = self._float_granule(dims(data)[2])
+        right += (granule - 1) * int(a.strides[1])
         data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0]) if top or left or bottom or right \
             else self._canonical(data)
         lanes = self.float_lanes
         wp = relax.const(pack_float_conv_weight(w, lanes), "float32")
-        compute = _float_conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes)
+        compute = _float_conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes,
+                                      granule)
         self.packed += 1
         return self.builder_.normalize(self.builder_.call_te(compute, data, wp, primfunc_name_hint=FMA_CONV_FUNC))
 
@@ -427,11 +440,12 @@ class _Packer(relax.PyExprMutator):
         if w is None or w.dtype != np.float32 or w.ndim != 2 or dims(x) is None:
             return None
         wp = relax.const(pack_float_matmul_weight(w, self.float_lanes), "float32")
-        x = self._canonical(x)
+        shape = dims(x)
+        granule = self._float_granule(shape[-2] if len(shape) >= 2 else 1)
+        x = self._pad(x, [0, 0] * (len(shape) - 2) + [0, granule - 1, 0, 0]) if granule > 1 else self._canonical(x)
         self.packed += 1
-        return self.builder_.normalize(
-            self.builder_.call_te(_float_matmul_compute(w.shape[1], self.float_lanes), x, wp, primfunc_name_hint=FMA_MATMUL_FUNC)
-        )
+        compute = _float_matmul_compute(w.shape[1], self.float_lanes, granule)
+        return self.builder_.normalize(self.builder_.call_te(compute, x, wp, primfunc_name_hint=FMA_MATMUL_FUNC))
 
     def _matmul(self, call):
         x, weight = call.args

@@ -129,7 +129,7 @@ def _float_matmul_compute(out_features, lanes, granule: int = 1):
     """The packed float matmul; ``granule`` as for :func:`_matmul_compute` (spare rows)."""
     def compute(x, wp):
         k = te.reduce_axis((0, wp.shape[1]), "k")
-        rows = arith.Analyzer().simplify(x.shape[-2] - (granule - 1)) if granule > 1 else x.shape[-2]
+        rows = _useful_rows(x.shape[-2], granule)
         full = te.compute(
             (*x.shape[:-2], _tile_multiple(rows, granule), wp.shape[0] * lanes),
             lambda *idx: te.sum(x[(*idx[:-1], k)] * wp[idx[-1] // lanes, k, idx[-1] % lanes], axis=[k]),
@@ -155,6 +155,11 @@ def _tile_multiple(extent, granule: int):
     if granule <= 1:
         return extent
     return arith.Analyzer().simplify((extent + granule - 1) // granule * granule)
+
+
+def _useful_rows(rows, granule: int):
+    """A matmul input's row count without its ``granule - 1`` spare rows (simplified)."""
+    return arith.Analyzer().simplify(rows - (granule - 1)) if granule > 1 else rows
 
 
 def _unpair(paired, channels):
@@ -254,7 +259,7 @@ def _matmul_compute(out_features, lanes, granule: int = 1):
                 name=MATMUL_BLOCK,
             )
             return _unpair(paired, out_features)
-        rows = arith.Analyzer().simplify(x.shape[-2] - (granule - 1)) if granule > 1 else x.shape[-2]
+        rows = _useful_rows(x.shape[-2], granule)
         full = te.compute(
             (*x.shape[:-2], _tile_multiple(rows, granule), wp.shape[0] * lanes),
             lambda *idx: te.sum(
@@ -420,10 +425,11 @@ class _Packer(relax.PyExprMutator):
         a = call.attrs
         data, weight = call.args
         w = self._weight(weight)
-        if w is None or w.dtype != np.float32 or dims(data) is None:
+        shape = dims(data)
+        if w is None or w.dtype != np.float32 or shape is None:
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
-        granule = self._float_granule(dims(data)[2])
+        granule = self._float_granule(shape[2])
         right += (granule - 1) * int(a.strides[1])
         data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0]) if top or left or bottom or right \
             else self._canonical(data)
@@ -437,10 +443,10 @@ class _Packer(relax.PyExprMutator):
     def _float_matmul(self, call):
         x, weight = call.args
         w = self._weight(weight)
-        if w is None or w.dtype != np.float32 or w.ndim != 2 or dims(x) is None:
+        shape = dims(x)
+        if w is None or w.dtype != np.float32 or w.ndim != 2 or shape is None:
             return None
         wp = relax.const(pack_float_matmul_weight(w, self.float_lanes), "float32")
-        shape = dims(x)
         granule = self._float_granule(shape[-2] if len(shape) >= 2 else 1)
         x = self._pad(x, [0, 0] * (len(shape) - 2) + [0, granule - 1, 0, 0]) if granule > 1 else self._canonical(x)
         self.packed += 1

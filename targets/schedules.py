@@ -381,12 +381,13 @@ class DepthwiseRule(ScheduleRule):
                 # the row is in cache: PP-OCRv4 rec at width 48 0.414 -> 0.395 ms, against a
                 # pass of its own over an int32 buffer.
                 _epilogue_per_tile(sch, main, outer, self.lanes, self.lanes)
-            for block in [] if symbolic else inline_epilogue(sch, main):
-                try:
-                    sch.reverse_compute_at(block, co, preserve_unit_loops=True)
-                    sch.vectorize(sch.get_loops(block)[-1])
-                except Exception:  # pylint: disable=broad-except
-                    spatial_schedule(sch, block, self.lanes)
+            else:
+                for block in inline_epilogue(sch, main):
+                    try:
+                        sch.reverse_compute_at(block, co, preserve_unit_loops=True)
+                        sch.vectorize(sch.get_loops(block)[-1])
+                    except Exception:  # pylint: disable=broad-except
+                        spatial_schedule(sch, block, self.lanes)
             if extent_hint(sch, outer) > 1:
                 sch.parallel(outer)
             sch.vectorize(ci)  # before decomposing: the update block fails the check afterwards

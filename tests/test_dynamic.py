@@ -130,6 +130,44 @@ def test_depthwise_epilogue_over_a_dynamic_width_runs_in_the_row_loop(dynamic):
     assert depthwise[0].script().count("T.parallel") == 1
 
 
+def test_depthwise_with_the_next_convs_pad_fused_in_runs_in_one_parallel_loop(tmp_path):
+    """A pointwise conv after a depthwise one: the conv's spare columns (a pad) fuse into the
+    depthwise kernel, whose epilogue is then wider than its output. It still runs per row in
+    the one parallel loop, and writes every column: bit-equal to static builds at widths no
+    tile divides."""
+    import onnxruntime as ort
+
+    from tvmq._compat import tir
+    from tvmq.pipeline import lower
+
+    rng = np.random.default_rng(3)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * (2.0 / np.prod(shape[1:])) ** 0.5).astype(np.float32)
+
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "wd"], ["cd"], pads=[1, 1, 1, 1], group=32),
+             helper.make_node("Relu", ["cd"], ["rd"]),
+             helper.make_node("Conv", ["rd", "wp"], ["y"])]
+    model = make_model(nodes, [("x", [1, C, H, "W"])], [("y", [1, 32, H, "W"])],
+                       [("w0", w(32, C, 3, 3)), ("wd", w(32, 1, 3, 3)), ("wp", w(32, 32, 1, 1))])
+    calib = [{"x": _line(rng, width)} for width in (24, 64, 200)]
+    result = compile_model(model, tmp_path / "dyn", calib=calib, shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
+    lowered = lower(result.module, "x86")
+    depthwise = {gv.name_hint: f.script() for gv, f in lowered.functions_items()
+                 if isinstance(f, tir.PrimFunc) and "depthwise" in gv.name_hint}
+    assert len(depthwise) == 1 and "_pad" in list(depthwise)[0], sorted(depthwise)
+    assert list(depthwise.values())[0].count("T.parallel") == 1
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for width in (13, 37):
+        x = _line(np.random.default_rng(width), width)
+        compile_model(model, tmp_path / f"s{width}", plan=tmp_path / "dyn" / "plan.json", shapes={"x": [1, C, H, width]})
+        out = Bundle(tmp_path / "dyn").run({"x": x})["y"]
+        np.testing.assert_array_equal(out, Bundle(tmp_path / f"s{width}").run({"x": x})["y"])
+        assert sample_sqnr(session.run(None, {"x": x})[0], out) > 25.0
+
+
 def test_float_kernels_over_a_dynamic_width_compute_a_tile_multiple(tmp_path):
     """FP32 convs and matmuls over a symbolic width (or row count) compute a multiple of their
     pixel tile and crop, as the int8 ones do: a predicated last tile (a ``T.where`` per pixel)

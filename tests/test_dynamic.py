@@ -17,7 +17,7 @@ from tvmq.compile import compile_model
 from tvmq.errors import TvmqError
 from tvmq.metrics import sample_sqnr
 from tvmq.runtime import Bundle, BundleError
-from tvmq.testing import make_model
+from tvmq.testing import make_model, primfuncs
 
 H, C = 12, 3
 RANGE = (8, 256)
@@ -106,12 +106,11 @@ def test_manifest_records_the_range_and_every_kernel_is_integer(dynamic):
 def test_reshapes_of_dynamic_shapes_are_views_not_copies(dynamic):
     """TOPI's reshape kernel on a symbolic extent indexes with a division and a modulo per element,
     and TVM keeps it as a copy; tvmq keeps such reshapes as Relax reshapes (views at run time)."""
-    from tvmq._compat import tir
     from tvmq.pipeline import lower
 
     _, _, result = dynamic
     lowered = lower(result.module, "x86")
-    kernels = [gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tir.PrimFunc)]
+    kernels = list(primfuncs(lowered))
     assert not [k for k in kernels if k.startswith("reshape")], kernels
     assert "vm.builtin.reshape" in lowered["main"].script()
 
@@ -120,12 +119,11 @@ def test_depthwise_epilogue_over_a_dynamic_width_runs_in_the_row_loop(dynamic):
     """The depthwise kernel's requantize epilogue is computed per output row, inside the one
     parallel loop, not as a second pass over an int32 buffer; the per-width tests below check
     that the columns past the last whole tile are written (widths 8, 37, 101: no tile divides)."""
-    from tvmq._compat import tir
     from tvmq.pipeline import lower
 
     _, _, result = dynamic
     lowered = lower(result.module, "x86")
-    depthwise = [f for gv, f in lowered.functions_items() if isinstance(f, tir.PrimFunc) and "depthwise" in gv.name_hint]
+    depthwise = list(primfuncs(lowered, "depthwise").values())
     assert len(depthwise) == 1 and "int32" in depthwise[0].script()
     assert depthwise[0].script().count("T.parallel") == 1
 
@@ -137,7 +135,6 @@ def test_depthwise_with_the_next_convs_pad_fused_in_runs_in_one_parallel_loop(tm
     tile divides."""
     import onnxruntime as ort
 
-    from tvmq._compat import tir
     from tvmq.pipeline import lower
 
     rng = np.random.default_rng(3)
@@ -155,8 +152,7 @@ def test_depthwise_with_the_next_convs_pad_fused_in_runs_in_one_parallel_loop(tm
     calib = [{"x": _line(rng, width)} for width in (24, 64, 200)]
     result = compile_model(model, tmp_path / "dyn", calib=calib, shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
     lowered = lower(result.module, "x86")
-    depthwise = {gv.name_hint: f.script() for gv, f in lowered.functions_items()
-                 if isinstance(f, tir.PrimFunc) and "depthwise" in gv.name_hint}
+    depthwise = {name: f.script() for name, f in primfuncs(lowered, "depthwise").items()}
     assert len(depthwise) == 1 and "_pad" in list(depthwise)[0], sorted(depthwise)
     assert list(depthwise.values())[0].count("T.parallel") == 1
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -175,14 +171,12 @@ def test_float_kernels_over_a_dynamic_width_compute_a_tile_multiple(tmp_path):
     ONNX Runtime at widths no tile divides."""
     import onnxruntime as ort
 
-    from tvmq._compat import tir
     from tvmq.pipeline import lower
 
     model = _text_line_model()
     result = compile_model(model, tmp_path / "fp32", precision="fp32", shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
     lowered = lower(result.module, "x86")
-    fma = {gv.name_hint: f.script() for gv, f in lowered.functions_items()
-           if isinstance(f, tir.PrimFunc) and "tvmq_fma" in gv.name_hint}
+    fma = {name: f.script() for name, f in primfuncs(lowered, "tvmq_fma").items()}
     assert len([n for n in fma if "conv2d" in n]) >= 3 and [n for n in fma if "matmul" in n], sorted(fma)
     assert not [n for n, text in fma.items() if "T.where" in text]
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

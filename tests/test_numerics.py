@@ -116,8 +116,9 @@ def _packed_conv_width(fused) -> int:
     """The output width the packed int8 conv of ``fused`` computes (before any crop)."""
     import tvm_ffi
 
-    from tvmq._compat import s_tir, tir
+    from tvmq._compat import s_tir
     from tvmq.targets.kernel_names import CONV_BLOCK
+    from tvmq.testing import primfuncs
 
     widths = []
 
@@ -125,9 +126,8 @@ def _packed_conv_width(fused) -> int:
         if block.name_hint == CONV_BLOCK:
             widths.append(int(block.writes[0].source.shape[2]))  # 0.27: TensorRegion.source
 
-    for func in fused.functions.values():
-        if isinstance(func, tir.PrimFunc):
-            tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, on_block)])
+    for func in primfuncs(fused).values():
+        tvm_ffi.structural_walk(func.body, [(s_tir.SBlock, on_block)])
     (width,) = widths
     return width
 

@@ -6,8 +6,8 @@ import tvm
 from conftest import unary_module
 from tvm import relax
 
-from tvmq._compat import tir
 from tvmq.pipeline import build, lower
+from tvmq.testing import primfuncs
 
 
 def _nhwc_module(op):
@@ -28,7 +28,7 @@ def test_spatial_reductions_over_nhwc_sum_channel_vectors(name):
     channel with a stride of the channel count; the result is the same."""
     op, reference = OPS[name]
     mod = _nhwc_module(op)
-    kernels = [f for _, f in lower(mod, "x86").functions_items() if isinstance(f, tir.PrimFunc)]
+    kernels = list(primfuncs(lower(mod, "x86")).values())
     assert len(kernels) == 1
     lines = kernels[0].script().splitlines()
     update = next(i for i, line in enumerate(lines) if 'sblock("' in line and '_update")' in line)
@@ -50,7 +50,7 @@ def test_softmax_uses_a_vectorizable_exp_and_stays_within_5e5(shape, axis):
             y = bb.emit_output(relax.op.nn.softmax(x, axis=axis))
         bb.emit_func_output(y)
     mod = bb.get()
-    kernels = {gv.name_hint: f.script() for gv, f in lower(mod, "x86").functions_items() if isinstance(f, tir.PrimFunc)}
+    kernels = {name: f.script() for name, f in primfuncs(lower(mod, "x86")).items()}
     assert kernels and not any("T.exp(" in k for k in kernels.values())
     row_kernel = [k for name, k in kernels.items() if name.startswith("tvmq_softmax")]
     if axis in (-1, len(shape) - 1):
@@ -80,7 +80,7 @@ def test_flatten_softmax_unflatten_is_one_kernel_on_the_original_shape():
             y = bb.emit_output(relax.op.reshape(probs, shape))
         bb.emit_func_output(y)
     mod = bb.get()
-    kernels = [gv.name_hint for gv, f in lower(mod, "x86").functions_items() if isinstance(f, tir.PrimFunc)]
+    kernels = list(primfuncs(lower(mod, "x86")))
     assert kernels == ["tvmq_softmax"], kernels
     a = np.random.default_rng(1).normal(0, 4, shape).astype(np.float32)
     ref = np.exp(a.astype(np.float64) - a.max(-1, keepdims=True))
@@ -102,7 +102,7 @@ def test_few_channel_layout_change_runs_rows_in_parallel_and_is_exact():
             y = bb.emit_output(relax.op.nn.pad(t, [0, 0, 1, 1, 1, 1, 0, 0], pad_value=128.0))
         bb.emit_func_output(y)
     mod = bb.get()
-    kernels = [f.script() for _, f in lower(mod, "x86").functions_items() if isinstance(f, tir.PrimFunc)]
+    kernels = [f.script() for f in primfuncs(lower(mod, "x86")).values()]
     assert len(kernels) == 1
     assert "T.parallel(T.int64(22))" in kernels[0] and "T.unroll(T.int64(3))" in kernels[0], kernels[0]
     a = np.random.default_rng(0).uniform(-1.5, 1.5, (1, 3, 20, 36)).astype(np.float32)
@@ -126,7 +126,7 @@ def test_activation_matmul_accumulates_along_the_output_rows(a_shape, b_shape, m
             y = bb.emit_output(relax.op.matmul(a, b))
         bb.emit_func_output(y)
     mod = bb.get()
-    kernels = [f.script() for _, f in lower(mod, "x86").functions_items() if isinstance(f, tir.PrimFunc)]
+    kernels = [f.script() for f in primfuncs(lower(mod, "x86")).values()]
     assert len(kernels) == 1 and marker in kernels[0] and "T.parallel" in kernels[0], kernels[0]
     rng = np.random.default_rng(0)
     x, w = rng.uniform(-1, 1, a_shape).astype(np.float32), rng.uniform(-1, 1, b_shape).astype(np.float32)
@@ -153,7 +153,7 @@ def test_a_ragged_channel_epilogue_is_vectorized_where_every_lane_is_inside():
     mod = prepare(mod)
     plan = calibrate(mod, [{"x": rng.uniform(-1, 1, (24, 64)).astype(np.float32)} for _ in range(2)], input_names=["x"])
     fused = fuse(quantize_pipeline(plan)(mod), get_preset("x86"))
-    (func,) = [f for gv, f in fused.functions_items() if "matmul" in gv.name_hint and isinstance(f, tir.PrimFunc)]
+    (func,) = primfuncs(fused, "matmul").values()
     sch = s_tir.Schedule(func)
     assert PackedKernelRule(dot_intrinsics(get_preset("x86"))).schedule(sch)
     before = sch.mod["main"]
@@ -272,7 +272,7 @@ def test_a_float_matrix_vector_product_keeps_eight_fmas_in_flight(preset):
     p = get_preset(preset)
     for shape in _ROW_SHAPES:
         mod = prepare(load_onnx(_matmul_of_rows(shape, 32 * p.vector_lanes))[0])
-        (func,) = [f for gv, f in fuse(mod, p).functions_items() if "matmul" in gv.name_hint and isinstance(f, tir.PrimFunc)]
+        (func,) = primfuncs(fuse(mod, p), "matmul").values()
         sch = s_tir.Schedule(func)
         assert PackedKernelRule(None, p.vector_registers, p.vector_lanes).schedule(sch)
         loops = sch.get_loops(find_block(sch, FMA_MATMUL_BLOCK + "_update"))  # decompose_reduction renames it

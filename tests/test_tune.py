@@ -136,17 +136,17 @@ def test_tensorized_int8_kernel_allocates_nothing_per_tile(qmodel):
     """The dot-product intrinsic's operands are expressions, not buffers: a local buffer inside the
     parallel tile loop is lowered to a heap workspace alloc/free pair per tile, which made the
     int8 kernels of PP-OCR's classifier slower than their float versions."""
-    from tvmq._compat import tir
     from tvmq.pipeline import lower
+    from tvmq.testing import primfuncs
 
     lowered = lower(qmodel.module, PRESET)
-    kernels = [(gv, f) for gv, f in lowered.functions_items() if isinstance(f, tir.PrimFunc) and "tvmq_conv2d" in gv.name_hint]
+    kernels = primfuncs(lowered, "tvmq_conv2d")
     assert kernels
-    for gv, func in kernels:
+    for name, func in kernels.items():
         assert "vpdpbusd" in func.script()
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), PRESET.tvm_target())
         asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
-        assert "vpdpbusd" in asm and "TVMBackendAllocWorkspace" not in asm, gv.name_hint
+        assert "vpdpbusd" in asm and "TVMBackendAllocWorkspace" not in asm, name
 
 
 def test_a_time_budget_ends_the_search_after_the_batch_in_flight(qmodel, tmp_path):

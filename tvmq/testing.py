@@ -42,6 +42,15 @@ def matmul_model(m: int, k: int, n: int, seed: int = 0):
     return model
 
 
+def primfuncs(module, contains: str = "") -> dict:
+    """``{name: PrimFunc}`` of ``module``'s kernels (a fused or lowered IRModule) whose name
+    contains ``contains``, in the module's order."""
+    from tvmq._compat import tir
+
+    return {gv.name_hint: f for gv, f in module.functions_items()
+            if isinstance(f, tir.PrimFunc) and contains in gv.name_hint}
+
+
 def kernel_instructions(asm: str, mnemonic: str, functions: str = r"fused_tvmq_(conv2d|matmul)") -> dict[str, int]:
     """``{kernel: count of mnemonic}`` in a library's disassembly (``objdump -d --no-show-raw-insn``),
     for the kernels whose name matches ``functions`` (default: the packed conv2d/matmul kernels);

@@ -131,8 +131,8 @@ def test_depthwise_epilogue_over_a_dynamic_width_runs_in_the_row_loop(dynamic):
 def test_depthwise_with_the_next_convs_pad_fused_in_runs_in_one_parallel_loop(tmp_path):
     """A pointwise conv after a depthwise one: the conv's spare columns (a pad) fuse into the
     depthwise kernel, whose epilogue is then wider than its output. It still runs per row in
-    the one parallel loop, and writes every column: bit-equal to static builds at widths no
-    tile divides."""
+    the one parallel loop, as do the convs' epilogues, and every column is written: bit-equal
+    to static builds at widths no tile divides."""
     import onnxruntime as ort
 
     from tvmq.pipeline import lower
@@ -155,6 +155,9 @@ def test_depthwise_with_the_next_convs_pad_fused_in_runs_in_one_parallel_loop(tm
     depthwise = {name: f.script() for name, f in primfuncs(lowered, "depthwise").items()}
     assert len(depthwise) == 1 and "_pad" in list(depthwise)[0], sorted(depthwise)
     assert list(depthwise.values())[0].count("T.parallel") == 1
+    # the int8 convs (12 rows) run their rows in parallel and each row's epilogue after it
+    convs = {name: f.script() for name, f in primfuncs(lowered, "tvmq_conv2d").items()}
+    assert len(convs) == 2 and all(text.count("T.parallel") == 1 and "vpdpbusd" in text for text in convs.values())
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for width in (13, 37):
         x = _line(np.random.default_rng(width), width)

@@ -116,9 +116,10 @@ def test_reshapes_of_dynamic_shapes_are_views_not_copies(dynamic):
 
 
 def test_depthwise_epilogue_over_a_dynamic_width_runs_in_the_row_loop(dynamic):
-    """The depthwise kernel's requantize epilogue is computed per output row, inside the one
-    parallel loop, not as a second pass over an int32 buffer; the per-width tests below check
-    that the columns past the last whole tile are written (widths 8, 37, 101: no tile divides)."""
+    """The depthwise kernel's requantize epilogue is computed inside the one parallel loop over
+    rows, not as a second pass over an int32 buffer; no wider than the kernel's tile multiple,
+    it runs per channel block of a row (channel blocks outside the column tiles). The per-width
+    tests below check that every column is written (widths 8, 37, 101: no tile divides)."""
     from tvmq.pipeline import lower
 
     _, _, result = dynamic
@@ -126,6 +127,7 @@ def test_depthwise_epilogue_over_a_dynamic_width_runs_in_the_row_loop(dynamic):
     depthwise = list(primfuncs(lowered, "depthwise").values())
     assert len(depthwise) == 1 and "int32" in depthwise[0].script()
     assert depthwise[0].script().count("T.parallel") == 1
+    assert "for ch_0 in range" in depthwise[0].script()  # not `for x_0, ch_0 in T.grid`
 
 
 def test_depthwise_with_the_next_convs_pad_fused_in_runs_in_one_parallel_loop(tmp_path):

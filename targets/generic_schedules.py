@@ -124,8 +124,12 @@ def schedule_producers(sch, main, lanes):
             spatial_schedule(sch, b, lanes)
 
 
-def spatial_schedule(sch, block, lanes):
-    """Parallel outer loops, vectorized innermost loop (kept separate, as it is contiguous)."""
+def spatial_schedule(sch, block, lanes, ragged: bool = False):
+    """Parallel outer loops, vectorized innermost loop (kept separate, as it is contiguous).
+
+    ``ragged``: an innermost extent of at least 4 vectors that no power of two divides (6625
+    classes) is still split into full vectors, the last one predicated (``VersionVectorTails``
+    gives the others a clean vector body); otherwise it gets the widest dividing vector."""
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -144,6 +148,8 @@ def spatial_schedule(sch, block, lanes):
             sch.parallel(sch.fuse(*rows) if len(rows) > 1 else rows[0])
         return
     vec = vector_width(inner_ext, lanes)
+    if ragged and vec < lanes and inner_ext >= 4 * lanes:
+        vec = lanes
     if vec > 1:
         _, vi = sch.split(inner, [None, vec])
         sch.vectorize(vi)

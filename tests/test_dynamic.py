@@ -169,6 +169,33 @@ def test_depthwise_with_the_next_convs_pad_fused_in_runs_in_one_parallel_loop(tm
         assert sample_sqnr(session.run(None, {"x": x})[0], out) > 25.0
 
 
+def test_matmul_with_streamed_weights_over_dynamic_rows(tmp_path):
+    """An int8 matmul whose weights stream from L2 (64 x 4101, 262 KB: a recogniser's class head)
+    over a dynamic row count computes its rows in tiles of 8, one pass over the weights for a
+    short sequence, and its epilogue over the odd class count runs in vectors (the last one
+    predicated) with the rows in parallel; bit-equal to static builds."""
+    import onnxruntime as ort
+
+    from tvmq.pipeline import lower
+
+    rng = np.random.default_rng(5)
+    classes = 4101
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [1, "T", 64])],
+                       [("y", [1, "T", classes])], [("w", (rng.standard_normal((64, classes)) / 8).astype(np.float32))])
+    calib = [{"x": rng.uniform(-1, 1, (1, t, 64)).astype(np.float32)} for t in (5, 16, 40)]
+    result = compile_model(model, tmp_path / "dyn", calib=calib, shapes={"x": [1, "T", 64]}, dims={"T": (1, 64)})
+    (text,) = [f.script() for f in primfuncs(lower(result.module, "x86"), "tvmq_matmul").values()]
+    assert "T.unroll(T.int64(8))" in text and "vpdpbusd" in text
+    assert f"< T.int64({classes})" in text and text.count("T.parallel") == 2  # the epilogue's rows too
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for rows in (6, 13):
+        x = rng.uniform(-1, 1, (1, rows, 64)).astype(np.float32)
+        compile_model(model, tmp_path / f"s{rows}", plan=tmp_path / "dyn" / "plan.json", shapes={"x": [1, rows, 64]})
+        out = Bundle(tmp_path / "dyn").run({"x": x})["y"]
+        np.testing.assert_array_equal(out, Bundle(tmp_path / f"s{rows}").run({"x": x})["y"])
+        assert sample_sqnr(session.run(None, {"x": x})[0], out) > 30.0
+
+
 def test_float_kernels_over_a_dynamic_width_compute_a_tile_multiple(tmp_path):
     """FP32 convs and matmuls over a symbolic width (or row count) compute a multiple of their
     pixel tile and crop, as the int8 ones do: a predicated last tile (a ``T.where`` per pixel)

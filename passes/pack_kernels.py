@@ -55,12 +55,6 @@ __all__ = ["PackKernels", "CONV_BLOCK", "MATMUL_BLOCK", "DEPTHWISE_BLOCK", "pack
 
 PAIR_K = 8  # input channels per step of the two-pixel micro-kernel (smmla); no other kernel has 8
 FLOAT_PIXELS = 8  # the float and depthwise schedules' pixel tile where the extent allows it (targets.schedules)
-# An int8 matmul over a symbolic row count whose weights stream from L2 or memory (PP-OCR rec's
-# 120 x 6625 head, 0.8 MB) computes its rows in tiles of this many rather than the register
-# tile's 4: each tile is a pass over the weights, and a short line's 6 rows took two (width 48:
-# 15.6 -> 13.2 us, static 8.1; VNNI host, 2 threads).
-STREAMED_ROWS = 8
-STREAMED_WEIGHT_BYTES = 256 * 1024
 
 
 def _out_extent(size, kernel, dilation, stride):
@@ -476,8 +470,6 @@ class _Packer(relax.PyExprMutator):
             lanes, k = self.pairs
         extra_k = _round_up(w.shape[0], k) - w.shape[0]
         granule = self._granule(shape[-2] if len(shape) >= 2 else 1, w.shape[1], lanes, k)
-        if 1 < granule < STREAMED_ROWS and w.nbytes >= STREAMED_WEIGHT_BYTES:
-            granule = STREAMED_ROWS
         x = self._widen(x)
         x = self._pad(x, [0, 0] * (len(shape) - 2) + [0, granule - 1, 0, extra_k]) if extra_k or granule > 1 \
             else self._canonical(x)

@@ -50,10 +50,10 @@ def extent_hint(sch, loop) -> int:
     at :data:`SYMBOLIC_EXTENT` (a fused ``8 * T * T`` loop counts as such, not as one dimension):
     what the rules weigh when they decide on threads and tile sizes."""
     extent = loop_extent(sch, loop)
-    return extent if extent is not None else _symbolic_value(sch.get(loop).extent)
+    return extent if extent is not None else symbolic_value(sch.get(loop).extent)
 
 
-def _symbolic_value(expr) -> int:
+def symbolic_value(expr) -> int:
     """A symbolic extent's value with every variable at :data:`SYMBOLIC_EXTENT`."""
     analyzer = arith.Analyzer()
     for var in tirx.analysis.undefined_vars(expr):
@@ -93,7 +93,7 @@ def spatial_size(sch, block) -> int:
     for iv in sch.get(block).iter_vars:
         if int(iv.iter_type) == _SPATIAL:
             ext = iv.dom.extent
-            size *= int(ext.value) if hasattr(ext, "value") else _symbolic_value(ext)
+            size *= int(ext.value) if hasattr(ext, "value") else symbolic_value(ext)
     return size
 
 

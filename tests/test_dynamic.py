@@ -115,6 +115,23 @@ def test_reshapes_of_dynamic_shapes_are_views_not_copies(dynamic):
     assert "vm.builtin.reshape" in lowered["main"].script()
 
 
+def test_symbolic_sizes_and_shapes_are_built_once_per_call(dynamic):
+    """Every kernel whose buffers have only derived widths takes ``W`` as an argument, and every
+    intermediate tensor gets its symbolic shape; TVM's VM builds each at its use (a builtin call
+    apiece: 99 + 120 per call of PP-OCRv4 rec). tvmq binds each distinct value once
+    (``ShareSymbolicValues``); the per-width tests below check the values."""
+    import re
+
+    from tvmq.pipeline import lower
+
+    _, _, result = dynamic
+    main = lower(result.module, "x86")["main"].script()
+    built = re.findall(r'R\.call_packed\("vm\.builtin\.make_(?:shape|prim_value)", (.*)\)$', main, re.M)
+    assert built and len(built) == len(set(built)), built  # no value built twice
+    (size,) = re.findall(r'^\s*(\w+): T\.int64 = R\.call_packed\("vm\.builtin\.make_prim_value"', main, re.M)
+    assert len(re.findall(rf"[(,] ?{size}[,)]", main)) >= 3  # the one W goes to several kernels
+
+
 def test_depthwise_epilogue_over_a_dynamic_width_runs_in_the_row_loop(dynamic):
     """The depthwise kernel's requantize epilogue is computed inside the one parallel loop over
     rows, not as a second pass over an int32 buffer; no wider than the kernel's tile multiple,

@@ -157,6 +157,7 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
         with target:  # the pass captures the current target when it is made
             passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
     from tvmq.targets.parallel import SerialWhenSmall
+    from tvmq.targets.shared_values import ShareSymbolicValues
     from tvmq.targets.tails import VersionVectorTails
 
     passes += [
@@ -172,6 +173,7 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
         relax.transform.KillAfterLastUse(),
         relax.transform.LowerRuntimeBuiltin(),
         relax.transform.ComputePrimValue(),
+        ShareSymbolicValues(),  # each symbolic size and shape built once per call, not per kernel
         relax.transform.VMShapeLower(),
         relax.transform.AttachGlobalSymbol(),
     ]

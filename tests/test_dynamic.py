@@ -76,13 +76,28 @@ def _line(rng, width):
     return rng.uniform(-1, 1, (1, C, H, width)).astype(np.float32)
 
 
+def _calib(seed=1, widths=(24, 40, 64, 128, 200)):
+    """Calibration samples of several widths."""
+    rng = np.random.default_rng(seed)
+    return [{"x": _line(rng, w)} for w in widths]
+
+
+def _lowered_for_vnni(model, calib, shapes, dims):
+    """``model`` quantized and lowered for AVX-512 VNNI, whatever this host is (nothing is built
+    or run): the kernel structure that ISA's plan and schedules give, which tests check."""
+    from tvmq.compile import quantized_module
+    from tvmq.pipeline import lower
+    from tvmq.targets import get_preset
+
+    preset = get_preset("x86-avx512vnni")
+    return lower(quantized_module(model, preset, raw=calib, shapes=shapes, dims=dims).module, preset)
+
+
 @pytest.fixture(scope="module")
 def dynamic(tmp_path_factory):
     root = tmp_path_factory.mktemp("dynamic")
     model = _text_line_model()
-    rng = np.random.default_rng(1)
-    calib = [{"x": _line(rng, w)} for w in (24, 40, 64, 128, 200)]  # samples of several widths
-    result = compile_model(model, root / "dyn", calib=calib, shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
+    result = compile_model(model, root / "dyn", calib=_calib(), shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
     return model, root, result
 
 
@@ -136,11 +151,10 @@ def test_depthwise_epilogue_over_a_dynamic_width_runs_in_the_row_loop(dynamic):
     """The depthwise kernel's requantize epilogue is computed inside the one parallel loop over
     rows, not as a second pass over an int32 buffer; no wider than the kernel's tile multiple,
     it runs per channel block of a row (channel blocks outside the column tiles). The per-width
-    tests below check that every column is written (widths 8, 37, 101: no tile divides)."""
-    from tvmq.pipeline import lower
-
-    _, _, result = dynamic
-    lowered = lower(result.module, "x86")
+    tests below check that every column is written (widths 8, 37, 101: no tile divides). The
+    structure is VNNI's (the AVX2 plan keeps depthwise float, where int8 does not pay)."""
+    model, _, _ = dynamic
+    lowered = _lowered_for_vnni(model, _calib(), {"x": [1, C, H, "W"]}, {"W": RANGE})
     depthwise = list(primfuncs(lowered, "depthwise").values())
     assert len(depthwise) == 1 and "int32" in depthwise[0].script()
     assert depthwise[0].script().count("T.parallel") == 1
@@ -151,10 +165,10 @@ def test_depthwise_with_the_next_convs_pad_fused_in_runs_in_one_parallel_loop(tm
     """A pointwise conv after a depthwise one: the conv's spare columns (a pad) fuse into the
     depthwise kernel, whose epilogue is then wider than its output. It still runs per row in
     the one parallel loop, as do the convs' epilogues, and every column is written: bit-equal
-    to static builds at widths no tile divides."""
+    to static builds at widths no tile divides. The structure checked is VNNI's (lowered for it
+    on any host; on AVX2 the 27-MAC first conv and the depthwise stay float); the bundles run
+    on this host's ISA."""
     import onnxruntime as ort
-
-    from tvmq.pipeline import lower
 
     rng = np.random.default_rng(3)
 
@@ -169,8 +183,8 @@ def test_depthwise_with_the_next_convs_pad_fused_in_runs_in_one_parallel_loop(tm
     model = make_model(nodes, [("x", [1, C, H, "W"])], [("y", [1, 32, H, "W"])],
                        [("w0", w(32, C, 3, 3)), ("wd", w(32, 1, 3, 3)), ("wp", w(32, 32, 1, 1))])
     calib = [{"x": _line(rng, width)} for width in (24, 64, 200)]
-    result = compile_model(model, tmp_path / "dyn", calib=calib, shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
-    lowered = lower(result.module, "x86")
+    compile_model(model, tmp_path / "dyn", calib=calib, shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
+    lowered = _lowered_for_vnni(model, calib, {"x": [1, C, H, "W"]}, {"W": RANGE})
     depthwise = {name: f.script() for name, f in primfuncs(lowered, "depthwise").items()}
     assert len(depthwise) == 1 and "_pad" in list(depthwise)[0], sorted(depthwise)
     assert list(depthwise.values())[0].count("T.parallel") == 1
@@ -190,18 +204,18 @@ def test_matmul_with_large_weights_over_dynamic_rows(tmp_path):
     """An int8 matmul whose weights outweigh its activations (64 x 4101, 262 KB: a recogniser's
     class head) over a dynamic row count runs its channel blocks outermost, each block's weights
     read once for all row tiles, and its epilogue over the odd class count runs in vectors (the
-    last one predicated) with the rows in parallel; bit-equal to static builds."""
+    last one predicated) with the rows in parallel; bit-equal to static builds. The structure
+    checked is VNNI's, lowered for it on any host; the bundles run on this host's ISA."""
     import onnxruntime as ort
-
-    from tvmq.pipeline import lower
 
     rng = np.random.default_rng(5)
     classes = 4101
     model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [1, "T", 64])],
                        [("y", [1, "T", classes])], [("w", (rng.standard_normal((64, classes)) / 8).astype(np.float32))])
     calib = [{"x": rng.uniform(-1, 1, (1, t, 64)).astype(np.float32)} for t in (5, 16, 40)]
-    result = compile_model(model, tmp_path / "dyn", calib=calib, shapes={"x": [1, "T", 64]}, dims={"T": (1, 64)})
-    (text,) = [f.script() for f in primfuncs(lower(result.module, "x86"), "tvmq_matmul").values()]
+    compile_model(model, tmp_path / "dyn", calib=calib, shapes={"x": [1, "T", 64]}, dims={"T": (1, 64)})
+    lowered = _lowered_for_vnni(model, calib, {"x": [1, "T", 64]}, {"T": (1, 64)})
+    (text,) = [f.script() for f in primfuncs(lowered, "tvmq_matmul").values()]
     assert "vpdpbusd" in text
     assert "for i2_0_0_i0_i1_0_fused in T.parallel" in text  # channel blocks outermost, then row tiles
     assert f"< T.int64({classes})" in text and text.count("T.parallel") == 2  # the epilogue's rows too

@@ -52,7 +52,8 @@ def _elements(stmt, symbolic: bool = False):
     if isinstance(stmt, s_tir.SBlockRealize):
         # a tensorized block's match_buffer views cannot be bound twice (in two copies of a loop);
         # its loops are big enough for threads anyway (measured: no gain at width 48)
-        if len(stmt.block.match_buffers) or (symbolic and any(int(iv.iter_type) == int(tirx.IterVar.CommReduce) for iv in stmt.block.iter_vars)):
+        reduction = any(int(iv.iter_type) == int(tirx.IterVar.CommReduce) for iv in stmt.block.iter_vars)
+        if len(stmt.block.match_buffers) or (symbolic and reduction):
             return None  # ... and a reduction (a conv, a matmul) has its threads decided by its schedule
         return _elements(stmt.block.body, symbolic)
     if isinstance(stmt, tirx.IfThenElse):
@@ -115,10 +116,8 @@ def serial_when_small(func, minimum: int = _PARALLEL_MIN):
                 return loop  # each iteration is worth a thread, or the extent is never small enough
         # variables of its own: the condition bounds the serial loops' extents, and TVM's analyzer
         # refuses one variable bound two ways
-        var = tirx.Var(loop.loop_var.name + "_serial", str(loop.loop_var.ty))
-        serial = tirx.For(var, loop.min, loop.extent, tirx.ForKind.SERIAL,
-                          _fresh_loop_vars(substitute(loop.body, loop.loop_var, var)), loop.thread_binding,
-                          loop.annotations)
+        serial = _fresh_loop_vars(tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body,
+                                           loop.thread_binding, loop.annotations))
         changed.append(loop)
         return tirx.IfThenElse(loop.extent * inner >= minimum, loop, serial)
 

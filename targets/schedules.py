@@ -167,6 +167,14 @@ def _rows(sch, loops) -> int:
     return math.prod(extent_hint(sch, loop) for loop in loops) if loops else 0
 
 
+def _vectorize_innermost(sch, block, lanes: int):
+    """Vectorize ``block``'s innermost loop, split by the widest vector that divides it."""
+    last = sch.get_loops(block)[-1]
+    vec = vector_width(loop_extent(sch, last), lanes)
+    if vec > 1:
+        sch.vectorize(sch.split(last, [None, vec])[1])
+
+
 def _epilogue_per_tile(sch, main, outer, lanes: int, vector_lanes: int):
     """Compute the epilogue blocks of ``main`` inside its tile loop ``outer``, vectorized
     ``vector_lanes`` wide; a block that does not fit gets its own schedule (``lanes`` wide).
@@ -183,11 +191,7 @@ def _epilogue_per_tile(sch, main, outer, lanes: int, vector_lanes: int):
             continue
         try:
             sch.reverse_compute_at(block, outer, preserve_unit_loops=True)
-            last = sch.get_loops(block)[-1]
-            vec = vector_width(loop_extent(sch, last), vector_lanes)
-            if vec > 1:
-                _, vi = sch.split(last, [None, vec])
-                sch.vectorize(vi)
+            _vectorize_innermost(sch, block, vector_lanes)
         except Exception:  # pylint: disable=broad-except
             spatial_schedule(sch, block, lanes)
 
@@ -251,10 +255,7 @@ def _epilogue_per_row(sch, main, outer, lanes: int):
         except Exception:  # pylint: disable=broad-except
             spatial_schedule(sch, block, lanes)
             continue
-        last = sch.get_loops(block)[-1]
-        vec = vector_width(loop_extent(sch, last), lanes)
-        if vec > 1:
-            sch.vectorize(sch.split(last, [None, vec])[1])
+        _vectorize_innermost(sch, block, lanes)
     return outer
 
 

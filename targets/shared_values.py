@@ -43,7 +43,7 @@ def _symbolic(arg, defined) -> bool:
 def share_symbolic_values(func):
     """``func`` (a Relax function after memory planning) with each distinct symbolic call argument
     bound once at its top; the same object when it has none to share."""
-    from tvmq._compat import TensorType
+    from tvmq._compat import TensorType, make_call
 
     if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr) \
             or any(isinstance(b, relax.DataflowBlock) for b in func.body.blocks):
@@ -81,8 +81,6 @@ def share_symbolic_values(func):
             if isinstance(binding, relax.VarBinding) and isinstance(value, relax.Call):
                 args = [share(a) for a in value.args]
                 if any(not a.same_as(b) for a, b in zip(args, value.args)):
-                    from tvmq._compat import make_call
-
                     binding = relax.VarBinding(binding.var, make_call(value, args))
             bindings.append(binding)
         blocks.append(relax.BindingBlock(bindings))

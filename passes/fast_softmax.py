@@ -5,9 +5,10 @@ PackKernels and before FastMath and legalization (``LegalizeOps``), on the quant
 LLVM turns a vector ``exp`` into one libm call per lane; TVM's ``fast_exp`` polynomial
 vectorizes. A softmax over the last axis becomes tvmq's row kernel
 (:func:`tvmq.targets.softmax.row_softmax`), static or dynamic shape (the same arithmetic for a
-size either way), every other one ``topi.nn.fast_softmax``. The
-pass also removes the reshape pairs ONNX's flatten-softmax-unflatten (opset < 13) leaves
-around the row kernel.
+size either way); one over another axis of a static shape with at least a vector's elements
+after that axis, tvmq's column kernel (:func:`tvmq.targets.softmax.column_softmax`); every other
+one ``topi.nn.fast_softmax``. The pass also removes the reshape pairs ONNX's
+flatten-softmax-unflatten (opset < 13) leaves around the row kernel.
 """
 
 from __future__ import annotations
@@ -84,6 +85,13 @@ class _SoftmaxRewriter(relax.PyExprMutator):
             kernel = self.builder_.add_func(row_softmax(rows, full[-1], self.lanes, full), SOFTMAX_FUNC)
             y = relax.call_tir(kernel, [source], TensorType(tuple(full), "float32"))
             return y if source is x else relax.op.reshape(self.builder_.emit(y), shape)
+        if shape and int(np.prod(shape[axis % len(shape) + 1:], dtype=np.int64)) >= self.lanes:
+            # another axis, whole vectors across it: tvmq's column kernel (YOLOv8's box
+            # distribution head, [1, 16, 4, 2100] over its 16 bins: 0.59 -> 0.06 ms)
+            from tvmq.targets.softmax import column_softmax
+
+            kernel = self.builder_.add_func(column_softmax(shape, axis, self.lanes), SOFTMAX_FUNC)
+            return relax.call_tir(kernel, [x], TensorType(tuple(shape), "float32"))
         from tvm import topi
 
         return self.builder_.call_te(topi.nn.fast_softmax, x, axis, primfunc_name_hint="fast_softmax")

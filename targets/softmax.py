@@ -6,13 +6,18 @@ the vector width; TVM then scalarizes every loop of the kernel. PP-OCR's recogni
 softmax over 6625 classes (5^3 x 53): 588 us single-threaded for 40 rows. This kernel keeps
 ``lanes`` partial maxima and sums per row over the whole vectors and finishes the remainder
 with scalars: 59 us, within 3e-6 (relative) of the exact softmax.
+
+A softmax over another axis (YOLOv8's distribution focal loss head: ``[1, 16, 4, 2100]`` over
+its 16 bins) has its contiguous elements across the rows: :func:`column_softmax` runs vectors
+along them, every bin one vector operation. ``topi.nn.fast_softmax`` under DLight's rule
+reduced each column in scalars: 0.59 ms of YOLOv8n's 11 ms FP32 call (x86 AVX-512, 2 threads).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["fast_exp", "row_softmax"]
+__all__ = ["fast_exp", "row_softmax", "column_softmax"]
 
 
 def fast_exp(v):
@@ -98,5 +103,65 @@ def row_softmax(rows: int | None, n: int | None, lanes: int = 16, shape=None):
                         y[r, ko * lanes + l] = y[r, ko * lanes + l] / total[r]
                 for t in range(tail):
                     y[r, whole * lanes + t] = y[r, whole * lanes + t] / total[r]
+
+    return tvmq_softmax
+
+
+def column_softmax(shape, axis: int, lanes: int = 16):
+    """A scheduled PrimFunc ``(x) -> y`` of static ``shape``: softmax over ``axis``, which is not
+    the last; the tensor viewed as ``[outer, n, inner]`` (``n`` the softmax axis), vectors of
+    ``lanes`` along ``inner``, in parallel, and the ``inner % lanes`` remainder in scalars. The
+    same three passes per column as :func:`row_softmax` (maximum; ``fast_exp(x - max)`` and the
+    sum; ``y / sum``), the sum in the order of the axis."""
+    from tvm.script import tirx as T
+
+    shape = tuple(int(d) for d in shape)
+    axis = axis % len(shape)
+    if axis == len(shape) - 1:
+        raise ValueError("column_softmax is for a softmax over an axis other than the last")
+    outer = int(np.prod(shape[:axis], dtype=np.int64))
+    n = shape[axis]
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    whole, tail = inner // lanes, inner % lanes
+
+    @T.prim_func(private=True, s_tir=True)
+    def tvmq_softmax(x_in: T.Buffer(shape, "float32"), y_out: T.Buffer(shape, "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        with T.sblock("root"):
+            x = T.decl_buffer((outer, n, inner), "float32", data=x_in.data)
+            y = T.decl_buffer((outer, n, inner), "float32", data=y_out.data)
+            # one maximum and one sum per column, allocated once per call (outside the parallel loop)
+            top = T.sblock_alloc_buffer((outer, inner), "float32")
+            total = T.sblock_alloc_buffer((outer, inner), "float32")
+            for ov in T.parallel(outer * whole):
+                for l in T.vectorized(lanes):
+                    top[ov // whole, ov % whole * lanes + l] = x[ov // whole, 0, ov % whole * lanes + l]
+                for j in range(1, n):
+                    for l in T.vectorized(lanes):
+                        top[ov // whole, ov % whole * lanes + l] = T.max(
+                            top[ov // whole, ov % whole * lanes + l], x[ov // whole, j, ov % whole * lanes + l])
+                for l in T.vectorized(lanes):
+                    total[ov // whole, ov % whole * lanes + l] = T.float32(0)
+                for j in range(n):
+                    for l in T.vectorized(lanes):
+                        y[ov // whole, j, ov % whole * lanes + l] = fast_exp(
+                            x[ov // whole, j, ov % whole * lanes + l] - top[ov // whole, ov % whole * lanes + l])
+                        total[ov // whole, ov % whole * lanes + l] = (
+                            total[ov // whole, ov % whole * lanes + l] + y[ov // whole, j, ov % whole * lanes + l])
+                for j in range(n):
+                    for l in T.vectorized(lanes):
+                        y[ov // whole, j, ov % whole * lanes + l] = (
+                            y[ov // whole, j, ov % whole * lanes + l] / total[ov // whole, ov % whole * lanes + l])
+            for o in range(outer):
+                for t in range(tail):
+                    top[o, whole * lanes + t] = x[o, 0, whole * lanes + t]
+                    for j in range(1, n):
+                        top[o, whole * lanes + t] = T.max(top[o, whole * lanes + t], x[o, j, whole * lanes + t])
+                    total[o, whole * lanes + t] = T.float32(0)
+                    for j in range(n):
+                        y[o, j, whole * lanes + t] = fast_exp(x[o, j, whole * lanes + t] - top[o, whole * lanes + t])
+                        total[o, whole * lanes + t] = total[o, whole * lanes + t] + y[o, j, whole * lanes + t]
+                    for j in range(n):
+                        y[o, j, whole * lanes + t] = y[o, j, whole * lanes + t] / total[o, whole * lanes + t]
 
     return tvmq_softmax

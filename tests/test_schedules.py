@@ -38,11 +38,14 @@ def test_spatial_reductions_over_nhwc_sum_channel_vectors(name):
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), reference(x), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape, axis", [((4, 6625), -1), ((1, 40, 37), 2), ((2, 9, 5), -1), ((3, 20, 6), 1)])
+@pytest.mark.parametrize("shape, axis", [((4, 6625), -1), ((1, 40, 37), 2), ((2, 9, 5), -1), ((3, 20, 6), 1),
+                                         ((1, 16, 4, 37), 1), ((3, 2, 16), 0)])
 def test_softmax_uses_a_vectorizable_exp_and_stays_within_5e5(shape, axis):
     """A 6625-class softmax (PP-OCR's recogniser head): no libm ``exp`` per element, same probabilities. A last
     axis runs in tvmq's row kernel (whole vectors of 16, then the remainder; a shorter row in scalars) on the
-    tensor's own shape; other axes in TVM's ``fast_softmax``."""
+    tensor's own shape; another axis with at least 16 elements after it in the column kernel (vectors across
+    the softmax axis, then the remainder: YOLOv8's box-distribution head), a shorter one in TVM's
+    ``fast_softmax``."""
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     bb = relax.BlockBuilder()
     with bb.function("main", [x]):
@@ -57,6 +60,9 @@ def test_softmax_uses_a_vectorizable_exp_and_stays_within_5e5(shape, axis):
         assert len(row_kernel) == 1 and "T.vectorized(16)" in row_kernel[0] and "T.where" not in row_kernel[0]
         # the kernel takes the tensor's own shape: no reshape copied the model's output (20 us at 40 x 6625)
         assert not any(name.startswith("reshape") for name in kernels), sorted(kernels)
+    elif np.prod(shape[axis + 1:]) >= 16:
+        assert len(row_kernel) == 1 and "T.vectorized(16)" in row_kernel[0] and "T.where" not in row_kernel[0]
+        assert not any(name.startswith("fast_softmax") for name in kernels), sorted(kernels)
     else:
         assert not row_kernel
     a = np.random.default_rng(0).normal(0, 4, shape).astype(np.float32)

@@ -1,5 +1,7 @@
 """tvmq's default schedule rules: the kernels they produce are vectorized the intended way and exact."""
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -223,6 +225,8 @@ def test_float_tiles_of_rows_with_no_small_divisor_are_exact(preset):
     for model, shape in [(conv_model(cin=32, cout=48, hw=13)[0], [1, 32, 13, 13]),
                          (conv_model(cin=32, cout=32, groups=32, hw=19)[0], [1, 32, 19, 19]),
                          (conv_model(cin=16, cout=32, k=1, pad=0, hw=7)[0], [1, 16, 7, 7]),
+                         (conv_model(cin=256, cout=64, k=1, pad=0, hw=11)[0], [1, 256, 11, 11]),  # 1x1, 2 chunks
+                         (conv_model(cin=64, cout=64, hw=10)[0], [1, 64, 10, 10]),
                          (matmul_model(k=64, n=32, batch=25)[0], [25, 64]),
                          *((_matmul_of_rows(shape, 64), shape) for shape in _ROW_SHAPES)]:
         x = rng.normal(0, 1, shape).astype(np.float32)
@@ -243,6 +247,51 @@ def test_a_float_tile_keeps_its_rows_in_l1_and_covers_ragged_rows():
                     for p in ("x86-avx512", "x86-avx2"))
     assert [avx512.tile(x, 24, 16, dot=False) for x in (13, 7, 56, 52, 1)] == [(13, 1), (7, 1), (8, 1), (13, 1), (1, 6)]
     assert all(avx2.tile(x, 24, 16, dot=False)[0] * 2 <= 12 for x in (13, 7, 56, 52, 208))
+
+
+@pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512", "rpi4", "arm32"])
+def test_a_float_conv_tile_spans_channel_blocks_within_the_registers_and_chunks_fit_l1(preset):
+    """A float conv over a static width (activations outweighing weights, or weights within L2)
+    takes several channel blocks per tile, as many pixels as the accumulators left hold, and its
+    input channels in chunks whose weights fit L1: the accumulators, one weight register per
+    block and the broadcast activation fit the ISA's registers (AVX2: 6 x 2, AVX-512: 6 x 4)."""
+    from tvmq.targets import get_preset
+    from tvmq.targets.schedules import _FLOAT_CHUNK_BYTES, PackedKernelRule
+
+    p = get_preset(preset)
+    rule = PackedKernelRule(None, p.vector_registers, p.vector_lanes)
+    lanes = p.vector_lanes
+    for x, oo, reduce in [(40, 64 // lanes, [3, 3, 64]), (52, 96 // lanes, [3, 3, 96]), (13, 8, [3, 3, 192]),
+                          (7, 2, [1, 1, 1024]), (208, 4, [3, 3, 12])]:
+        xb, ob, chunk = rule.float_conv_tile(x, oo, lanes, reduce)
+        assert oo % ob == 0 and 2 <= ob <= 4 and 1 <= xb <= x
+        assert xb * ob + ob + 1 <= p.vector_registers and xb * ob <= p.vector_registers * 3 // 4, (x, oo, xb, ob)
+        assert reduce[-1] % chunk == 0
+        assert chunk * reduce[0] * reduce[1] * ob * lanes * 4 <= _FLOAT_CHUNK_BYTES or chunk == 1
+    assert rule.float_conv_tile(40, 1, lanes, [3, 3, 64]) is None  # one block: the one-block tile
+    if preset == "x86-avx512":
+        assert rule.float_conv_tile(40, 4, 16, [3, 3, 64]) == (6, 4, 16)
+    if preset == "x86-avx2":
+        assert rule.float_conv_tile(40, 8, 8, [3, 3, 64]) == (6, 2, 64)
+
+
+def test_a_float_conv_runs_its_input_channels_in_chunks_outside_the_pixel_tiles():
+    """YOLOv8n's 40x40 3x3 conv 64 -> 64 (AVX-512): 6 pixels x 4 channel blocks per tile, the 64
+    input channels in 4 chunks of 16 around the row's tiles (the reduction starts before them)."""
+    from conftest import conv_model
+
+    from tvmq.frontend import load_onnx
+    from tvmq.pipeline import lower
+    from tvmq.quantize import prepare
+    from tvmq.testing import primfuncs
+
+    mod, _ = load_onnx(conv_model(cin=64, cout=64, hw=40)[0])
+    (kernel,) = primfuncs(lower(prepare(mod), "x86-avx512"), "tvmq_fma_conv2d").values()
+    script = kernel.script()
+    assert "T.unroll(T.int64(6))" in script and "T.unroll(T.int64(4))" in script
+    # the chunk loop (4) encloses the pixel tiles (7 of 6 pixels over 40) and the 3 x 3 x 16 reduction
+    grid = r"T\.grid\(T\.int64\(4\), T\.int64\(7\), T\.int64\(3\), T\.int64\(3\), T\.int64\(16\)\)"
+    assert re.search(grid, script), script
 
 
 _ROW_SHAPES = ([1, 64], [20, 1, 64])  # one row (an LSTM's recurrent step), rows outside a unit pixel loop

@@ -190,6 +190,13 @@ def x86_int8_kernel(flags) -> str | None:
     return None
 
 
+# LLVM tunes its Intel AVX-512 CPUs (Skylake-SP to Emerald Rapids) to prefer 256-bit vectors and
+# then splits every 512-bit operation it is free to: an int8 kernel's requantize epilogue ran as
+# pairs of ymm operations beside its zmm vpdpbusd (its SiLU: 6 ymm divisions per 3 vectors). tvmq
+# writes its vector widths itself, so the AVX-512 presets turn the preference off.
+_FULL_WIDTH = {"mattr": ["-prefer-256-bit"]}
+
+
 def _x86_host() -> TargetPreset:
     from tvmq._compat import llvm_host_cpu
 
@@ -200,7 +207,7 @@ def _x86_host() -> TargetPreset:
     return TargetPreset(
         name="x86",
         description=f"this machine's x86-64 CPU (features detected; int8 micro-kernel here: {kernel or 'none'})",
-        target={"kind": "llvm", "mcpu": llvm_host_cpu(), "num-cores": cores},
+        target={"kind": "llvm", "mcpu": llvm_host_cpu(), "num-cores": cores, **(_FULL_WIDTH if avx512 else {})},
         activation_dtype="uint8",
         int8_kernel=kernel,
         vector_lanes=16 if avx512 else 8 if "avx2" in flags else 4,
@@ -240,7 +247,7 @@ def _static_presets() -> dict[str, TargetPreset]:
         TargetPreset(
             name="x86-avx512",
             description="x86-64 with AVX-512 but no VNNI (Skylake-SP, Cascade Lake's predecessors): vpmaddwd zmm",
-            target={"kind": "llvm", "mcpu": "skylake-avx512"},
+            target={"kind": "llvm", "mcpu": "skylake-avx512", **_FULL_WIDTH},
             activation_dtype="uint8",
             int8_kernel="pmaddwd",
             vector_lanes=16,
@@ -259,7 +266,7 @@ def _static_presets() -> dict[str, TargetPreset]:
         TargetPreset(
             name="x86-avx512vnni",
             description="x86-64 with AVX-512 VNNI (Cascade Lake and later, Zen 4 and later): vpdpbusd zmm",
-            target={"kind": "llvm", "mcpu": "cascadelake"},
+            target={"kind": "llvm", "mcpu": "cascadelake", **_FULL_WIDTH},
             activation_dtype="uint8",
             int8_kernel="vnni",
             vector_lanes=16,

@@ -156,6 +156,7 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
     if database is not None:
         with target:  # the pass captures the current target when it is made
             passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+    from tvmq.targets.denormals import FlushDenormals
     from tvmq.targets.parallel import SerialWhenSmall
     from tvmq.targets.shared_values import ShareSymbolicValues
     from tvmq.targets.tails import VersionVectorTails
@@ -168,6 +169,7 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
         relax.transform.ToNonDataflow(),
         relax.transform.RemovePurityChecking(),
         relax.transform.CallTIRRewrite(),
+        *([FlushDenormals()] if preset.is_host else []),  # FTZ/DAZ on every thread first thing
         relax.transform.StaticPlanBlockMemory(),
         relax.transform.LowerAllocTensor(),
         relax.transform.KillAfterLastUse(),

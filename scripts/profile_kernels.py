@@ -19,23 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def time_primfuncs(lowered, target, repeat=50):
     import tvm
 
-    from tvmq._compat import tir
-    from tvmq.kernels import random_argument
+    from tvmq.kernels import kernel_funcs, random_argument
 
     dev = tvm.cpu()
     rows = []
-    from tvmq.targets.denormals import MXCSR_FUNCS
-
-    for gv, func in lowered.functions_items():
-        if not isinstance(func, tir.PrimFunc) or gv.name_hint in MXCSR_FUNCS:
-            continue
+    for name, func in kernel_funcs(lowered).items():
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).jit()
         rng = np.random.default_rng(0)
         # 0.27: PrimFunc params are buffer-typed vars
         args = [tvm.runtime.tensor(random_argument(rng, [int(s) for s in p.shape], str(p.dtype)), dev) for p in func.params]
         timer = lib.time_evaluator("main", dev, number=10, repeat=repeat)
         ms = float(np.median(timer(*args).results)) * 1e3
-        rows.append((ms, gv.name_hint))
+        rows.append((ms, name))
     return sorted(rows, reverse=True)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ReductionKernel", "reduction_kernels", "call_order", "time_kernel"]
+__all__ = ["ReductionKernel", "reduction_kernels", "kernel_funcs", "call_order", "time_kernel"]
 
 
 @dataclass(frozen=True)
@@ -110,19 +110,27 @@ def _multiplied_loads(expr) -> list[str]:
     return dtypes
 
 
+def kernel_funcs(module, contains: str = "") -> dict:
+    """``{name: PrimFunc}`` of ``module``'s kernels (a fused or lowered IRModule) whose name
+    contains ``contains``, in the module's order; not the x86 MXCSR kernels around each call
+    (:mod:`tvmq.targets.denormals`): they compute nothing, and the restore one run on random
+    data would unmask floating-point exceptions."""
+    from tvmq._compat import tir
+    from tvmq.targets.denormals import MXCSR_FUNCS
+
+    return {gv.name_hint: f for gv, f in module.functions_items()
+            if isinstance(f, tir.PrimFunc) and contains in gv.name_hint and gv.name_hint not in MXCSR_FUNCS}
+
+
 def call_order(lowered) -> list[str]:
-    """Names of the PrimFuncs ``main`` calls, in call order (a lowered, static module); the x86
-    MXCSR kernels around the call (:mod:`tvmq.targets.denormals`) left out: they compute nothing,
-    and the restore one run on random data would unmask floating-point exceptions."""
+    """Names of the kernels (:func:`kernel_funcs`) ``main`` calls, in call order (a lowered,
+    static module)."""
     import tvm
     import tvm_ffi
     from tvm import relax
 
-    from tvmq.targets.denormals import MXCSR_FUNCS
-
     names = []
-    kernels = {gv.name_hint for gv, f in lowered.functions_items()
-               if not isinstance(f, relax.Function) and gv.name_hint not in MXCSR_FUNCS}
+    kernels = set(kernel_funcs(lowered))
 
     def on_call(call):
         op = call.op

@@ -43,14 +43,11 @@ def matmul_model(m: int, k: int, n: int, seed: int = 0):
 
 
 def primfuncs(module, contains: str = "") -> dict:
-    """``{name: PrimFunc}`` of ``module``'s kernels (a fused or lowered IRModule) whose name
-    contains ``contains``, in the module's order (not the x86 MXCSR kernels around each call,
-    :mod:`tvmq.targets.denormals`, which compute nothing)."""
-    from tvmq._compat import tir
-    from tvmq.targets.denormals import MXCSR_FUNCS
+    """``{name: PrimFunc}`` of ``module``'s kernels whose name contains ``contains``
+    (:func:`tvmq.kernels.kernel_funcs`)."""
+    from tvmq.kernels import kernel_funcs
 
-    return {gv.name_hint: f for gv, f in module.functions_items()
-            if isinstance(f, tir.PrimFunc) and contains in gv.name_hint and gv.name_hint not in MXCSR_FUNCS}
+    return kernel_funcs(module, contains)
 
 
 def kernel_instructions(asm: str, mnemonic: str, functions: str = r"fused_tvmq_(conv2d|matmul)") -> dict[str, int]:

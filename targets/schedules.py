@@ -124,26 +124,22 @@ def _pixel_extent(sch, loop) -> int | None:
     return loop_extent(sch, loop) or _known_multiple(sch.get(loop).extent)
 
 
+def _read_bytes(sch, main, index: int, dynamic: bool = False) -> int | None:
+    """Bytes of the buffer the kernel's read ``index`` is from (-1: its weights, -2: its
+    activations); None for a dynamic one unless ``dynamic``, where a dynamic dimension counts as
+    :data:`SYMBOLIC_EXTENT`."""
+    buf = sch.get(main).reads[index].source  # 0.27: TensorRegion.source is the buffer
+    if not dynamic and not all(isinstance(s, (int, tirx.IntImm)) for s in buf.shape):
+        return None
+    return math.prod(symbolic_value(s) for s in buf.shape) * tvm.DataType(str(buf.dtype)).bits // 8
+
+
 def _weights_outweigh_activations(sch, main, dynamic: bool = False) -> bool:
     """The kernel's weights (its last read) hold more bytes than its activations (the read
     before); with ``dynamic``, a dynamic dimension counts as :data:`SYMBOLIC_EXTENT` (else the
     answer is no)."""
-    reads = sch.get(main).reads
-
-    def size(region):  # 0.27: TensorRegion.source is the buffer
-        buf = region.source
-        if not dynamic and not all(isinstance(s, (int, tirx.IntImm)) for s in buf.shape):
-            return None
-        return math.prod(symbolic_value(s) for s in buf.shape) * tvm.DataType(str(buf.dtype)).bits // 8
-
-    act, weight = size(reads[-2]), size(reads[-1])
+    act, weight = _read_bytes(sch, main, -2, dynamic), _read_bytes(sch, main, -1, dynamic)
     return act is not None and weight is not None and weight > act
-
-
-def _weight_bytes(sch, main) -> int:
-    """Bytes of the kernel's weights (its last read)."""
-    buf = sch.get(main).reads[-1].source
-    return math.prod(int(s) for s in buf.shape) * tvm.DataType(str(buf.dtype)).bits // 8
 
 
 def _intrinsic_pixels(name: str) -> int:
@@ -446,7 +442,7 @@ class PackedKernelRule(ScheduleRule):
         x_tiles, o_tiles = self._tiles(sch, x, oo, lanes, tunable, dot)
         chunked = None
         if is_conv and not dot and not symbolic and not tunable and (
-                not _weights_outweigh_activations(sch, main) or _weight_bytes(sch, main) <= _FLOAT_CHUNKED_WEIGHTS):
+                not _weights_outweigh_activations(sch, main) or _read_bytes(sch, main, -1) <= _FLOAT_CHUNKED_WEIGHTS):
             chunked = self.float_conv_tile(loop_extent(sch, x), loop_extent(sch, oo), lanes,
                                            [loop_extent(sch, loop) for loop in reduce_outer])
         if chunked:

@@ -9,7 +9,7 @@ from conftest import unary_module
 from tvm import relax
 
 from tvmq.pipeline import build, lower
-from tvmq.testing import primfuncs
+from tvmq.testing import kernel_asm, primfuncs
 
 
 def _nhwc_module(op):
@@ -179,8 +179,7 @@ def test_a_ragged_channel_epilogue_is_vectorized_where_every_lane_is_inside():
         lib["main"](*tensors)
         outs.append(tensors[-1].numpy())
     np.testing.assert_array_equal(outs[0], outs[1])
-    asm = [tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target).mod.inspect_source("asm")
-           for f in (before, after)]
+    asm = [kernel_asm(f, target) for f in (before, after)]
     assert asm[1].count("vcvtdq2ps") > asm[0].count("vcvtdq2ps")  # int32 -> float conversions, 16 at a time
 
 
@@ -371,8 +370,7 @@ def test_a_concat_along_channels_is_vectorized_between_its_boundaries(channels):
     np.testing.assert_array_equal(HostModule(mod, "x86")(*xs)[0], ref)
     if channels == (96, 40):
         (func,) = [f for gv, f in lower(mod, "x86").functions_items() if "concat" in gv.name_hint]
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), get_preset("x86").tvm_target())
-        asm = lib.mod.inspect_source("asm")
+        asm = kernel_asm(func, get_preset("x86").tvm_target())
         assert "vcvttps2dq" in asm and "vcvttss2si" not in asm and "vroundss" not in asm
 
 
@@ -396,8 +394,7 @@ def test_an_int8_kernels_float_epilogue_runs_at_the_full_avx512_width():
                        [("w", rng.normal(0, 0.2, (32, 32, 3, 3)).astype(np.float32)), ("b", rng.normal(0, 0.1, 32).astype(np.float32))])
     qm = quantized_module(model, preset, raw=[{"x": rng.normal(0, 1, (1, 32, 8, 8)).astype(np.float32)} for _ in range(4)])
     (kernel,) = [f for name, f in primfuncs(lower(qm.module, preset), "tvmq_conv2d").items() if "sigmoid" in name]
-    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), preset.tvm_target())
-    asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
+    asm = kernel_asm(kernel, preset.tvm_target())
     divisions = re.findall(r"vdivps\s+[^\n]*", asm)
     assert "vpdpbusd" in asm and divisions and all("zmm" in d for d in divisions), divisions
 

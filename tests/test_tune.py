@@ -137,15 +137,14 @@ def test_tensorized_int8_kernel_allocates_nothing_per_tile(qmodel):
     parallel tile loop is lowered to a heap workspace alloc/free pair per tile, which made the
     int8 kernels of PP-OCR's classifier slower than their float versions."""
     from tvmq.pipeline import lower
-    from tvmq.testing import primfuncs
+    from tvmq.testing import kernel_asm, primfuncs
 
     lowered = lower(qmodel.module, PRESET)
     kernels = primfuncs(lowered, "tvmq_conv2d")
     assert kernels
     for name, func in kernels.items():
         assert "vpdpbusd" in func.script()
-        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), PRESET.tvm_target())
-        asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
+        asm = kernel_asm(func, PRESET.tvm_target())
         assert "vpdpbusd" in asm and "TVMBackendAllocWorkspace" not in asm, name
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["GraphCase", "graphs", "check_graph", "FuzzResult", "matmul_model", "kernel_instructions", "make_model",
+__all__ = ["GraphCase", "graphs", "check_graph", "FuzzResult", "matmul_model", "kernel_asm", "kernel_instructions", "make_model",
            "fp32_and_int8_outputs", "outlier_mlp", "outlier_inputs", "coarse_conv", "mlp"]
 
 
@@ -48,6 +48,14 @@ def primfuncs(module, contains: str = "") -> dict:
     from tvmq.kernels import kernel_funcs
 
     return kernel_funcs(module, contains)
+
+
+def kernel_asm(func, target) -> str:
+    """The assembly of one PrimFunc compiled alone for ``target`` (a ``tvm.target.Target``)."""
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
+    return (lib.mod if hasattr(lib, "mod") else lib).inspect_source("asm")
 
 
 def kernel_instructions(asm: str, mnemonic: str, functions: str = r"fused_tvmq_(conv2d|matmul)") -> dict[str, int]:

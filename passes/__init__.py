@@ -20,5 +20,6 @@ from .pack_kernels import PackKernels
 from .graph import count_ops
 from .layers import find_layers
 from .strip_qdq import has_qdq, strip_qdq
+from .unroll_lstm import UnrollLSTM
 
-__all__ = ["Conv1dToConv2d", "ConvTransposeToConv", "DivideToMultiply", "FastMath", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "SmoothQuant", "Specialize", "WeightOnly", "find_layers", "count_ops", "has_qdq", "strip_qdq"]
+__all__ = ["Conv1dToConv2d", "ConvTransposeToConv", "DivideToMultiply", "FastMath", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "SmoothQuant", "Specialize", "WeightOnly", "find_layers", "count_ops", "has_qdq", "strip_qdq", "UnrollLSTM"]

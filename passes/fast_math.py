@@ -21,7 +21,7 @@ from tvm import relax
 
 from .graph import call_op, dtype_of, map_functions
 
-__all__ = ["FastMath"]
+__all__ = ["FastMath", "logistic"]
 
 
 # sigmoid(x) ~ 0.5 + x p(x^2) / q(x^2) on [-18, 18]: the rational approximation ONNX Runtime's
@@ -33,11 +33,10 @@ _LOGISTIC_Q = (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06,
                1.16817656904453e-01, 9.93151921023180e-01)
 
 
-def fast_sigmoid(x):
-    """``te`` compute: the logistic function as a rational polynomial, elementwise. 15 vector
-    operations with one division, where ``1 / (1 + fast_exp(-x))`` took 21: SiLU (``x *
-    sigmoid(x)``) is the epilogue of most convs in YOLO-family detectors."""
-    from tvm import te, tirx
+def logistic(v):
+    """The logistic function of one float32 PrimExpr as a rational polynomial: 15 vector
+    operations with one division, where ``1 / (1 + fast_exp(-x))`` took 21."""
+    from tvm import tirx
 
     def c(value):
         return tirx.const(value, "float32")
@@ -48,10 +47,15 @@ def fast_sigmoid(x):
             acc = acc * s + c(k)
         return acc
 
-    def logistic(v):
-        v = tirx.max(tirx.min(v, c(_LOGISTIC_RANGE)), c(-_LOGISTIC_RANGE))
-        s = v * v
-        return v * horner(_LOGISTIC_P, s) / horner(_LOGISTIC_Q, s) + c(0.5)
+    v = tirx.max(tirx.min(v, c(_LOGISTIC_RANGE)), c(-_LOGISTIC_RANGE))
+    s = v * v
+    return v * horner(_LOGISTIC_P, s) / horner(_LOGISTIC_Q, s) + c(0.5)
+
+
+def fast_sigmoid(x):
+    """``te`` compute: :func:`logistic` elementwise. SiLU (``x * sigmoid(x)``) is the epilogue of
+    most convs in YOLO-family detectors."""
+    from tvm import te
 
     return te.compute(x.shape, lambda *i: logistic(x(*i)), name="fast_sigmoid", tag="elemwise")
 

@@ -124,7 +124,7 @@ def test_clip_with_constant_bounds_becomes_relax_clip_and_fuses_as_activation():
     assert (act.kind, act.lo, act.hi) == ("clip", 0.0, 6.0)
 
 
-# --- LSTM: unrolled into plain ops before import (TVM's importer has none) --------------------
+# --- LSTM: a loop kernel, or unrolled into plain ops, before import (TVM's importer has none) --
 
 
 def lstm_model(steps=5, batch=1, features=8, hidden=6, direction="bidirectional", layout=0, initial=False, seed=0,
@@ -154,8 +154,9 @@ def lstm_model(steps=5, batch=1, features=8, hidden=6, direction="bidirectional"
 @pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
 @pytest.mark.parametrize("layout, initial", [(0, False), (0, True), (1, True)])
 def test_lstm_decomposition_equals_the_onnx_reference(direction, layout, initial):
-    """The unrolled graph computes what ONNX's LSTM does (its reference implementation; ONNX
-    Runtime runs layout 0 only): all three outputs, every direction and layout."""
+    """The unrolled graph (what a large LSTM becomes) computes what ONNX's LSTM does (its
+    reference implementation; ONNX Runtime runs layout 0 only): all three outputs, every
+    direction and layout."""
     import copy
 
     from onnx.reference import ReferenceEvaluator
@@ -168,22 +169,55 @@ def test_lstm_decomposition_equals_the_onnx_reference(direction, layout, initial
     x = x.astype(np.float32)
     unrolled = copy.deepcopy(model)
     name_nodes(unrolled)
-    assert decompose_lstm(unrolled) == 1 and "LSTM" not in {n.op_type for n in unrolled.graph.node}
+    assert decompose_lstm(unrolled, loop_max_bytes=0) == 1 and "LSTM" not in {n.op_type for n in unrolled.graph.node}
     for want, got in zip(ReferenceEvaluator(model).run(None, {"x": x}), ReferenceEvaluator(unrolled).run(None, {"x": x})):
         assert want.shape == got.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_lstm_model_compiles_matches_onnx_runtime_and_quantizes_its_projections():
+@pytest.mark.parametrize("direction, layout, initial, hidden, steps", [
+    ("bidirectional", 0, True, 6, 5),  # hidden 6: one chunk, 10 padded units
+    ("reverse", 1, True, 20, 4),  # two chunks, layout 1
+    ("forward", 0, False, 136, 3),  # recurrent weights over 256 KB: chunks in parallel
+])
+def test_lstm_loop_kernel_equals_the_onnx_reference(direction, layout, initial, hidden, steps):
+    """A small LSTM runs its recurrence as one loop kernel (``tvmq_lstm``, no per-step kernels),
+    and computes ONNX's LSTM (its reference implementation) within float32 rounding: every
+    output, direction and layout, hidden sizes that are and are not whole chunks."""
+    from onnx.reference import ReferenceEvaluator
+
+    from tvmq.execute import HostModule
+    from tvmq.passes import count_ops
+    from tvmq.quantize import prepare
+
+    model = lstm_model(steps=steps, batch=2, hidden=hidden, direction=direction, layout=layout, initial=initial)
+    x = np.random.default_rng(1).normal(0, 1, [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim])
+    x = x.astype(np.float32)
+    mod, _ = load_onnx(model)
+    names = [gv.name_hint for gv, _ in mod.functions_items()]
+    assert sum(n.startswith("tvmq_lstm") for n in names) == (2 if direction == "bidirectional" else 1)
+    assert count_ops(mod)["relax.matmul"] == (2 if direction == "bidirectional" else 1)  # the input projections only
+    got = HostModule(prepare(mod))(x)
+    for want, out in zip(ReferenceEvaluator(model).run(None, {"x": x}), got):
+        assert np.asarray(out).shape == want.shape
+        np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("loop", [True, False])
+def test_lstm_model_compiles_matches_onnx_runtime_and_quantizes_its_projections(loop, monkeypatch):
     """A bidirectional LSTM (20 steps) through tvmq: FP32 equals ONNX Runtime within 1e-5, and
-    the int8 build, whose input projections and recurrent matmuls are integer kernels, keeps
-    every output above 30 dB."""
+    the int8 build keeps every output above 30 dB. Its input projections are integer kernels;
+    unrolled (an LSTM too large for the loop kernel), its recurrent matmuls too; as a loop, the
+    recurrence is one float kernel."""
     import onnxruntime as ort
 
+    import tvmq.recurrent
     from conftest import Compiled, sqnr_db
     from tvmq.kernels import reduction_kernels
     from tvmq.pipeline import lower
 
+    if not loop:
+        monkeypatch.setattr(tvmq.recurrent, "LOOP_MAX_BYTES", 0)
     model = lstm_model(steps=20, features=32, hidden=16)
     rng = np.random.default_rng(2)
     samples = [{"x": rng.normal(0, 1, (20, 1, 32)).astype(np.float32)} for _ in range(6)]
@@ -196,11 +230,13 @@ def test_lstm_model_compiles_matches_onnx_runtime_and_quantizes_its_projections(
     for i in range(3):
         got = np.concatenate([np.asarray(c.int8(s["x"])[i]).ravel() for s in samples])
         assert sqnr_db(np.concatenate([r[i].ravel() for r in ref]), got) > 30
-    # two input projections and a recurrent matmul per step and direction (but the first: its
-    # state is the zero initial state, folded away), all in integers
-    assert sum(1 for lp in c.plan.layers.values() if lp.kind == "matmul" and lp.is_int8) == 2 + 2 * 19
-    kernels = reduction_kernels(lower(c.qmod, "x86"))
+    # two input projections, and unrolled a recurrent matmul per step and direction (but the
+    # first: its state is the zero initial state, folded away), all in integers
+    assert sum(1 for lp in c.plan.layers.values() if lp.kind == "matmul" and lp.is_int8) == 2 + (0 if loop else 2 * 19)
+    lowered = lower(c.qmod, "x86")
+    kernels = reduction_kernels(lowered)
     assert kernels and all(k.accum_dtype == "int32" for k in kernels)
+    assert sum(gv.name_hint.startswith("tvmq_lstm") for gv, _ in lowered.functions_items()) == (2 if loop else 0)
 
 
 @pytest.mark.parametrize("attrs, inputs, message", [
@@ -218,3 +254,20 @@ def test_unsupported_lstm_variants_are_one_error_line(attrs, inputs, message):
     with pytest.raises(TvmqError, match=message) as err:
         load_onnx(model)
     assert "\n" not in str(err.value)
+
+
+def test_lstm_loop_kernel_unrolls_for_targets_it_was_not_written_for():
+    """UnrollLSTM (a GPU build's first pass) replaces the CPU loop kernel with per-step ops that
+    compute the same: checked here on the CPU, against the loop kernel itself."""
+    from tvmq.execute import HostModule
+    from tvmq.passes import UnrollLSTM, count_ops
+    from tvmq.quantize import prepare
+
+    model = lstm_model(steps=4, batch=2, hidden=20, direction="bidirectional", initial=True)
+    x = np.random.default_rng(3).normal(0, 1, (4, 2, 8)).astype(np.float32)
+    mod = prepare(load_onnx(model)[0])
+    unrolled = UnrollLSTM()(mod)
+    assert not any(gv.name_hint.startswith("tvmq_lstm") for gv, _ in unrolled.functions_items())
+    assert count_ops(unrolled)["relax.matmul"] == 2 + 2 * 4  # projections, then one per step and direction
+    for want, got in zip(HostModule(mod)(x), HostModule(unrolled)(x)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-6)

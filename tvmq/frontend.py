@@ -328,6 +328,17 @@ def _named_importer(integer_scales: bool = False):
     base = frontend.ONNXGraphImporter
 
     class NamedImporter(base):
+        def _check_for_unsupported_ops(self, graph):
+            # tvmq.recurrent's loop node is converted below, not by the importer's map
+            nodes = list(graph.node)
+            del graph.node[:]
+            graph.node.extend(n for n in nodes if n.op_type != "LSTMRecurrence")
+            try:
+                super()._check_for_unsupported_ops(graph)
+            finally:
+                del graph.node[:]
+                graph.node.extend(nodes)
+
         def _convert_operator(self, op_name, inputs, attrs, opset):
             name = re.sub(r"[^A-Za-z0-9_]", "_", str(attrs.get("tvm_custom", {}).get("name", "")))
             emit = self.bb.emit
@@ -340,6 +351,8 @@ def _named_importer(integer_scales: bool = False):
                 inputs = _integer_scales(inputs)
             try:
                 sym = _clip_with_constant_bounds(op_name, inputs) if op_name == "Clip" else None
+                if op_name == "LSTMRecurrence":
+                    sym = _lstm_recurrence(self.bb, inputs, attrs)
                 if sym is None:
                     sym = super()._convert_operator(op_name, inputs, attrs, opset)
                 if name and isinstance(sym, relax.Call):
@@ -353,6 +366,25 @@ def _named_importer(integer_scales: bool = False):
         yield frontend
     finally:
         frontend.ONNXGraphImporter = base
+
+
+def _lstm_recurrence(bb, inputs, attrs):
+    """tvmq.recurrent's ``LSTMRecurrence`` node: a call of the loop kernel
+    (:func:`tvmq.targets.recurrence.lstm_recurrence`) returning ``(y, h_last, c_last)``."""
+    from tvm import relax
+
+    from tvmq._compat import TensorType, expr_type
+    from tvmq.targets.recurrence import lstm_recurrence
+
+    proj = inputs[0]
+    steps, batch, gates = (int(d) for d in expr_type(proj).shape.values)
+    kernel = lstm_recurrence(steps, batch, int(attrs["hidden_size"]), bool(attrs.get("reverse", 0)),
+                             bool(attrs.get("parallel", 0)))
+    gv = bb.add_func(kernel, "tvmq_lstm")
+    padded = gates // 4
+    return relax.call_tir(gv, list(inputs), [TensorType((steps, batch, padded), "float32"),
+                                             TensorType((batch, padded), "float32"),
+                                             TensorType((batch, padded), "float32")])
 
 
 # ONNX ops that run in integers after quantization (anchors, their epilogues, and the ops a
@@ -516,7 +548,9 @@ def _model_info(model, mod, specs: list[InputSpec], opset: int) -> ModelInfo:
         shape = (tuple(int(d) if isinstance(d, IntImm) else _dim_text(d) for d in ty.shape.values)
                  if getattr(ty, "shape", None) is not None else ())
         outputs.append(InputSpec(out.name, shape, str(getattr(ty, "dtype", "float32"))))
-    float_ops = sorted({n.op_type for n in model.graph.node if n.op_type not in _INT8_CAPABLE})
+    # an LSTM's recurrence (tvmq.recurrent's loop node) is reported as the LSTM it came from
+    float_ops = sorted({"LSTM" if n.op_type == "LSTMRecurrence" else n.op_type
+                        for n in model.graph.node if n.op_type not in _INT8_CAPABLE})
     return ModelInfo(
         inputs=tuple(specs),
         outputs=tuple(outputs),

@@ -149,7 +149,9 @@ def lower(mod: tvm.IRModule, preset, database=None) -> tvm.IRModule:
     preset = get_preset(preset)
     target = preset.tvm_target()
     if preset.kind != "llvm":
-        return _lower_gpu(mod, target)
+        from tvmq.passes import UnrollLSTM
+
+        return _lower_gpu(UnrollLSTM()(mod), target)  # the LSTM loop kernel is a CPU kernel
     from tvmq._compat import dlight
 
     passes = list(_fuse_passes(preset))

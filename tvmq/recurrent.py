@@ -1,17 +1,21 @@
-"""ONNX ``LSTM`` as the ops it is made of, unrolled over its (static) sequence, before import.
+"""ONNX ``LSTM`` as ops TVM imports, over its (static) sequence, before import.
 
 TVM 0.27's Relax ONNX importer has no ``LSTM`` (nor ``GRU``/``RNN``/``Scan``/``Loop``), which
-stops every CRNN-style text recogniser. With static shapes the sequence length is known, so an
-LSTM is rewritten into plain ONNX: one ``MatMul`` projecting the whole input sequence onto the
-four gates (a large matmul tvmq quantizes like any other), then per time step a recurrent
-``MatMul`` of the hidden state, the gate slices, ``Sigmoid``/``Tanh`` and the cell update:
+stops every CRNN-style text recogniser. With static shapes the sequence length is known. Each
+direction becomes one ``MatMul`` projecting the whole input sequence onto the four gates (a large
+matmul tvmq quantizes like any other), then the recurrence:
 
     g_t = x_t W^T + h_{t-1} R^T + (Wb + Rb);  i, o, f, c = split(g_t)
     C_t = sigmoid(f) * C_{t-1} + sigmoid(i) * tanh(c);  h_t = sigmoid(o) * tanh(C_t)
 
-(ONNX's gate order i, o, f, c; forward, reverse and bidirectional; ``layout`` 0 and 1; optional
-initial states.) Peepholes, ``clip``, ``input_forget``, non-default activations and per-batch
-``sequence_lens`` are refused with one ``error:`` line naming them.
+(ONNX's gate order i, o, f, c.) Where the recurrent weights are small (:data:`LOOP_MAX_BYTES`)
+the recurrence is one ``LSTMRecurrence`` node (domain ``ai.tvmq``) that the importer turns into a
+loop kernel (:func:`tvmq.targets.recurrence.lstm_recurrence`, one call for the whole sequence);
+otherwise it is unrolled, per time step a recurrent ``MatMul`` of the hidden state (int8 where
+the plan says), the gate slices, ``Sigmoid``/``Tanh`` and the cell update. Forward, reverse and
+bidirectional; ``layout`` 0 and 1; optional initial states. Peepholes, ``clip``,
+``input_forget``, non-default activations and per-batch ``sequence_lens`` are refused with one
+``error:`` line naming them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ import numpy as np
 from tvmq.errors import TvmqError
 
 __all__ = ["decompose_lstm"]
+
+
+# An LSTM whose recurrent weights (float32, one direction) take at most this many bytes runs
+# its recurrence as one loop kernel (tvmq.targets.recurrence); a larger one is unrolled, so that
+# its per-step recurrent matmuls can be int8 kernels (a quarter of the weight bytes each step
+# streams). Silero VAD (hidden 128: 256 KB) 16 steps: 64 kernel calls -> 1, 34 us for the whole
+# recurrence; ddddocr's BiLSTM (hidden 512: 4 MB per direction) stays unrolled.
+LOOP_MAX_BYTES = 1 << 20
 
 
 def _constants(model) -> dict:
@@ -84,8 +96,11 @@ def _refuse(node, what: str):
     raise TvmqError(f"LSTM {node.name or node.output[0]!r}: {what} is not supported; export the LSTM without it")
 
 
-def decompose_lstm(model) -> int:
-    """Replace every ``LSTM`` node of ``model`` (static shapes) in place; return how many."""
+def decompose_lstm(model, loop_max_bytes: int | None = None) -> int:
+    """Replace every ``LSTM`` node of ``model`` (static shapes) in place; return how many.
+    ``loop_max_bytes``: the largest recurrent weights (bytes, float32, one direction) run as a
+    loop kernel (default :data:`LOOP_MAX_BYTES`; 0: every LSTM unrolled)."""
+    loop_max_bytes = LOOP_MAX_BYTES if loop_max_bytes is None else loop_max_bytes
     if not any(n.op_type == "LSTM" for n in model.graph.node):
         return 0
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -97,7 +112,7 @@ def decompose_lstm(model) -> int:
         if node.op_type != "LSTM":
             nodes.append(node)
             continue
-        nodes += _lstm(model, node, consts, shapes)
+        nodes += _lstm(model, node, consts, shapes, loop_max_bytes)
         count += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -153,34 +168,84 @@ def _lstm_spec(node, consts, shapes) -> _LstmSpec:
     return _LstmSpec(x, w, r, b, init_h, init_c, hidden, direction, layout, dirs, steps, batch)
 
 
-def _lstm(model, node, consts, shapes):
+def _lstm(model, node, consts, shapes, loop_max_bytes: int):
     s = _lstm_spec(node, consts, shapes)
     hidden = s.hidden
     W, R = consts[s.w].astype(np.float32), consts[s.r].astype(np.float32)
     B = consts[s.b].astype(np.float32) if s.b else np.zeros((s.dirs, 8 * hidden), np.float32)
     e = _Emitter(model, node.name or node.output[0])
     seq = s.x if s.layout == 0 else e.op("Transpose", [s.x], "x_tbi", perm=[1, 0, 2])
-    starts = [e.const(np.array([g * hidden], np.int64), f"gate{g}_start") for g in range(4)]
-    ends = [e.const(np.array([(g + 1) * hidden], np.int64), f"gate{g}_end") for g in range(4)]
-    axis1 = e.const(np.array([1], np.int64), "axis1")
-    row = e.const(np.array([1, s.batch, hidden], np.int64), "row_shape")
+    loop = R[0].nbytes <= loop_max_bytes
     ys, last_h, last_c = [], [], []
     for d in range(s.dirs):
         name = ("fw", "bw")[d] if s.dirs == 2 else ("bw" if s.direction == "reverse" else "fw")
-        # the whole sequence projected onto the gates at once: [T, B, I] x [I, 4H] (+ both biases)
-        proj = e.op("MatMul", [seq, e.const(W[d].T, f"{name}/W_t")], f"{name}/input_proj")
-        proj = e.op("Add", [proj, e.const(B[d, :4 * hidden] + B[d, 4 * hidden:], f"{name}/bias")], f"{name}/input_bias")
-        r_t = e.const(R[d].T, f"{name}/R_t")
+        bias = B[d, :4 * hidden] + B[d, 4 * hidden:]
         h, c = _initial_state(e, s, d, name, s.init_h, "h"), _initial_state(e, s, d, name, s.init_c, "c")
-        outs = [None] * s.steps
-        for t in (range(s.steps - 1, -1, -1) if name == "bw" else range(s.steps)):
-            h, c = _lstm_step(e, f"{name}/t{t}", t, proj, r_t, h, c, (starts, ends, axis1))
-            outs[t] = e.op("Reshape", [h, row], f"{name}/t{t}/row")
-        ys.append(e.op("Concat", outs, f"{name}/y", axis=0) if s.steps > 1 else outs[0])  # [T, B, H]
-        last_h.append(e.op("Reshape", [h, row], f"{name}/h_last"))
-        last_c.append(e.op("Reshape", [c, row], f"{name}/c_last"))
+        step = _lstm_loop if loop else _lstm_unrolled
+        y, h, c = step(e, s, name, seq, W[d], R[d], bias, h, c)
+        ys.append(y)  # [T, B, H]
+        last_h.append(h)  # [1, B, H]
+        last_c.append(c)
     _lstm_outputs(e, node, s, ys, last_h, last_c)
     return e.nodes
+
+
+def _lstm_unrolled(e: _Emitter, s: _LstmSpec, name: str, seq: str, w, r, bias, h: str, c: str):
+    """One direction as per-step ops: ``(y [T, B, H], last h, last c [1, B, H])``."""
+    hidden = s.hidden
+    starts = [e.const(np.array([g * hidden], np.int64), f"{name}/gate{g}_start") for g in range(4)]
+    ends = [e.const(np.array([(g + 1) * hidden], np.int64), f"{name}/gate{g}_end") for g in range(4)]
+    axis1 = e.const(np.array([1], np.int64), f"{name}/axis1")
+    row = e.const(np.array([1, s.batch, hidden], np.int64), f"{name}/row_shape")
+    # the whole sequence projected onto the gates at once: [T, B, I] x [I, 4H] (+ both biases)
+    proj = e.op("MatMul", [seq, e.const(w.T, f"{name}/W_t")], f"{name}/input_proj")
+    proj = e.op("Add", [proj, e.const(bias, f"{name}/bias")], f"{name}/input_bias")
+    r_t = e.const(r.T, f"{name}/R_t")
+    outs = [None] * s.steps
+    for t in (range(s.steps - 1, -1, -1) if name == "bw" else range(s.steps)):
+        h, c = _lstm_step(e, f"{name}/t{t}", t, proj, r_t, h, c, (starts, ends, axis1))
+        outs[t] = e.op("Reshape", [h, row], f"{name}/t{t}/row")
+    y = e.op("Concat", outs, f"{name}/y", axis=0) if s.steps > 1 else outs[0]
+    return y, e.op("Reshape", [h, row], f"{name}/h_last"), e.op("Reshape", [c, row], f"{name}/c_last")
+
+
+def _lstm_loop(e: _Emitter, s: _LstmSpec, name: str, seq: str, w, r, bias, h: str, c: str):
+    """One direction as the input projection (a MatMul tvmq quantizes like any other) and one
+    ``LSTMRecurrence`` node (domain ``ai.tvmq``), which the importer turns into
+    :func:`tvmq.targets.recurrence.lstm_recurrence`. Hidden units are padded to whole chunks
+    (zero weights and bias) and sliced off after."""
+    from onnx import helper
+
+    from tvmq.targets.recurrence import CHUNK, pack_recurrent_weights
+
+    hidden = s.hidden
+    padded = -(-hidden // CHUNK) * CHUNK
+    w_t = np.zeros((w.shape[1], 4, padded), np.float32)
+    w_t[:, :, :hidden] = w.T.reshape(-1, 4, hidden)
+    b = np.zeros((4, padded), np.float32)
+    b[:, :hidden] = bias.reshape(4, hidden)
+    proj = e.op("MatMul", [seq, e.const(w_t.reshape(-1, 4 * padded), f"{name}/W_t")], f"{name}/input_proj")
+    proj = e.op("Add", [proj, e.const(b.reshape(-1), f"{name}/bias")], f"{name}/input_bias")
+    if padded > hidden:
+        zeros = e.const(np.zeros((s.batch, padded - hidden), np.float32), f"{name}/state_pad")
+        h = e.op("Concat", [h, zeros], f"{name}/h0_padded", axis=1)
+        c = e.op("Concat", [c, zeros], f"{name}/c0_padded", axis=1)
+    p = f"{e.prefix}/{name}/recurrence"
+    outs = [f"{p}/y", f"{p}/h", f"{p}/c"]
+    e.nodes.append(helper.make_node(
+        "LSTMRecurrence", [proj, e.const(pack_recurrent_weights(r), f"{name}/R_packed"), h, c], outs, name=p,
+        domain="ai.tvmq", hidden_size=hidden, reverse=int(name == "bw"),
+        # one parallel launch per step pays where a step's weights outgrow a core's cache share
+        parallel=int(r.nbytes > (256 << 10))))
+    y, h, c = outs
+    if padded > hidden:
+        start, end = e.const(np.array([0], np.int64), f"{name}/unpad_start"), e.const(np.array([hidden], np.int64), f"{name}/unpad_end")
+        y = e.op("Slice", [y, start, end, e.const(np.array([2], np.int64), f"{name}/axis2")], f"{name}/y_unpadded")
+        axis1 = e.const(np.array([1], np.int64), f"{name}/axis1")
+        h = e.op("Slice", [h, start, end, axis1], f"{name}/h_unpadded")
+        c = e.op("Slice", [c, start, end, axis1], f"{name}/c_unpadded")
+    row = e.const(np.array([1, s.batch, hidden], np.int64), f"{name}/row_shape")
+    return y, e.op("Reshape", [h, row], f"{name}/h_last"), e.op("Reshape", [c, row], f"{name}/c_last")
 
 
 def _initial_state(e: _Emitter, s: _LstmSpec, d: int, name: str, given: str, hint: str) -> str:

@@ -1,0 +1,117 @@
+"""An LSTM's recurrence as one CPU kernel that loops over time.
+
+Unrolled into per-step ops (:mod:`tvmq.recurrent`), every time step of an LSTM is a ``take`` of
+its projected input, the recurrent ``h @ R^T`` and two elementwise kernels, each a VM call with
+its own tensors: Silero VAD's 16-step LSTM (hidden 128) was 64 kernel calls and ~300 VM
+instructions for a few microseconds of arithmetic per step. :func:`lstm_recurrence` computes the
+whole sequence in one call: per step, per chunk of ``chunk`` hidden units, the four gates'
+``chunk``-wide accumulators start from the projected input, take ``h[k] * R^T[k]`` for every
+``k`` (the recurrent weights packed chunk by chunk: ``[chunks, H, 4, chunk]``, contiguous in the
+``k`` loop), then the cell update in vectors. The hidden state is double-buffered (step ``s``
+reads one half and writes the other), so the chunks of a step are independent and may run in
+parallel.
+
+The hidden size is padded to whole chunks (``padded``): the padded units' projected gates are 0
+(their weights and bias are zero), so their cell and hidden states stay 0 and they never enter
+a real unit's gates (the ``k`` loop covers the real units only).
+"""
+
+from __future__ import annotations
+
+__all__ = ["CHUNK", "LSTM_ATTR", "lstm_recurrence", "pack_recurrent_weights", "fast_tanh"]
+
+CHUNK = 16  # hidden units per accumulator tile: 4 gates x 16 float32 lanes
+LSTM_ATTR = "tvmq.lstm"  # the kernel's attribute: {"hidden": H, "reverse": 0|1}
+
+
+def pack_recurrent_weights(r, chunk: int = CHUNK):
+    """ONNX's ``R`` of one direction (``[4H, H]``, gates i, o, f, c) as the kernel reads it:
+    ``[chunks, H, 4, chunk]`` with ``out[n, k, g, l] = R[g*H + n*chunk + l, k]`` (0 past ``H``)."""
+    import numpy as np
+
+    hidden = r.shape[1]
+    padded = -(-hidden // chunk) * chunk
+    gates = np.zeros((4, padded, hidden), np.float32)
+    gates[:, :hidden] = r.reshape(4, hidden, hidden)
+    return np.ascontiguousarray(gates.reshape(4, padded // chunk, chunk, hidden).transpose(1, 3, 0, 2))
+
+
+def fast_tanh(v):
+    """tanh on one float32 PrimExpr: Eigen's rational approximation (what ``topi.fast_tanh``
+    computes), odd numerator of degree 13 over an even denominator of degree 6, on [-9, 9]."""
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    def c(value):
+        return tirx.const(value, "float32")
+
+    x = T.max(T.min(v, c(9.0)), c(-9.0))
+    x2 = x * x
+    p = x2 * c(-2.76076847742355e-16) + c(2.00018790482477e-13)
+    for a in (-8.60467152213735e-11, 5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
+              4.89352455891786e-03):
+        p = x2 * p + c(a)
+    q = x2 * c(1.19825839466702e-06) + c(1.18534705686654e-04)
+    for b in (2.26843463243900e-03, 4.89352518554385e-03):
+        q = x2 * q + c(b)
+    return T.Select(T.fabs(v) < c(0.0004), v, x * p / q)
+
+
+def lstm_recurrence(steps: int, batch: int, hidden: int, reverse: bool = False, parallel: bool = False,
+                    chunk: int = CHUNK):
+    """A scheduled PrimFunc ``(proj, r_packed, h0, c0) -> (y, h_last, c_last)``.
+
+    ``proj [steps, batch, 4 * padded]``: the input projected onto the gates (bias included), gate
+    blocks of ``padded`` units (``hidden`` rounded up to ``chunk``); ``r_packed``:
+    :func:`pack_recurrent_weights`; ``h0``, ``c0``, ``h_last``, ``c_last``: ``[batch, padded]``;
+    ``y [steps, batch, padded]``: the hidden state after each step, in time order (``reverse``
+    runs the steps from the last). ``parallel``: the chunks of each step in parallel (one
+    parallel launch per step: worth it where a step's weights are large).
+    """
+    from tvm.script import tirx as T
+
+    from tvmq.passes.fast_math import logistic
+
+    chunks = -(-hidden // chunk)
+    padded = chunks * chunk
+    last = steps % 2
+    attr = {"hidden": hidden, "reverse": int(bool(reverse))}
+
+    def time(s):
+        return steps - 1 - s if reverse else s
+
+    loop = T.parallel if parallel else T.serial
+
+    @T.prim_func(private=True, s_tir=True)
+    def tvmq_lstm(proj: T.Buffer((steps, batch, 4 * padded), "float32"),
+                  r: T.Buffer((chunks, hidden, 4, chunk), "float32"),
+                  h0: T.Buffer((batch, padded), "float32"), c0: T.Buffer((batch, padded), "float32"),
+                  y: T.Buffer((steps, batch, padded), "float32"),
+                  h_last: T.Buffer((batch, padded), "float32"), c_last: T.Buffer((batch, padded), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, LSTM_ATTR: attr})
+        with T.sblock("root"):
+            state = T.sblock_alloc_buffer((2, batch, padded), "float32")  # h, double-buffered
+            acc = T.sblock_alloc_buffer((chunks, 4, chunk), "float32")  # one gate tile per chunk
+            for b, j in T.grid(batch, padded):
+                state[0, b, j] = h0[b, j]
+                c_last[b, j] = c0[b, j]
+            for s in range(steps):
+                for b in range(batch):
+                    for n in loop(chunks):
+                        for g in T.unroll(4):
+                            for l in T.vectorized(chunk):
+                                acc[n, g, l] = proj[time(s), b, g * padded + n * chunk + l]
+                        for k in range(hidden):
+                            for g in T.unroll(4):
+                                for l in T.vectorized(chunk):
+                                    acc[n, g, l] = acc[n, g, l] + state[s % 2, b, k] * r[n, k, g, l]
+                        for l in T.vectorized(chunk):
+                            c_last[b, n * chunk + l] = (logistic(acc[n, 2, l]) * c_last[b, n * chunk + l]
+                                                        + logistic(acc[n, 0, l]) * fast_tanh(acc[n, 3, l]))
+                            state[(s + 1) % 2, b, n * chunk + l] = (logistic(acc[n, 1, l])
+                                                                    * fast_tanh(c_last[b, n * chunk + l]))
+                            y[time(s), b, n * chunk + l] = state[(s + 1) % 2, b, n * chunk + l]
+            for b, j in T.grid(batch, padded):
+                h_last[b, j] = state[last, b, j]
+
+    return tvmq_lstm

@@ -188,6 +188,41 @@ def test_conv1d_becomes_a_height_1_conv2d_and_other_convs_are_untouched():
     tvm.ir.assert_structural_equal(Conv1dToConv2d()(untouched), untouched)
 
 
+@pytest.mark.parametrize("channels, length, padding", [(1, 30, (1, 2)), (2, 40, (0, 0))])
+def test_a_conv1d_of_whole_strides_over_few_channels_runs_over_the_phases(channels, length, padding):
+    """A conv1d whose kernel is whole strides over few input channels (an STFT) becomes a
+    stride-1 conv over ``channels * stride`` phase channels, computing the same (with a crop
+    where the padded input runs past the last window); a wider input stays a strided conv."""
+    from tvm import relax
+
+    from tvmq.execute import HostModule
+    from tvmq.passes import Conv1dToConv2d, count_ops
+    from tvmq.passes.graph import static_shape
+
+    def build(c):
+        x = relax.Var("x", relax.TensorType((2, c, length), "float32"))
+        w = relax.const(_w(6, c, 8))
+        bb = relax.BlockBuilder()
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                y = bb.emit_output(relax.op.nn.conv1d(x, w, strides=4, padding=padding))
+            bb.emit_func_output(y)
+        return bb.get()
+
+    mod = build(channels)
+    rewritten = Conv1dToConv2d()(mod)
+    conv = [b.value for b in rewritten["main"].body.blocks[0].bindings if getattr(b.value, "op", None) is not None
+            and getattr(b.value.op, "name", "") == "relax.nn.conv2d"]
+    assert len(conv) == 1 and [int(s) for s in conv[0].attrs.strides] == [1, 1]
+    assert static_shape(conv[0].args[1])[1] == channels * 4  # the phases as channels
+    assert count_ops(rewritten)["relax.strided_slice"] == (1 if sum(padding) else 0)
+    x = np.random.default_rng(0).normal(0, 1, (2, channels, length)).astype(np.float32)
+    want = np.asarray(HostModule(mod)(x))
+    np.testing.assert_allclose(np.asarray(HostModule(rewritten)(x)), want, rtol=1e-5, atol=1e-5)
+    wide = Conv1dToConv2d()(build(16))  # 16 channels already fill a vector: the strided conv stays
+    assert count_ops(wide)["relax.permute_dims"] == 0
+
+
 def _csp_model(head_is_output: bool):
     """A CSP block with an SPP pyramid and an FPN-style upsampling: conv + SiLU branches, a
     max-pool of one, a strided conv upsampled by a nearest Resize, Concat, a 1x1 conv (which

@@ -91,26 +91,28 @@ def lstm_recurrence(steps: int, batch: int, hidden: int, reverse: bool = False, 
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, LSTM_ATTR: attr})
         with T.sblock("root"):
             state = T.sblock_alloc_buffer((2, batch, padded), "float32")  # h, double-buffered
-            acc = T.sblock_alloc_buffer((chunks, 4, chunk), "float32")  # one gate tile per chunk
             for b, j in T.grid(batch, padded):
                 state[0, b, j] = h0[b, j]
                 c_last[b, j] = c0[b, j]
             for s in range(steps):
                 for b in range(batch):
                     for n in loop(chunks):
-                        for g in T.unroll(4):
-                            for l in T.vectorized(chunk):
-                                acc[n, g, l] = proj[time(s), b, g * padded + n * chunk + l]
-                        for k in range(hidden):
+                        with T.sblock("gates"):
+                            # the four gates' accumulators: a local tile LLVM keeps in registers
+                            acc = T.sblock_alloc_buffer((4, chunk), "float32", scope="local")
                             for g in T.unroll(4):
                                 for l in T.vectorized(chunk):
-                                    acc[n, g, l] = acc[n, g, l] + state[s % 2, b, k] * r[n, k, g, l]
-                        for l in T.vectorized(chunk):
-                            c_last[b, n * chunk + l] = (logistic(acc[n, 2, l]) * c_last[b, n * chunk + l]
-                                                        + logistic(acc[n, 0, l]) * fast_tanh(acc[n, 3, l]))
-                            state[(s + 1) % 2, b, n * chunk + l] = (logistic(acc[n, 1, l])
-                                                                    * fast_tanh(c_last[b, n * chunk + l]))
-                            y[time(s), b, n * chunk + l] = state[(s + 1) % 2, b, n * chunk + l]
+                                    acc[g, l] = proj[time(s), b, g * padded + n * chunk + l]
+                            for k in range(hidden):
+                                for g in T.unroll(4):
+                                    for l in T.vectorized(chunk):
+                                        acc[g, l] = acc[g, l] + state[s % 2, b, k] * r[n, k, g, l]
+                            for l in T.vectorized(chunk):
+                                c_last[b, n * chunk + l] = (logistic(acc[2, l]) * c_last[b, n * chunk + l]
+                                                            + logistic(acc[0, l]) * fast_tanh(acc[3, l]))
+                                state[(s + 1) % 2, b, n * chunk + l] = (logistic(acc[1, l])
+                                                                        * fast_tanh(c_last[b, n * chunk + l]))
+                                y[time(s), b, n * chunk + l] = state[(s + 1) % 2, b, n * chunk + l]
             for b, j in T.grid(batch, padded):
                 h_last[b, j] = state[last, b, j]
 

@@ -271,3 +271,18 @@ def test_lstm_loop_kernel_unrolls_for_targets_it_was_not_written_for():
     assert count_ops(unrolled)["relax.matmul"] == 2 + 2 * 4  # projections, then one per step and direction
     for want, got in zip(HostModule(mod)(x), HostModule(unrolled)(x)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-6)
+
+
+def test_a_float_build_runs_every_lstm_as_a_loop(monkeypatch):
+    """An LSTM too large for the loop kernel in an int8 build (unrolled, so its recurrent
+    matmuls can be int8) is a loop kernel in an FP32 build, which has no int8 matmul to keep."""
+    import tvmq.recurrent
+    from tvmq.compile import quantized_module
+    from tvmq.targets import get_preset
+
+    monkeypatch.setattr(tvmq.recurrent, "LOOP_MAX_BYTES", 0)  # every LSTM "too large"
+    qm = quantized_module(lstm_model(steps=3, hidden=16), get_preset("x86"), precision="fp32")
+    names = [gv.name_hint for gv, _ in qm.module.functions_items()]
+    assert sum(n.startswith("tvmq_lstm") for n in names) == 2
+    unrolled, _ = load_onnx(lstm_model(steps=3, hidden=16))
+    assert not any(gv.name_hint.startswith("tvmq_lstm") for gv, _ in unrolled.functions_items())

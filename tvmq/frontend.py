@@ -397,7 +397,7 @@ _INT8_CAPABLE = frozenset(
 
 
 def load_onnx(model, shapes: dict[str, list[int | str]] | None = None, sample: dict | None = None,
-              dims: dict[str, tuple[int, int]] | None = None):
+              dims: dict[str, tuple[int, int]] | None = None, lstm_loop_bytes: int | None = None):
     """Import an ONNX model (path or ``ModelProto``) into a float Relax module with static shapes.
 
     Parameters
@@ -410,6 +410,9 @@ def load_onnx(model, shapes: dict[str, list[int | str]] | None = None, sample: d
     dims : dict, optional
         ``{dimension name: (smallest, largest)}`` for the names in ``shapes`` (``--dim``): those
         dimensions stay symbolic through the whole compilation.
+    lstm_loop_bytes : int, optional
+        LSTMs whose recurrent weights take at most this many bytes run as one loop kernel
+        (default :data:`tvmq.recurrent.LOOP_MAX_BYTES`; larger ones are unrolled).
 
     Returns
     -------
@@ -436,7 +439,7 @@ def load_onnx(model, shapes: dict[str, list[int | str]] | None = None, sample: d
         log.info("folded %d constant shape nodes before import", folded)
     from tvmq.recurrent import decompose_lstm
 
-    if decompose_lstm(model):
+    if decompose_lstm(model, lstm_loop_bytes):
         name_nodes(model)
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)

@@ -14,8 +14,10 @@ from tvmq.targets.intrinsics import register as register_intrinsics
 from tvmq.targets.schedules import PackedKernelRule
 from tvmq.tune import extract_tasks, load_database, tune
 
-PRESET = get_preset("x86")
-pytestmark = pytest.mark.skipif(PRESET.dot_product != "vnni", reason="needs an x86 CPU with AVX-512 VNNI")
+# The host's preset where it has AVX-512 VNNI; otherwise AVX2's (pmaddwd micro-kernel), which
+# every x86 host these tests run on executes natively: tuning is tested on either ISA.
+PRESET = get_preset("x86") if get_preset("x86").dot_product == "vnni" else get_preset("x86-avx2")
+needs_vnni = pytest.mark.skipif(PRESET.dot_product != "vnni", reason="the broken kernel is a VNNI intrinsic")
 
 
 def _broken_intrinsic():
@@ -58,6 +60,7 @@ def _trace(func, intrinsics):
     return sch.trace
 
 
+@needs_vnni
 def test_a_wrong_tuned_kernel_is_rejected_and_the_next_best_used(qmodel, tmp_path):
     from tvmq._compat import meta_schedule
 
@@ -142,10 +145,10 @@ def test_tensorized_int8_kernel_allocates_nothing_per_tile(qmodel):
     lowered = lower(qmodel.module, PRESET)
     kernels = primfuncs(lowered, "tvmq_conv2d")
     assert kernels
+    (mnemonic,) = PRESET.micro_kernel.mnemonics  # vpdpbusd (VNNI) or vpmaddwd (AVX2)
     for name, func in kernels.items():
-        assert "vpdpbusd" in func.script()
         asm = kernel_asm(func, PRESET.tvm_target())
-        assert "vpdpbusd" in asm and "TVMBackendAllocWorkspace" not in asm, name
+        assert mnemonic in asm and "TVMBackendAllocWorkspace" not in asm, name
 
 
 def test_a_time_budget_ends_the_search_after_the_batch_in_flight(qmodel, tmp_path):

@@ -279,3 +279,24 @@ def test_a_concat_read_by_int8_layers_alone_moves_int8_values_and_the_same_numbe
     old = HostModule(before)
     for s in samples:
         np.testing.assert_array_equal(np.asarray(c.int8(s["x"])[0]), np.asarray(old(s["x"])[0]))
+
+
+@pytest.mark.parametrize("channels, hw, blocks", [(258, 5, 18), (258, 9, 17), (64, 5, 4), (80, 6, 6)])
+def test_a_float_conv_of_a_prime_block_count_on_short_rows_gets_one_more_block(channels, hw, blocks):
+    """Output channels in a prime number of vector blocks (17 of 16 lanes for 258 filters) on
+    rows shorter than a pixel tile are packed one block wider, so the float conv tile can hold
+    2-4 blocks; the spare channels are cropped (the FP32 build equals ONNX Runtime). Long rows
+    and block counts with a small divisor are packed as they are."""
+    from conftest import conv_model
+
+    from tvmq.execute import HostModule
+    from tvmq.frontend import load_onnx
+    from tvmq.passes.pack_kernels import float_conv_blocks
+    from tvmq.quantize import prepare
+
+    assert float_conv_blocks(channels, 16, hw) == blocks
+    model, _, _ = conv_model(cin=8, cout=channels, hw=hw)
+    x = np.random.default_rng(0).normal(0, 1, (1, 8, hw, hw)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = np.asarray(HostModule(prepare(load_onnx(model)[0]))(x)[0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

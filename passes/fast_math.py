@@ -21,7 +21,7 @@ from tvm import relax
 
 from .graph import call_op, dtype_of, map_functions
 
-__all__ = ["FastMath", "logistic"]
+__all__ = ["FastMath", "logistic", "tanh"]
 
 
 # sigmoid(x) ~ 0.5 + x p(x^2) / q(x^2) on [-18, 18]: the rational approximation ONNX Runtime's
@@ -33,23 +33,47 @@ _LOGISTIC_Q = (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06,
                1.16817656904453e-01, 9.93151921023180e-01)
 
 
+# tanh(x) ~ x p(x^2) / q(x^2) on [-9, 9], x itself below 4e-4: Eigen's rational approximation
+# (what topi.fast_tanh computes); 2.6e-7 from the exact value in float32.
+_TANH_RANGE = 9.0
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
+
+def _const(value):
+    from tvm import tirx
+
+    return tirx.const(value, "float32")
+
+
+def _horner(coefficients, s):
+    """The polynomial with ``coefficients`` (highest power first) at the PrimExpr ``s``."""
+    acc = _const(coefficients[0])
+    for k in coefficients[1:]:
+        acc = acc * s + _const(k)
+    return acc
+
+
 def logistic(v):
     """The logistic function of one float32 PrimExpr as a rational polynomial: 15 vector
     operations with one division, where ``1 / (1 + fast_exp(-x))`` took 21."""
     from tvm import tirx
 
-    def c(value):
-        return tirx.const(value, "float32")
-
-    def horner(coefficients, s):
-        acc = c(coefficients[0])
-        for k in coefficients[1:]:
-            acc = acc * s + c(k)
-        return acc
-
-    v = tirx.max(tirx.min(v, c(_LOGISTIC_RANGE)), c(-_LOGISTIC_RANGE))
+    v = tirx.max(tirx.min(v, _const(_LOGISTIC_RANGE)), _const(-_LOGISTIC_RANGE))
     s = v * v
-    return v * horner(_LOGISTIC_P, s) / horner(_LOGISTIC_Q, s) + c(0.5)
+    return v * _horner(_LOGISTIC_P, s) / _horner(_LOGISTIC_Q, s) + _const(0.5)
+
+
+def tanh(v):
+    """tanh of one float32 PrimExpr as a rational polynomial (``_TANH_P`` / ``_TANH_Q``), for
+    kernels written by hand (an LSTM's cell update); FastMath rewrites Relax's ``tanh`` through
+    ``topi.fast_tanh``, the same approximation."""
+    from tvm.script import tirx as T
+
+    x = T.max(T.min(v, _const(_TANH_RANGE)), _const(-_TANH_RANGE))
+    x2 = x * x
+    return T.Select(T.fabs(v) < _const(0.0004), v, x * _horner(_TANH_P, x2) / _horner(_TANH_Q, x2))
 
 
 def fast_sigmoid(x):

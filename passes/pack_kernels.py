@@ -444,13 +444,13 @@ class _Packer(relax.PyExprMutator):
         if w is None or w.dtype != np.float32 or shape is None:
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
+        width = _out_extent(shape[2] + left + right, w.shape[2], int(a.dilation[1]), int(a.strides[1])) \
+            if isinstance(shape[2], int) else None  # output pixels per row (static)
         granule = self._float_granule(shape[2])
         right += (granule - 1) * int(a.strides[1])
         data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0]) if top or left or bottom or right \
             else self._canonical(data)
         lanes = self.float_lanes
-        width = _out_extent(shape[2] + left + right - (granule - 1) * int(a.strides[1]), w.shape[2],
-                            int(a.dilation[1]), int(a.strides[1])) if isinstance(shape[2], int) else None
         wp = relax.const(pack_float_conv_weight(w, lanes, width), "float32")
         compute = _float_conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes,
                                       granule)

@@ -18,10 +18,18 @@ a real unit's gates (the ``k`` loop covers the real units only).
 
 from __future__ import annotations
 
-__all__ = ["CHUNK", "LSTM_ATTR", "lstm_recurrence", "pack_recurrent_weights", "fast_tanh"]
+__all__ = ["CHUNK", "LSTM_ATTR", "lstm_recurrence", "pack_recurrent_weights", "padded_hidden"]
 
 CHUNK = 16  # hidden units per accumulator tile: 4 gates x 16 float32 lanes
 LSTM_ATTR = "tvmq.lstm"  # the kernel's attribute: {"hidden": H, "reverse": 0|1}
+# A step's chunks run in parallel (one parallel launch per step) where its recurrent weights take
+# more than this: a core's cache share no longer holds them (Silero's 256 KB: serial)
+_PARALLEL_BYTES = 256 << 10
+
+
+def padded_hidden(hidden: int, chunk: int = CHUNK) -> int:
+    """The hidden size the kernel computes: ``hidden`` rounded up to whole chunks."""
+    return -(-hidden // chunk) * chunk
 
 
 def pack_recurrent_weights(r, chunk: int = CHUNK):
@@ -30,34 +38,13 @@ def pack_recurrent_weights(r, chunk: int = CHUNK):
     import numpy as np
 
     hidden = r.shape[1]
-    padded = -(-hidden // chunk) * chunk
+    padded = padded_hidden(hidden, chunk)
     gates = np.zeros((4, padded, hidden), np.float32)
     gates[:, :hidden] = r.reshape(4, hidden, hidden)
     return np.ascontiguousarray(gates.reshape(4, padded // chunk, chunk, hidden).transpose(1, 3, 0, 2))
 
 
-def fast_tanh(v):
-    """tanh on one float32 PrimExpr: Eigen's rational approximation (what ``topi.fast_tanh``
-    computes), odd numerator of degree 13 over an even denominator of degree 6, on [-9, 9]."""
-    from tvm import tirx
-    from tvm.script import tirx as T
-
-    def c(value):
-        return tirx.const(value, "float32")
-
-    x = T.max(T.min(v, c(9.0)), c(-9.0))
-    x2 = x * x
-    p = x2 * c(-2.76076847742355e-16) + c(2.00018790482477e-13)
-    for a in (-8.60467152213735e-11, 5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
-              4.89352455891786e-03):
-        p = x2 * p + c(a)
-    q = x2 * c(1.19825839466702e-06) + c(1.18534705686654e-04)
-    for b in (2.26843463243900e-03, 4.89352518554385e-03):
-        q = x2 * q + c(b)
-    return T.Select(T.fabs(v) < c(0.0004), v, x * p / q)
-
-
-def lstm_recurrence(steps: int, batch: int, hidden: int, reverse: bool = False, parallel: bool = False,
+def lstm_recurrence(steps: int, batch: int, hidden: int, reverse: bool = False, parallel: bool | None = None,
                     chunk: int = CHUNK):
     """A scheduled PrimFunc ``(proj, r_packed, h0, c0) -> (y, h_last, c_last)``.
 
@@ -66,14 +53,17 @@ def lstm_recurrence(steps: int, batch: int, hidden: int, reverse: bool = False, 
     :func:`pack_recurrent_weights`; ``h0``, ``c0``, ``h_last``, ``c_last``: ``[batch, padded]``;
     ``y [steps, batch, padded]``: the hidden state after each step, in time order (``reverse``
     runs the steps from the last). ``parallel``: the chunks of each step in parallel (one
-    parallel launch per step: worth it where a step's weights are large).
+    parallel launch per step: worth it where a step's weights are large; default: where they take
+    more than 256 KB).
     """
     from tvm.script import tirx as T
 
-    from tvmq.passes.fast_math import logistic
+    from tvmq.passes.fast_math import logistic, tanh
 
-    chunks = -(-hidden // chunk)
-    padded = chunks * chunk
+    padded = padded_hidden(hidden, chunk)
+    chunks = padded // chunk
+    if parallel is None:
+        parallel = 4 * hidden * hidden * 4 > _PARALLEL_BYTES  # float32 [4H, H]
     last = steps % 2
     attr = {"hidden": hidden, "reverse": int(bool(reverse))}
 
@@ -109,9 +99,9 @@ def lstm_recurrence(steps: int, batch: int, hidden: int, reverse: bool = False, 
                                         acc[g, l] = acc[g, l] + state[s % 2, b, k] * r[n, k, g, l]
                             for l in T.vectorized(chunk):
                                 c_last[b, n * chunk + l] = (logistic(acc[2, l]) * c_last[b, n * chunk + l]
-                                                            + logistic(acc[0, l]) * fast_tanh(acc[3, l]))
+                                                            + logistic(acc[0, l]) * tanh(acc[3, l]))
                                 state[(s + 1) % 2, b, n * chunk + l] = (logistic(acc[1, l])
-                                                                        * fast_tanh(c_last[b, n * chunk + l]))
+                                                                        * tanh(c_last[b, n * chunk + l]))
                                 y[time(s), b, n * chunk + l] = state[(s + 1) % 2, b, n * chunk + l]
             for b, j in T.grid(batch, padded):
                 h_last[b, j] = state[last, b, j]

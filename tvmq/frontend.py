@@ -378,8 +378,7 @@ def _lstm_recurrence(bb, inputs, attrs):
 
     proj = inputs[0]
     steps, batch, gates = (int(d) for d in expr_type(proj).shape.values)
-    kernel = lstm_recurrence(steps, batch, int(attrs["hidden_size"]), bool(attrs.get("reverse", 0)),
-                             bool(attrs.get("parallel", 0)))
+    kernel = lstm_recurrence(steps, batch, int(attrs["hidden_size"]), bool(attrs.get("reverse", 0)))
     gv = bb.add_func(kernel, "tvmq_lstm")
     padded = gates // 4
     return relax.call_tir(gv, list(inputs), [TensorType((steps, batch, padded), "float32"),

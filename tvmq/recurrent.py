@@ -175,14 +175,13 @@ def _lstm(model, node, consts, shapes, loop_max_bytes: int):
     B = consts[s.b].astype(np.float32) if s.b else np.zeros((s.dirs, 8 * hidden), np.float32)
     e = _Emitter(model, node.name or node.output[0])
     seq = s.x if s.layout == 0 else e.op("Transpose", [s.x], "x_tbi", perm=[1, 0, 2])
-    loop = R[0].nbytes <= loop_max_bytes
+    recurrence = _lstm_loop if R[0].nbytes <= loop_max_bytes else _lstm_unrolled
     ys, last_h, last_c = [], [], []
     for d in range(s.dirs):
         name = ("fw", "bw")[d] if s.dirs == 2 else ("bw" if s.direction == "reverse" else "fw")
         bias = B[d, :4 * hidden] + B[d, 4 * hidden:]
         h, c = _initial_state(e, s, d, name, s.init_h, "h"), _initial_state(e, s, d, name, s.init_c, "c")
-        step = _lstm_loop if loop else _lstm_unrolled
-        y, h, c = step(e, s, name, seq, W[d], R[d], bias, h, c)
+        y, h, c = recurrence(e, s, name, seq, W[d], R[d], bias, h, c)
         ys.append(y)  # [T, B, H]
         last_h.append(h)  # [1, B, H]
         last_c.append(c)
@@ -216,16 +215,18 @@ def _lstm_loop(e: _Emitter, s: _LstmSpec, name: str, seq: str, w, r, bias, h: st
     (zero weights and bias) and sliced off after."""
     from onnx import helper
 
-    from tvmq.targets.recurrence import CHUNK, pack_recurrent_weights
+    from tvmq.targets.recurrence import pack_recurrent_weights, padded_hidden
 
     hidden = s.hidden
-    padded = -(-hidden // CHUNK) * CHUNK
-    w_t = np.zeros((w.shape[1], 4, padded), np.float32)
-    w_t[:, :, :hidden] = w.T.reshape(-1, 4, hidden)
-    b = np.zeros((4, padded), np.float32)
-    b[:, :hidden] = bias.reshape(4, hidden)
-    proj = e.op("MatMul", [seq, e.const(w_t.reshape(-1, 4 * padded), f"{name}/W_t")], f"{name}/input_proj")
-    proj = e.op("Add", [proj, e.const(b.reshape(-1), f"{name}/bias")], f"{name}/input_bias")
+    padded = padded_hidden(hidden)
+
+    def pad_gates(a):  # [..., 4H] -> [..., 4 * padded]: each gate's block padded with zeros
+        out = np.zeros((*a.shape[:-1], 4, padded), np.float32)
+        out[..., :hidden] = a.reshape(*a.shape[:-1], 4, hidden)
+        return out.reshape(*a.shape[:-1], 4 * padded)
+
+    proj = e.op("MatMul", [seq, e.const(pad_gates(w.T), f"{name}/W_t")], f"{name}/input_proj")
+    proj = e.op("Add", [proj, e.const(pad_gates(bias), f"{name}/bias")], f"{name}/input_bias")
     if padded > hidden:
         zeros = e.const(np.zeros((s.batch, padded - hidden), np.float32), f"{name}/state_pad")
         h = e.op("Concat", [h, zeros], f"{name}/h0_padded", axis=1)
@@ -234,9 +235,7 @@ def _lstm_loop(e: _Emitter, s: _LstmSpec, name: str, seq: str, w, r, bias, h: st
     outs = [f"{p}/y", f"{p}/h", f"{p}/c"]
     e.nodes.append(helper.make_node(
         "LSTMRecurrence", [proj, e.const(pack_recurrent_weights(r), f"{name}/R_packed"), h, c], outs, name=p,
-        domain="ai.tvmq", hidden_size=hidden, reverse=int(name == "bw"),
-        # one parallel launch per step pays where a step's weights outgrow a core's cache share
-        parallel=int(r.nbytes > (256 << 10))))
+        domain="ai.tvmq", hidden_size=hidden, reverse=int(name == "bw")))
     y, h, c = outs
     if padded > hidden:
         start, end = e.const(np.array([0], np.int64), f"{name}/unpad_start"), e.const(np.array([hidden], np.int64), f"{name}/unpad_end")

@@ -61,3 +61,97 @@ def test_sigmoid_is_a_short_rational_polynomial():
     tvm_ffi.structural_walk(func.body, [(k, count) for k in kinds])
     ops = list(unique.values())
     assert len(ops) <= 24 and ops.count("Div") == 1 and "Cast" not in ops, ops
+
+
+def _silu_then_round(k: float, n: int = 4096, extra_use: bool = False):
+    """``main(x) = round(x * sigmoid(x) * k)`` (a requantized SiLU); with ``extra_use`` the
+    product is also an output, so it must stay as it is."""
+    from tvm import relax
+
+    from tvmq._compat import TensorType
+
+    x = relax.Var("x", TensorType((n,), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            s = bb.emit(relax.op.sigmoid(x))
+            m = bb.emit(relax.op.multiply(x, s))
+            t = bb.emit(relax.op.multiply(m, relax.const(np.float32(k))))
+            r = bb.emit_output(relax.op.round(t))
+            outs = [r, bb.emit_output(m)] if extra_use else [r]
+        bb.emit_func_output(relax.Tuple(outs) if extra_use else r)
+    return bb.get()
+
+
+def _exact_silu(x, k):
+    x = x.astype(np.float64)
+    return k * x / (1 + np.exp(-x))
+
+
+@pytest.mark.parametrize("k", [5.0, 24.585728, 216.52])
+def test_a_requantized_silu_is_one_shorter_kernel_within_a_fraction_of_a_step(k):
+    """``round(x * sigmoid(x) * k)``: the scale folds into a degree 3 / 4 rational form whose
+    error is judged in steps of the quantized output; it rounds to another integer than the
+    exact product about as rarely as MLAS's sigmoid does (a value a hair from a .5 boundary)."""
+    mod = _silu_then_round(k)
+    fast = FastMath()(mod)
+    names = [gv.name_hint for gv in fast.get_global_vars()]
+    assert "requantized_silu" in names and "fast_sigmoid" not in names, names
+    assert count_ops(fast).get("relax.sigmoid", 0) == 0 and count_ops(fast).get("relax.multiply", 0) == 0
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 3, 2048), rng.uniform(-300 / k - 1, 300 / k, 2048)]).astype(np.float32)
+    got = HostModule(mod)(x)[0]
+    exact = _exact_silu(x, k)
+    assert np.abs(got - np.round(exact)).max() <= 1  # the pipeline runs FastMath itself
+    assert np.mean(got != np.round(exact)) < 1e-3
+
+
+@pytest.mark.parametrize("k", [5.0, 24.585728, 216.52])
+def test_requantized_silu_error_in_steps(k):
+    from tvm import te
+
+    from tvmq.passes.fast_math import requantized_silu
+    from tvmq.targets import get_preset
+
+    n = 1 << 16
+    x = te.placeholder((n,), "float32", name="x")
+    y = te.compute(x.shape, lambda i: requantized_silu(x[i], k), name="y")
+    f = tvm.compile(te.create_prim_func([x, y]), get_preset("x86").tvm_target())
+    rng = np.random.default_rng(1)
+    xs = np.concatenate([rng.normal(0, 3, n // 2), rng.uniform(-300 / k - 1, 300 / k, n // 2)]).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros(n, np.float32))
+    f(tvm.runtime.tensor(xs), out)
+    exact = _exact_silu(xs, k)
+    small = np.abs(exact) < 300
+    assert np.abs(out.numpy() - exact)[small].max() < 2e-3
+
+
+def test_a_silu_not_rounded_next_or_used_twice_keeps_the_float_sigmoid():
+    for mod in (_silu_then_round(24.0, extra_use=True), _unary(lambda x: relax.op.multiply(x, relax.op.sigmoid(x)))):
+        names = [gv.name_hint for gv in FastMath()(mod).get_global_vars()]
+        assert "fast_sigmoid" in names and "requantized_silu" not in names, names
+
+
+def test_requantized_silu_takes_fewer_operations_than_the_float_sigmoid_and_two_multiplies():
+    import tvm_ffi
+    from tvm import te
+
+    from tvmq._compat import tir
+    from tvmq.passes.fast_math import fast_sigmoid, requantized_silu
+
+    x = te.placeholder((16,), "float32", name="x")
+    s = fast_sigmoid(x)
+    kinds = (tir.Add, tir.Sub, tir.Mul, tir.Div, tir.Min, tir.Max, tir.Cast, tir.FloorDiv)
+
+    def ops(out):
+        unique = {}  # the expression is a tree; a repeated subexpression is computed once
+
+        def count(node):
+            unique[tvm_ffi.structural_hash(node)] = type(node).__name__
+
+        tvm_ffi.structural_walk(te.create_prim_func([x, out]).body, [(kind, count) for kind in kinds])
+        return list(unique.values())
+
+    float_form = ops(te.compute(x.shape, lambda i: x[i] * s[i] * tvm.tirx.const(24.0, "float32")))
+    fused = ops(te.compute(x.shape, lambda i: requantized_silu(x[i], 24.0)))
+    assert fused.count("Div") == 1 and len(fused) + 3 <= len(float_form), (fused, float_form)

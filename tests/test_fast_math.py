@@ -155,3 +155,47 @@ def test_requantized_silu_takes_fewer_operations_than_the_float_sigmoid_and_two_
     float_form = ops(te.compute(x.shape, lambda i: x[i] * s[i] * tvm.tirx.const(24.0, "float32")))
     fused = ops(te.compute(x.shape, lambda i: requantized_silu(x[i], 24.0)))
     assert fused.count("Div") == 1 and len(fused) + 3 <= len(float_form), (fused, float_form)
+
+
+def _quantize_chain(zero_point: float, lo: int, hi: int, dtype: str, n: int = 4096, extra_use: bool = False):
+    """``main(x) = astype(clip(round(x) + zero_point, lo, hi), dtype)``, as FoldQDQ writes a
+    quantize or a float requantize; with ``extra_use`` the rounded value is an output too."""
+    from tvm import relax
+
+    from tvmq._compat import TensorType
+
+    x = relax.Var("x", TensorType((n,), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            r = bb.emit(relax.op.round(x))
+            t = bb.emit(relax.op.add(r, relax.const(np.float32(zero_point)))) if zero_point else r
+            q = bb.emit_output(relax.op.astype(bb.emit(relax.op.clip(t, lo, hi)), dtype))
+            extra = bb.emit_output(relax.op.multiply(r, relax.const(np.float32(2.0)))) if extra_use else None
+        bb.emit_func_output(relax.Tuple([q, extra]) if extra_use else q)
+    return bb.get()
+
+
+@pytest.mark.parametrize("zero_point, lo, hi, dtype", [(60.0, 0, 255, "uint8"), (0.0, 0, 255, "uint8"),
+                                                       (-3.0, -128, 127, "int8"), (0.0, 0, 6, "uint8")])
+def test_quantizing_converts_once_with_the_same_bits_on_x86(zero_point, lo, hi, dtype):
+    """round half to even, + zero point, clip, narrow: one rounding conversion and integer clips
+    on x86, the same bits as the float chain (ties, values far outside the range included, up to
+    the 2**31 steps where the conversion overflows to the low end)."""
+    mod = _quantize_chain(zero_point, lo, hi, dtype)
+    fast = FastMath(integer_conversions=True)(mod)
+    names = [gv.name_hint for gv in fast.get_global_vars()]
+    assert "to_integer" in names and count_ops(fast).get("relax.round", 0) == 0, names
+    assert FastMath()(mod).same_as(mod) or count_ops(FastMath()(mod)).get("relax.round", 0) == 1
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 80, 3000), np.arange(-300, 300) + 0.5, [2.1e9, -2.1e9, -3.4e37, 0.0, -0.0],
+                        rng.uniform(-2, 2, 491)]).astype(np.float32)
+    got = HostModule(mod)(x)[0]  # the pipeline runs FastMath itself (x86 host: with conversions)
+    expected = np.clip(np.round(x.astype(np.float64)) + zero_point, lo, hi).astype(dtype)
+    assert got.dtype == np.dtype(dtype) and np.array_equal(got, expected)
+
+
+def test_a_rounded_value_used_twice_keeps_the_float_chain():
+    fast = FastMath(integer_conversions=True)(_quantize_chain(60.0, 0, 255, "uint8", extra_use=True))
+    assert "to_integer" not in [gv.name_hint for gv in fast.get_global_vars()]
+    assert count_ops(fast)["relax.round"] == 1

@@ -59,7 +59,7 @@ def relax_passes(preset) -> list:
             PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes, k=k, operand_dtype=operand,
                         pairs=pairs, pixel_tile=_pixel_tile(preset)),
             FastSoftmax(preset.vector_lanes),
-            FastMath()]
+            FastMath(integer_conversions=preset.is_host)]  # x86: lrint is one vcvtps2dq
 
 
 # The pixels a kernel over a symbolic width rounds its width up to on 512-bit vector ISAs: the

@@ -216,7 +216,7 @@ def _integer_conversions(func) -> tuple[dict, set]:
 
 
 @relax.expr_functor.mutator
-class _SigmoidRewriter(relax.PyExprMutator):
+class _FastMathRewriter(relax.PyExprMutator):
     def __init__(self, mod, silus=None, conversions=None, inner=()):
         super().__init__(mod)
         self.silus, self.conversions, self.inner = silus or {}, conversions or {}, set(inner)
@@ -267,7 +267,7 @@ class FastMath:
                     found, folded = find(func)
                     table.update(found)
                     inner |= folded
-        rewriter = _SigmoidRewriter(mod, silus, conversions, inner)
+        rewriter = _FastMathRewriter(mod, silus, conversions, inner)
         mod = map_functions(mod, rewriter.visit_expr, builder=rewriter.builder_)
         # TVM 0.27's FastMathTransform reads ``call.op.name`` of every call and fails on a call to
         # another function (a GlobalVar: Specialize's dispatch in main); it runs without those.

@@ -16,10 +16,9 @@ stem conv 0.57 -> 0.47 ms), the whole model 7.18 -> 6.84 ms (VNNI host, 2 thread
 A SiLU whose output is requantized (``round(x * sigmoid(x) * k)``, the epilogue of an int8 conv
 followed by another int8 layer) is one shorter computation, :func:`requantized_silu`: the scale
 folds into the polynomial, and a rational form of degree 3 / 4 replaces MLAS's 4 / 5, as exact
-(1.8e-7) where it matters. An int8 kernel of few
-input channels is mostly its epilogue (YOLOX's 1x1 conv over 24 channels: 25 MACs per output
-element against some 30 vector operations per 8); YOLOX int8 9.35 -> 9.0 ms (VNNI host, 2
-threads, one run).
+(1.8e-7) where it matters. An int8 kernel of few input channels is mostly its epilogue (YOLOX's
+1x1 conv over 24 channels: 25 MACs per output element against some 30 vector operations per
+8); YOLOX int8 9.35 -> 9.0 ms (VNNI host, 2 threads, one run).
 
 On x86 every quantize and float requantize, ``astype(clip(round(x) + zp, lo, hi), uint8)``,
 becomes one conversion that rounds (``vcvtps2dq``) and an integer clip and narrowing, where the
@@ -76,9 +75,10 @@ def _const(value):
     return tirx.const(value, "float32")
 
 
-def _horner(coefficients, s):
-    """The polynomial with ``coefficients`` (highest power first) at the PrimExpr ``s``."""
-    acc = _const(coefficients[0])
+def _horner(coefficients, s, monic: bool = False):
+    """The polynomial with ``coefficients`` (highest power first) at the PrimExpr ``s``; with
+    ``monic``, a leading coefficient 1 before them, left out (one add instead of a multiply-add)."""
+    acc = s + _const(coefficients[0]) if monic else _const(coefficients[0])
     for k in coefficients[1:]:
         acc = acc * s + _const(k)
     return acc
@@ -101,10 +101,7 @@ def requantized_silu(v, k: float):
     from tvm import tirx
     c = tirx.max(tirx.min(v, _const(_SILU_RANGE)), _const(-_SILU_RANGE))
     s = c * c
-    q = s + _const(_SILU_Q[0])
-    for coefficient in _SILU_Q[1:]:
-        q = q * s + _const(coefficient)
-    return (v * c) * _horner([k * p for p in _SILU_P], s) / q + v * _const(0.5 * k)
+    return (v * c) * _horner([k * p for p in _SILU_P], s) / _horner(_SILU_Q, s, monic=True) + v * _const(0.5 * k)
 
 
 def tanh(v):
@@ -149,8 +146,8 @@ def _requantized_silus(func) -> tuple[dict, set]:
     for t, value in graph.values.items():
         if call_op(value) != "relax.multiply" or dtype_of(value) != "float32":
             continue
-        a, b = value.args
-        k, m = (_scalar_constant(b), a) if _scalar_constant(b) is not None else (_scalar_constant(a), b)
+        k, m = next(((k, m) for m, c in (value.args, value.args[::-1]) if (k := _scalar_constant(c)) is not None),
+                    (None, None))
         product = graph.value(m)
         if k is None or call_op(product) != "relax.multiply" or not _same(graph.sole_user(m), t):
             continue
@@ -259,11 +256,10 @@ class FastMath:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         silus, conversions, inner = {}, {}, set()
+        finders = [(silus, _requantized_silus)] + ([(conversions, _integer_conversions)] if self.integer_conversions else [])
         for _, func in relax_functions(mod):
             if isinstance(func.body, relax.SeqExpr):
-                for table, find in ((silus, _requantized_silus), (conversions, _integer_conversions)):
-                    if find is _integer_conversions and not self.integer_conversions:
-                        continue
+                for table, find in finders:
                     found, folded = find(func)
                     table.update(found)
                     inner |= folded

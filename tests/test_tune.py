@@ -116,12 +116,16 @@ def test_the_default_schedule_is_a_measured_candidate_and_the_fastest_record_is_
     (task,) = extract_tasks(qmodel.module, PRESET)
     db = meta_schedule().database.JSONDatabase(str(tmp_path / "database_workload.json"),
                                                str(tmp_path / "database_tuning_record.json"))
-    seconds = {str(r.trace): float(np.mean([float(t) for t in r.run_secs])) for r in db.get_all_tuning_records()}
+    records = [(str(r.trace), [float(t) for t in r.run_secs]) for r in db.get_all_tuning_records()]
     default = str(_default_sch(task.mod["main"], PRESET).trace)
-    assert default in seconds and len(seconds) >= 2  # the default, measured, beside the candidates
-    assert seconds[default] * 1e6 == pytest.approx(report.tasks[0]["untuned_us"], rel=0.5)
+    assert len({trace for trace, _ in records}) >= 2  # the default beside the candidates
+    # The default's record holds the very runs that timed the untuned kernel (no second timing,
+    # which a busy machine would make differ): its median is the report's untuned figure.
+    untuned_us = report.tasks[0]["untuned_us"]
+    assert any(trace == default and np.median(runs) * 1e6 == pytest.approx(untuned_us, rel=1e-6)
+               for trace, runs in records)
     (chosen,) = load_database(tmp_path, qmodel.module, PRESET).get_all_tuning_records()
-    assert float(np.mean([float(t) for t in chosen.run_secs])) == pytest.approx(min(seconds.values()))
+    assert float(np.mean([float(t) for t in chosen.run_secs])) == pytest.approx(min(np.mean(r) for _, r in records))
 
 
 def test_unreadable_database_is_an_error(tmp_path, qmodel):

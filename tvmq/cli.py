@@ -81,7 +81,7 @@ def _add_budget_flags(p):
                                                   "(top1: percentage points)")
     p.add_argument("--min-sqnr", type=float, help="--precision auto: smallest allowed SQNR vs FP32 (dB) of every "
                                                   "output and output part, worst sample (default with no budget flag: "
-                                                  f"{DEFAULT_MIN_SQNR:g} dB, about cosine 0.995)")
+                                                  f"{DEFAULT_MIN_SQNR:g} dB, about cosine 0.99)")
     p.add_argument("--output-slice", action="append", default=[], metavar="NAME:[AXIS:]START:STOP",
                    help="--precision auto: judge this part of an output on its own (axis 1 unless given; e.g. "
                         "output0:4: for a YOLO head's class scores); the inputs of an output's final Concat "

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 # ``--precision auto`` with no budget flag: every output, and every part of one judged apart,
-# keeps at least this SQNR vs FP32 (about cosine 0.995 for a zero-mean output).
-DEFAULT_MIN_SQNR = 20.0
+# keeps at least this SQNR vs FP32: about cosine 0.99 for a zero-mean output, in the worst sample.
+DEFAULT_MIN_SQNR = 17.0
 
 __all__ = [
     "CalibrationMethod",

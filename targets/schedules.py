@@ -323,21 +323,46 @@ class PackedKernelRule(ScheduleRule):
         sch = s_tir.Schedule(func)
         return sch if self.schedule(sch, tunable) else None
 
-    def schedule(self, sch, tunable: bool = False) -> bool:
+    def schedule(self, sch, tunable: bool = False, order: str | None = None) -> bool:
         """Schedule ``sch`` in place; False when the kernel is not a packed one (or TVM refuses).
 
         With ``tunable``, the tile sizes are sampled (``sample_perfect_tile``) so MetaSchedule
-        can search and mutate them; otherwise they are fixed by the register budget.
+        can search and mutate them; otherwise they are fixed by the register budget. ``order``
+        (one of :meth:`orders`) overrides the loop order the kernel's shape would get.
         """
+        found = self._main(sch)
+        if found is None:
+            return False
+        try:
+            return self._schedule(sch, *found, tunable=tunable, order=order)
+        except Exception:  # pylint: disable=broad-except
+            return False
+
+    @staticmethod
+    def _main(sch):
+        """``(main block, is_conv, dot)`` of a packed kernel, or None."""
         for name, is_conv, dot in ((CONV_BLOCK, True, True), (MATMUL_BLOCK, False, True),
                                    (FMA_CONV_BLOCK, True, False), (FMA_MATMUL_BLOCK, False, False)):
             main = find_block(sch, name)
             if main is not None:
-                try:
-                    return self._schedule(sch, main, is_conv, dot, tunable)
-                except Exception:  # pylint: disable=broad-except
-                    return False
-        return False
+                return main, is_conv, dot
+        return None
+
+    def orders(self, sch) -> list[str | None]:
+        """The loop orders a tuner may try for the packed kernel of ``sch`` (empty: not one):
+        ``"pixels"`` (pixel tiles outermost: each tile reads all its weights), ``"weights"``
+        (channel blocks outermost: each weight block read once, reused by every pixel tile), and
+        for a float conv over a static width ``"chunked"`` (input channels in chunks whose
+        weights stay in L1, see :meth:`float_conv_tile`). The shape-chosen order is one of
+        them; over a symbolic width only that one (``None``)."""
+        found = self._main(sch)
+        if found is None:
+            return []
+        main, is_conv, dot = found
+        loops = sch.get_loops(main)
+        if any(extent_hint(sch, loop) != loop_extent(sch, loop) for loop in loops):
+            return [None]
+        return ["pixels", "weights"] + (["chunked"] if is_conv and not dot else [])
 
     def _tiles(self, sch, x, oo, lanes, tunable, dot=False):
         if tunable:
@@ -429,7 +454,7 @@ class PackedKernelRule(ScheduleRule):
         best = max(range(2, self.x_block + 1), key=lambda m: (useful(m), -m))
         return best if useful(best) >= _PAD_GAIN * xb * ob else 1
 
-    def _schedule(self, sch, main, is_conv, dot, tunable=False):
+    def _schedule(self, sch, main, is_conv, dot, tunable=False, order=None):
         weight = sch.get(main).reads[-1].source  # 0.27: TensorRegion.source is the buffer
         lanes = int(weight.shape[-2] if dot else weight.shape[-1])
         intrin = self.intrinsics.get(lanes) if dot else None
@@ -441,23 +466,29 @@ class PackedKernelRule(ScheduleRule):
         symbolic = loop_extent(sch, x) is None
         x_tiles, o_tiles = self._tiles(sch, x, oo, lanes, tunable, dot)
         chunked = None
-        if is_conv and not dot and not symbolic and not tunable and (
+        if order == "chunked":
+            chunked = "sampled"  # the tiles sampled above, the channel chunk below
+        elif order is None and is_conv and not dot and not symbolic and not tunable and (
                 not _weights_outweigh_activations(sch, main) or _read_bytes(sch, main, -1) <= _FLOAT_CHUNKED_WEIGHTS):
             chunked = self.float_conv_tile(loop_extent(sch, x), loop_extent(sch, oo), lanes,
                                            [loop_extent(sch, loop) for loop in reduce_outer])
-        if chunked:
+        if chunked and chunked != "sampled":
             x_tiles, o_tiles = [None, chunked[0]], [None, chunked[1]]
         xo, xi = sch.split(x, x_tiles)
         ooo, ooi = sch.split(oo, o_tiles)
         per_row = False
+        weights_outer = (order == "weights" if order is not None
+                         else _weights_outweigh_activations(sch, main, dynamic=not is_conv))
         if chunked:
             # the input channels in chunks outside the row's pixel tiles (see _FLOAT_BLOCKS)
             *taps, ic = reduce_outer
-            ico, ici = sch.split(ic, [None, chunked[2]])
+            ic_tiles = (sch.sample_perfect_tile(ic, n=2, max_innermost_factor=64) if chunked == "sampled"
+                        else [None, chunked[2]])
+            ico, ici = sch.split(ic, ic_tiles)
             sch.reorder(*spatial_outer, ooo, ico, xo, *taps, ici, xi, ooi, oi)
             outer = sch.fuse(*spatial_outer, ooo)
             reduce_outer = [ico]
-        elif _weights_outweigh_activations(sch, main, dynamic=not is_conv):
+        elif weights_outer:
             # Channel blocks outermost: each weight block is read from memory once and reused
             # from cache by every pixel tile (a classifier's 1024 x 8210 matmul streamed its 34 MB
             # of weights once per 8 rows). A matmul over a dynamic row count too (PP-OCRv4 rec's
@@ -562,14 +593,23 @@ class DepthwiseRule(ScheduleRule):
 def tunable_schedule(intrinsics: dict[int, str] | None = None, lanes: int = 16, registers: int = 32):
     """A MetaSchedule ``ScheduleFn`` body: tvmq's packed/depthwise schedules with sampled tiles.
 
-    Raises for kernels the rules do not cover (MetaSchedule then records no design space).
+    A packed kernel has one design space per loop order (:meth:`PackedKernelRule.orders`), so
+    the search weighs the orders as well as the tiles within each. Raises for kernels the rules
+    do not cover (MetaSchedule then records no design space).
     """
     packed, depthwise = PackedKernelRule(intrinsics, registers, lanes), DepthwiseRule(lanes)
 
     def schedule(sch):
-        if not (packed.schedule(sch, tunable=True) or depthwise.schedule(sch, tunable=True)):
+        spaces = []
+        for order in packed.orders(sch):
+            space = sch.copy()
+            if packed.schedule(space, tunable=True, order=order):
+                spaces.append(space)
+        if not spaces and depthwise.schedule(sch, tunable=True):
+            spaces.append(sch)
+        if not spaces:
             raise ValueError("not a kernel tvmq tunes")
-        return sch
+        return spaces
 
     return schedule
 

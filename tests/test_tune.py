@@ -128,6 +128,33 @@ def test_the_default_schedule_is_a_measured_candidate_and_the_fastest_record_is_
     assert float(np.mean([float(t) for t in chosen.run_secs])) == pytest.approx(min(np.mean(r) for _, r in records))
 
 
+@pytest.mark.parametrize("precision, orders", [("int8", ["pixels", "weights"]),
+                                               ("fp32", ["pixels", "weights", "chunked"])])
+def test_each_loop_order_is_a_design_space_and_every_sample_computes_the_default(precision, orders):
+    """The tuner searches loop orders as well as tiles: a packed kernel has one design space per
+    order (a float conv also its input-channel chunks), and any tiles sampled in any of them
+    compute what the default schedule does (exactly for int8)."""
+    from tvmq.pipeline import dot_intrinsics
+    from tvmq.targets.schedules import tunable_schedule
+    from tvmq.tune import _default_schedule, verify_schedule
+
+    model, _, _ = conv_model(cin=16, cout=64, k=3, relu=True, hw=12)
+    qm = quantized_module(model, PRESET, raw=random_samples((1, 16, 12, 12), n=4), precision=precision)
+    (task,) = extract_tasks(qm.module, PRESET)
+    rule = PackedKernelRule(dot_intrinsics(PRESET), PRESET.vector_registers, PRESET.vector_lanes)
+    assert rule.orders(tvm.s_tir.Schedule(task.mod)) == orders
+    space = tunable_schedule(dot_intrinsics(PRESET), lanes=PRESET.vector_lanes, registers=PRESET.vector_registers)
+    spaces = space(tvm.s_tir.Schedule(task.mod))
+    assert len(spaces) == len(orders) and len({str(s.mod) for s in spaces}) == len(orders)
+    reference = _default_schedule(task.mod["main"], PRESET)
+    rng = np.random.default_rng(0)
+    for design in spaces:
+        for _ in range(2):  # the search's replay: the trace with fresh random decisions
+            sch = tvm.s_tir.Schedule(task.mod, seed=int(rng.integers(1, 1 << 30)))
+            design.trace.apply_to_schedule(sch, remove_postproc=False, decision_provider=lambda inst, ins, atts, dec: None)
+            assert verify_schedule(reference, sch.mod["main"], PRESET.tvm_target()) is None
+
+
 def test_unreadable_database_is_an_error(tmp_path, qmodel):
     from tvmq.errors import TvmqError
 
@@ -195,15 +222,16 @@ def test_candidates_are_built_in_the_tuning_process(qmodel):
 
 
 def _tile_records(task):
-    """Every tiling of ``task``'s tunable schedule (each split of its pixel and channel-block
-    loops), each with a made-up time that falls as its register tile grows: ``(traces, seconds)``."""
+    """Every tiling of ``task``'s tunable schedule in its first loop order (each split of its
+    pixel and channel-block loops), each with a made-up time that falls as its register tile
+    grows: ``(traces, seconds)``."""
     import itertools
 
     from tvmq.pipeline import dot_intrinsics
     from tvmq.targets.schedules import tunable_schedule
 
     space = tunable_schedule(dot_intrinsics(PRESET), lanes=PRESET.vector_lanes, registers=PRESET.vector_registers)
-    trace = space(tvm.s_tir.Schedule(task.mod)).trace
+    trace = space(tvm.s_tir.Schedule(task.mod))[0].trace
     samples = [inst for inst in trace.decisions if inst.kind.name == "SamplePerfectTile"]
     extents = [int(np.prod([int(v) for v in trace.decisions[inst]])) for inst in samples]
     limits = [int(inst.attrs[1]) for inst in samples]  # max_innermost_factor

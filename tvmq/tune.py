@@ -1,9 +1,11 @@
 """Tuning: MetaSchedule search over tvmq's kernel schedules, and verified reuse of the results.
 
-The design space of each kernel is tvmq's own default schedule with its tile sizes sampled
-(:func:`tvmq.targets.schedules.tunable_schedule`): MetaSchedule's evolutionary search, guided
-by its XGBoost cost model, mutates them and measures candidates. So an untuned build is one
-point of the tuned space, and tuning can only pick something measured to be faster.
+The design spaces of each kernel are tvmq's own default schedule in each loop order it may
+take (pixel tiles outermost, weight blocks outermost, a float conv's input channels in chunks)
+with its tile sizes sampled (:func:`tvmq.targets.schedules.tunable_schedule`): MetaSchedule's
+evolutionary search, guided by its XGBoost cost model, samples the spaces, mutates the tiles and
+measures candidates. The untuned build is recorded as one measured candidate, so tuning can only
+pick something measured to be faster.
 
 The search's XGBoost cost model starts from a prior where tvmq ships one for the target's ISA
 (``tvmq/costmodels/<isa>.tar.gz``, :func:`train_cost_model` on the records of tuned zoo models):

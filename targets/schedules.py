@@ -359,8 +359,7 @@ class PackedKernelRule(ScheduleRule):
         if found is None:
             return []
         main, is_conv, dot = found
-        loops = sch.get_loops(main)
-        if any(extent_hint(sch, loop) != loop_extent(sch, loop) for loop in loops):
+        if any(loop_extent(sch, loop) is None for loop in sch.get_loops(main)):
             return [None]
         return ["pixels", "weights"] + (["chunked"] if is_conv and not dot else [])
 

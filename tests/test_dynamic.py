@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import tvm
 from onnx import helper
 
 from tvmq.compile import compile_model
@@ -632,3 +633,24 @@ def test_precision_auto_judges_samples_of_several_sizes(tmp_path):
     assert all(layer["sqnr_int8"] is not None for layer in report["layers"])
     chosen = report["race"][report["chosen_from"]]
     assert chosen["passes"] and chosen["metric"] >= 25.0
+
+
+def test_a_kernel_over_a_dynamic_width_is_tuned_in_its_one_loop_order():
+    """A tuner searches loop orders only over static extents: over a symbolic width the order is
+    the one the rules choose (rows outermost, each row's epilogue in its loop), one design space."""
+    from tvmq.compile import quantized_module
+    from tvmq.pipeline import dot_intrinsics
+    from tvmq.targets import get_preset
+    from tvmq.targets.schedules import PackedKernelRule, tunable_schedule
+    from tvmq.tune import extract_tasks
+
+    preset = get_preset("x86-avx512vnni")
+    qm = quantized_module(_text_line_model(), preset, raw=_calib(), shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
+    rule = PackedKernelRule(dot_intrinsics(preset), preset.vector_registers, preset.vector_lanes)
+    space = tunable_schedule(dot_intrinsics(preset), lanes=preset.vector_lanes, registers=preset.vector_registers)
+    orders = {}
+    for task in extract_tasks(qm.module, preset):
+        orders[task.name] = rule.orders(tvm.s_tir.Schedule(task.mod))
+        if orders[task.name]:
+            assert len(space(tvm.s_tir.Schedule(task.mod))) == 1
+    assert orders and [None] in orders.values() and all(o in ([None], []) for o in orders.values())

@@ -282,10 +282,11 @@ def _tuned(label, ir, preset, workdir: Path, budget: float, evals, untuned) -> t
     """``tvmq tune --time`` on one build: the tuned module and its figures (the search's trials and
     time, the kernels it tuned, the tuned outputs' worst cosine vs the untuned build's)."""
     from tvmq.execute import HostModule
-    from tvmq.tune import load_database, tune
+    from tvmq.tune import TRIALS_WITH_TIME, load_database, tune
 
     t0 = time.perf_counter()
-    report = tune(ir, preset, workdir / f"db_{label}", time_budget=budget, progress=False)
+    # as `tvmq tune --time`: the time ends the search, not the default 32 candidates per kernel
+    report = tune(ir, preset, workdir / f"db_{label}", trials=TRIALS_WITH_TIME, time_budget=budget, progress=False)
     tune_s = time.perf_counter() - t0
     database = load_database(workdir / f"db_{label}", ir, preset)
     module = HostModule(ir, preset, database=database)

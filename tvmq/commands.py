@@ -102,11 +102,11 @@ def cmd_tune(args) -> int:
     from tvmq.compile import quantized_module
     from tvmq.frontend import parse_dim_arg, parse_shape_arg
     from tvmq.targets import get_preset
-    from tvmq.tune import prior_path, parse_duration, require_board_runner, tune
+    from tvmq.tune import TRIALS_WITH_TIME, parse_duration, prior_path, require_board_runner, tune
 
     preset = get_preset(args.target)
     budget = parse_duration(args.time) if args.time else None
-    trials = args.trials or (1000 if budget else 32)
+    trials = args.trials or (TRIALS_WITH_TIME if budget else 32)
     shapes = dict(parse_shape_arg(s) for s in args.shape)
     dims = dict(parse_dim_arg(d) for d in args.dim)
     runner = None

@@ -41,6 +41,8 @@ __all__ = ["Task", "TuneReport", "extract_tasks", "tune", "load_database", "veri
 log = logging.getLogger("tvmq")
 
 REJECTED = "rejected.json"
+# Candidates per kernel when only a time budget is given (``--time``): the time ends the search.
+TRIALS_WITH_TIME = 1000
 COST_MODELS = Path(__file__).resolve().parent / "costmodels"
 _BUILDER_TIMEOUT = 300.0  # a fresh builder process spends 30-60 s importing TVM's intrinsics
 

@@ -464,30 +464,28 @@ class PackedKernelRule(ScheduleRule):
         spatial_outer, x, oo, oi, reduce_outer, inner, pair = _packed_loops(sch, main, is_conv, dot, lanes, two_pixels)
         symbolic = loop_extent(sch, x) is None
         x_tiles, o_tiles = self._tiles(sch, x, oo, lanes, tunable, dot)
-        chunked = None
-        if order == "chunked":
-            chunked = "sampled"  # the tiles sampled above, the channel chunk below
-        elif order is None and is_conv and not dot and not symbolic and not tunable and (
+        # the float conv's (pixels, channel blocks, input channels per chunk) where the shape
+        # chooses chunks; the "chunked" order samples all three instead
+        chunk_tile = None
+        if order is None and is_conv and not dot and not symbolic and not tunable and (
                 not _weights_outweigh_activations(sch, main) or _read_bytes(sch, main, -1) <= _FLOAT_CHUNKED_WEIGHTS):
-            chunked = self.float_conv_tile(loop_extent(sch, x), loop_extent(sch, oo), lanes,
-                                           [loop_extent(sch, loop) for loop in reduce_outer])
-        if chunked and chunked != "sampled":
-            x_tiles, o_tiles = [None, chunked[0]], [None, chunked[1]]
+            chunk_tile = self.float_conv_tile(loop_extent(sch, x), loop_extent(sch, oo), lanes,
+                                              [loop_extent(sch, loop) for loop in reduce_outer])
+        if chunk_tile:
+            x_tiles, o_tiles = [None, chunk_tile[0]], [None, chunk_tile[1]]
         xo, xi = sch.split(x, x_tiles)
         ooo, ooi = sch.split(oo, o_tiles)
         per_row = False
-        weights_outer = (order == "weights" if order is not None
-                         else _weights_outweigh_activations(sch, main, dynamic=not is_conv))
-        if chunked:
+        if chunk_tile or order == "chunked":
             # the input channels in chunks outside the row's pixel tiles (see _FLOAT_BLOCKS)
             *taps, ic = reduce_outer
-            ic_tiles = (sch.sample_perfect_tile(ic, n=2, max_innermost_factor=64) if chunked == "sampled"
-                        else [None, chunked[2]])
+            ic_tiles = [None, chunk_tile[2]] if chunk_tile else sch.sample_perfect_tile(ic, n=2, max_innermost_factor=64)
             ico, ici = sch.split(ic, ic_tiles)
             sch.reorder(*spatial_outer, ooo, ico, xo, *taps, ici, xi, ooi, oi)
             outer = sch.fuse(*spatial_outer, ooo)
             reduce_outer = [ico]
-        elif weights_outer:
+        elif (order == "weights" if order is not None
+              else _weights_outweigh_activations(sch, main, dynamic=not is_conv)):
             # Channel blocks outermost: each weight block is read from memory once and reused
             # from cache by every pixel tile (a classifier's 1024 x 8210 matmul streamed its 34 MB
             # of weights once per 8 rows). A matmul over a dynamic row count too (PP-OCRv4 rec's

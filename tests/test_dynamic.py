@@ -641,13 +641,13 @@ def test_a_kernel_over_a_dynamic_width_is_tuned_in_its_one_loop_order():
     from tvmq.compile import quantized_module
     from tvmq.pipeline import dot_intrinsics
     from tvmq.targets import get_preset
-    from tvmq.targets.schedules import PackedKernelRule, tunable_schedule
-    from tvmq.tune import extract_tasks
+    from tvmq.targets.schedules import PackedKernelRule
+    from tvmq.tune import _design_space, extract_tasks
 
     preset = get_preset("x86-avx512vnni")
     qm = quantized_module(_text_line_model(), preset, raw=_calib(), shapes={"x": [1, C, H, "W"]}, dims={"W": RANGE})
     rule = PackedKernelRule(dot_intrinsics(preset), preset.vector_registers, preset.vector_lanes)
-    space = tunable_schedule(dot_intrinsics(preset), lanes=preset.vector_lanes, registers=preset.vector_registers)
+    space = _design_space(preset)
     orders = {}
     for task in extract_tasks(qm.module, preset):
         orders[task.name] = rule.orders(tvm.s_tir.Schedule(task.mod))

@@ -135,16 +135,14 @@ def test_each_loop_order_is_a_design_space_and_every_sample_computes_the_default
     order (a float conv also its input-channel chunks), and any tiles sampled in any of them
     compute what the default schedule does (exactly for int8)."""
     from tvmq.pipeline import dot_intrinsics
-    from tvmq.targets.schedules import tunable_schedule
-    from tvmq.tune import _default_schedule, verify_schedule
+    from tvmq.tune import _default_schedule, _design_space, verify_schedule
 
     model, _, _ = conv_model(cin=16, cout=64, k=3, relu=True, hw=12)
     qm = quantized_module(model, PRESET, raw=random_samples((1, 16, 12, 12), n=4), precision=precision)
     (task,) = extract_tasks(qm.module, PRESET)
     rule = PackedKernelRule(dot_intrinsics(PRESET), PRESET.vector_registers, PRESET.vector_lanes)
     assert rule.orders(tvm.s_tir.Schedule(task.mod)) == orders
-    space = tunable_schedule(dot_intrinsics(PRESET), lanes=PRESET.vector_lanes, registers=PRESET.vector_registers)
-    spaces = space(tvm.s_tir.Schedule(task.mod))
+    spaces = _design_space(PRESET)(tvm.s_tir.Schedule(task.mod))
     assert len(spaces) == len(orders) and len({str(s.mod) for s in spaces}) == len(orders)
     reference = _default_schedule(task.mod["main"], PRESET)
     rng = np.random.default_rng(0)
@@ -227,11 +225,9 @@ def _tile_records(task):
     grows: ``(traces, seconds)``."""
     import itertools
 
-    from tvmq.pipeline import dot_intrinsics
-    from tvmq.targets.schedules import tunable_schedule
+    from tvmq.tune import _design_space
 
-    space = tunable_schedule(dot_intrinsics(PRESET), lanes=PRESET.vector_lanes, registers=PRESET.vector_registers)
-    trace = space(tvm.s_tir.Schedule(task.mod))[0].trace
+    trace = _design_space(PRESET)(tvm.s_tir.Schedule(task.mod))[0].trace
     samples = [inst for inst in trace.decisions if inst.kind.name == "SamplePerfectTile"]
     extents = [int(np.prod([int(v) for v in trace.decisions[inst]])) for inst in samples]
     limits = [int(inst.attrs[1]) for inst in samples]  # max_innermost_factor

@@ -334,12 +334,18 @@ def _record_defaults(ms, tasks: list[Task], database, preset) -> None:
             ms.arg_info.ArgInfo.from_prim_func(task.mod["main"])))
 
 
-def _tune_contexts(ms, tasks: list[Task], preset, target, seed: int) -> list:
-    """One MetaSchedule tuning context per task, searching tvmq's schedule's tile sizes."""
+def _design_space(preset):
+    """The ``ScheduleFn`` body of ``preset``'s tuned kernels (:func:`tunable_schedule` with its
+    micro-kernel and registers): one design space per loop order of a packed kernel."""
     from tvmq.pipeline import dot_intrinsics
     from tvmq.targets.schedules import tunable_schedule
 
-    space = tunable_schedule(dot_intrinsics(preset), lanes=preset.vector_lanes, registers=preset.vector_registers)
+    return tunable_schedule(dot_intrinsics(preset), lanes=preset.vector_lanes, registers=preset.vector_registers)
+
+
+def _tune_contexts(ms, tasks: list[Task], preset, target, seed: int) -> list:
+    """One MetaSchedule tuning context per task, searching tvmq's schedule's tile sizes."""
+    space = _design_space(preset)
     contexts = []
     for i, task in enumerate(tasks):
         generator = ms.space_generator.ScheduleFn(

@@ -683,6 +683,8 @@ def test_auto_judges_the_parts_of_a_final_concat_and_protects_the_class_scores(t
     assert p["parts"]["all_int8"]["y"] >= 17 and p["parts"]["all_int8"][scores] < 17  # the damage hides
     assert p["assignment"] == {"box_conv": "int8", "cls_conv": "fp32"}
     assert min(p["parts"]["plan"][k] for k in ("y", boxes, scores)) >= 17
+    # the class channels' own 8-bit grid moves no score beyond the budget: no sample is forgiven
+    assert p["input_noise"] == 1.0 and p["held_samples"] == []
     from tvmq.report import precision_markdown
 
     assert "| y[:, 4:7] |" in precision_markdown(p)
@@ -697,9 +699,125 @@ def test_output_slice_flag_errors_are_one_line(tmp_path):
     for extra, message in ((["--precision", "auto", "--output-slice", "nosuch:4:"], "--output-slice 'nosuch:4:'"),
                            (["--output-slice", "y:4:"], "add --precision auto"),
                            (["--precision", "auto", "--metric", "top1", "--max-drop", "1", "--output-slice", "y:4:"],
-                            "judged by sqnr or cosine")):
+                            "judged by sqnr or cosine"),
+                           (["--input-noise", "1"], "add --precision auto"),
+                           (["--precision", "auto", "--input-noise", "-1"], "--input-noise -1.0 is not a finite")):
         out = tmp_path / "o"
         r = _cli("compile", str(path), "-o", str(out), "--calib", str(calib), *extra)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
         assert not out.exists()
+
+
+def test_a_sample_fp32_cannot_hold_is_held_to_its_own_stability():
+    """Metric.slack: a sample whose FP32 output moves to 13 dB under input rounding is held to
+    twice that noise (3 dB below), not to the 17 dB budget; a stable sample is held to 17."""
+    sqnr, margin = M.Metric("sqnr"), 10 * np.log10(M.STABILITY_MARGIN)
+    slack = sqnr.slack([(40.0,), (13.0,)], 17.0)
+    assert slack[0] == (0.0,) and slack[1][0] == pytest.approx(17 - 13 + margin)
+    ref = [np.ones(100), np.ones(100)]
+
+    def at(db):  # an output whose SQNR vs ``ref`` is ``db``
+        return np.ones(100) + np.sqrt(10 ** (-db / 10))
+
+    assert sample_sqnr_of(at(11.0)) == pytest.approx(11.0)
+    assert sqnr([at(20.0), at(11.0)], ref, slack=slack) >= 17  # 11 dB >= 13 - 3
+    assert sqnr([at(20.0), at(9.0)], ref, slack=slack) < 17
+    assert sqnr([at(16.0), at(30.0)], ref, slack=slack) < 17  # the stable sample still binds
+    assert sqnr([at(20.0), at(11.0)], ref) < 17  # without slack: the budget for every sample
+    cosine = M.Metric("cosine")  # a cosine drop of 0.01 allowed; FP32 itself at 0.96: held to 0.92
+    slack = cosine.slack([(1.0,), (0.96,)], 0.01)
+    assert slack[0] == (0.0,) and slack[1][0] == pytest.approx(0.99 - 0.92)
+    with pytest.raises(TvmqError, match="per-sample"):
+        M.Metric("top1").slack([(1.0,)], 0.01)
+
+
+def sample_sqnr_of(out):
+    return M.sample_sqnr(out, np.ones(100))
+
+
+def test_input_rounding_moves_each_image_channel_within_its_own_grid():
+    """The noise FP32's stability is measured under: each channel of a 4-D float input within half
+    a step of an 8-bit grid over that channel's range; other inputs untouched."""
+    rng = np.random.default_rng(0)
+    samples = [{"img": (rng.uniform(0, 1, (1, 3, 4, 4)) * np.array([1, 100, 0]).reshape(1, 3, 1, 1)).astype(np.float32),
+                "audio": rng.normal(0, 1, (1, 64)).astype(np.float32), "ids": np.arange(5)} for _ in range(3)]
+    seen = S.input_rounding_outputs(lambda *xs: xs, samples, ["img", "audio", "ids"], draws=2)
+    assert len(seen) == 2 and len(seen[0]) == 3
+    for draw in seen:
+        for s, (img, audio, ids) in zip(samples, draw):
+            moved = np.abs(img - s["img"]).max(axis=(0, 2, 3))
+            width = [np.ptp([t["img"][:, c] for t in samples]) for c in range(3)]
+            assert 0 < moved[0] <= width[0] / 510 * 1.0001 and moved[1] <= width[1] / 510 * 1.0001
+            assert moved[1] > 10 * moved[0] and moved[2] == 0  # each channel its own step
+            assert audio is s["audio"] and ids is s["ids"]
+    again = S.input_rounding_outputs(lambda *xs: xs, samples, ["img", "audio", "ids"], draws=2)
+    assert np.array_equal(again[1][2][0], seen[1][2][0])  # seeded
+
+
+def knife_edge(tmp_path):
+    """x [1,3,8,8] -> conv -> relu -> mean -> matmul (2 logits) -> x3000 -> softmax, and 8
+    samples: 7 whose logits differ by > 0.5 (a certain class) and one on the tie between two of
+    them, whose FP32 output swings between the classes when its pixels move by less than one
+    8-bit step: its reading is not determined by the image, and any int8 layer moves it too."""
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    body = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", kernel_shape=[3, 3], pads=[1] * 4),
+            helper.make_node("Relu", ["c"], ["r"], name="relu"),
+            helper.make_node("GlobalAveragePool", ["r"], ["g"], name="pool"),
+            helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+            helper.make_node("MatMul", ["f", "wh"], ["z"], name="head")]
+    inits = [("w", rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32)), ("b", rng.normal(0, 0.1, 8).astype(np.float32)),
+             ("wh", rng.normal(0, 1, (8, 2)).astype(np.float32))]
+    logits = ort.InferenceSession(make_model(body, [("x", [1, 3, 8, 8])], [("z", [1, 2])], inits).SerializeToString(),
+                                  providers=["CPUExecutionProvider"])
+    margin = lambda x: float(np.diff(logits.run(None, {"x": x})[0][0])[0])  # noqa: E731
+    images = []
+    for _ in range(60):  # 8-bit images, each channel around its own brightness
+        x = np.clip(rng.uniform(0, 1, (1, 3, 1, 1)) + rng.normal(0, 0.15, (1, 3, 8, 8)), 0, 1)
+        images.append((np.round(x * 255) / 255).astype(np.float32))
+    margins = np.array([margin(x) for x in images])
+    a, b = images[int(np.argmax(margins))], images[int(np.argmin(margins))]
+    lo, hi = 0.0, 1.0
+    for _ in range(50):  # the tie on the line between the two most certain images
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if margin((a + mid * (b - a)).astype(np.float32)) > 0 else (lo, mid)
+    certain = [x for x, m in zip(images, margins) if m < -0.5][:4] + [x for x, m in zip(images, margins) if m > 0.5][:3]
+    assert len(certain) == 7
+    model = make_model(body + [helper.make_node("Mul", ["z", "t"], ["zt"], name="temperature"),
+                               helper.make_node("Softmax", ["zt"], ["y"], name="softmax", axis=-1)],
+                       [("x", [1, 3, 8, 8])], [("y", [1, 2])], inits + [("t", np.float32(3000))])
+    onnx.save(model, tmp_path / "knife.onnx")
+    return tmp_path / "knife.onnx", [{"x": (a + lo * (b - a)).astype(np.float32)}] + [{"x": x} for x in certain]
+
+
+def test_auto_judges_a_sample_fp32_cannot_hold_against_its_own_stability(tmp_path, steady_timing):
+    """The tie sample: FP32 itself moves to ~0 dB when its pixels move within their 8-bit steps,
+    so no int8 plan can hold it to 17 dB. Held to every sample, the budget keeps every layer
+    float (--input-noise 0); by default that sample is judged against FP32's own stability and
+    listed, and the plan quantizes while the 7 certain samples still meet the budget."""
+    from tvmq.compile import quantized_module
+
+    path, samples = knife_edge(tmp_path)
+    preset, config = get_preset("x86"), QuantConfig(int8_everywhere=True)
+    strict = quantized_module(str(path), preset, raw=samples, precision="auto", auto=AutoPrecision(input_noise=0),
+                              config=config).precision
+    assert strict["held_samples"] == [] and strict["input_noise"] == 0
+    assert set(strict["assignment"].values()) == {"fp32"} and strict["all_int8"] < 17
+
+    qm = quantized_module(str(path), preset, raw=samples, precision="auto", auto=AutoPrecision(), config=config)
+    p = qm.precision
+    [held] = p["held_samples"]
+    assert held["sample"] == 0 and held["part"] == "y" and held["fp32_under_input_rounding"] < 10
+    assert p["all_int8"] >= 17 and p["assignment"] == {"conv": "int8", "head": "int8"}
+    from tvmq.execute import HostModule
+
+    int8, fp32 = HostModule(qm.module), HostModule(qm.float_module)
+    got, ref = [int8(s["x"]) for s in samples], [fp32(s["x"]) for s in samples]
+    assert min(M.sample_sqnr(g, r) for g, r in zip(got[1:], ref[1:])) >= 17  # the certain samples: the budget
+    assert M.sample_sqnr(got[0], ref[0]) < 17  # the tie: moved, as FP32 moves it
+    from tvmq.report import precision_markdown
+
+    assert "FP32 itself cannot hold" in precision_markdown(p) and "| 0 | y |" in precision_markdown(p)

@@ -86,6 +86,11 @@ def _add_budget_flags(p):
                    help="--precision auto: judge this part of an output on its own (axis 1 unless given; e.g. "
                         "output0:4: for a YOLO head's class scores); the inputs of an output's final Concat "
                         "are judged apart anyway")
+    p.add_argument("--input-noise", type=float, metavar="STEPS",
+                   help="--precision auto: a sample whose FP32 output moves beyond the budget when each channel of an "
+                        "image input moves within its 8-bit step (uniform noise STEPS steps wide; default 1) is judged "
+                        "against twice that noise, not the budget, and listed in the report; 0 holds every sample "
+                        "to the budget")
 
 
 def _add_algorithm_flags(p):

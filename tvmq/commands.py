@@ -78,14 +78,14 @@ def _auto_from_args(args):
 
     budget = args.max_drop is not None or args.min_sqnr is not None
     if args.precision != "auto":
-        if budget or args.metric or args.eval_data or args.output_slice:
-            raise TvmqError("--max-drop/--min-sqnr/--metric/--eval-data/--output-slice choose a plan; "
+        if budget or args.metric or args.eval_data or args.output_slice or args.input_noise is not None:
+            raise TvmqError("--max-drop/--min-sqnr/--metric/--eval-data/--output-slice/--input-noise choose a plan; "
                             "add --precision auto")
         return None
     if args.max_drop is not None and args.min_sqnr is not None:
         raise TvmqError("give one budget: --max-drop POINTS (with --metric) or --min-sqnr DB")
     metric = args.metric or ("sqnr" if args.max_drop is None else "top1")
-    for value, flag in ((args.max_drop, "--max-drop"), (args.min_sqnr, "--min-sqnr")):
+    for value, flag in ((args.max_drop, "--max-drop"), (args.min_sqnr, "--min-sqnr"), (args.input_noise, "--input-noise")):
         if value is not None and not (value >= 0 and value == value and value != float("inf")):
             raise TvmqError(f"{flag} {value} is not a finite, non-negative number")
     if args.min_sqnr is not None and metric != "sqnr":
@@ -95,7 +95,8 @@ def _auto_from_args(args):
     if args.output_slice and metric not in ("sqnr", "cosine"):
         raise TvmqError(f"--output-slice parts are judged by sqnr or cosine, not {metric}; use --metric sqnr|cosine")
     return AutoPrecision(metric=metric, max_drop=args.max_drop, min_sqnr=args.min_sqnr, eval_data=args.eval_data,
-                         output_slices=tuple(args.output_slice))
+                         output_slices=tuple(args.output_slice),
+                         input_noise=1.0 if args.input_noise is None else args.input_noise)
 
 
 def cmd_tune(args) -> int:

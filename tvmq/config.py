@@ -224,6 +224,10 @@ class AutoPrecision:
     min_sqnr: float | None = None  # dB
     eval_data: object = None  # folder of samples (+ labels.npy); default: the calibration data
     output_slices: tuple[str, ...] = ()  # NAME:START:STOP parts of outputs judged apart (--output-slice)
+    # Each image input's channels moved within this many steps of their 8-bit grid (uniform noise): a
+    # sample whose FP32 output moves beyond the budget under it is judged against that instead
+    # (--input-noise; 0: every sample held to the budget).
+    input_noise: float = 1.0
 
     def budget(self) -> float:
         """The budget in the metric's units; raises on anything missing, before any work."""

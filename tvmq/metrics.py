@@ -14,6 +14,10 @@ import numpy as np
 
 from tvmq.errors import TvmqError
 
+# An unstable sample (FP32 moves beyond the budget when its input is rounded to 8 bits) is held
+# to this many times the noise power FP32 shows under that rounding (:meth:`Metric.slack`).
+STABILITY_MARGIN = 2.0
+
 __all__ = ["Metric", "OutputSlice", "OutputParts", "parse_output_slice", "concat_slices", "sample_sqnr", "sqnr_db"]
 
 
@@ -40,19 +44,43 @@ class Metric:
     def needs_labels(self) -> bool:
         return self.kind == "top1" or self.kind.startswith("python:")
 
-    def __call__(self, outputs: list, reference: list, labels=None) -> float:
+    def __call__(self, outputs: list, reference: list, labels=None, slack=None) -> float:
+        """The metric of ``outputs`` (worst sample and part for sqnr and cosine). ``slack`` (per
+        sample, per part, in the metric's units; :meth:`slack`) is added to each sample's value
+        first: what the budget forgives a sample that FP32 itself cannot hold to it."""
+        if self.kind in ("sqnr", "cosine"):
+            values = self.per_sample(outputs, reference)
+            if slack is not None:
+                values = [tuple(v + s for v, s in zip(vs, ss)) for vs, ss in zip(values, slack)]
+            return float(min(min(vs) for vs in values))
         if outputs and isinstance(outputs[0], (tuple, list)):
-            if self.kind in ("sqnr", "cosine"):
-                return min(self([o[i] for o in outputs], [r[i] for r in reference])
-                           for i in range(len(outputs[0])))
             outputs, reference = [o[0] for o in outputs], [r[0] for r in reference]
-        if self.kind == "sqnr":
-            return min(sample_sqnr(o, r) for o, r in zip(outputs, reference))
-        if self.kind == "cosine":
-            return min(_sample_cosine(o, r) for o, r in zip(outputs, reference))
         if self.kind == "top1":
             return float(np.mean([np.argmax(o) == y for o, y in zip(outputs, labels)]))
         return float(self.function()(outputs, labels))
+
+    def per_sample(self, outputs: list, reference: list) -> list[tuple[float, ...]]:
+        """sqnr / cosine: each sample's value for each output (part), worst not yet taken."""
+        one = sample_sqnr if self.kind == "sqnr" else _sample_cosine
+        return [tuple(one(a, b) for a, b in zip(o, r)) if isinstance(o, (tuple, list)) else (one(o, r),)
+                for o, r in zip(outputs, reference)]
+
+    def slack(self, stability: list[tuple[float, ...]], budget: float) -> list[tuple[float, ...]]:
+        """What ``budget`` forgives each sample and part whose FP32 output is itself unstable.
+
+        ``stability``: each sample's value (:meth:`per_sample`) of FP32 under its inputs'
+        rounding to their 8-bit grid (:func:`tvmq.sensitivity.input_rounding_stability`). A
+        sample whose FP32 reading moves further than the budget allows under that rounding (a
+        CTC line whose character changes when a pixel moves by less than one step) cannot be
+        held to the budget by any plan that quantizes the input: it is held instead to
+        ``STABILITY_MARGIN`` times the noise power FP32 shows there (3 dB below it; for cosine,
+        twice its distance from 1). Zero for every sample FP32 holds within the budget."""
+        if self.kind == "sqnr":
+            margin = 10 * float(np.log10(STABILITY_MARGIN))
+            return [tuple(max(0.0, budget - (s - margin)) for s in ss) for ss in stability]
+        if self.kind == "cosine":
+            return [tuple(max(0.0, (1 - budget) - (1 - STABILITY_MARGIN * (1 - s))) for s in ss) for ss in stability]
+        raise TvmqError(f"metric {self.kind} judges no sample apart: only sqnr and cosine take a per-sample slack")
 
     def function(self):
         """The user's ``python:module:function`` (loaded, so a typo fails before any work)."""

@@ -30,7 +30,7 @@ __all__ = ["choose_plan"]
 class _Candidate:
     """A plan compiled for this machine: its integer program's metric and, later, its latency."""
 
-    def __init__(self, float_mod, plan, samples, names, metric, labels, ref, parts):
+    def __init__(self, float_mod, plan, samples, names, metric, labels, ref, parts, slack=None):
         from tvmq.execute import HostModule
         from tvmq.quantize import quantize_pipeline
 
@@ -38,7 +38,7 @@ class _Candidate:
         self.module = HostModule(quantize_pipeline(plan)(float_mod))
         self.first = [samples[0][n] for n in names]
         out = [parts(self.module(*[s[n] for n in names])) for s in samples]
-        self.metric = metric(out, ref, labels)
+        self.metric = metric(out, ref, labels, slack)
         # each output and slice apart (what the report shows; the metric above is their worst)
         self.parts = parts.values(metric, out, ref, labels) if metric.kind in ("sqnr", "cosine") else {}
         self.ms = None
@@ -90,7 +90,7 @@ class _Search:
                                  target=self.preset.name, input_names=self.names)
             a = self.analysis
             self._compiled[key] = _Candidate(self.float_mod, plan, self.eval_samples, self.names, a.metric, self.labels,
-                                             a.reference, a.parts)
+                                             a.reference, a.parts, a.slack)
         return self._compiled[key]
 
     def passes(self, assignment: dict) -> bool:
@@ -177,7 +177,7 @@ def choose_plan(float_mod, samples, config, auto, preset, info, *, input_names, 
     full = calibrate(float_mod, samples, config, target=preset.name, input_names=input_names, progress=progress)
     eval_samples, labels = (samples, None) if auto.eval_data is None else load_eval_data(auto.eval_data, list(info.inputs))
     analysis = analyse(float_mod, full, eval_samples, input_names, metric, labels, preset=preset, progress=progress,
-                       parts=parts)
+                       parts=parts, budget=budget, input_noise=auto.input_noise)
     s = _Search(float_mod, samples, eval_samples, labels, config, preset, input_names, full, analysis, budget)
 
     proposals, repaired, summaries = _propose(s)
@@ -208,6 +208,10 @@ def _report(s: _Search, proposals: dict, race: dict, repaired: dict, summaries: 
                            "int8 does not pay), plus the int8/float conversions around float layers"
                            if any(l.estimated for l in analysis.layers) else "measured kernels on this machine"),
         "fp32": analysis.fp32,
+        "input_noise": analysis.input_noise,
+        # samples FP32 itself cannot hold to the budget when its input is rounded to 8 bits: each is
+        # judged against that stability instead (Metric.slack); the part figures below are raw
+        "held_samples": analysis.held_samples(),
         "all_int8": analysis.all_int8,
         "plan": value,
         "assignment": chosen,

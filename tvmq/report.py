@@ -80,6 +80,21 @@ def _summary_rows(p: dict) -> list[tuple[str, ...]]:
            *measured("refined"))] if p.get("refined") else [])
 
 
+def _held_rows(p: dict) -> tuple[str, list[tuple[str, ...]]]:
+    """The samples judged against FP32's own stability: a sentence, and (sample, part, FP32
+    under input rounding, held to) rows; nothing when every sample is held to the budget."""
+    held, m = p.get("held_samples") or [], p["metric"]
+    if not held:
+        return "", []
+    floor = p["budget"] if m == "sqnr" else 1 - p["budget"]
+    text = (f"{len(held)} sample part(s) FP32 itself cannot hold to the budget: their FP32 output moves further when "
+            f"each image channel moves within {p['input_noise']:g} step(s) of its 8-bit grid, so their reading is not "
+            "determined by the image. Each is held to twice the noise FP32 shows there instead (--input-noise 0 "
+            "holds every sample to the budget); the part figures above are raw.")
+    return text, [(str(h["sample"]), h["part"], _fmt(h["fp32_under_input_rounding"], m), _fmt(floor - h["slack"], m))
+                  for h in held]
+
+
 def precision_markdown(p: dict) -> str:
     """The precision section of report.md: the same numbers as report.html."""
     lines = ["", "## Precision plan (--precision auto)", "",
@@ -96,6 +111,10 @@ def precision_markdown(p: dict) -> str:
                   "|---|---|---|"]
         lines += [f"| {label} | {_fmt(value, p['metric'])} | {_fmt(parts['all_int8'].get(label), p['metric'])} |"
                   for label, value in parts["plan"].items()]
+    text, held = _held_rows(p)
+    if held:
+        lines += ["", text, "", "| sample | output part | FP32 under input rounding | held to |", "|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in held]
     lines += ["", "| layer | kind | only this layer int8 | all but this layer int8 | only this layer fp16 | fp32 ms | "
               "int8 ms | fp16 ms | chosen |", "|---|---|---|---|---|---|---|---|---|"]
     m = p["metric"]
@@ -227,6 +246,11 @@ def write_html(out: Path, manifest: dict) -> list[str]:
         f"<td>{esc(_fmt(layer['only_fp16'], m))}</td><td>{layer['fp32_ms']:.4f}</td><td>{layer['int8_ms']:.4f}</td>"
         f"<td>{_ms(layer['fp16_ms'])}</td><td>{layer['chosen']}</td></tr>"
         for layer in p["layers"])
+    text, held = _held_rows(p)
+    held_html = (f"<h2>Samples judged against FP32's stability</h2><p>{esc(text)}</p><table><tr><th>sample</th>"
+                 "<th>output part</th><th>FP32 under input rounding</th><th>held to</th></tr>"
+                 + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in held)
+                 + "</table>") if held else ""
     model = esc(str(manifest["model"].get("file", "model")))
     target = manifest["target"]
     images = "".join(f"<figure><img src='{c}' alt='{c}'></figure>" for c in charts)
@@ -252,6 +276,7 @@ measured on {p['samples']} samples with {p['evaluations']} runs of a compiled si
 <p>Simulated: the switchable simulation the search runs; compiled: the integer program each plan
 compiles to, timed as a whole model on this machine (which also counts the conversions between int8
 and float regions).</p>
+{held_html}
 {images}
 <h2>Layers</h2>
 <table><tr><th>layer</th><th>kind</th><th>only this layer int8</th><th>all but this layer int8</th>

@@ -5,6 +5,9 @@ The measuring half of ``--precision auto`` (:mod:`tvmq.precision` is the choosin
 * Accuracy: one compiled simulation (:func:`tvmq.passes.insert_qdq.insert_switchable_qdq`)
   whose layers are switched between int8 and float by an input mask, run over the evaluation
   data with each layer alone quantized and alone left in float. No recompilation per layer.
+* Stability: FP32 itself run with each image channel moved within its 8-bit step
+  (``--input-noise``); a sample whose output moves beyond the budget there is judged against
+  that, not the budget (:meth:`tvmq.metrics.Metric.slack`).
 * Latency: the int8 and the float build are compiled once; each layer's kernel is timed on this
   machine, or, for targets that do not run here, estimated from its multiply-accumulates and the
   ISA's int8/float rate.
@@ -17,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tvmq.errors import TvmqError
-from tvmq.metrics import Metric, OutputParts, sqnr_db
+from tvmq.metrics import Metric, OutputParts
 
-__all__ = ["LayerInfo", "Analysis", "analyse", "layer_latency", "estimated_ms"]
+__all__ = ["LayerInfo", "Analysis", "analyse", "input_rounding_outputs", "input_rounding_stability", "layer_latency", "estimated_ms"]
 
 
 @dataclass
@@ -73,6 +76,10 @@ class Analysis:
     input_names: list = field(default_factory=list)
     parts: object = None  # OutputParts: the outputs and output slices the metric judges apart
     evaluations: int = 0
+    input_noise: float = 0.0  # input rounding (8-bit steps) the stability was measured under; 0: not measured
+    stability: list = field(default_factory=list, repr=False)  # per sample and part: FP32 under input rounding
+    slack: list | None = field(default=None, repr=False)  # what the budget forgives each (Metric.slack)
+    sqnr_slack: list | None = field(default=None, repr=False)  # the same for the search's SQNR costs
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -95,19 +102,33 @@ class Analysis:
             assignment = {n: "int8" for n in assignment}
         key = tuple(assignment.get(n, "fp32") for n in self.names)
         if key not in self._cache:
-            self._cache[key] = self.metric(self.outputs(assignment), self.reference, self.labels)
+            self._cache[key] = self.metric(self.outputs(assignment), self.reference, self.labels, self.slack)
         return self._cache[key]
+
+    def sqnr(self, outputs) -> float:
+        """The SQNR (dB) of ``outputs`` (the search's noise cost), unstable samples forgiven alike."""
+        return Metric("sqnr")(outputs, self.reference, slack=self.sqnr_slack)
+
+    def held_samples(self) -> list[dict]:
+        """The samples and parts judged against their own FP32 stability instead of the budget."""
+        labels = self.parts.labels if self.parts else [f"output{i}" for i in range(len(self.reference[0]))]
+        return [{"sample": i, "part": labels[j], "fp32_under_input_rounding": stable, "slack": slack}
+                for i, (row, forgiven) in enumerate(zip(self.stability, self.slack or []))
+                for j, (stable, slack) in enumerate(zip(row, forgiven)) if slack > 0]
 
 
 def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, preset="x86",
             measure_latency: bool = True, progress: bool = False, fp16: bool | None = None,
-            parts: OutputParts | None = None) -> Analysis:
+            parts: OutputParts | None = None, budget: float | None = None, input_noise: float = 1.0) -> Analysis:
     """Per-layer sensitivity (and latency) of ``plan``'s int8 layers on ``samples``.
 
     For each layer: the metric (and the output SQNR) with it alone in int8 (and alone in fp16
     where that is a candidate), and with every other layer in int8. ``fp16`` adds fp16 as a
     candidate (default: where the target has fast fp16). ``parts``: what the metric judges apart
-    (default: each output whole).
+    (default: each output whole). With a ``budget`` (sqnr and cosine metrics), each sample's
+    FP32 stability with its image inputs moved within ``input_noise`` 8-bit steps
+    (:func:`input_rounding_outputs`) is measured first, and a sample FP32 cannot hold to the
+    budget is judged against that (0: none is).
     """
     from tvmq.execute import HostModule
     from tvmq.passes.insert_qdq import insert_switchable_qdq
@@ -125,11 +146,20 @@ def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, 
     a = Analysis(metric, 0.0, 0.0, names=names, fp16=fp16, runner=runner, samples=samples, reference=reference,
                  labels=labels, input_names=input_names, parts=parts)
     a.fp32 = metric(reference, reference, labels)
+    if budget is not None and input_noise > 0 and metric.kind in ("sqnr", "cosine"):
+        noisy = input_rounding_outputs(lambda *xs: split(runner(*xs, zeros)), samples, input_names, input_noise)
+        a.input_noise, a.stability = input_noise, input_rounding_stability(metric, noisy, reference)
+        a.slack = metric.slack(a.stability, budget)
+        # the SQNR the cosine budget amounts to (1 - cos = noise / 2 signal for small noise)
+        sqnr_budget = budget if metric.kind == "sqnr" else 10 * np.log10(1 / (2 * max(budget, 1e-12)))
+        sqnr = Metric("sqnr")
+        sqnr_stability = a.stability if metric.kind == "sqnr" else input_rounding_stability(sqnr, noisy, reference)
+        a.sqnr_slack = sqnr.slack(sqnr_stability, sqnr_budget)
     a.all_int8 = a.evaluate(names)
 
     def measure(assignment):
         outs = a.outputs(assignment)
-        return metric(outs, reference, labels), sqnr_db(outs, reference)
+        return metric(outs, reference, labels, a.slack), a.sqnr(outs)
 
     iterator = names
     if progress:
@@ -146,6 +176,40 @@ def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, 
     if measure_latency:
         layer_latency(float_mod, plan, a, preset)
     return a
+
+
+def input_rounding_outputs(run, samples: list, input_names: list[str], steps: float = 1.0, draws: int = 4) -> list:
+    """``run``'s outputs (per draw, per sample) with every image input moved by uniform noise
+    ``steps`` wide in units of an 8-bit grid over each channel's range in the samples: the
+    resolution camera and file images come in (a normalized 8-bit pixel), so an output that
+    changes under it is not determined by the image. Image inputs are the 4-D float ones
+    (channels on axis 1, or 3 when that is the shorter); other inputs (audio, tokens, states)
+    stay as they are: their resolution is not known. Seeded: the same samples draw the same
+    noise."""
+    rng = np.random.default_rng(0)
+    step = {}
+    for k in input_names:
+        values = [np.asarray(s[k]) for s in samples]  # sizes may differ (dynamic shapes); channels do not
+        if values[0].dtype.kind == "f" and values[0].ndim == 4:
+            axis = 1 if values[0].shape[1] <= values[0].shape[3] else 3
+            others = tuple(a for a in range(4) if a != axis)
+            width = np.max([v.max(axis=others) for v in values], 0) - np.min([v.min(axis=others) for v in values], 0)
+            shape = [1, 1, 1, 1]
+            shape[axis] = -1
+            step[k] = (steps * width / 255).reshape(shape).astype(values[0].dtype)
+    out = []
+    for _ in range(draws):
+        moved = [[np.asarray(s[k]) + (rng.uniform(-0.5, 0.5, np.shape(s[k])) * step[k]).astype(step[k].dtype)
+                  if k in step else s[k] for k in input_names] for s in samples]
+        out.append([run(*xs) for xs in moved])
+    return out
+
+
+def input_rounding_stability(metric: Metric, noisy: list, reference: list) -> list[tuple[float, ...]]:
+    """Per sample and part, the worst ``metric`` value over the draws of
+    :func:`input_rounding_outputs` against the FP32 ``reference``."""
+    per_draw = [metric.per_sample(outs, reference) for outs in noisy]
+    return [tuple(min(values) for values in zip(*rows)) for rows in zip(*per_draw)]
 
 
 def layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:

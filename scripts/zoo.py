@@ -298,6 +298,9 @@ def _float_reasons(qm) -> dict:
     if qm.precision:
         out["float: accuracy budget"] = sum(1 for n, p in qm.precision["assignment"].items()
                                             if p == "fp32" and n not in speed | adds)
+        # calibration samples judged against FP32's own stability under input rounding, not the budget
+        out["held samples"] = [(h["sample"], h["part"], round(h["fp32_under_input_rounding"], 1))
+                               for h in qm.precision.get("held_samples", [])]
     return out
 
 

@@ -304,3 +304,53 @@ def test_an_unreadable_prior_is_an_error_unless_it_is_the_shipped_one(qmodel, tm
     monkeypatch.setattr(tvmq.tune, "COST_MODELS", bad.parent)
     report = tune(qmodel.module, PRESET, tmp_path / "b", trials=1, max_tasks=1, progress=False)
     assert report.cost_model == f"none ({bad.name} unreadable here)" and report.trials == 1
+
+
+def test_kernels_outside_the_packed_schedules_are_tuned_in_metaschedules_own_space(tmp_path):
+    """An elementwise swish and a mean over rows (no packed kernel in the model): where they take a
+    share of the model's kernel time they are tuned in MetaSchedule's generic design space, the
+    default schedule recorded beside the candidates; the records are verified before use and the
+    tuned model computes what the untuned one does."""
+    from onnx import helper
+
+    from conftest import make_model
+    from tvmq.tune import GENERIC_MIN_SHARE
+
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="sigmoid"),
+             helper.make_node("Mul", ["x", "s"], ["w"], name="swish"),
+             helper.make_node("ReduceMean", ["w"], ["m"], name="mean", axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["w", "m"], ["y"], name="center")]
+    model = make_model(nodes, [("x", [64, 2048])], [("y", [64, 2048])])
+    mod = quantized_module(model, PRESET, precision="fp32").module
+    assert extract_tasks(mod, PRESET) == []  # nothing of tvmq's packed kernels
+    generic = extract_tasks(mod, PRESET, generic=True)
+    assert generic and all(t.generic for t in generic)
+    report = tune(mod, PRESET, tmp_path, trials=4, progress=False)
+    # both kernels, each with a candidate of its own measured (a small space may hold few)
+    assert len(report.tasks) == 2 and all(t["generic"] for t in report.tasks) and report.trials >= 2
+    assert all(t["share"] >= GENERIC_MIN_SHARE and t["best_us"] > 0 for t in report.tasks)
+    untuned_ms, tuned_ms = report.kernel_ms
+    assert 0 < tuned_ms <= untuned_ms  # the default is a candidate: never slower
+    db = load_database(tmp_path, mod, PRESET)
+    assert len(db.get_all_tuning_records()) == len(report.tasks)
+    x = np.random.default_rng(1).normal(0, 3, (64, 2048)).astype(np.float32)
+    np.testing.assert_allclose(HostModule(mod, database=db)(x)[0], HostModule(mod)(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_kernel_the_model_calls_twice_weighs_twice():
+    """Two convs of one shape share one kernel, which ``main`` calls twice: its share of the
+    model's time (what orders the tasks and sums the model's tuned time) counts both calls."""
+    from onnx import helper
+
+    from conftest import make_model
+
+    rng = np.random.default_rng(0)
+    conv = dict(kernel_shape=[3, 3], pads=[1] * 4)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", **conv),
+             helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], name="conv1", **conv),
+             helper.make_node("Relu", ["c1"], ["y"], name="relu1")]
+    model = make_model(nodes, [("x", [1, 16, 8, 8])], [("y", [1, 16, 8, 8])],
+                       [(f"w{i}", rng.normal(0, 0.3, (16, 16, 3, 3)).astype(np.float32)) for i in range(2)])
+    (task,) = extract_tasks(quantized_module(model, PRESET, precision="fp32").module, PRESET)
+    assert task.weight == 2

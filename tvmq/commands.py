@@ -103,7 +103,7 @@ def cmd_tune(args) -> int:
     from tvmq.compile import quantized_module
     from tvmq.frontend import parse_dim_arg, parse_shape_arg
     from tvmq.targets import get_preset
-    from tvmq.tune import TRIALS_WITH_TIME, parse_duration, prior_path, require_board_runner, tune
+    from tvmq.tune import GENERIC_MIN_SHARE, GENERIC_MIN_US, TRIALS_WITH_TIME, parse_duration, prior_path, require_board_runner, tune
 
     preset = get_preset(args.target)
     budget = parse_duration(args.time) if args.time else None
@@ -130,7 +130,8 @@ def cmd_tune(args) -> int:
             best = f"no valid candidate ({t['error']})"
         untuned = f"  untuned {t['untuned_us']:.1f} us ({100 * t['share']:.0f}% of the kernel time)" \
             if t.get("share") is not None else ""
-        print(f"{t['name'][:60]:<60} x{t['weight']}{untuned}  best {best}")
+        kind = "  (generic space)" if t.get("generic") else ""
+        print(f"{t['name'][:60]:<60} x{t['weight']}{untuned}  best {best}{kind}")
     print(f"tuned {len(report.tasks)} kernels, {report.trials} trials -> {args.db}"
           + (f" (stopped by --time {args.time})" if report.out_of_time else "")
           + f"; cost model prior: {report.cost_model}")
@@ -141,7 +142,9 @@ def cmd_tune(args) -> int:
         kernel = preset.micro_kernel
         print(f"warning: nothing to tune for target {preset.name!r}: tvmq tunes its packed conv2d/matmul kernels "
               f"(int8 with the {kernel.name if kernel else 'preset'}'s micro-kernel, float with vector FMAs) and "
-              "depthwise kernels, and this model compiled to none of them"
+              "depthwise kernels, and other kernels over static shapes that take at least "
+              f"{100 * GENERIC_MIN_SHARE:g}% of the kernel time and {GENERIC_MIN_US:g} us on this machine; this model "
+              "compiled to none of them"
               + ("" if kernel or preset.kind != "llvm" else f"; {preset.name} has no int8 micro-kernel"), file=sys.stderr)
     return 0
 

@@ -4,8 +4,11 @@ The design spaces of each kernel are tvmq's own default schedule in each loop or
 take (pixel tiles outermost, weight blocks outermost, a float conv's input channels in chunks)
 with its tile sizes sampled (:func:`tvmq.targets.schedules.tunable_schedule`): MetaSchedule's
 evolutionary search, guided by its XGBoost cost model, samples the spaces, mutates the tiles and
-measures candidates. The untuned build is recorded as one measured candidate, so tuning can only
-pick something measured to be faster.
+measures candidates. The other kernels (pools, norms, softmax, elementwise epilogues, layout
+changes) are searched in MetaSchedule's own design space for the target (multi-level tiling,
+parallel/vector/unroll choices, inlining), where they take at least ``GENERIC_MIN_SHARE`` of the
+model's kernel time on this machine. The untuned build is recorded as one measured candidate of
+every kernel, so tuning can only pick something measured to be faster.
 
 The search's XGBoost cost model starts from a prior where tvmq ships one for the target's ISA
 (``tvmq/costmodels/<isa>.tar.gz``, :func:`train_cost_model` on the records of tuned zoo models):
@@ -44,6 +47,12 @@ REJECTED = "rejected.json"
 # Candidates per kernel when only a time budget is given (``--time``): the time ends the search.
 TRIALS_WITH_TIME = 1000
 COST_MODELS = Path(__file__).resolve().parent / "costmodels"
+# A kernel outside tvmq's packed/depthwise schedules is tuned (in MetaSchedule's generic design
+# space) when its untuned time (all its calls) is at least this share of the model's kernel time
+# and this many microseconds: smaller ones are not worth a trial (a few-microsecond call is mostly
+# its launch). Only where kernels are timed here (their time decides).
+GENERIC_MIN_SHARE = 0.01
+GENERIC_MIN_US = 5.0
 _BUILDER_TIMEOUT = 300.0  # a fresh builder process spends 30-60 s importing TVM's intrinsics
 
 
@@ -57,6 +66,7 @@ class Task:
     untuned_s: float | None = None  # one call under the default schedule, timed here
     untuned_runs: list[float] = field(default_factory=list)  # its timed repeats (seconds per call)
     default_trace: object = None  # the default schedule's trace (what was timed)
+    generic: bool = False  # not one of tvmq's packed/depthwise kernels: MetaSchedule's own design space
 
 
 @dataclass
@@ -77,26 +87,44 @@ def _normalized(func) -> tvm.IRModule:
     return tvm.IRModule({"main": func.with_attr("tirx.noalias", True)})
 
 
-def extract_tasks(mod: tvm.IRModule, preset) -> list[Task]:
-    """The tunable kernels of ``mod`` (packed conv/matmul and depthwise), deduplicated."""
+def extract_tasks(mod: tvm.IRModule, preset, generic: bool = False) -> list[Task]:
+    """The tunable kernels of ``mod`` (packed conv/matmul and depthwise; with ``generic``, every
+    other kernel over static shapes too, but tvmq's LSTM loop), deduplicated."""
     from tvmq._compat import tir
     from tvmq.pipeline import dot_intrinsics, fuse
+    from tvmq.targets.recurrence import LSTM_ATTR
     from tvmq.targets.schedules import is_tunable
+
+    from collections import Counter
+
+    from tvmq.kernels import call_order
 
     dot_intrinsics(preset)
     fused = fuse(mod, preset)
+    calls = Counter(call_order(fused)) if "main" in [gv.name_hint for gv in fused.get_global_vars()] else Counter()
     tasks: list[Task] = []
     for gv, func in fused.functions_items():
-        if not isinstance(func, tir.PrimFunc) or not is_tunable(func):
+        if not isinstance(func, tir.PrimFunc):
+            continue
+        packed = is_tunable(func)
+        if not packed and not (generic and _static(func) and LSTM_ATTR not in (func.attrs or {})):
             continue
         task_mod = _normalized(func)
+        weight = calls.get(gv.name_hint, 1)  # a kernel main calls 6 times (6 blocks alike) weighs 6
         for task in tasks:
             if tvm_ffi.structural_equal(task.mod, task_mod):
-                task.weight += 1
+                task.weight += weight
                 break
         else:
-            tasks.append(Task(gv.name_hint, task_mod))
+            tasks.append(Task(gv.name_hint, task_mod, weight=weight, generic=not packed))
     return tasks
+
+
+def _static(func) -> bool:
+    """Every buffer of ``func`` has a static shape (MetaSchedule's search needs one)."""
+    from tvmq._compat import tir
+
+    return all(isinstance(d, tir.IntImm) for p in func.params for d in getattr(p, "shape", None) or [])
 
 
 def _cost(task: Task) -> float:
@@ -130,12 +158,19 @@ def _untuned_seconds(task: Task, preset) -> float | None:
 
 def _order(tasks: list[Task], preset) -> list[Task]:
     """Tasks by their share of the model's kernel time (untuned time x occurrences), largest
-    first; by buffer sizes where the kernels cannot be timed here."""
+    first; by buffer sizes where the kernels cannot be timed here. Generic kernels stay only
+    where timed, when they take at least ``GENERIC_MIN_SHARE`` of the time and ``GENERIC_MIN_US``,
+    and their untuned schedule can be recorded (so that a tuned one is used only where measured
+    faster)."""
     for task in tasks:
         task.untuned_s = _untuned_seconds(task, preset)
+    tasks = [t for t in tasks if not t.generic or (t.untuned_s is not None and t.default_trace is not None)]
     if all(t.untuned_s is not None for t in tasks):
+        total = sum(t.untuned_s * t.weight for t in tasks)
+        tasks = [t for t in tasks if not t.generic
+                 or t.untuned_s * t.weight >= max(GENERIC_MIN_SHARE * total, GENERIC_MIN_US * 1e-6)]
         return sorted(tasks, key=lambda t: t.untuned_s * t.weight, reverse=True)
-    return sorted(tasks, key=_cost, reverse=True)
+    return sorted([t for t in tasks if not t.generic], key=_cost, reverse=True)
 
 
 class _Progress:
@@ -294,7 +329,7 @@ def tune(
     db_dir = Path(db_dir)
     db_dir.mkdir(parents=True, exist_ok=True)
     target = preset.tvm_target()
-    tasks = _order(extract_tasks(mod, preset), preset)
+    tasks = _order(extract_tasks(mod, preset, generic=True), preset)
     total_s = sum(t.untuned_s * t.weight for t in tasks) if all(t.untuned_s is not None for t in tasks) else None
     if max_tasks is not None:
         tasks = tasks[:max_tasks]
@@ -313,7 +348,8 @@ def tune(
     report.kernel_ms = None if bar.estimate() is None else tuple(v * 1e3 for v in bar.estimate())
     for i, task in enumerate(tasks):
         best = bar.best.get(i)
-        report.tasks.append({"name": task.name, "weight": task.weight, "best_us": None if best is None else best * 1e6,
+        report.tasks.append({"name": task.name, "weight": task.weight, "generic": task.generic,
+                             "best_us": None if best is None else best * 1e6,
                              "untuned_us": None if task.untuned_s is None else task.untuned_s * 1e6,
                              # the kernel's share of the model's tunable kernel time, untuned
                              "share": None if total_s is None else task.untuned_s * task.weight / total_s,
@@ -344,13 +380,17 @@ def _design_space(preset):
 
 
 def _tune_contexts(ms, tasks: list[Task], preset, target, seed: int) -> list:
-    """One MetaSchedule tuning context per task, searching tvmq's schedule's tile sizes."""
+    """One MetaSchedule tuning context per task: tvmq's schedule with its tiles (and loop order)
+    searched, or for a generic kernel MetaSchedule's own design space for the target."""
     space = _design_space(preset)
     contexts = []
     for i, task in enumerate(tasks):
-        generator = ms.space_generator.ScheduleFn(
-            space, sch_rules=[], postprocs=[], mutator_probs={ms.mutator.MutateTileSize(): 1.0}
-        )
+        if task.generic:
+            generator = ms.space_generator.PostOrderApply()  # the target's own rules, postprocs, mutators
+        else:
+            generator = ms.space_generator.ScheduleFn(
+                space, sch_rules=[], postprocs=[], mutator_probs={ms.mutator.MutateTileSize(): 1.0}
+            )
         contexts.append(
             ms.TuneContext(
                 mod=task.mod,
@@ -654,7 +694,7 @@ def load_database(db_dir: str | Path, mod: tvm.IRModule, preset, *, top_k: int =
     target = preset.tvm_target()
     chosen = ms.database.MemoryDatabase()
     rejected = _read_rejected(db_dir)
-    for task in extract_tasks(mod, preset):
+    for task in extract_tasks(mod, preset, generic=True):
         if not source.has_workload(task.mod):
             continue
         records = source.get_top_k(source.commit_workload(task.mod), top_k)

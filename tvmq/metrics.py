@@ -14,8 +14,8 @@ import numpy as np
 
 from tvmq.errors import TvmqError
 
-# An unstable sample (FP32 moves beyond the budget when its input is rounded to 8 bits) is held
-# to this many times the noise power FP32 shows under that rounding (:meth:`Metric.slack`).
+# An unstable sample (FP32 moves beyond the budget when its image input moves within its 8-bit
+# steps) is held to this many times the noise power FP32 shows there (:meth:`Metric.slack`).
 STABILITY_MARGIN = 2.0
 
 __all__ = ["Metric", "OutputSlice", "OutputParts", "parse_output_slice", "concat_slices", "sample_sqnr", "sqnr_db"]
@@ -68,11 +68,11 @@ class Metric:
     def slack(self, stability: list[tuple[float, ...]], budget: float) -> list[tuple[float, ...]]:
         """What ``budget`` forgives each sample and part whose FP32 output is itself unstable.
 
-        ``stability``: each sample's value (:meth:`per_sample`) of FP32 under its inputs'
-        rounding to their 8-bit grid (:func:`tvmq.sensitivity.input_rounding_stability`). A
-        sample whose FP32 reading moves further than the budget allows under that rounding (a
-        CTC line whose character changes when a pixel moves by less than one step) cannot be
-        held to the budget by any plan that quantizes the input: it is held instead to
+        ``stability``: each sample's value (:meth:`per_sample`) of FP32 with its image inputs
+        moved within their 8-bit steps (:func:`tvmq.sensitivity.input_rounding_stability`). A
+        sample whose FP32 reading moves further than the budget allows there (a CTC line whose
+        character changes when a pixel moves by less than one step) is not determined by its
+        image, and no int8 plan holds it to the budget: it is held instead to
         ``STABILITY_MARGIN`` times the noise power FP32 shows there (3 dB below it; for cosine,
         twice its distance from 1). Zero for every sample FP32 holds within the budget."""
         if self.kind == "sqnr":

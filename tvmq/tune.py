@@ -4,11 +4,11 @@ The design spaces of each kernel are tvmq's own default schedule in each loop or
 take (pixel tiles outermost, weight blocks outermost, a float conv's input channels in chunks)
 with its tile sizes sampled (:func:`tvmq.targets.schedules.tunable_schedule`): MetaSchedule's
 evolutionary search, guided by its XGBoost cost model, samples the spaces, mutates the tiles and
-measures candidates. The other kernels (pools, norms, softmax, elementwise epilogues, layout
-changes) are searched in MetaSchedule's own design space for the target (multi-level tiling,
+measures candidates. The other kernels (pools, norms, elementwise epilogues, layout changes)
+are searched in MetaSchedule's own design space for the target (multi-level tiling,
 parallel/vector/unroll choices, inlining), where they take at least ``GENERIC_MIN_SHARE`` of the
-model's kernel time on this machine. The untuned build is recorded as one measured candidate of
-every kernel, so tuning can only pick something measured to be faster.
+model's kernel time and ``GENERIC_MIN_US`` on this machine. The untuned build is recorded as one
+measured candidate of every kernel, so tuning can only pick something measured to be faster.
 
 The search's XGBoost cost model starts from a prior where tvmq ships one for the target's ISA
 (``tvmq/costmodels/<isa>.tar.gz``, :func:`train_cost_model` on the records of tuned zoo models):
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 import logging
 import os
 import time
@@ -52,6 +53,7 @@ COST_MODELS = Path(__file__).resolve().parent / "costmodels"
 # and this many microseconds: smaller ones are not worth a trial (a few-microsecond call is mostly
 # its launch). Only where kernels are timed here (their time decides).
 GENERIC_MIN_SHARE = 0.01
+GENERIC_MIN_US = 5.0
 # How a kernel is timed (the untuned one and every candidate alike): one call per repeat, its
 # weights (every argument but the first, the input) flushed from the cache first, as they come
 # in the model, where the other layers' weights have evicted them. Timed hot (20 calls in a row),
@@ -59,7 +61,6 @@ GENERIC_MIN_SHARE = 0.01
 # ran slower than untuned (8.90 -> 9.34 ms, 0.95x); timed cold, 10.39 -> 8.90 ms summed and the
 # model 9.21 -> 8.91 ms (1.03x). One run each (AVX-512 VNNI host, 2 threads).
 _TIMING = dict(number=1, repeat=20, min_repeat_ms=0, f_preproc="cache_flush_cpu_non_first_arg")
-GENERIC_MIN_US = 5.0
 _BUILDER_TIMEOUT = 300.0  # a fresh builder process spends 30-60 s importing TVM's intrinsics
 
 
@@ -100,15 +101,12 @@ def extract_tasks(mod: tvm.IRModule, preset, generic: bool = False) -> list[Task
     from tvmq._compat import tir
     from tvmq.pipeline import dot_intrinsics, fuse
     from tvmq.targets.recurrence import LSTM_ATTR
-    from tvmq.targets.schedules import is_tunable
-
-    from collections import Counter
-
     from tvmq.kernels import call_order
+    from tvmq.targets.schedules import is_tunable
 
     dot_intrinsics(preset)
     fused = fuse(mod, preset)
-    calls = Counter(call_order(fused)) if "main" in [gv.name_hint for gv in fused.get_global_vars()] else Counter()
+    calls = Counter(call_order(fused)) if any(gv.name_hint == "main" for gv in fused.get_global_vars()) else Counter()
     tasks: list[Task] = []
     for gv, func in fused.functions_items():
         if not isinstance(func, tir.PrimFunc):

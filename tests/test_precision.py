@@ -720,7 +720,7 @@ def test_a_sample_fp32_cannot_hold_is_held_to_its_own_stability():
     def at(db):  # an output whose SQNR vs ``ref`` is ``db``
         return np.ones(100) + np.sqrt(10 ** (-db / 10))
 
-    assert sample_sqnr_of(at(11.0)) == pytest.approx(11.0)
+    assert M.sample_sqnr(at(11.0), ref[0]) == pytest.approx(11.0)
     assert sqnr([at(20.0), at(11.0)], ref, slack=slack) >= 17  # 11 dB >= 13 - 3
     assert sqnr([at(20.0), at(9.0)], ref, slack=slack) < 17
     assert sqnr([at(16.0), at(30.0)], ref, slack=slack) < 17  # the stable sample still binds
@@ -730,10 +730,6 @@ def test_a_sample_fp32_cannot_hold_is_held_to_its_own_stability():
     assert slack[0] == (0.0,) and slack[1][0] == pytest.approx(0.99 - 0.92)
     with pytest.raises(TvmqError, match="per-sample"):
         M.Metric("top1").slack([(1.0,)], 0.01)
-
-
-def sample_sqnr_of(out):
-    return M.sample_sqnr(out, np.ones(100))
 
 
 def test_input_rounding_moves_each_image_channel_within_its_own_grid():

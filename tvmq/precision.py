@@ -209,8 +209,9 @@ def _report(s: _Search, proposals: dict, race: dict, repaired: dict, summaries: 
                            if any(l.estimated for l in analysis.layers) else "measured kernels on this machine"),
         "fp32": analysis.fp32,
         "input_noise": analysis.input_noise,
-        # samples FP32 itself cannot hold to the budget when its input is rounded to 8 bits: each is
-        # judged against that stability instead (Metric.slack); the part figures below are raw
+        # samples FP32 itself cannot hold to the budget when their image moves within its 8-bit
+        # steps: each is judged against that stability instead (Metric.slack); the part figures
+        # below are raw
         "held_samples": analysis.held_samples(),
         "all_int8": analysis.all_int8,
         "plan": value,

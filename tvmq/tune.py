@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 import logging
 import os
 import time
+from collections import Counter
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +60,8 @@ GENERIC_MIN_US = 5.0
 # PP-OCRv6 rec's FP32 kernels tuned for 10 minutes measured 7.80 -> 6.41 ms summed and the model
 # ran slower than untuned (8.90 -> 9.34 ms, 0.95x); timed cold, 10.39 -> 8.90 ms summed and the
 # model 9.21 -> 8.91 ms (1.03x). One run each (AVX-512 VNNI host, 2 threads).
-_TIMING = dict(number=1, repeat=20, min_repeat_ms=0, f_preproc="cache_flush_cpu_non_first_arg")
+_TIMING = dict(number=1, repeat=20, min_repeat_ms=0)
+_FLUSH = "cache_flush_cpu_non_first_arg"  # what MetaSchedule's enable_cpu_cache_flush runs
 _BUILDER_TIMEOUT = 300.0  # a fresh builder process spends 30-60 s importing TVM's intrinsics
 
 
@@ -100,8 +101,8 @@ def extract_tasks(mod: tvm.IRModule, preset, generic: bool = False) -> list[Task
     other kernel over static shapes too, but tvmq's LSTM loop), deduplicated."""
     from tvmq._compat import tir
     from tvmq.pipeline import dot_intrinsics, fuse
-    from tvmq.targets.recurrence import LSTM_ATTR
     from tvmq.kernels import call_order
+    from tvmq.targets.recurrence import LSTM_ATTR
     from tvmq.targets.schedules import is_tunable
 
     dot_intrinsics(preset)
@@ -154,7 +155,7 @@ def _untuned_seconds(task: Task, preset) -> float | None:
         lib = tvm.compile(tvm.IRModule({"main": func}), preset.tvm_target()).jit()
         args = [tvm.runtime.tensor(a) for a in _random_args(func, np.random.default_rng(0))]
         # as the runner measures candidates (``_search``), so the two compare
-        timer = lib.time_evaluator("main", tvm.cpu(), **_TIMING)
+        timer = lib.time_evaluator("main", tvm.cpu(), **_TIMING, f_preproc=_FLUSH)
         task.untuned_runs = [float(r) for r in timer(*args).results]
         return float(np.median(task.untuned_runs))
     except Exception:  # pylint: disable=broad-except
@@ -434,9 +435,7 @@ def _search(ms, tasks: list[Task], contexts: list, database, bar: _Progress, *, 
     if runner is None:
         runner = ms.runner.LocalRunner(
             timeout_sec=60,
-            evaluator_config=ms.runner.EvaluatorConfig(number=_TIMING["number"], repeat=_TIMING["repeat"],
-                                                       min_repeat_ms=_TIMING["min_repeat_ms"],
-                                                       enable_cpu_cache_flush=bool(_TIMING["f_preproc"])),
+            evaluator_config=ms.runner.EvaluatorConfig(**_TIMING, enable_cpu_cache_flush=True),
         )
     logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     try:

@@ -11,6 +11,15 @@ whole sequence in one call: per step, per chunk of ``chunk`` hidden units, the f
 reads one half and writes the other), so the chunks of a step are independent and may run in
 parallel.
 
+In parallel, each thread takes one contiguous range of chunks every step (the thread count is
+asked of the runtime at each call), forwards on even steps and backwards on odd ones. A range's
+weights about the size of the core's L2 (ddddocr's BiLSTM, hidden 512: 2 MB per thread of 2)
+read in the same order every step miss on every line (the least recently used line is always
+the next one read); backwards, a step starts on the lines the previous one ended with, still in
+L2. That kernel, 31 steps, x86 AVX-512 (2 MB L2 per core), 2 threads: 1.13 -> 0.72 ms; 1 thread
+(4 MB a step): 4.3 -> 2.9 ms. Chunks handed to threads by TVM's own split of a parallel loop
+would not do it: on odd steps each thread would take other chunks than on even ones.
+
 The hidden size is padded to whole chunks (``padded``): the padded units' projected gates are 0
 (their weights and bias are zero), so their cell and hidden states stay 0 and they never enter
 a real unit's gates (the ``k`` loop covers the real units only).
@@ -72,6 +81,12 @@ def lstm_recurrence(steps: int, batch: int, hidden: int, reverse: bool = False, 
 
     loop = T.parallel if parallel else T.serial
 
+    def unit(p, i, s, per):
+        """The chunk thread ``p`` computes ``i``-th in step ``s`` (see the module docstring)."""
+        if not parallel:
+            return i
+        return p * per + T.if_then_else(s % 2 == 1, T.min(per, chunks - p * per) - 1 - i, i)
+
     @T.prim_func(private=True, s_tir=True)
     def tvmq_lstm(proj: T.Buffer((steps, batch, 4 * padded), "float32"),
                   r: T.Buffer((chunks, hidden, 4, chunk), "float32"),
@@ -81,28 +96,34 @@ def lstm_recurrence(steps: int, batch: int, hidden: int, reverse: bool = False, 
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, LSTM_ATTR: attr})
         with T.sblock("root"):
             state = T.sblock_alloc_buffer((2, batch, padded), "float32")  # h, double-buffered
+            # threads: one range of chunks each (the last may be short)
+            threads = T.min(T.max(T.call_packed("runtime.NumThreads"), 1), chunks) if parallel else 1
+            per = (chunks + threads - 1) // threads
             for b, j in T.grid(batch, padded):
                 state[0, b, j] = h0[b, j]
                 c_last[b, j] = c0[b, j]
             for s in range(steps):
                 for b in range(batch):
-                    for n in loop(chunks):
-                        with T.sblock("gates"):
-                            # the four gates' accumulators: a local tile LLVM keeps in registers
-                            acc = T.sblock_alloc_buffer((4, chunk), "float32", scope="local")
-                            for g in T.unroll(4):
-                                for l in T.vectorized(chunk):
-                                    acc[g, l] = proj[time(s), b, g * padded + n * chunk + l]
-                            for k in range(hidden):
-                                for g in T.unroll(4):
+                    for p in loop(threads):
+                        for i in range(per):
+                            if p * per + i < chunks:
+                                with T.sblock("gates"):
+                                    n = T.meta_var(unit(p, i, s, per))
+                                    # the four gates' accumulators: a local tile LLVM keeps in registers
+                                    acc = T.sblock_alloc_buffer((4, chunk), "float32", scope="local")
+                                    for g in T.unroll(4):
+                                        for l in T.vectorized(chunk):
+                                            acc[g, l] = proj[time(s), b, g * padded + n * chunk + l]
+                                    for k in range(hidden):
+                                        for g in T.unroll(4):
+                                            for l in T.vectorized(chunk):
+                                                acc[g, l] = acc[g, l] + state[s % 2, b, k] * r[n, k, g, l]
                                     for l in T.vectorized(chunk):
-                                        acc[g, l] = acc[g, l] + state[s % 2, b, k] * r[n, k, g, l]
-                            for l in T.vectorized(chunk):
-                                c_last[b, n * chunk + l] = (logistic(acc[2, l]) * c_last[b, n * chunk + l]
-                                                            + logistic(acc[0, l]) * tanh(acc[3, l]))
-                                state[(s + 1) % 2, b, n * chunk + l] = (logistic(acc[1, l])
-                                                                        * tanh(c_last[b, n * chunk + l]))
-                                y[time(s), b, n * chunk + l] = state[(s + 1) % 2, b, n * chunk + l]
+                                        c_last[b, n * chunk + l] = (logistic(acc[2, l]) * c_last[b, n * chunk + l]
+                                                                    + logistic(acc[0, l]) * tanh(acc[3, l]))
+                                        state[(s + 1) % 2, b, n * chunk + l] = (logistic(acc[1, l])
+                                                                                * tanh(c_last[b, n * chunk + l]))
+                                        y[time(s), b, n * chunk + l] = state[(s + 1) % 2, b, n * chunk + l]
             for b, j in T.grid(batch, padded):
                 h_last[b, j] = state[last, b, j]
 

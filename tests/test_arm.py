@@ -170,6 +170,34 @@ def test_fp32_arm_bundle_matches_x86_within_1e5(tmp_path, demo_dir):
     np.testing.assert_allclose(np.load(tmp_path / "arm_0.npy"), np.load(tmp_path / "ref_0.npy"), rtol=1e-5, atol=1e-5)
 
 
+@needs_aarch64
+def test_fp32_lstm_loop_kernel_in_threads_under_qemu_equals_x86(tmp_path):
+    """An LSTM whose chunks run in threads (hidden 136: recurrent weights over 256 KB) asks the
+    runtime for its thread count from inside the kernel: the aarch64 bundle, 2 threads under
+    qemu, gives the x86 build's outputs (all three) exactly."""
+    import os
+
+    from test_frontend import lstm_model
+
+    from tvmq.crossrt import build_runner
+
+    model = tmp_path / "lstm.onnx"
+    model.write_bytes(lstm_model(steps=5, hidden=136, initial=True).SerializeToString())
+    for target in ("arm", "x86"):
+        assert main(["compile", str(model), "--precision", "fp32", "--target", target, "-o", str(tmp_path / target)]) == 0
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).normal(0, 1, (5, 1, 8)).astype(np.float32))
+    env = {**os.environ, "TVM_NUM_THREADS": "2"}
+    for target, runner in (("x86", [str(build_runner("g++", "x86_64"))]),
+                           ("arm", ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu", "-cpu", "max",
+                                    str(build_runner("aarch64-linux-gnu-g++", "aarch64"))])):
+        subprocess.run([*runner, str(tmp_path / target / "model.so"), str(tmp_path / "x.npy"),
+                        "-o", str(tmp_path / f"{target}_")], check=True, capture_output=True, env=env, timeout=120)
+    for i in range(3):
+        want = np.load(tmp_path / f"x86_{i}.npy")
+        assert np.abs(want).max() > 0
+        np.testing.assert_array_equal(np.load(tmp_path / f"arm_{i}.npy"), want)
+
+
 @needs_armhf
 def test_arm32_bundle_is_an_armv7_elf(tmp_path, demo_dir, capsys):
     out = tmp_path / "arm32"

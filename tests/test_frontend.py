@@ -256,6 +256,45 @@ def test_unsupported_lstm_variants_are_one_error_line(attrs, inputs, message):
     assert "\n" not in str(err.value)
 
 
+_THREADED_LOOP = """
+import sys, numpy as np, tvm
+from tvmq.kernels import random_argument
+from tvmq.targets import get_preset
+from tvmq.targets.recurrence import lstm_recurrence
+steps, hidden, reverse = int(sys.argv[1]), int(sys.argv[2]), bool(int(sys.argv[3]))
+assert tvm.runtime.num_threads() == 2
+target, rng = get_preset("x86").tvm_target(), np.random.default_rng(0)
+outs = []
+for parallel in (True, False):
+    func = lstm_recurrence(steps, 1, hidden, reverse, parallel=parallel)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).jit()
+    args = [tvm.runtime.tensor(random_argument(np.random.default_rng(0), [int(d) for d in p.shape], "float32"))
+            for p in func.params]
+    lib["main"](*args)
+    outs.append([a.numpy() for a in args[4:]])
+for a, b in zip(*outs):
+    assert np.array_equal(a, b) and np.abs(a).max() > 0, "threads computed other values"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("steps, hidden, reverse", [(4, 136, 0), (3, 136, 1), (5, 40, 0)])
+def test_lstm_loop_kernel_in_threads_computes_what_one_thread_does(steps, hidden, reverse):
+    """In parallel each thread takes one range of chunks, backwards on odd steps (for its L2):
+    with 2 threads (9 chunks: ranges of 5 and 4; 3 chunks: 2 and 1), even and odd step counts,
+    both directions, every output equals the serial kernel's bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 CPUs")
+    env = {**os.environ, "TVM_NUM_THREADS": "2"}
+    run = subprocess.run([sys.executable, "-c", _THREADED_LOOP, str(steps), str(hidden), str(reverse)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
 def test_lstm_loop_kernel_unrolls_for_targets_it_was_not_written_for():
     """UnrollLSTM (a GPU build's first pass) replaces the CPU loop kernel with per-step ops that
     compute the same: checked here on the CPU, against the loop kernel itself."""

@@ -53,7 +53,8 @@ def main(argv=None):
     from tvmq.targets import get_preset
 
     shapes = dict(parse_shape_arg(s) for s in args.shape)
-    mod, info = load_onnx(args.model, shapes=shapes)
+    # as tvmq.compile imports a float build: every LSTM a loop kernel
+    mod, info = load_onnx(args.model, shapes=shapes, lstm_loop_bytes=1 << 62 if args.fp32 else None)
     mod = prepare(mod)
     if not args.fp32:
         rng = np.random.default_rng(0)

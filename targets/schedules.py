@@ -363,15 +363,15 @@ class PackedKernelRule(ScheduleRule):
             return [None]
         return ["pixels", "weights"] + (["chunked"] if is_conv and not dot else [])
 
-    def _tiles(self, sch, x, oo, lanes, tunable, dot=False):
+    def _tiles(self, sch, x, oo, lanes, tunable, dot=False, matmul=False):
         if tunable:
             xs = sch.sample_perfect_tile(x, n=2, max_innermost_factor=16)
             os_ = sch.sample_perfect_tile(oo, n=2, max_innermost_factor=8)
             return xs, os_
-        xb, ob = self.tile(_pixel_extent(sch, x), loop_extent(sch, oo), lanes, dot)
+        xb, ob = self.tile(_pixel_extent(sch, x), loop_extent(sch, oo), lanes, dot, matmul=matmul)
         return [None, xb], [None, ob]
 
-    def tile(self, x: int | None, oo: int | None, lanes: int, dot: bool) -> tuple[int, int]:
+    def tile(self, x: int | None, oo: int | None, lanes: int, dot: bool, matmul: bool = False) -> tuple[int, int]:
         """Output pixels x channel blocks of one register tile (``x``, ``oo``: their extents;
         ``x=None``: the tile for an extent that allows any, what PackKernels pads a symbolic
         width to a multiple of).
@@ -389,6 +389,16 @@ class PackedKernelRule(ScheduleRule):
         without chunks streamed the weights from L2, and a pixel count with no small divisor (13, 7: YOLO and PP-LCNet's
         last stages) fell to one pixel per tile, re-reading every weight per pixel: 5.5 ms
         instead of 1.0 for YOLOX's 13x13 3x3 conv 192 -> 384 (x86 AVX-512 host, 2 threads).
+
+        A float ``matmul`` tile of 8 rows takes two channel blocks where the accumulators allow
+        (AVX-512's 24, not AVX2's 12): one block loads 9 operands (8 broadcast activations, one
+        weight vector) per 8 FMAs, more than the 2 load ports serve per the 2 FMA ports; two take
+        10 per 16. The second block need not divide the blocks (the last tile is predicated).
+        Kernels alone, x86 AVX-512, 2 threads: ddddocr's classifier [32, 1024] x [1024, 8210]
+        2.07 -> 1.88 ms, its LSTM input projection 0.24 -> 0.18, PP-OCRv6 rec's [40, 120] x
+        [120, 18720] head 0.71 -> 0.60, PP-OCRv4 rec's 0.27 -> 0.23 (415 blocks: predicated);
+        their 40-row attention projections within noise. AVX2's 6 x 2 (predicated rows) lost up
+        to 2x there.
         """
         per_acc = max(1, lanes // self.vector_lanes)
         accumulators = max(1, self.registers * 3 // 4 // per_acc)
@@ -397,7 +407,10 @@ class PackedKernelRule(ScheduleRule):
             # blocks, each its own accumulator chain, rather than one chain waiting on itself
             # (while 4+ tiles are left to run in parallel)
             xb = _float_pixels(x, accumulators)
-            return xb, _divisor(oo, max(1, min(min(_FMA_CHAINS, accumulators) // xb, (oo or 1) // 4)))
+            ob = _divisor(oo, max(1, min(min(_FMA_CHAINS, accumulators) // xb, (oo or 1) // 4)))
+            if matmul and ob == 1 and xb >= _FMA_CHAINS and 2 * xb <= accumulators and (oo or 2) >= 2:
+                ob = 2
+            return xb, ob
         x = ANY_EXTENT if x is None else x
         best = (1, 1)
         for ob in range(1, self.o_block + 1):
@@ -463,7 +476,7 @@ class PackedKernelRule(ScheduleRule):
         two_pixels = dot and _intrinsic_pixels(intrin) == 2
         spatial_outer, x, oo, oi, reduce_outer, inner, pair = _packed_loops(sch, main, is_conv, dot, lanes, two_pixels)
         symbolic = loop_extent(sch, x) is None
-        x_tiles, o_tiles = self._tiles(sch, x, oo, lanes, tunable, dot)
+        x_tiles, o_tiles = self._tiles(sch, x, oo, lanes, tunable, dot, matmul=not is_conv)
         # the float conv's (pixels, channel blocks, input channels per chunk) where the shape
         # chooses chunks; the "chunked" order samples all three instead
         chunk_tile = None

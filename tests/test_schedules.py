@@ -227,6 +227,7 @@ def test_float_tiles_of_rows_with_no_small_divisor_are_exact(preset):
                          (conv_model(cin=256, cout=64, k=1, pad=0, hw=11)[0], [1, 256, 11, 11]),  # 1x1, 2 chunks
                          (conv_model(cin=64, cout=64, hw=10)[0], [1, 64, 10, 10]),
                          (matmul_model(k=64, n=32, batch=25)[0], [25, 64]),
+                         (matmul_model(k=64, n=40, batch=32)[0], [32, 64]),  # 8 rows x 2 of 3 channel blocks
                          *((_matmul_of_rows(shape, 64), shape) for shape in _ROW_SHAPES)]:
         x = rng.normal(0, 1, shape).astype(np.float32)
         ref = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -246,6 +247,11 @@ def test_a_float_tile_keeps_its_rows_in_l1_and_covers_ragged_rows():
                     for p in ("x86-avx512", "x86-avx2"))
     assert [avx512.tile(x, 24, 16, dot=False) for x in (13, 7, 56, 52, 1)] == [(13, 1), (7, 1), (8, 1), (13, 1), (1, 6)]
     assert all(avx2.tile(x, 24, 16, dot=False)[0] * 2 <= 12 for x in (13, 7, 56, 52, 208))
+    # a matmul's 8-row tile takes a second block where 16 accumulators fit (not AVX2's 12), also
+    # where the blocks are odd (ddddocr's classifier: 514 blocks; PP-OCRv4 rec's head: 415)
+    assert [avx512.tile(x, oo, 16, dot=False, matmul=True) for x, oo in ((32, 514), (40, 415), (32, 1), (7, 24))] == [
+        (8, 2), (8, 2), (8, 1), (7, 1)]
+    assert avx2.tile(32, 514, 8, dot=False, matmul=True) == (8, 1)
 
 
 @pytest.mark.parametrize("preset", ["x86-avx2", "x86-avx512", "rpi4", "arm32"])

@@ -103,11 +103,12 @@ def cmd_tune(args) -> int:
     from tvmq.compile import quantized_module
     from tvmq.frontend import parse_dim_arg, parse_shape_arg
     from tvmq.targets import get_preset
-    from tvmq.tune import GENERIC_MIN_SHARE, GENERIC_MIN_US, TRIALS_WITH_TIME, parse_duration, prior_path, require_board_runner, tune
+    from tvmq.tune import (GENERIC_MIN_SHARE, GENERIC_MIN_US, TRIALS, TRIALS_WITH_TIME, parse_duration, prior_path,
+                           require_board_runner, tune)
 
     preset = get_preset(args.target)
     budget = parse_duration(args.time) if args.time else None
-    trials = args.trials or (TRIALS_WITH_TIME if budget else 32)
+    trials = args.trials or (TRIALS_WITH_TIME if budget else TRIALS)
     shapes = dict(parse_shape_arg(s) for s in args.shape)
     dims = dict(parse_dim_arg(d) for d in args.dim)
     runner = None

@@ -45,7 +45,9 @@ __all__ = ["Task", "TuneReport", "extract_tasks", "tune", "load_database", "veri
 log = logging.getLogger("tvmq")
 
 REJECTED = "rejected.json"
-# Candidates per kernel when only a time budget is given (``--time``): the time ends the search.
+# Candidates per kernel: by default, and when only a time budget is given (``--time``: the time
+# ends the search).
+TRIALS = 32
 TRIALS_WITH_TIME = 1000
 COST_MODELS = Path(__file__).resolve().parent / "costmodels"
 # A kernel outside tvmq's packed/depthwise schedules is tuned (in MetaSchedule's generic design
@@ -283,7 +285,7 @@ def tune(
     preset,
     db_dir: str | Path,
     *,
-    trials: int = 32,
+    trials: int = TRIALS,
     max_tasks: int | None = None,
     progress: bool = True,
     seed: int = 0,

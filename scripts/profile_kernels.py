@@ -50,11 +50,12 @@ def main(argv=None):
     from tvmq.kernels import call_order
     from tvmq.pipeline import lower
     from tvmq.quantize import calibrate, prepare, quantize_pipeline
+    from tvmq.recurrent import FLOAT_LOOP_MAX_BYTES
     from tvmq.targets import get_preset
 
     shapes = dict(parse_shape_arg(s) for s in args.shape)
-    # as tvmq.compile imports a float build: every LSTM a loop kernel
-    mod, info = load_onnx(args.model, shapes=shapes, lstm_loop_bytes=1 << 62 if args.fp32 else None)
+    # as tvmq.compile imports a float build
+    mod, info = load_onnx(args.model, shapes=shapes, lstm_loop_bytes=FLOAT_LOOP_MAX_BYTES if args.fp32 else None)
     mod = prepare(mod)
     if not args.fp32:
         rng = np.random.default_rng(0)

@@ -25,6 +25,30 @@ def conv_model(cin=4, cout=8, k=3, stride=1, pad=1, groups=1, relu=True, hw=8, s
     return make_model(nodes, [("x", [1, cin, hw, hw])], [(out, [1, cout, ho, ho])], [("w", w), ("b", b)]), w, b
 
 
+def lstm_model(steps=5, batch=1, features=8, hidden=6, direction="bidirectional", layout=0, initial=False, seed=0,
+               **attrs):
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    dirs = 2 if direction == "bidirectional" else 1
+    inits = [("W", rng.normal(0, 0.4, (dirs, 4 * hidden, features))), ("R", rng.normal(0, 0.4, (dirs, 4 * hidden, hidden))),
+             ("B", rng.normal(0, 0.2, (dirs, 8 * hidden)))]
+    names = ["x", "W", "R", "B", "", "", ""]
+    if initial:
+        shape = (dirs, batch, hidden) if layout == 0 else (batch, dirs, hidden)
+        inits += [("h0", rng.normal(0, 0.5, shape)), ("c0", rng.normal(0, 0.5, shape))]
+        names[5:7] = ["h0", "c0"]
+    node = helper.make_node("LSTM", names, ["y", "y_h", "y_c"], name="lstm", hidden_size=hidden, direction=direction,
+                            layout=layout, **attrs)
+    x_shape = [steps, batch, features] if layout == 0 else [batch, steps, features]
+    graph = helper.make_graph([node], "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "y_h", "y_c")],
+                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    return model
+
+
 def matmul_model(k=32, n=16, batch=1, relu=False, seed=0):
     rng = np.random.default_rng(seed)
     w = rng.normal(0, 0.2, (k, n)).astype(np.float32)

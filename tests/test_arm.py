@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import board_runtime_or_skip, kernel_instructions, make_model
+from conftest import board_runtime_or_skip, kernel_instructions, lstm_model, make_model
 from onnx import helper
 
 from tvmq.cli import main
@@ -176,8 +176,6 @@ def test_fp32_lstm_loop_kernel_in_threads_under_qemu_equals_x86(tmp_path):
     runtime for its thread count from inside the kernel: the aarch64 bundle, 2 threads under
     qemu, gives the x86 build's outputs (all three) exactly."""
     import os
-
-    from test_frontend import lstm_model
 
     from tvmq.crossrt import build_runner
 

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import conv_model, make_model
+from conftest import conv_model, lstm_model, make_model
 from tvmq.errors import TvmqError
 from tvmq.frontend import load_onnx, parse_shape_arg, read_onnx
 
@@ -127,30 +127,6 @@ def test_clip_with_constant_bounds_becomes_relax_clip_and_fuses_as_activation():
 # --- LSTM: a loop kernel, or unrolled into plain ops, before import (TVM's importer has none) --
 
 
-def lstm_model(steps=5, batch=1, features=8, hidden=6, direction="bidirectional", layout=0, initial=False, seed=0,
-               **attrs):
-    from onnx import TensorProto, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    dirs = 2 if direction == "bidirectional" else 1
-    inits = [("W", rng.normal(0, 0.4, (dirs, 4 * hidden, features))), ("R", rng.normal(0, 0.4, (dirs, 4 * hidden, hidden))),
-             ("B", rng.normal(0, 0.2, (dirs, 8 * hidden)))]
-    names = ["x", "W", "R", "B", "", "", ""]
-    if initial:
-        shape = (dirs, batch, hidden) if layout == 0 else (batch, dirs, hidden)
-        inits += [("h0", rng.normal(0, 0.5, shape)), ("c0", rng.normal(0, 0.5, shape))]
-        names[5:7] = ["h0", "c0"]
-    node = helper.make_node("LSTM", names, ["y", "y_h", "y_c"], name="lstm", hidden_size=hidden, direction=direction,
-                            layout=layout, **attrs)
-    x_shape = [steps, batch, features] if layout == 0 else [batch, steps, features]
-    graph = helper.make_graph([node], "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "y_h", "y_c")],
-                              [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
-    model.ir_version = 8
-    return model
-
-
 @pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
 @pytest.mark.parametrize("layout, initial", [(0, False), (0, True), (1, True)])
 def test_lstm_decomposition_equals_the_onnx_reference(direction, layout, initial):
@@ -258,20 +234,15 @@ def test_unsupported_lstm_variants_are_one_error_line(attrs, inputs, message):
 
 _THREADED_LOOP = """
 import sys, numpy as np, tvm
-from tvmq.kernels import random_argument
 from tvmq.targets import get_preset
 from tvmq.targets.recurrence import lstm_recurrence
+from tvmq.tune import _random_args, _run
 steps, hidden, reverse = int(sys.argv[1]), int(sys.argv[2]), bool(int(sys.argv[3]))
 assert tvm.runtime.num_threads() == 2
-target, rng = get_preset("x86").tvm_target(), np.random.default_rng(0)
 outs = []
-for parallel in (True, False):
-    func = lstm_recurrence(steps, 1, hidden, reverse, parallel=parallel)
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target).jit()
-    args = [tvm.runtime.tensor(random_argument(np.random.default_rng(0), [int(d) for d in p.shape], "float32"))
-            for p in func.params]
-    lib["main"](*args)
-    outs.append([a.numpy() for a in args[4:]])
+for parallel in (True, False):  # the same inputs to both
+    func = lstm_recurrence(steps, 1, hidden, reverse, parallel=parallel).with_attr("global_symbol", "main")
+    outs.append(_run(func, get_preset("x86").tvm_target(), _random_args(func, np.random.default_rng(0)))[4:])
 for a, b in zip(*outs):
     assert np.array_equal(a, b) and np.abs(a).max() > 0, "threads computed other values"
 print("ok")

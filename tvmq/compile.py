@@ -143,6 +143,7 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
     from tvmq.frontend import load_onnx
     from tvmq.passes import has_qdq
     from tvmq.plan import QuantPlan, read_plan
+    from tvmq.recurrent import FLOAT_LOOP_MAX_BYTES
 
     config = config or QuantConfig()
     precision = Precision.parse(precision)
@@ -151,9 +152,7 @@ def quantized_module(model, preset, raw=None, config=None, shapes=None, precisio
     if precision is Precision.INT8 and plan is not None:
         qplan = plan if isinstance(plan, QuantPlan) else read_plan(plan)
         shapes = {**qplan.input_shapes, **(shapes or {})}  # a plan is made for fixed shapes
-    # A float build has no int8 recurrent matmul to keep unrolled: every LSTM is a loop kernel
-    # (ddddocr's BiLSTM, hidden 512, FP32: 11.67 -> 11.23 ms, x86 AVX-512, 2 threads)
-    loop = 1 << 62 if precision is Precision.FP32 else None
+    loop = FLOAT_LOOP_MAX_BYTES if precision is Precision.FP32 else None
     mod, info = load_onnx(model, shapes, sample=raw.first() if raw is not None else None, dims=dims,
                           lstm_loop_bytes=loop)
     warnings = list(preset.warnings())

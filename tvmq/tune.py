@@ -28,8 +28,8 @@ import json
 import logging
 import os
 import time
-from collections import Counter
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,8 +102,8 @@ def extract_tasks(mod: tvm.IRModule, preset, generic: bool = False) -> list[Task
     """The tunable kernels of ``mod`` (packed conv/matmul and depthwise; with ``generic``, every
     other kernel over static shapes too, but tvmq's LSTM loop), deduplicated."""
     from tvmq._compat import tir
-    from tvmq.pipeline import dot_intrinsics, fuse
     from tvmq.kernels import call_order
+    from tvmq.pipeline import dot_intrinsics, fuse
     from tvmq.targets.recurrence import LSTM_ATTR
     from tvmq.targets.schedules import is_tunable
 

@@ -43,9 +43,11 @@ def qparams_args(qp: QParams):
 
 @relax.expr_functor.mutator
 class _Inserter(relax.PyExprMutator):
-    def __init__(self, mod, func, plan: QuantPlan, mask=None, switches=None, fp16_switch=False):
+    def __init__(self, mod, func, plan: QuantPlan, mask=None, switches=None, fp16_switch=False, widths=None,
+                 tensors=None):
         super().__init__(mod)
         self.mask, self.switches, self.fp16_switch = mask, switches or {}, fp16_switch
+        self.widths, self.tensors = widths, tensors or {}  # sensitivity mode: range factor per quantized tensor
         self.graph = FunctionGraph(func)
         self.anchors = {}
         self.outputs = {}
@@ -132,8 +134,11 @@ class _Inserter(relax.PyExprMutator):
             wq, wqp = quantize_weight(layer.weight, layer.weight_axis)
         return wq, wqp
 
-    def _fake_quant(self, expr, qp: QParams, like=None):
+    def _fake_quant(self, expr, qp: QParams, like=None, width_index=None):
         scale, zp = qparams_args(qp)
+        if width_index is not None:  # the range scaled by widths[width_index] (the zero point stays where it is)
+            factor = relax.op.take(self.widths, relax.const(np.int32(width_index), "int32"), axis=0, mode="clip")
+            scale = self.builder_.emit(relax.op.multiply(scale, factor))
         q = self.builder_.emit(relax.op.quantize(expr, scale, zp, axis=qp.axis, out_dtype=qp.dtype))
         dq = relax.op.dequantize(q, scale, zp, axis=qp.axis)
         return self.builder_.emit(dq) if like is None else self._emit_like(like, dq, "_dq")
@@ -145,7 +150,7 @@ class _Inserter(relax.PyExprMutator):
         root, path = self.graph.root(x)
         root_key = (root, qp.key())
         if root_key not in self.memo:
-            self.memo[root_key] = self._fake_quant(self.visit_expr(root), qp)
+            self.memo[root_key] = self._fake_quant(self.visit_expr(root), qp, width_index=self.tensors.get(root))
         cur = self.memo[root_key]
         for _, call in path:
             visited = self.visit_expr(call)
@@ -278,23 +283,46 @@ def _with_out_dtype(call, args, out_dtype):
 def insert_switchable_qdq(mod: tvm.IRModule, plan: QuantPlan, fp16: bool = False):
     """The fake-quantized module with every int8 layer's Q/DQ behind a switch.
 
-    ``main`` takes one more input, ``tvmq_mask`` (float32, one entry per switchable layer):
+    ``main`` takes two more inputs. ``tvmq_mask`` (float32, one entry per switchable layer):
     layer ``i`` is int8 where ``mask[i]`` is 1 and float where it is 0 (with ``fp16``, 2 runs
     it on fp16-rounded operands), so one compiled module simulates any mix of precisions.
+    ``tvmq_widths`` (float32, one entry per quantized activation tensor, in the order of
+    :func:`quantized_tensors`): the factor each tensor's calibrated range is scaled by (1: as
+    calibrated; below 1 clips it), so one module also simulates any choice of ranges.
     Returns ``(module, layer names)``.
     """
     func = mod["main"]
     names = [name for name, lp in plan.layers.items() if lp.is_int8]
+    tensors = {root: i for i, root in enumerate(quantized_tensors(func, plan))}
     mask = relax.Var("tvmq_mask", TensorType((len(names),), "float32"))
-    inserter = _Inserter(mod, func, plan, mask=mask, switches={n: i for i, n in enumerate(names)}, fp16_switch=fp16)
+    widths = relax.Var("tvmq_widths", TensorType((max(len(tensors), 1),), "float32"))
+    inserter = _Inserter(mod, func, plan, mask=mask, switches={n: i for i, n in enumerate(names)}, fp16_switch=fp16,
+                         widths=widths, tensors=tensors)
     body = inserter.visit_expr(func)
-    new = relax.Function([*func.params, mask], body.body, body.ret_ty, func.is_pure, func.attrs)
+    new = relax.Function([*func.params, mask, widths], body.body, body.ret_ty, func.is_pure, func.attrs)
     new = relax.analysis.remove_all_unused(new)
     if new.attrs and "num_input" in new.attrs:
-        new = new.with_attr("num_input", len(func.params) + 1)
+        new = new.with_attr("num_input", len(func.params) + 2)
     out = mod.clone()
     out["main"] = new
     return relax.transform.Normalize()(out), names
+
+
+def quantized_tensors(func, plan: QuantPlan) -> list:
+    """The activation tensors ``plan``'s int8 layers read, each once, in the order the layers
+    come: the roots their inputs are quantized at (:meth:`FunctionGraph.root`), which is what
+    calibration observes and gives one set of parameters each."""
+    graph = FunctionGraph(func)
+    tensors = []
+    for layer in find_layers(func, graph):
+        lp = plan.get(layer.name)
+        if lp is None or lp.kind != layer.kind or not lp.is_int8:
+            continue
+        for x in layer.inputs:
+            root = graph.root(x)[0]
+            if root not in tensors:
+                tensors.append(root)
+    return tensors
 
 
 def weight_qparams(weight: np.ndarray, axis: int) -> QParams:

@@ -301,6 +301,8 @@ def _float_reasons(qm) -> dict:
         # calibration samples judged against FP32's own stability under input rounding, not the budget
         out["held samples"] = [(h["sample"], h["part"], round(h["fp32_under_input_rounding"], 1))
                                for h in qm.precision.get("held_samples", [])]
+        # activation ranges the search clipped: (first reader, width)
+        out["narrowed ranges"] = [(n["readers"][0], n["width"]) for n in qm.precision.get("narrowed_ranges", [])]
     return out
 
 

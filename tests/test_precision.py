@@ -817,3 +817,92 @@ def test_auto_judges_a_sample_fp32_cannot_hold_against_its_own_stability(tmp_pat
     from tvmq.report import precision_markdown
 
     assert "FP32 itself cannot hold" in precision_markdown(p) and "| 0 | y |" in precision_markdown(p)
+
+
+def long_tail(n, seed, channels=32):
+    """A model whose one conv reads a long-tailed input (log-normal magnitudes, sign at random:
+    a few values 100x the typical one) and whose output is clipped to [-3, 3], so the tail's exact
+    size does not matter downstream: an 8-bit grid over the whole observed range spends its
+    steps on the tail, and a narrower range serves the rest better. Returns the model and ``n``
+    samples."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.1, (channels, channels, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="clip")]
+    shape = [1, channels, 16, 16]
+    model = make_model(nodes, [("x", shape)], [("y", shape)], [("w", w), ("lo", np.float32(-3)), ("hi", np.float32(3))])
+    samples = [{"x": (np.exp(rng.normal(0, 1.2, shape)) * rng.choice([-1, 1], shape)).astype(np.float32)} for _ in range(n)]
+    return model, samples
+
+
+def test_the_search_narrows_a_long_tailed_range_and_the_integer_program_follows():
+    """Where a tensor's quantization alone comes near the budget, the search tries narrower
+    ranges in the simulation (one input, no recompiling) and keeps the best when all-int8 gains;
+    the simulation with a width equals the fake-quantized module of the narrowed plan, and the
+    integer program of that plan gains on its worst sample as the simulation said."""
+    from tvmq.execute import HostModule
+    from tvmq.frontend import load_onnx
+    from tvmq.passes import InsertQDQ
+    from tvmq.passes.insert_qdq import insert_switchable_qdq, quantized_tensors
+    from tvmq.quantize import calibrate, narrow, prepare, quantize_pipeline
+
+    model, samples = long_tail(12, 1)
+    mod, _ = load_onnx(model, {"x": [1, 32, 16, 16]})
+    float_mod = prepare(mod)
+    plan = calibrate(float_mod, samples, input_names=["x"])
+    metric = M.Metric("sqnr")
+    a = S.analyse(float_mod, plan, samples, ["x"], metric, measure_latency=False, budget=40.0, input_noise=0)
+    (narrowed,) = a.narrowed
+    before, after = narrowed["all_int8_db"]
+    assert narrowed["readers"] == ["conv"] and narrowed["width"] in S.WIDTHS and after >= before + S.NARROW_GAIN_DB
+    assert a.all_int8 == pytest.approx(after)
+    assert a.layers[0].sqnr_int8 == pytest.approx(after)  # the layer's figures are re-measured with the width
+    (tensor,) = quantized_tensors(float_mod["main"], plan)
+    assert a.narrowed_ranges() == {tensor: pytest.approx(narrowed["width"])}
+    new = narrow(plan, float_mod, a.narrowed_ranges())
+    assert new.layers["conv"].inputs[0].scale == pytest.approx(plan.layers["conv"].inputs[0].scale * narrowed["width"])
+    assert new.layers["conv"].inputs[0].zero_point == plan.layers["conv"].inputs[0].zero_point
+    # the switch and the width reproduce the narrowed plan's fake-quantized program exactly
+    switchable, _ = insert_switchable_qdq(float_mod, plan)
+    sim, fake = HostModule(switchable), HostModule(InsertQDQ(new)(float_mod))
+    for s in samples[:3]:
+        np.testing.assert_array_equal(sim(s["x"], np.ones(1, np.float32), a.widths)[0], fake(s["x"])[0])
+    # the integer programs: the narrowed plan's worst sample gains too (within requantization)
+    ref = [a.reference[i][0] for i in range(len(samples))]
+    worst = {label: min(M.sample_sqnr(HostModule(quantize_pipeline(p)(float_mod))(s["x"])[0], r)
+                        for s, r in zip(samples, ref)) for label, p in (("calibrated", plan), ("narrowed", new))}
+    assert worst["narrowed"] >= worst["calibrated"] + S.NARROW_GAIN_DB
+    assert worst["narrowed"] == pytest.approx(after, abs=0.5)
+
+
+def test_auto_keeps_a_layer_int8_by_narrowing_its_input_and_reports_it(tmp_path, steady_timing):
+    """End to end: at a budget the calibrated range misses (worst sample 18 dB < 21), the
+    clipped range meets it (23.6 dB), so the plan keeps the conv int8; the manifest's plan carries the
+    clipped scale, the bundle meets the budget, and report.md lists the range."""
+    import onnx
+
+    model, samples = long_tail(12, 1)
+    onnx.save(model, tmp_path / "model.onnx")
+    calib = _calib_dir(tmp_path, samples)
+    out = tmp_path / "auto"
+    compile_model(tmp_path / "model.onnx", out, calib=calib, precision="auto",
+                  auto=AutoPrecision(metric="sqnr", min_sqnr=21.0, input_noise=0))
+    manifest = json.loads((out / "manifest.json").read_text())
+    p = manifest["precision"]
+    (narrowed,) = p["narrowed_ranges"]
+    assert narrowed["all_int8_db"][0] < 21.0 <= narrowed["all_int8_db"][1]
+    assert p["assignment"] == {"conv": "int8"}
+    scale = manifest["layers"]["conv"]["inputs"][0]["scale"]
+    calibrated = (max(s["x"].max() for s in samples) - min(s["x"].min() for s in samples)) / 255  # minmax, uint8
+    assert scale == pytest.approx(calibrated * narrowed["width"], rel=0.02)
+    bundle = Bundle(out)
+    worst = min(M.sample_sqnr(bundle.run(s)["y"], np.clip(_conv1x1(model, s["x"]), -3, 3)) for s in samples)
+    assert worst >= 21.0
+    report = (out / "report.md").read_text()
+    assert "activation range(s) clipped" in report and f"| conv | {narrowed['width']:g} |" in report
+
+
+def _conv1x1(model, x):
+    from onnx import numpy_helper
+
+    w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w"))[:, :, 0, 0]
+    return np.einsum("oc,nchw->nohw", w, x)

@@ -80,14 +80,15 @@ class _Search:
     _compiled: dict = field(default_factory=dict)
 
     def candidate(self, assignment: dict) -> _Candidate:
-        from tvmq.quantize import calibrate
+        from tvmq.quantize import calibrate, narrow
 
         key = tuple(assignment[n] for n in sorted(assignment))
         if key not in self._compiled:
             plan = self.full
             if any(p != "int8" for p in assignment.values()):
-                plan = calibrate(self.float_mod, self.samples, config_for(self.config, assignment),
-                                 target=self.preset.name, input_names=self.names)
+                plan = narrow(calibrate(self.float_mod, self.samples, config_for(self.config, assignment),
+                                        target=self.preset.name, input_names=self.names),
+                              self.float_mod, self.analysis.narrowed_ranges())
             a = self.analysis
             self._compiled[key] = _Candidate(self.float_mod, plan, self.eval_samples, self.names, a.metric, self.labels,
                                              a.reference, a.parts, a.slack)
@@ -168,7 +169,7 @@ def choose_plan(float_mod, samples, config, auto, preset, info, *, input_names, 
     report that ``manifest["precision"]`` keeps.
     """
     from tvmq.calibrate import load_eval_data
-    from tvmq.quantize import calibrate
+    from tvmq.quantize import calibrate, narrow
 
     metric = Metric(auto.metric)
     budget = auto.budget()
@@ -178,6 +179,7 @@ def choose_plan(float_mod, samples, config, auto, preset, info, *, input_names, 
     eval_samples, labels = (samples, None) if auto.eval_data is None else load_eval_data(auto.eval_data, list(info.inputs))
     analysis = analyse(float_mod, full, eval_samples, input_names, metric, labels, preset=preset, progress=progress,
                        parts=parts, budget=budget, input_noise=auto.input_noise)
+    full = narrow(full, float_mod, analysis.narrowed_ranges())
     s = _Search(float_mod, samples, eval_samples, labels, config, preset, input_names, full, analysis, budget)
 
     proposals, repaired, summaries = _propose(s)
@@ -213,6 +215,9 @@ def _report(s: _Search, proposals: dict, race: dict, repaired: dict, summaries: 
         # steps: each is judged against that stability instead (Metric.slack); the part figures
         # below are raw
         "held_samples": analysis.held_samples(),
+        # activation ranges the search clipped (readers, factor on the calibrated range, the
+        # readers' SQNR alone before and after)
+        "narrowed_ranges": analysis.narrowed,
         "all_int8": analysis.all_int8,
         "plan": value,
         "assignment": chosen,

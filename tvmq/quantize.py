@@ -7,6 +7,7 @@ Where it sits: frontend -> **prepare** (the float passes) -> calibrate -> **plan
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -18,12 +19,12 @@ from tvmq.calibrate import InputSpec, collect_statistics, select_range, validate
 from tvmq.config import ActivationSpec, CalibrationMethod, QuantConfig, RequantizeMode
 from tvmq.errors import TvmqError
 from tvmq.plan import LayerPlan, QuantPlan
-from tvmq.qparams import activation_qparams
+from tvmq.qparams import QParams, activation_qparams
 from tvmq.passes import Conv1dToConv2d, ConvertToNHWC, ConvTransposeToConv, DivideToMultiply, FoldConstantsNumpy, FoldQDQ, InsertQDQ
 from tvmq.passes.graph import FunctionGraph, dtype_of, dims
 from tvmq.passes.layers import find_layers
 
-__all__ = ["prepare", "calibrate", "quantize", "quantize_pipeline", "input_specs", "smooth", "smooth_and_calibrate", "finish"]
+__all__ = ["prepare", "calibrate", "narrow", "quantize", "quantize_pipeline", "input_specs", "smooth", "smooth_and_calibrate", "finish"]
 
 log = logging.getLogger("tvmq")
 
@@ -150,6 +151,31 @@ def calibrate(
         requantize=(config.requantize or RequantizeMode.FIXED_POINT).value,
         kept_float=slow,
     )
+
+
+def narrow(plan: QuantPlan, mod: tvm.IRModule, widths: Mapping) -> QuantPlan:
+    """``plan`` with the ranges of some activation tensors scaled: ``widths`` maps a tensor (a
+    root var of ``mod``'s main, as :func:`tvmq.passes.insert_qdq.quantized_tensors` lists them)
+    to the factor its scale is multiplied by, for every int8 layer reading it and for the
+    layer writing it. The zero point stays: the range keeps its proportions (what the
+    sensitivity simulation's ``tvmq_widths`` models)."""
+    if not widths:
+        return plan
+    func = mod["main"]
+    graph = FunctionGraph(func)
+
+    def scaled(qp, tensor):
+        w = widths.get(tensor)
+        return qp if qp is None or w is None else QParams(qp.scale * np.float32(w), qp.zero_point, qp.dtype, qp.axis)
+
+    layers = dict(plan.layers)
+    for layer in find_layers(func, graph):
+        lp = layers.get(layer.name)
+        if lp is None or not lp.is_int8 or lp.kind != layer.kind:
+            continue
+        inputs = tuple(scaled(qp, graph.root(x)[0]) for qp, x in zip(lp.inputs, layer.inputs))
+        layers[layer.name] = dataclasses.replace(lp, inputs=inputs, output=scaled(lp.output, layer.output))
+    return dataclasses.replace(plan, layers=layers)
 
 
 def _observed_tensors(layers, int8: set, root_of: dict) -> list:

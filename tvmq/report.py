@@ -95,6 +95,20 @@ def _held_rows(p: dict) -> tuple[str, list[tuple[str, ...]]]:
                   for h in held]
 
 
+def _narrowed_rows(p: dict) -> tuple[str, list[tuple[str, ...]]]:
+    """The activation ranges the search clipped: a sentence, and (readers, width, all-int8 SQNR
+    before, after) rows; nothing when it kept every calibrated range."""
+    narrowed = p.get("narrowed_ranges") or []
+    if not narrowed:
+        return "", []
+    text = (f"{len(narrowed)} activation range(s) clipped: the layers reading each came within a few dB of the "
+            "budget alone, and a narrower range (the calibrated one times the width) raised the simulated all-int8 "
+            "SQNR (worst sample and part; each in turn, after those above); every plan the search compiles uses "
+            "these ranges.")
+    return text, [(", ".join(n["readers"]), f"{n['width']:g}", f"{n['all_int8_db'][0]:.1f} dB",
+                   f"{n['all_int8_db'][1]:.1f} dB") for n in narrowed]
+
+
 def precision_markdown(p: dict) -> str:
     """The precision section of report.md: the same numbers as report.html."""
     lines = ["", "## Precision plan (--precision auto)", "",
@@ -115,6 +129,10 @@ def precision_markdown(p: dict) -> str:
     if held:
         lines += ["", text, "", "| sample | output part | FP32 under input rounding | held to |", "|---|---|---|---|"]
         lines += ["| " + " | ".join(row) + " |" for row in held]
+    text, narrowed = _narrowed_rows(p)
+    if narrowed:
+        lines += ["", text, "", "| read by | width | all int8 before | all int8 after |", "|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in narrowed]
     lines += ["", "| layer | kind | only this layer int8 | all but this layer int8 | only this layer fp16 | fp32 ms | "
               "int8 ms | fp16 ms | chosen |", "|---|---|---|---|---|---|---|---|---|"]
     m = p["metric"]
@@ -251,6 +269,11 @@ def write_html(out: Path, manifest: dict) -> list[str]:
                  "<th>output part</th><th>FP32 under input rounding</th><th>held to</th></tr>"
                  + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in held)
                  + "</table>") if held else ""
+    text, narrowed = _narrowed_rows(p)
+    held_html += (f"<h2>Activation ranges clipped</h2><p>{esc(text)}</p><table><tr><th>read by</th><th>width</th>"
+                  "<th>all int8 before</th><th>all int8 after</th></tr>"
+                  + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in narrowed)
+                  + "</table>") if narrowed else ""
     model = esc(str(manifest["model"].get("file", "model")))
     target = manifest["target"]
     images = "".join(f"<figure><img src='{c}' alt='{c}'></figure>" for c in charts)

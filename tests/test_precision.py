@@ -701,6 +701,7 @@ def test_output_slice_flag_errors_are_one_line(tmp_path):
                            (["--precision", "auto", "--metric", "top1", "--max-drop", "1", "--output-slice", "y:4:"],
                             "judged by sqnr or cosine"),
                            (["--input-noise", "1"], "add --precision auto"),
+                           (["--clip-ranges"], "add --precision auto"),
                            (["--precision", "auto", "--input-noise", "-1"], "--input-noise -1.0 is not a finite")):
         out = tmp_path / "o"
         r = _cli("compile", str(path), "-o", str(out), "--calib", str(calib), *extra)
@@ -850,7 +851,10 @@ def test_the_search_narrows_a_long_tailed_range_and_the_integer_program_follows(
     float_mod = prepare(mod)
     plan = calibrate(float_mod, samples, input_names=["x"])
     metric = M.Metric("sqnr")
-    a = S.analyse(float_mod, plan, samples, ["x"], metric, measure_latency=False, budget=40.0, input_noise=0)
+    a = S.analyse(float_mod, plan, samples, ["x"], metric, measure_latency=False, budget=40.0, input_noise=0,
+                  clip_ranges=True)
+    assert not S.analyse(float_mod, plan, samples, ["x"], metric, measure_latency=False, budget=40.0,
+                         input_noise=0).narrowed  # opt-in
     (narrowed,) = a.narrowed
     before, after = narrowed["all_int8_db"]
     assert narrowed["readers"] == ["conv"] and narrowed["width"] in S.WIDTHS and after >= before + S.NARROW_GAIN_DB
@@ -885,7 +889,7 @@ def test_auto_keeps_a_layer_int8_by_narrowing_its_input_and_reports_it(tmp_path,
     calib = _calib_dir(tmp_path, samples)
     out = tmp_path / "auto"
     compile_model(tmp_path / "model.onnx", out, calib=calib, precision="auto",
-                  auto=AutoPrecision(metric="sqnr", min_sqnr=21.0, input_noise=0))
+                  auto=AutoPrecision(metric="sqnr", min_sqnr=21.0, input_noise=0, clip_ranges=True))
     manifest = json.loads((out / "manifest.json").read_text())
     p = manifest["precision"]
     (narrowed,) = p["narrowed_ranges"]

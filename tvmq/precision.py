@@ -178,7 +178,7 @@ def choose_plan(float_mod, samples, config, auto, preset, info, *, input_names, 
     full = calibrate(float_mod, samples, config, target=preset.name, input_names=input_names, progress=progress)
     eval_samples, labels = (samples, None) if auto.eval_data is None else load_eval_data(auto.eval_data, list(info.inputs))
     analysis = analyse(float_mod, full, eval_samples, input_names, metric, labels, preset=preset, progress=progress,
-                       parts=parts, budget=budget, input_noise=auto.input_noise)
+                       parts=parts, budget=budget, input_noise=auto.input_noise, clip_ranges=auto.clip_ranges)
     full = narrow(full, float_mod, analysis.narrowed_ranges())
     s = _Search(float_mod, samples, eval_samples, labels, config, preset, input_names, full, analysis, budget)
 

@@ -94,7 +94,8 @@ def _add_budget_flags(p):
     p.add_argument("--clip-ranges", action="store_true",
                    help="--precision auto: try narrower ranges (0.85-0.4 of the calibrated one) for the activations "
                         "whose int8 readers come within 6 dB of the budget alone, and keep one where the simulated "
-                        "all-int8 plan gains; chosen on the calibration samples, so check held-out data")
+                        "all-int8 plan gains and neither half of the samples loses; chosen on the calibration "
+                        "samples, so check held-out data")
 
 
 def _add_algorithm_flags(p):

@@ -228,8 +228,9 @@ class AutoPrecision:
     # sample whose FP32 output moves beyond the budget under it is judged against that instead
     # (--input-noise; 0: every sample held to the budget).
     input_noise: float = 1.0
-    # Clip long-tailed activation ranges where the simulated all-int8 plan gains (--clip-ranges;
-    # off by default: the widths are chosen on the calibration samples and can fit them, not the model).
+    # Clip long-tailed activation ranges where the simulated all-int8 plan gains and neither half of
+    # the samples loses (--clip-ranges; off by default: the factors are chosen on the calibration
+    # samples, and the whole zoo has not been measured with them).
     clip_ranges: bool = False
 
     def budget(self) -> float:

@@ -215,8 +215,8 @@ def _report(s: _Search, proposals: dict, race: dict, repaired: dict, summaries: 
         # steps: each is judged against that stability instead (Metric.slack); the part figures
         # below are raw
         "held_samples": analysis.held_samples(),
-        # activation ranges the search clipped (readers, factor on the calibrated range, the
-        # readers' SQNR alone before and after)
+        # activation ranges the search clipped (--clip-ranges: readers, factor on the calibrated
+        # range, the simulated all-int8 SQNR before and after)
         "narrowed_ranges": analysis.narrowed,
         "all_int8": analysis.all_int8,
         "plan": value,

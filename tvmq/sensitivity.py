@@ -152,11 +152,12 @@ def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, 
     switchable, names = insert_switchable_qdq(float_mod, plan, fp16=fp16)
     runner = HostModule(switchable)
     zeros = np.zeros(len(names), np.float32)
-    ones = np.ones(max(len(quantized_tensors(float_mod["main"], plan)), 1), np.float32)
+    tensors = quantized_tensors(float_mod["main"], plan)
+    ones = np.ones(max(len(tensors), 1), np.float32)
     split = parts or tuple
     reference = [split(runner(*[s[k] for k in input_names], zeros, ones)) for s in samples]
     a = Analysis(metric, 0.0, 0.0, names=names, fp16=fp16, runner=runner, samples=samples, reference=reference,
-                 labels=labels, input_names=input_names, parts=parts, widths=ones)
+                 labels=labels, input_names=input_names, parts=parts, widths=ones, tensors=tensors)
     a.fp32 = metric(reference, reference, labels)
     if budget is not None and input_noise > 0 and metric.kind in ("sqnr", "cosine"):
         noisy = input_rounding_outputs(lambda *xs: split(runner(*xs, zeros, ones)), samples, input_names, input_noise)
@@ -178,7 +179,6 @@ def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, 
         iterator = tqdm(names, desc="sensitivity", unit="layer", leave=False)
     alone = {name: measure({name: "int8"}) for name in iterator}
     if clip_ranges and budget is not None and metric.kind in ("sqnr", "cosine"):
-        a.tensors = quantized_tensors(float_mod["main"], plan)
         for name in narrow_ranges(a, float_mod, {n: v[1] for n, v in alone.items()}, sqnr_equivalent(metric, budget)):
             alone[name] = measure({name: "int8"})
     a.all_int8 = a.evaluate(names)
@@ -258,11 +258,9 @@ def narrow_ranges(a: Analysis, float_mod, sqnr_alone: dict, sqnr_budget: float) 
 def _worst_by_half(a: Analysis, outputs) -> tuple[float, float, float]:
     """The search's SQNR cost of ``outputs`` (worst sample and part, slack added) over all the
     samples, over the even-numbered ones and over the odd-numbered ones."""
-    values = Metric("sqnr").per_sample(outputs, a.reference)
-    if a.sqnr_slack is not None:
-        values = [tuple(v + s for v, s in zip(vs, ss)) for vs, ss in zip(values, a.sqnr_slack)]
-    worst = [min(vs) for vs in values]
-    return min(worst), min(worst[0::2], default=np.inf), min(worst[1::2], default=np.inf)
+    sqnr, slack = Metric("sqnr"), a.sqnr_slack
+    return tuple(sqnr(outputs[h], a.reference[h], slack=None if slack is None else slack[h]) if outputs[h] else np.inf
+                 for h in (slice(None), slice(0, None, 2), slice(1, None, 2)))
 
 
 def input_rounding_outputs(run, samples: list, input_names: list[str], steps: float = 1.0, draws: int = 4) -> list:

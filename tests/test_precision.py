@@ -702,12 +702,25 @@ def test_output_slice_flag_errors_are_one_line(tmp_path):
                             "judged by sqnr or cosine"),
                            (["--input-noise", "1"], "add --precision auto"),
                            (["--clip-ranges"], "add --precision auto"),
+                           (["--no-clip-ranges"], "add --precision auto"),
                            (["--precision", "auto", "--input-noise", "-1"], "--input-noise -1.0 is not a finite")):
         out = tmp_path / "o"
         r = _cli("compile", str(path), "-o", str(out), "--calib", str(calib), *extra)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
         assert not out.exists()
+
+
+def test_clip_ranges_is_on_unless_turned_off():
+    from tvmq.cli import build_parser
+    from tvmq.commands import _auto_from_args
+
+    parser = build_parser()
+    base = ["compile", "m.onnx", "-o", "out", "--precision", "auto", "--min-sqnr", "20"]
+    assert AutoPrecision().clip_ranges
+    assert _auto_from_args(parser.parse_args(base)).clip_ranges
+    assert _auto_from_args(parser.parse_args([*base, "--clip-ranges"])).clip_ranges
+    assert not _auto_from_args(parser.parse_args([*base, "--no-clip-ranges"])).clip_ranges
 
 
 def test_a_sample_fp32_cannot_hold_is_held_to_its_own_stability():
@@ -854,7 +867,7 @@ def test_the_search_narrows_a_long_tailed_range_and_the_integer_program_follows(
     a = S.analyse(float_mod, plan, samples, ["x"], metric, measure_latency=False, budget=40.0, input_noise=0,
                   clip_ranges=True)
     assert not S.analyse(float_mod, plan, samples, ["x"], metric, measure_latency=False, budget=40.0,
-                         input_noise=0).narrowed  # opt-in
+                         input_noise=0).narrowed  # analyse narrows only when asked
     (narrowed,) = a.narrowed
     before, after = narrowed["all_int8_db"]
     assert narrowed["readers"] == ["conv"] and narrowed["width"] in S.WIDTHS and after >= before + S.NARROW_GAIN_DB
@@ -889,7 +902,7 @@ def test_auto_keeps_a_layer_int8_by_narrowing_its_input_and_reports_it(tmp_path,
     calib = _calib_dir(tmp_path, samples)
     out = tmp_path / "auto"
     compile_model(tmp_path / "model.onnx", out, calib=calib, precision="auto",
-                  auto=AutoPrecision(metric="sqnr", min_sqnr=21.0, input_noise=0, clip_ranges=True))
+                  auto=AutoPrecision(metric="sqnr", min_sqnr=21.0, input_noise=0))  # clipping: on by default
     manifest = json.loads((out / "manifest.json").read_text())
     p = manifest["precision"]
     (narrowed,) = p["narrowed_ranges"]

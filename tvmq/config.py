@@ -229,9 +229,8 @@ class AutoPrecision:
     # (--input-noise; 0: every sample held to the budget).
     input_noise: float = 1.0
     # Clip long-tailed activation ranges where the simulated all-int8 plan gains and neither half of
-    # the samples loses (--clip-ranges; off by default: the factors are chosen on the calibration
-    # samples, and the whole zoo has not been measured with them).
-    clip_ranges: bool = False
+    # the samples loses (--no-clip-ranges: every activation keeps its calibrated range).
+    clip_ranges: bool = True
 
     def budget(self) -> float:
         """The budget in the metric's units; raises on anything missing, before any work."""

@@ -308,21 +308,22 @@ def insert_switchable_qdq(mod: tvm.IRModule, plan: QuantPlan, fp16: bool = False
     return relax.transform.Normalize()(out), names
 
 
-def quantized_tensors(func, plan: QuantPlan) -> list:
-    """The activation tensors ``plan``'s int8 layers read, each once, in the order the layers
-    come: the roots their inputs are quantized at (:meth:`FunctionGraph.root`), which is what
-    calibration observes and gives one set of parameters each."""
+def quantized_tensors(func, plan: QuantPlan) -> dict:
+    """The activation tensors ``plan``'s int8 layers read, in the order the layers come, each
+    with the names of the int8 layers reading it: the roots their inputs are quantized at
+    (:meth:`FunctionGraph.root`), which is what calibration observes and gives one set of
+    parameters each."""
     graph = FunctionGraph(func)
-    tensors = []
+    readers = {}
     for layer in find_layers(func, graph):
         lp = plan.get(layer.name)
         if lp is None or lp.kind != layer.kind or not lp.is_int8:
             continue
         for x in layer.inputs:
-            root = graph.root(x)[0]
-            if root not in tensors:
-                tensors.append(root)
-    return tensors
+            names = readers.setdefault(graph.root(x)[0], [])
+            if layer.name not in names:
+                names.append(layer.name)
+    return readers
 
 
 def weight_qparams(weight: np.ndarray, axis: int) -> QParams:

@@ -49,15 +49,19 @@ class Metric:
         sample, per part, in the metric's units; :meth:`slack`) is added to each sample's value
         first: what the budget forgives a sample that FP32 itself cannot hold to it."""
         if self.kind in ("sqnr", "cosine"):
-            values = self.per_sample(outputs, reference)
-            if slack is not None:
-                values = [tuple(v + s for v, s in zip(vs, ss)) for vs, ss in zip(values, slack)]
-            return float(min(min(vs) for vs in values))
+            return min(self.worst_parts(outputs, reference, slack))
         if outputs and isinstance(outputs[0], (tuple, list)):
             outputs, reference = [o[0] for o in outputs], [r[0] for r in reference]
         if self.kind == "top1":
             return float(np.mean([np.argmax(o) == y for o, y in zip(outputs, labels)]))
         return float(self.function()(outputs, labels))
+
+    def worst_parts(self, outputs: list, reference: list, slack=None) -> list[float]:
+        """sqnr / cosine: each sample's worst part, ``slack`` added first (as :meth:`__call__`)."""
+        values = self.per_sample(outputs, reference)
+        if slack is not None:
+            values = [tuple(v + s for v, s in zip(vs, ss)) for vs, ss in zip(values, slack)]
+        return [float(min(vs)) for vs in values]
 
     def per_sample(self, outputs: list, reference: list) -> list[tuple[float, ...]]:
         """sqnr / cosine: each sample's value for each output (part), worst not yet taken."""

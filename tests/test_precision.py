@@ -702,7 +702,6 @@ def test_output_slice_flag_errors_are_one_line(tmp_path):
                             "judged by sqnr or cosine"),
                            (["--input-noise", "1"], "add --precision auto"),
                            (["--clip-ranges"], "add --precision auto"),
-                           (["--no-clip-ranges"], "add --precision auto"),
                            (["--precision", "auto", "--input-noise", "-1"], "--input-noise -1.0 is not a finite")):
         out = tmp_path / "o"
         r = _cli("compile", str(path), "-o", str(out), "--calib", str(calib), *extra)
@@ -711,16 +710,15 @@ def test_output_slice_flag_errors_are_one_line(tmp_path):
         assert not out.exists()
 
 
-def test_clip_ranges_is_on_unless_turned_off():
+def test_clip_ranges_is_off_unless_asked():
     from tvmq.cli import build_parser
     from tvmq.commands import _auto_from_args
 
     parser = build_parser()
     base = ["compile", "m.onnx", "-o", "out", "--precision", "auto", "--min-sqnr", "20"]
-    assert AutoPrecision().clip_ranges
-    assert _auto_from_args(parser.parse_args(base)).clip_ranges
+    assert not AutoPrecision().clip_ranges
+    assert not _auto_from_args(parser.parse_args(base)).clip_ranges
     assert _auto_from_args(parser.parse_args([*base, "--clip-ranges"])).clip_ranges
-    assert not _auto_from_args(parser.parse_args([*base, "--no-clip-ranges"])).clip_ranges
 
 
 def test_a_sample_fp32_cannot_hold_is_held_to_its_own_stability():
@@ -925,7 +923,7 @@ def test_auto_keeps_a_layer_int8_by_narrowing_its_input_and_reports_it(tmp_path,
     calib = _calib_dir(tmp_path, samples)
     out = tmp_path / "auto"
     compile_model(tmp_path / "model.onnx", out, calib=calib, precision="auto",
-                  auto=AutoPrecision(metric="sqnr", min_sqnr=21.0, input_noise=0))  # clipping: on by default
+                  auto=AutoPrecision(metric="sqnr", min_sqnr=21.0, input_noise=0, clip_ranges=True))
     manifest = json.loads((out / "manifest.json").read_text())
     p = manifest["precision"]
     (narrowed,) = p["narrowed_ranges"]

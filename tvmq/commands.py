@@ -79,8 +79,8 @@ def _auto_from_args(args):
     budget = args.max_drop is not None or args.min_sqnr is not None
     if args.precision != "auto":
         if (budget or args.metric or args.eval_data or args.output_slice or args.input_noise is not None
-                or args.clip_ranges is not None):
-            raise TvmqError("--max-drop/--min-sqnr/--metric/--eval-data/--output-slice/--input-noise/--[no-]clip-ranges "
+                or args.clip_ranges):
+            raise TvmqError("--max-drop/--min-sqnr/--metric/--eval-data/--output-slice/--input-noise/--clip-ranges "
                             "choose a plan; add --precision auto")
         return None
     if args.max_drop is not None and args.min_sqnr is not None:
@@ -97,8 +97,7 @@ def _auto_from_args(args):
         raise TvmqError(f"--output-slice parts are judged by sqnr or cosine, not {metric}; use --metric sqnr|cosine")
     return AutoPrecision(metric=metric, max_drop=args.max_drop, min_sqnr=args.min_sqnr, eval_data=args.eval_data,
                          output_slices=tuple(args.output_slice),
-                         input_noise=1.0 if args.input_noise is None else args.input_noise,
-                         clip_ranges=args.clip_ranges is not False)
+                         input_noise=1.0 if args.input_noise is None else args.input_noise, clip_ranges=args.clip_ranges)
 
 
 def cmd_tune(args) -> int:

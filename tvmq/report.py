@@ -80,6 +80,10 @@ def _summary_rows(p: dict) -> list[tuple[str, ...]]:
            *measured("refined"))] if p.get("refined") else [])
 
 
+_HELD_HEADERS = ("sample", "output part", "FP32 under input rounding", "held to")
+_NARROWED_HEADERS = ("read by", "width", "all int8 before", "all int8 after")
+
+
 def _held_rows(p: dict) -> tuple[str, list[tuple[str, ...]]]:
     """The samples judged against FP32's own stability: a sentence, and (sample, part, FP32
     under input rounding, held to) rows; nothing when every sample is held to the budget."""
@@ -109,6 +113,17 @@ def _narrowed_rows(p: dict) -> tuple[str, list[tuple[str, ...]]]:
                    f"{n['all_int8_db'][1]:.1f} dB") for n in narrowed]
 
 
+def _sections(p: dict) -> list[tuple[str, str, tuple[str, ...], list[tuple[str, ...]]]]:
+    """The report's optional tables, as (HTML title, sentence, headers, rows), those with rows only."""
+    sections = [("Samples judged against FP32's stability", *_held_rows(p), _HELD_HEADERS),
+                ("Activation ranges clipped", *_narrowed_rows(p), _NARROWED_HEADERS)]
+    return [(title, text, headers, rows) for title, text, rows, headers in sections if rows]
+
+
+def _md_row(cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def precision_markdown(p: dict) -> str:
     """The precision section of report.md: the same numbers as report.html."""
     lines = ["", "## Precision plan (--precision auto)", "",
@@ -117,7 +132,7 @@ def precision_markdown(p: dict) -> str:
              f"({p['latency_source']}).", "",
              "| plan | int8 layers | simulated metric | kernel latency (sum) | compiled: metric | compiled: latency |",
              "|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join(row) + " |" for row in _summary_rows(p)]
+    lines += [_md_row(row) for row in _summary_rows(p)]
     parts = p.get("parts", {})
     if parts.get("plan"):
         lines += ["", "Every output and output part (an output's final Concat inputs, --output-slice) judged apart; "
@@ -125,14 +140,8 @@ def precision_markdown(p: dict) -> str:
                   "|---|---|---|"]
         lines += [f"| {label} | {_fmt(value, p['metric'])} | {_fmt(parts['all_int8'].get(label), p['metric'])} |"
                   for label, value in parts["plan"].items()]
-    text, held = _held_rows(p)
-    if held:
-        lines += ["", text, "", "| sample | output part | FP32 under input rounding | held to |", "|---|---|---|---|"]
-        lines += ["| " + " | ".join(row) + " |" for row in held]
-    text, narrowed = _narrowed_rows(p)
-    if narrowed:
-        lines += ["", text, "", "| read by | width | all int8 before | all int8 after |", "|---|---|---|---|"]
-        lines += ["| " + " | ".join(row) + " |" for row in narrowed]
+    for _, text, headers, rows in _sections(p):
+        lines += ["", text, "", _md_row(headers), "|" + "---|" * len(headers), *map(_md_row, rows)]
     lines += ["", "| layer | kind | only this layer int8 | all but this layer int8 | only this layer fp16 | fp32 ms | "
               "int8 ms | fp16 ms | chosen |", "|---|---|---|---|---|---|---|---|---|"]
     m = p["metric"]
@@ -256,7 +265,11 @@ def write_html(out: Path, manifest: dict) -> list[str]:
     p = manifest["precision"]
     charts = _charts(out, p)
     esc = html.escape
-    summary = "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in _summary_rows(p))
+
+    def cells(rows):
+        return "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+
+    summary = cells(_summary_rows(p))
     m = p["metric"]
     layer_rows = "".join(
         f"<tr class='{layer['chosen']}'><td>{esc(layer['name'])}</td><td>{esc(layer['kind'])}</td>"
@@ -264,16 +277,8 @@ def write_html(out: Path, manifest: dict) -> list[str]:
         f"<td>{esc(_fmt(layer['only_fp16'], m))}</td><td>{layer['fp32_ms']:.4f}</td><td>{layer['int8_ms']:.4f}</td>"
         f"<td>{_ms(layer['fp16_ms'])}</td><td>{layer['chosen']}</td></tr>"
         for layer in p["layers"])
-    text, held = _held_rows(p)
-    held_html = (f"<h2>Samples judged against FP32's stability</h2><p>{esc(text)}</p><table><tr><th>sample</th>"
-                 "<th>output part</th><th>FP32 under input rounding</th><th>held to</th></tr>"
-                 + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in held)
-                 + "</table>") if held else ""
-    text, narrowed = _narrowed_rows(p)
-    held_html += (f"<h2>Activation ranges clipped</h2><p>{esc(text)}</p><table><tr><th>read by</th><th>width</th>"
-                  "<th>all int8 before</th><th>all int8 after</th></tr>"
-                  + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in narrowed)
-                  + "</table>") if narrowed else ""
+    sections = "".join(f"<h2>{title}</h2><p>{esc(text)}</p><table><tr>{''.join(f'<th>{h}</th>' for h in headers)}</tr>"
+                       f"{cells(rows)}</table>" for title, text, headers, rows in _sections(p))
     model = esc(str(manifest["model"].get("file", "model")))
     target = manifest["target"]
     images = "".join(f"<figure><img src='{c}' alt='{c}'></figure>" for c in charts)
@@ -299,7 +304,7 @@ measured on {p['samples']} samples with {p['evaluations']} runs of a compiled si
 <p>Simulated: the switchable simulation the search runs; compiled: the integer program each plan
 compiles to, timed as a whole model on this machine (which also counts the conversions between int8
 and float regions).</p>
-{held_html}
+{sections}
 {images}
 <h2>Layers</h2>
 <table><tr><th>layer</th><th>kind</th><th>only this layer int8</th><th>all but this layer int8</th>

@@ -253,7 +253,7 @@ def _clip_figures(a: Analysis, outputs) -> tuple[float, float, float, float]:
     """What a range factor is judged by: the search's SQNR cost of ``outputs`` (worst sample
     and part, slack added) over all the samples, over the even-numbered ones and over the
     odd-numbered ones, and the median sample's (its worst part)."""
-    values = Metric("sqnr").worst_parts(outputs, a.reference, a.sqnr_slack) if outputs else []
+    values = Metric("sqnr").worst_parts(outputs, a.reference, a.sqnr_slack)
     if not values:
         return (np.inf,) * 4
     return min(values), min(values[0::2]), min(values[1::2], default=np.inf), float(np.median(values))

@@ -107,8 +107,8 @@ def _narrowed_rows(p: dict) -> tuple[str, list[tuple[str, ...]]]:
         return "", []
     text = (f"{len(narrowed)} activation range(s) clipped: the layers reading each came within a few dB of the "
             "budget alone, and a narrower range (the calibrated one times the width) raised the simulated all-int8 "
-            "SQNR (worst sample and part; each in turn, after those above); every plan the search compiles uses "
-            "these ranges.")
+            "SQNR (worst sample and part; each in turn, after those above) while neither half of the samples nor the "
+            "median one lost; every plan the search compiles uses these ranges.")
     return text, [(", ".join(n["readers"]), f"{n['width']:g}", f"{n['all_int8_db'][0]:.1f} dB",
                    f"{n['all_int8_db'][1]:.1f} dB") for n in narrowed]
 

@@ -300,3 +300,54 @@ def test_a_float_conv_of_a_prime_block_count_on_short_rows_gets_one_more_block(c
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = np.asarray(HostModule(prepare(load_onnx(model)[0]))(x)[0])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _max_pool_reference(x, pool_size, strides, padding, ceil_mode, layout):
+    """numpy max-pool: every output the largest of its window, padding at the dtype's lowest."""
+    if layout == "NHWC":
+        x = x.transpose(0, 3, 1, 2)
+    (kh, kw), (sh, sw), (top, left, bottom, right) = pool_size, strides, padding
+    n, c, h, w = x.shape
+
+    def size(extent, k, s, pad):
+        span = extent + pad - k
+        return (-(-span // s) if ceil_mode else span // s) + 1
+
+    oh, ow = size(h, kh, sh, top + bottom), size(w, kw, sw, left + right)
+    lowest = np.iinfo(x.dtype).min if x.dtype.kind in "iu" else -np.inf
+    padded = np.full((n, c, h + top + bottom + kh * sh, w + left + right + kw * sw), lowest, x.dtype)
+    padded[:, :, top:top + h, left:left + w] = x
+    out = np.empty((n, c, oh, ow), x.dtype)
+    for i in range(oh):
+        for j in range(ow):
+            out[:, :, i, j] = padded[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw].max(axis=(2, 3))
+    return out.transpose(0, 2, 3, 1) if layout == "NHWC" else out
+
+
+@pytest.mark.parametrize("shape, dtype, pool_size, strides, padding, ceil_mode, layout", [
+    ((1, 13, 13, 64), "uint8", (13, 13), (1, 1), (6, 6, 6, 6), False, "NHWC"),  # SPP's largest window
+    ((1, 3, 17, 22), "float32", (5, 4), (2, 3), (1, 2, 2, 0), True, "NCHW"),
+])
+def test_a_large_max_pool_runs_as_a_row_pool_and_a_column_pool_with_the_same_numbers(
+        shape, dtype, pool_size, strides, padding, ceil_mode, layout):
+    from tvm import relax
+
+    from tvmq._compat import TensorType
+    from tvmq.execute import HostModule
+    from tvmq.kernels import kernel_funcs
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", TensorType(shape, dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.max_pool2d(x, pool_size=pool_size, strides=strides, padding=padding,
+                                                      ceil_mode=ceil_mode, layout=layout))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    pools = [f for name, f in kernel_funcs(lower(mod, "x86")).items() if name.startswith("max_pool2d")]
+    assert len(pools) == 2
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        data = (rng.integers(0, 256, shape) if dtype == "uint8" else rng.normal(size=shape)).astype(dtype)
+        got = HostModule(mod)(data)[0]
+        np.testing.assert_array_equal(got, _max_pool_reference(data, pool_size, strides, padding, ceil_mode, layout))

@@ -1,7 +1,7 @@
 """Before/Expected structural tests of the graph passes not covered by test_passes_structural.py.
 
 Each pass (PackKernels, ConvertToNHWC, FoldAffineChains, FastSoftmax, DivideToMultiply, FastMath,
-SmoothQuant, WeightOnly) and ``strip_qdq`` gets a tiny module, the module it must make of it
+SeparableMaxPool, SmoothQuant, WeightOnly) and ``strip_qdq`` gets a tiny module, the module it must make of it
 (the TIR kernels it emits written out in TVMScript), and a module it must return structurally
 unchanged. Constants are function parameters bound to the same numpy arrays on both sides, so
 ``assert_structural_equal`` compares them by value; packed and quantized weights are derived here
@@ -25,6 +25,7 @@ from tvmq.passes import (
     FastSoftmax,
     FoldAffineChains,
     PackKernels,
+    SeparableMaxPool,
     SmoothQuant,
     WeightOnly,
     strip_qdq,
@@ -704,6 +705,49 @@ def test_divide_to_multiply_leaves_a_divisor_whose_reciprocal_overflows_float32(
 
     mod = bind(Subnormal, d=np.array([1e-39, 1.0, 2.0], np.float32))
     tvm.ir.assert_structural_equal(DivideToMultiply()(mod), mod)
+
+
+# ----------------------------------------------------------------------------- SeparableMaxPool
+def test_separable_max_pool_splits_a_large_window_into_a_row_pool_and_a_column_pool():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 17, 22, 8), "uint8")) -> R.Tensor((1, 9, 8, 8), "uint8"):
+            with R.dataflow():
+                gv = R.nn.max_pool2d(x, pool_size=[5, 4], strides=[2, 3], padding=[1, 2, 2, 0], ceil_mode=True,
+                                     layout="NHWC")
+                R.output(gv)
+            return gv
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 17, 22, 8), "uint8")) -> R.Tensor((1, 9, 8, 8), "uint8"):
+            with R.dataflow():
+                rows = R.nn.max_pool2d(x, pool_size=[1, 4], strides=[1, 3], padding=[0, 2, 0, 0], ceil_mode=True,
+                                       layout="NHWC")
+                gv = R.nn.max_pool2d(rows, pool_size=[5, 1], strides=[2, 1], padding=[1, 0, 2, 0], ceil_mode=True,
+                                     layout="NHWC")
+                R.output(gv)
+            return gv
+
+    tvm.ir.assert_structural_equal(SeparableMaxPool()(Before), Expected)
+
+
+def test_separable_max_pool_leaves_small_and_dilated_windows_alone():
+    @I.ir_module
+    class Kept:
+        @R.function
+        def main(x: R.Tensor((1, 8, 16, 16), "float32")):
+            with R.dataflow():
+                small = R.nn.max_pool2d(x, pool_size=[3, 3], strides=[2, 2], padding=[1, 1, 1, 1])
+                row = R.nn.max_pool2d(x, pool_size=[1, 9], padding=[0, 4, 0, 4])
+                dilated = R.nn.max_pool2d(x, pool_size=[5, 5], dilation=[2, 2], padding=[4, 4, 4, 4])
+                gv = (small, row, dilated)
+                R.output(gv)
+            return gv
+
+    tvm.ir.assert_structural_equal(SeparableMaxPool()(Kept), Kept)
 
 
 # ----------------------------------------------------------------------------- FastMath

@@ -44,7 +44,7 @@ def dot_intrinsics(preset) -> dict[int, str] | None:
 
 def relax_passes(preset) -> list:
     """Graph-level passes that depend on the target (run before legalization)."""
-    from tvmq.passes import FastMath, FastSoftmax, FoldAffineChains, PackKernels
+    from tvmq.passes import FastMath, FastSoftmax, FoldAffineChains, PackKernels, SeparableMaxPool
 
     preset = get_preset(preset)
     if preset.kind != "llvm":
@@ -55,7 +55,8 @@ def relax_passes(preset) -> list:
     if kernel is not None and kernel.pixels == 2:  # two-pixel kernel, one-pixel fallback
         kernel, pairs = MICRO_KERNELS[kernel.fallback], (kernel.lanes[0], kernel.k)
     lanes, k, operand = (kernel.lanes, kernel.k, kernel.operand_dtype) if kernel is not None else ((), 4, None)
-    return [FoldAffineChains(),
+    return [SeparableMaxPool(),
+            FoldAffineChains(),
             PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes, k=k, operand_dtype=operand,
                         pairs=pairs, pixel_tile=_pixel_tile(preset)),
             FastSoftmax(preset.vector_lanes),

@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_const, is_op, wildcard
 
 from tvmq._compat import constant_array
 
-from .graph import dtype_of, relax_functions
+from .graph import dtype_of, rewrite_pattern
 
 __all__ = ["DivideToMultiply"]
 
@@ -49,10 +49,4 @@ class DivideToMultiply:
                 return call
             return relax.op.multiply(matches[x], relax.const(reciprocal, "float32"))
 
-        out = mod
-        for gv, func in relax_functions(mod):
-            new = rewrite_call(pattern, rewrite, func)
-            if not new.same_as(func):
-                out = out.clone() if out is mod else out
-                out[gv] = new
-        return out
+        return rewrite_pattern(mod, pattern, rewrite)

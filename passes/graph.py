@@ -151,6 +151,18 @@ def map_functions(mod, rewrite, *, builder=None, remove_unused: bool = False):
     return builder.get() if builder is not None else out
 
 
+def rewrite_pattern(mod, pattern, rewrite):
+    """``mod`` with ``relax.dpl.rewrite_call(pattern, rewrite, func)`` applied to each of its Relax
+    functions (``mod`` itself where nothing was rewritten)."""
+    from tvm.relax.dpl import rewrite_call
+
+    def one(func):
+        new = rewrite_call(pattern, rewrite, func)
+        return None if new.same_as(func) else new
+
+    return map_functions(mod, one)
+
+
 @relax.expr_functor.mutator
 class _CallRewriter(relax.PyExprMutator):
     def __init__(self, mod, op_name, rewrite):

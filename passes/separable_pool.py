@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_op, wildcard
 
-from .graph import relax_functions
+from .graph import rewrite_pattern
 
 __all__ = ["SeparableMaxPool"]
 
@@ -44,14 +44,9 @@ class SeparableMaxPool:
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         pattern = is_op("relax.nn.max_pool2d")(wildcard())
 
-        def rewrite(call, _matches):
-            split = _split(call)
-            return call if split is None else split
+        def rewrite(expr, matches):
+            call = matches[pattern]  # the pool itself (``expr`` may be a variable bound to it)
+            split = _split(call) if isinstance(call, relax.Call) else None
+            return expr if split is None else split
 
-        out = mod
-        for gv, func in relax_functions(mod):
-            new = rewrite_call(pattern, rewrite, func)
-            if not new.same_as(func):
-                out = out.clone() if out is mod else out
-                out[gv] = new
-        return out
+        return rewrite_pattern(mod, pattern, rewrite)

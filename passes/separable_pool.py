@@ -45,8 +45,7 @@ class SeparableMaxPool:
         pattern = is_op("relax.nn.max_pool2d")(wildcard())
 
         def rewrite(expr, matches):
-            call = matches[pattern]  # the pool itself (``expr`` may be a variable bound to it)
-            split = _split(call) if isinstance(call, relax.Call) else None
+            split = _split(matches[pattern])  # the pool call itself (``expr`` may be a variable bound to it)
             return expr if split is None else split
 
         return rewrite_pattern(mod, pattern, rewrite)

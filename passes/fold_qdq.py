@@ -33,7 +33,7 @@ import tvm
 from tvm import relax
 
 from tvmq.config import RequantizeMode
-from tvmq.qparams import QParams, dtype_range, fixed_point_multiplier
+from tvmq.qparams import QParams, dtype_range, fixed_point_multiplier, int16_accumulates_exactly
 
 from .graph import (
     DEQUANTIZE,
@@ -50,6 +50,10 @@ from .graph import (
 from .layers import find_chains
 
 __all__ = ["FoldQDQ"]
+
+# Activation dtypes folded into integer kernels: 8-bit, and int16 for the layers a plan gives
+# 16-bit activations (int8 weights; see :func:`tvmq.qparams.int16_accumulates_exactly`).
+ACTIVATION_DTYPES = ("uint8", "int8", "int16")
 
 
 @dataclass
@@ -179,7 +183,7 @@ class _QDQFolder(relax.PyExprMutator):
             return None  # a constant (weight or bias), not an activation
         scale, zp = self._const_of(scale_e), self._const_of(zp_e)
         dtype = dtype_of(data)
-        if scale is None or zp is None or isinstance(scale, QWeight) or dtype not in ("uint8", "int8"):
+        if scale is None or zp is None or isinstance(scale, QWeight) or dtype not in ACTIVATION_DTYPES:
             return None
         try:
             qp = QParams(scale, zp, dtype, int(value.attrs.axis))
@@ -238,6 +242,8 @@ class _QDQFolder(relax.PyExprMutator):
         channels = chain.out_shape[chain.channel_axis]
         sw = np.broadcast_to(w.scale.astype(np.float64), (channels,))
         sx, zx = float(dq.qp.scale), int(dq.qp.zero_point)
+        if dq.qp.dtype == "int16" and not int16_accumulates_exactly(w.q, 0 if chain.kind == "conv2d" else -1):
+            return False  # the products could overflow int32: the layer stays float
         weight = relax.const(w.q, "int8")
         if chain.kind == "conv2d":
             acc = self._int_conv2d(chain.call, dq.data, weight, zx)
@@ -314,7 +320,7 @@ class _QDQFolder(relax.PyExprMutator):
         scale = self._const_of(self.visit_expr(call.args[1]))
         zp = self._const_of(self.visit_expr(call.args[2]))
         out_dtype = str(call.attrs.out_dtype)
-        if scale is None or zp is None or isinstance(scale, QWeight) or out_dtype not in ("uint8", "int8"):
+        if scale is None or zp is None or isinstance(scale, QWeight) or out_dtype not in ACTIVATION_DTYPES:
             return False
         if np.ndim(scale) != 0 or np.ndim(zp) != 0:
             return False

@@ -29,7 +29,7 @@ from tvm import relax
 
 from tvmq._compat import TensorType
 from tvmq.plan import QuantPlan
-from tvmq.qparams import QParams, quantize_weight
+from tvmq.qparams import QParams, quantize_weight, sixteen_bits
 
 from .graph import FunctionGraph, call_op, dtype_of, map_functions, moves_values, rebuild_call
 from .layers import find_layers
@@ -44,9 +44,10 @@ def qparams_args(qp: QParams):
 @relax.expr_functor.mutator
 class _Inserter(relax.PyExprMutator):
     def __init__(self, mod, func, plan: QuantPlan, mask=None, switches=None, fp16_switch=False, widths=None,
-                 tensors=None):
+                 tensors=None, wide=()):
         super().__init__(mod)
         self.mask, self.switches, self.fp16_switch = mask, switches or {}, fp16_switch
+        self.wide = set(wide)  # sensitivity mode: layers with a 16-bit-activation branch
         self.widths, self.tensors = widths, tensors or {}  # sensitivity mode: range factor per quantized tensor
         self.graph = FunctionGraph(func)
         self.anchors = {}
@@ -80,16 +81,19 @@ class _Inserter(relax.PyExprMutator):
             return self.builder_.emit(expr, name)
         return self.builder_.emit_output(expr, name)
 
-    def _select(self, switch, int8, fp32, fp16=None):
-        """The branch ``mask[switch]`` selects: 1 int8, 2 fp16 (when given), else fp32."""
+    def _select(self, switch, fp32, branches):
+        """The branch ``mask[switch]`` selects: ``branches[code]`` (1 int8, 2 fp16, 3 int8 with
+        16-bit activations; None where the layer has no such branch), else fp32."""
         flag = self.builder_.emit(relax.op.take(self.mask, relax.const(np.int32(switch), "int32"), axis=0, mode="clip"))
-        is_int8 = self.builder_.emit(relax.op.logical_and(
-            relax.op.greater(flag, relax.const(np.float32(0.5), "float32")),
-            relax.op.less(flag, relax.const(np.float32(1.5), "float32"))))
-        if fp16 is not None:
-            is_half = self.builder_.emit(relax.op.greater(flag, relax.const(np.float32(1.5), "float32")))
-            fp32 = self.builder_.emit(relax.op.where(is_half, fp16, fp32))
-        return relax.op.where(is_int8, int8, fp32)
+        out = fp32
+        for code, branch in branches.items():
+            if branch is None:
+                continue
+            chosen = self.builder_.emit(relax.op.logical_and(
+                relax.op.greater(flag, relax.const(np.float32(code - 0.5), "float32")),
+                relax.op.less(flag, relax.const(np.float32(code + 0.5), "float32"))))
+            out = self.builder_.emit(relax.op.where(chosen, branch, out))
+        return out
 
     def _half_call(self, call, layer):
         """The anchor ``call`` on fp16 operands with an fp32 result (fp32 accumulation)."""
@@ -105,23 +109,29 @@ class _Inserter(relax.PyExprMutator):
             quantized = [self._quantized_input(x, qp) for x, qp in zip(layer.inputs, lp.inputs)]
             y_q = self.builder_.emit(relax.Call(call.op, quantized, call.attrs))
             y_f = self.builder_.emit(relax.Call(call.op, [self.visit_expr(x) for x in layer.inputs], call.attrs))
-            return self._emit_like(var, self._select(switch, y_q, y_f))
+            return self._emit_like(var, self._select(switch, y_f, {1: y_q}))
         wq, wqp = self._weight(layer, lp)
         x = self.visit_expr(layer.inputs[0])
-        xq = self._quantized_input(layer.inputs[0], lp.inputs[0])
-        y_q = self.builder_.emit(relax.Call(call.op, [xq, relax.const(wqp.dequantize(wq), "float32")], call.attrs))
-        if lp.bias_correction is not None:
-            shape = [1] * len(layer.chain.out_shape)
-            shape[layer.chain.channel_axis] = -1
-            corr = np.asarray(lp.bias_correction, np.float32).reshape(shape)
-            y_q = self.builder_.emit(relax.op.add(y_q, relax.const(corr, "float32")))
+
+        def quantized(qp):
+            w = relax.const(wqp.dequantize(wq), "float32")
+            y = self.builder_.emit(relax.Call(call.op, [self._quantized_input(layer.inputs[0], qp), w], call.attrs))
+            if lp.bias_correction is not None:
+                shape = [1] * len(layer.chain.out_shape)
+                shape[layer.chain.channel_axis] = -1
+                corr = np.asarray(lp.bias_correction, np.float32).reshape(shape)
+                y = self.builder_.emit(relax.op.add(y, relax.const(corr, "float32")))
+            return y
+
+        y_q = quantized(lp.inputs[0])
+        y_w = quantized(sixteen_bits(lp.inputs[0])) if layer.name in self.wide else None
         y_f = self.builder_.emit(relax.Call(call.op, [x, relax.const(layer.weight, "float32")], call.attrs))
         y_h = None
         if self.fp16_switch:
             x_h = self.builder_.emit(relax.op.astype(self.builder_.emit(relax.op.astype(x, "float16")), "float32"))
             w_h = relax.const(layer.weight.astype(np.float16).astype(np.float32), "float32")
             y_h = self.builder_.emit(relax.Call(call.op, [x_h, w_h], call.attrs))
-        return self._emit_like(var, self._select(switch, y_q, y_f, y_h))
+        return self._emit_like(var, self._select(switch, y_f, {1: y_q, 2: y_h, 3: y_w}))
 
     @staticmethod
     def _weight(layer, lp):
@@ -280,12 +290,13 @@ def _with_out_dtype(call, args, out_dtype):
                               out_layout=attrs.out_layout, out_dtype=out_dtype)
 
 
-def insert_switchable_qdq(mod: tvm.IRModule, plan: QuantPlan, fp16: bool = False):
+def insert_switchable_qdq(mod: tvm.IRModule, plan: QuantPlan, fp16: bool = False, wide=()):
     """The fake-quantized module with every int8 layer's Q/DQ behind a switch.
 
     ``main`` takes two more inputs. ``tvmq_mask`` (float32, one entry per switchable layer):
     layer ``i`` is int8 where ``mask[i]`` is 1 and float where it is 0 (with ``fp16``, 2 runs
-    it on fp16-rounded operands), so one compiled module simulates any mix of precisions.
+    it on fp16-rounded operands; for the layers named in ``wide``, 3 quantizes its input to
+    16 bits instead), so one compiled module simulates any mix of precisions.
     ``tvmq_widths`` (float32, one entry per quantized activation tensor, in the order of
     :func:`quantized_tensors`): the factor each tensor's calibrated range is scaled by (1: as
     calibrated; below 1 clips it), so one module also simulates any choice of ranges.
@@ -297,7 +308,7 @@ def insert_switchable_qdq(mod: tvm.IRModule, plan: QuantPlan, fp16: bool = False
     mask = relax.Var("tvmq_mask", TensorType((len(names),), "float32"))
     widths = relax.Var("tvmq_widths", TensorType((max(len(tensors), 1),), "float32"))
     inserter = _Inserter(mod, func, plan, mask=mask, switches={n: i for i, n in enumerate(names)}, fp16_switch=fp16,
-                         widths=widths, tensors=tensors)
+                         widths=widths, tensors=tensors, wide=wide)
     body = inserter.visit_expr(func)
     new = relax.Function([*func.params, mask, widths], body.body, body.ret_ty, func.is_pure, func.attrs)
     new = relax.analysis.remove_all_unused(new)

@@ -291,8 +291,10 @@ def _matmul_compute(out_features, lanes, granule: int = 1):
 
 @relax.expr_functor.mutator
 class _Packer(relax.PyExprMutator):
-    def __init__(self, mod, data_dtype, lane_options, float_lanes, k, operand_dtype, pairs=None, pixel_tile=None):
+    def __init__(self, mod, data_dtype, lane_options, float_lanes, k, operand_dtype, pairs=None, pixel_tile=None,
+                 wide_lanes=()):
         super().__init__(mod)
+        self.wide_lanes = wide_lanes
         self.pixel_tile = pixel_tile
         self.k = k
         self.pairs = pairs
@@ -305,18 +307,31 @@ class _Packer(relax.PyExprMutator):
     def _weight(self, expr):
         return bound_constant(self, expr)
 
-    def _lanes(self, channels):
+    def _lanes(self, channels, options=None):
         """Lanes per output-channel block.
 
         The widest lane count when it divides ``channels`` or padding wastes little (up to
         1/8 of the work); narrower exact lanes for small layers; else the widest, padded.
         """
-        if not self.lane_options:
+        options = self.lane_options if options is None else options
+        if not options:
             return None
-        widest = self.lane_options[0]
+        widest = options[0]
         if channels % widest == 0 or (-channels % widest) * 8 <= channels:
             return widest
-        return next((l for l in self.lane_options if channels % l == 0), widest)
+        return next((l for l in options if channels % l == 0), widest)
+
+    def _operands(self, data, out_features):
+        """``(lanes, k, activations as the kernel reads them)`` of an int8-weight layer over
+        ``data``, or None when no micro-kernel takes its activations: the preset's kernel for
+        its activation dtype, the wide kernel (``k`` 2, read as they are) for 16-bit ones."""
+        dtype = dtype_of(data)
+        if dtype == self.data_dtype:
+            lanes = self._lanes(out_features)
+            return None if lanes is None else (lanes, self.k, self._widen(data))
+        if dtype == "int16" and self.wide_lanes:
+            return self._lanes(out_features, self.wide_lanes), 2, data
+        return None
 
     def _widen(self, data):
         """Activations as the micro-kernel reads them (int16 for x86 ``vpmaddwd``: widened once,
@@ -388,25 +403,25 @@ class _Packer(relax.PyExprMutator):
             return self._depthwise(call)
         if self.float_lanes and dtype_of(data) == "float32" and str(a.out_dtype or "float32") == "float32":
             return self._float_conv(call)
-        if int(a.groups) != 1 or str(a.out_dtype) != "int32" or dtype_of(data) != self.data_dtype:
+        if int(a.groups) != 1 or str(a.out_dtype) != "int32":
             return None
         w = self._weight(weight)
         shape = dims(data)  # height and width may be symbolic, channels are not
         if w is None or w.dtype != np.int8 or shape is None or not isinstance(shape[3], int):
             return None
-        lanes, k = self._lanes(w.shape[0]), self.k
-        if lanes is None:
+        operands = self._operands(data, w.shape[0])
+        if operands is None:
             return None
+        lanes, k, data = operands
         top, left, bottom, right = (int(p) for p in a.padding)
         static_width = isinstance(shape[2], int)  # a symbolic width may be odd: no pixel pairs
         out_width = (shape[2] + left + right - (w.shape[2] - 1) * int(a.dilation[1]) - 1) // int(a.strides[1]) + 1 \
             if static_width else 1
-        if self.pairs and static_width and int(a.strides[1]) == 1 and out_width % 2 == 0:
+        if self.pairs and k == self.k and static_width and int(a.strides[1]) == 1 and out_width % 2 == 0:
             lanes, k = self.pairs  # neighbouring pixels read neighbouring columns: one two-pixel step
         extra_c = _round_up(shape[3], k) - shape[3]
         granule = self._granule(out_width if static_width else shape[2], w.shape[0], lanes, k)
         right += (granule - 1) * int(a.strides[1])  # spare columns for the last, padded tile
-        data = self._widen(data)
         data = self._pad(data, [0, 0, top, bottom, left, right, 0, extra_c]) if top or left or bottom or right or extra_c \
             else self._canonical(data)
         wp = relax.const(pack_conv_weight(w, lanes, k), "int8")
@@ -474,20 +489,20 @@ class _Packer(relax.PyExprMutator):
         x, weight = call.args
         if self.float_lanes and dtype_of(x) == "float32" and str(call.attrs.out_dtype or "float32") in ("float32", "void"):
             return self._float_matmul(call)
-        if str(call.attrs.out_dtype) != "int32" or dtype_of(x) != self.data_dtype:
+        if str(call.attrs.out_dtype) != "int32":
             return None
         w = self._weight(weight)
         shape = dims(x)
         if w is None or w.dtype != np.int8 or w.ndim != 2 or shape is None:
             return None
-        lanes, k = self._lanes(w.shape[1]), self.k
-        if lanes is None:
+        operands = self._operands(x, w.shape[1])
+        if operands is None:
             return None
-        if self.pairs and len(shape) >= 2 and isinstance(shape[-2], int) and shape[-2] % 2 == 0:
+        lanes, k, x = operands
+        if self.pairs and k == self.k and len(shape) >= 2 and isinstance(shape[-2], int) and shape[-2] % 2 == 0:
             lanes, k = self.pairs
         extra_k = _round_up(w.shape[0], k) - w.shape[0]
         granule = self._granule(shape[-2] if len(shape) >= 2 else 1, w.shape[1], lanes, k)
-        x = self._widen(x)
         x = self._pad(x, [0, 0] * (len(shape) - 2) + [0, granule - 1, 0, extra_k]) if extra_k or granule > 1 \
             else self._canonical(x)
         wp = relax.const(pack_matmul_weight(w, lanes, k), "int8")
@@ -529,11 +544,15 @@ class PackKernels:
         ``(channel blocks, lanes) -> pixels`` of the int8 register tile the schedule will choose.
         An int8 kernel over a symbolic width (or row count) computes a multiple of it, so the
         tile divides the loop and stays tensorized (see :func:`_conv_compute`).
+    wide_lanes : tuple of int
+        Output-channel block sizes of the micro-kernel for 16-bit activations (``k`` 2, read as
+        int16); empty leaves layers with int16 activations unpacked.
     """
 
     def __init__(self, data_dtype: str = "uint8", lanes: tuple[int, ...] = (16, 8, 4), float_lanes: int = 16,
                  k: int = 4, operand_dtype: str | None = None, pairs: tuple[int, int] | None = None,
-                 pixel_tile=None):
+                 pixel_tile=None, wide_lanes: tuple[int, ...] = ()):
+        self.wide_lanes = tuple(wide_lanes)
         if k not in (2, 4):
             raise ValueError(f"k must be 2 or 4, not {k}")
         self.pairs = tuple(pairs) if pairs else None
@@ -546,6 +565,6 @@ class PackKernels:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         packer = _Packer(mod, self.data_dtype, self.lanes, self.float_lanes, self.k, self.operand_dtype, self.pairs,
-                         self.pixel_tile)
+                         self.pixel_tile, self.wide_lanes)
         new = map_functions(mod, packer.visit_expr, builder=packer.builder_, remove_unused=True)
         return new if packer.packed else mod

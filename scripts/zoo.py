@@ -288,6 +288,8 @@ def _float_reasons(qm) -> dict:
     """Layers (conv/matmul/add) the plan leaves float, by reason."""
     plan = qm.plan
     out = {"layers": len(plan.layers), "int8": plan.count("int8"), "fp32": plan.count("fp32")}
+    if plan.wide_layers():
+        out["int16_activations"] = len(plan.wide_layers())
     speed = set(plan.kept_float)
     # a residual add runs int8 only between int8 layers
     adds = {n for n, lp in plan.layers.items() if lp.kind == "add" and lp.precision != "int8"} - speed

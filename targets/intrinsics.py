@@ -11,6 +11,8 @@ kernel      k   lanes        instructions (operands)
 vnni        4   16, 8, 4     ``vpdpbusd`` zmm/ymm/xmm (u8 x s8, AVX-512 VNNI)
 avxvnni     4   8, 4         ``{vex} vpdpbusd`` ymm/xmm (u8 x s8, Alder Lake and later)
 pmaddwd     2   16, 8, 4     ``vpmovsxbw`` + ``vpmaddwd`` zmm/ymm/xmm (AVX-512BW, AVX2, SSE2)
+dpwssd      2   16, 8, 4     ``vpdpwssd`` zmm/ymm/xmm (s16 x s8 widened, AVX-512 VNNI; 16-bit activations)
+dpwssd256   2   8, 4         ``{vex} vpdpwssd`` ymm/xmm (the same, AVX-VNNI)
 sdot        4   4            ``sdot`` (s8 x s8, ARMv8.2 dot product)
 smmla       8   2 (x 2 px)   ``smmla`` (s8 x s8, ARMv8.6 i8mm: a 2x8 by 8x2 matrix product)
 smull       2   8, 4         ``smull`` + ``sadalp`` (s8 x s8, any aarch64 NEON)
@@ -32,6 +34,14 @@ unlike ``vpmaddubsw``, whose u8 x s8 pair sums saturate in int16 (up to 2 * 255 
 that is what makes ONNX Runtime's AVX2 int8 kernels inexact. ``k = 2`` because each of these
 instructions sums exactly two products per 32-bit lane; packing pairs keeps every lane's result
 in its own accumulator, with no horizontal adds.
+
+The x86 kernels also serve layers whose plan gives them 16-bit activations (int8 weights, for
+accuracy at twice an int8 step's cost): ``MicroKernel.wide`` names the kernel that reads int16
+activations directly, ``vpdpwssd`` on VNNI (two s16 x s16 products added into each int32 lane,
+the weights sign-extended as for ``vpmaddwd``), the ``vpmaddwd`` kernels themselves elsewhere.
+A 16-bit activation times a weight in [-127, 127] can reach 2^22, so the int32 accumulator is
+exact only while a layer's sum of absolute weights stays under 2^16
+(:func:`tvmq.qparams.int16_accumulates_exactly`); the plan offers 16 bits only there.
 
 TVM's own ``dot_16x4_vnni`` passes 32-bit lanes to ``llvm.x86.avx512.vpdpbusd.512``, which
 LLVM 22 rejects ("Call parameter type does not match function signature"): it wants byte
@@ -87,6 +97,9 @@ class MicroKernel:
         ``C[p, i] += sum_k A[p, k] * B[i, k]`` over two pixels ``p``).
     fallback : str or None
         The one-pixel micro-kernel used for layers whose pixels do not pair up.
+    wide : str or None
+        The micro-kernel of layers with 16-bit activations (``operand_dtype`` int16, ``k`` 2), or
+        None where the ISA has none (the plan then offers no 16-bit activations).
     min_pixels : int
         Output pixels of a conv below which int8 does not pay: a conv on a pooled 1x1 map
         (a squeeze-excite gate, a classifier head) is a matrix-vector product with too little
@@ -107,6 +120,7 @@ class MicroKernel:
     min_pixels: int = 1
     pixels: int = 1
     fallback: str | None = None
+    wide: str | None = None
 
     def __post_init__(self):
         if not self.operand_dtype:
@@ -138,15 +152,19 @@ MICRO_KERNELS = {
     m.name: m
     for m in (
         MicroKernel(name="vnni", k=4, lanes=(16, 8, 4), activation_dtype="uint8", mnemonics=("vpdpbusd",), dot_product=True,
-                    int8_speedup=4.0, min_reduction=16),
+                    int8_speedup=4.0, min_reduction=16, wide="dpwssd"),
         MicroKernel(name="avxvnni", k=4, lanes=(8, 4), activation_dtype="uint8", mnemonics=("vpdpbusd",), dot_product=True,
-                    int8_speedup=4.0, min_reduction=16),
+                    int8_speedup=4.0, min_reduction=16, wide="dpwssd256"),
+        MicroKernel(name="dpwssd", k=2, lanes=(16, 8, 4), activation_dtype="int16", mnemonics=("vpdpwssd",),
+                    dot_product=False, int8_speedup=2.0),
+        MicroKernel(name="dpwssd256", k=2, lanes=(8, 4), activation_dtype="int16", mnemonics=("vpdpwssd",),
+                    dot_product=False, int8_speedup=2.0),
         MicroKernel(name="pmaddwd", k=2, lanes=(16, 8, 4), activation_dtype="uint8", mnemonics=("vpmaddwd",),
                     dot_product=False, int8_speedup=1.5, operand_dtype="int16", min_reduction=32, int8_depthwise=False,
-                    min_pixels=2),
+                    min_pixels=2, wide="pmaddwd"),
         MicroKernel(name="pmaddwd256", k=2, lanes=(8, 4), activation_dtype="uint8", mnemonics=("vpmaddwd",),
                     dot_product=False, int8_speedup=1.5, operand_dtype="int16", min_reduction=32, int8_depthwise=False,
-                    min_pixels=2),
+                    min_pixels=2, wide="pmaddwd256"),
         MicroKernel(name="sdot", k=4, lanes=(4,), activation_dtype="int8", mnemonics=("sdot",), dot_product=True, int8_speedup=4.0),
         MicroKernel(name="smmla", k=8, lanes=(2,), activation_dtype="int8", mnemonics=("smmla",), dot_product=True,
                     int8_speedup=8.0, pixels=2, fallback="sdot"),
@@ -217,6 +235,34 @@ def _dot4_impl(lanes: int, a_dtype: str, intrinsic: str):
             a_i32 = T.meta_var(T.reinterpret(A.vload([0], a_x4), dtype="int32"))
             a = T.meta_var(T.reinterpret(T.broadcast(a_i32, lanes), dtype=byte_t))
             b = T.meta_var(B.vload([0, 0], dtype=byte_t))
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(intrinsic), C.vload([0], dtype=acc_t), a, b, dtype=acc_t
+            )
+
+    return impl
+
+
+def _dpwssd_impl(lanes: int):
+    """VNNI, 16-bit activations: the activation pair (one int32, broadcast), the weights
+    sign-extended to int16 as for ``vpmaddwd``, and ``vpdpwssd`` adds each lane's two products
+    into its accumulator in one instruction (no separate ``vpaddd``)."""
+    from tvm.script import tirx as T
+
+    intrinsic = f"llvm.x86.avx512.vpdpwssd.{lanes * 32}"
+    acc_t, w16_t, w8_t = f"int32x{lanes}", f"int16x{lanes * 2}", f"int8x{lanes * 2}"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((2,), "int16", offset_factor=1),
+        B: T.Buffer((lanes, 2), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            pair = T.meta_var(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"))
+            a = T.meta_var(T.reinterpret(T.broadcast(pair, lanes), dtype=w16_t))
+            b = T.meta_var(T.cast(B.vload([0, 0], dtype=w8_t), w16_t))
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(intrinsic), C.vload([0], dtype=acc_t), a, b, dtype=acc_t
             )
@@ -336,6 +382,8 @@ def _impl(kernel: MicroKernel, lanes: int):
         return _dot4_impl(lanes, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
     if kernel.name.startswith("pmaddwd"):
         return _pmaddwd_impl(lanes)
+    if kernel.name.startswith("dpwssd"):
+        return _dpwssd_impl(lanes)
     if kernel.name == "smull":
         return _neon_widening_impl(lanes, "llvm.aarch64.neon.saddlp.v4i32.v8i16", accumulates=False)
     if kernel.name == "vmull":

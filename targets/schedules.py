@@ -299,7 +299,8 @@ class PackedKernelRule(ScheduleRule):
     ----------
     intrinsics : dict
         ``{lanes: registered tensor intrinsic name}`` for the int8 blocks (empty: int8 blocks
-        are left to the next rule).
+        are left to the next rule), and ``{("int16", lanes): name}`` for blocks reading 16-bit
+        activations where the ISA's kernel for them differs.
     registers : int
         Vector registers of the ISA (AVX-512 and aarch64: 32, AVX2 and armv7: 16); three
         quarters of them hold accumulators, the rest operands.
@@ -469,7 +470,8 @@ class PackedKernelRule(ScheduleRule):
     def _schedule(self, sch, main, is_conv, dot, tunable=False, order=None):
         weight = sch.get(main).reads[-1].source  # 0.27: TensorRegion.source is the buffer
         lanes = int(weight.shape[-2] if dot else weight.shape[-1])
-        intrin = self.intrinsics.get(lanes) if dot else None
+        wide = dot and str(sch.get(main).reads[0].source.dtype) == "int16" and ("int16", lanes) in self.intrinsics
+        intrin = self.intrinsics.get(("int16", lanes) if wide else lanes) if dot else None
         if dot and intrin is None:
             return False
         schedule_producers(sch, main, 64)

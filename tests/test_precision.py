@@ -157,12 +157,14 @@ def test_a_user_metric_and_labels_drive_the_budget(sensitive, tmp_path, monkeypa
 
 def _fake_analysis(layers, fp16=False):
     """An Analysis whose simulation adds the layers' noise powers (the search's own model)."""
-    a = S.Analysis(M.Metric("sqnr"), float("inf"), 0.0, layers=layers, names=[l.name for l in layers], fp16=fp16)
+    wide = tuple(l.name for l in layers if l.only_int16 is not None)
+    a = S.Analysis(M.Metric("sqnr"), float("inf"), 0.0, layers=layers, names=[l.name for l in layers], fp16=fp16,
+                   wide=wide)
 
     def evaluate(assignment):
         if not isinstance(assignment, dict):
             assignment = {n: "int8" for n in assignment}
-        noise = sum(10 ** (-(l.only_int8 if assignment.get(l.name) == "int8" else l.only_fp16) / 10)
+        noise = sum(10 ** (-l.alone(assignment[l.name]) / 10)
                     for l in layers if assignment.get(l.name, "fp32") != "fp32")
         return float("inf") if noise == 0 else -10 * np.log10(noise)
 
@@ -174,27 +176,47 @@ def _fake_analysis(layers, fp16=False):
 @pytest.mark.parametrize("seed", range(6))
 def test_exact_search_is_optimal_and_never_slower_than_greedy_or_fallback(seed):
     rng = np.random.default_rng(seed)
-    fp16 = seed % 2 == 1
+    fp16, wide = seed % 2 == 1, seed % 3 != 0
     layers = []
     for i in range(7):
         fp32_ms = float(rng.uniform(0.1, 2.0))
         layers.append(S.LayerInfo(f"l{i}", "conv2d", only_int8=float(rng.uniform(25, 50)), only_float=0.0,
                                   only_fp16=float(rng.uniform(55, 70)) if fp16 else None,
                                   int8_ms=fp32_ms * float(rng.uniform(0.2, 0.6)), fp32_ms=fp32_ms,
-                                  fp16_ms=fp32_ms * 0.6 if fp16 else None))
+                                  fp16_ms=fp32_ms * 0.6 if fp16 else None,
+                                  only_int16=float(rng.uniform(40, 60)) if wide and i % 3 else None,
+                                  int16_ms=fp32_ms * float(rng.uniform(0.4, 0.9)) if wide and i % 3 else None))
     a = _fake_analysis(layers, fp16)
     budget = 34.0
     exact, value = PS.search(a, budget, "exact")
     greedy, _ = PS.search(a, budget, "greedy")
     fallback, _, _ = PS.fallback_plan(a, budget)
     assert value >= budget
-    candidates = ["fp32", "int8", "fp16"] if fp16 else ["fp32", "int8"]
+    def allowed(layer):
+        return ["fp32", *(p for p in a.candidates if layer.alone(p) is not None)]
+
     best = min(PS.latency(a, dict(zip([l.name for l in layers], combo)))
-               for combo in itertools.product(candidates, repeat=len(layers))
+               for combo in itertools.product(*map(allowed, layers))
                if a.evaluate(dict(zip([l.name for l in layers], combo))) >= budget)
     assert PS.latency(a, exact) <= best * 1.01  # knapsack on a discretized budget: within 1%
     assert PS.latency(a, exact) <= PS.latency(a, greedy) + 1e-9
     assert PS.latency(a, exact) <= PS.latency(a, fallback) + 1e-9
+
+
+def test_int16_takes_the_layers_that_int8_breaks_where_it_beats_float():
+    """A layer whose int8 alone breaks the budget goes to int8 on 16-bit activations when that
+    holds it and is faster than float; one where 16 bits are no faster than float stays float."""
+    layers = [S.LayerInfo("stem", "conv2d", only_int8=14.0, only_float=0.0, int8_ms=0.3, fp32_ms=1.0,
+                          only_int16=45.0, int16_ms=0.5),
+              S.LayerInfo("slow16", "conv2d", only_int8=15.0, only_float=0.0, int8_ms=0.3, fp32_ms=1.0,
+                          only_int16=45.0, int16_ms=1.3),
+              S.LayerInfo("body", "conv2d", only_int8=30.0, only_float=0.0, int8_ms=0.2, fp32_ms=0.8,
+                          only_int16=50.0, int16_ms=0.4)]
+    a = _fake_analysis(layers)
+    assert a.candidates == ("int8", "int16")
+    assignment, value = PS.search(a, 20.0, "exact")
+    assert assignment == {"stem": "int16", "slow16": "fp32", "body": "int8"}
+    assert value >= 20.0
 
 
 def test_layer_latency_counts_the_kernels_fusion_left_after_it():

@@ -147,6 +147,7 @@ def manifest(model, info, preset, plan, float_mod, qmod, kernels, warnings) -> d
             "activation_dtype": plan.activation_dtype,
             "requantize": plan.requantize,
             "int8_layers": plan.count("int8"),
+            "int16_activation_layers": len(plan.wide_layers()),  # of the int8 layers: 16-bit activations
             "float_layers": plan.count("fp32") + plan.count("fp16"),
             "fp16_layers": plan.count("fp16"),
             # float because the ISA's int8 kernel is no faster there (QuantConfig.int8_everywhere)

@@ -55,8 +55,8 @@ def _add_compile(sub):
                         "faster than float on the target's ISA, which stay float by default")
     p.add_argument("--keep-float", action="append", default=[], metavar="GLOB",
                    help="leave layers whose name matches in float (repeatable; sugar for a --config rule)")
-    p.add_argument("--config", help="JSON/TOML file of layer rules (op type | name glob) -> int8|fp16|fp32|skip, "
-                                    "first match wins")
+    p.add_argument("--config", help="JSON/TOML file of layer rules (op type | name glob) -> int8|int16|fp16|fp32|skip, "
+                                    "first match wins (int16: int8 weights on 16-bit activations, x86 targets)")
     p.add_argument("--plan", help="reuse a plan.json from an earlier build instead of calibrating")
     _add_budget_flags(p)
     p.add_argument("--requantize", choices=[m.value for m in RequantizeMode],
@@ -96,6 +96,10 @@ def _add_budget_flags(p):
                         "whose int8 readers come within 6 dB of the budget alone, and keep one where the simulated "
                         "all-int8 plan gains and neither half of the samples nor the median one loses; chosen on "
                         "the calibration samples, so check held-out data")
+    p.add_argument("--int16-activations", action="store_true",
+                   help="--precision auto: also offer each conv/matmul int8 weights on 16-bit activations (x86 "
+                        "targets: 256x finer activation steps at about twice an int8 kernel's time), between int8 "
+                        "and float")
 
 
 def _add_algorithm_flags(p):

@@ -79,9 +79,9 @@ def _auto_from_args(args):
     budget = args.max_drop is not None or args.min_sqnr is not None
     if args.precision != "auto":
         if (budget or args.metric or args.eval_data or args.output_slice or args.input_noise is not None
-                or args.clip_ranges):
-            raise TvmqError("--max-drop/--min-sqnr/--metric/--eval-data/--output-slice/--input-noise/--clip-ranges "
-                            "choose a plan; add --precision auto")
+                or args.clip_ranges or args.int16_activations):
+            raise TvmqError("--max-drop/--min-sqnr/--metric/--eval-data/--output-slice/--input-noise/--clip-ranges/"
+                            "--int16-activations choose a plan; add --precision auto")
         return None
     if args.max_drop is not None and args.min_sqnr is not None:
         raise TvmqError("give one budget: --max-drop POINTS (with --metric) or --min-sqnr DB")
@@ -97,7 +97,8 @@ def _auto_from_args(args):
         raise TvmqError(f"--output-slice parts are judged by sqnr or cosine, not {metric}; use --metric sqnr|cosine")
     return AutoPrecision(metric=metric, max_drop=args.max_drop, min_sqnr=args.min_sqnr, eval_data=args.eval_data,
                          output_slices=tuple(args.output_slice),
-                         input_noise=1.0 if args.input_noise is None else args.input_noise, clip_ranges=args.clip_ranges)
+                         input_noise=1.0 if args.input_noise is None else args.input_noise, clip_ranges=args.clip_ranges,
+                         int16_activations=args.int16_activations)
 
 
 def cmd_tune(args) -> int:
@@ -172,7 +173,9 @@ def _print_summary(result) -> None:
     layers = "fp32 (not quantized)"
     if q:
         half = q.get("fp16_layers", 0)
-        layers = f"{q['int8_layers']} int8 layers, {half} fp16, {q['float_layers'] - half} fp32"
+        wide = q.get("int16_activation_layers", 0)
+        layers = f"{q['int8_layers']} int8 layers{f' ({wide} on 16-bit activations)' if wide else ''}, {half} fp16, " \
+                 f"{q['float_layers'] - half} fp32"
     print(f"compiled {m['model'].get('file', 'model')} for {m['target']['preset']} -> {result.output_dir} "
           f"({m['library']} {size / 1024:.0f} KiB): {layers}")
     integer = sum(1 for k in m["kernels"] if k["accumulator"] == "int32")
@@ -181,9 +184,15 @@ def _print_summary(result) -> None:
         from tvmq.targets.intrinsics import MICRO_KERNELS
 
         kernel = MICRO_KERNELS.get(m["target"]["int8_kernel"])
-        tensorized = [k["intrinsic"] for k in m["kernels"] if k["accumulator"] == "int32" and k.get("intrinsic")]
+        # layers on 16-bit activations run the ISA's kernel for them, where it is another one
+        wide = MICRO_KERNELS.get(kernel.wide) if kernel is not None and kernel.wide != kernel.name else None
+        on_wide = [k for k in m["kernels"] if wide is not None and k.get("intrinsic") and k["operands"][:1] == ["int16"]]
+        tensorized = [k["intrinsic"] for k in m["kernels"] if k["accumulator"] == "int32" and k.get("intrinsic")
+                      and k not in on_wide]
         line += (f"; {len(tensorized)} of {integer} use the {m['target']['int8_kernel']} micro-kernel "
                  f"({' + '.join(m['target']['int8_instructions'])})")
+        if on_wide:
+            line += f", {len(on_wide)} its {wide.name} kernel for 16-bit activations ({' + '.join(wide.mnemonics)})"
         if kernel is not None and kernel.fallback:  # two-pixel kernel: the layers whose pixels do not pair
             fallback = sum(1 for name in tensorized if kernel.name not in name)
             line = line.replace(f"{len(tensorized)} of {integer} use", f"{len(tensorized) - fallback} of {integer} use")
@@ -354,7 +363,8 @@ def cmd_targets(args) -> int:
     for p in list_presets():
         kernel = p.micro_kernel
         int8 = f"{p.activation_dtype[0]}8 x s8 " + (f"{kernel.name}" if kernel else "dp4a" if p.kind == "cuda" else "-")
+        int8 += f", s16 x s8 {kernel.wide}" if kernel is not None and kernel.wide else ""
         here = " [runs here]" if p.runs_here else ""
-        print(f"{p.name:<15} {int8:<20} {p.description}{here}")
+        print(f"{p.name:<15} {int8:<36} {p.description}{here}")
     return 0
 

@@ -55,6 +55,9 @@ class Precision(str, Enum):
         return precision
 
 
+WIDE = "int16"  # a layer rule's (and the search's) name for int8 weights with 16-bit activations
+
+
 class RequantizeMode(str, Enum):
     """How int32 accumulators are scaled back to 8 bits."""
 
@@ -78,8 +81,9 @@ class ActivationSpec:
 class LayerRule:
     """``(op type | name glob) -> precision``; the first rule that matches a layer wins.
 
-    ``precision`` is ``"int8"``, ``"fp16"``, ``"fp32"`` or ``"skip"`` (same as fp32: the layer is
-    left exactly as imported).
+    ``precision`` is ``"int8"``, ``"int16"`` (int8 weights, 16-bit activations: x86 targets,
+    conv/matmul layers whose int32 sums cannot overflow; elsewhere int8), ``"fp16"``, ``"fp32"``
+    or ``"skip"`` (same as fp32: the layer is left exactly as imported).
     """
 
     precision: str
@@ -87,8 +91,8 @@ class LayerRule:
     name: str | None = None
 
     def __post_init__(self):
-        if self.precision != "skip" and self.precision not in (Precision.INT8, Precision.FP16, Precision.FP32):
-            raise ValueError(f"rule precision must be int8, fp16, fp32 or skip, not {self.precision!r}")
+        if self.precision not in ("skip", WIDE, Precision.INT8, Precision.FP16, Precision.FP32):
+            raise ValueError(f"rule precision must be int8, int16, fp16, fp32 or skip, not {self.precision!r}")
         if self.op is None and self.name is None:
             raise ValueError("a layer rule needs an op type, a name glob, or both")
 
@@ -232,6 +236,10 @@ class AutoPrecision:
     # the samples nor the median one loses (--clip-ranges; off by default: on the whole zoo it moved
     # no plan's latency and cost three models some held-out accuracy, README).
     clip_ranges: bool = False
+    # Also offer int8 weights on 16-bit activations per layer (x86; --int16-activations; off by
+    # default: on the zoo's YOLO detectors it moved no plan's latency, and on YOLOX it traded a
+    # float layer for a plan that held the calibration budget and lost held-out boxes, README).
+    int16_activations: bool = False
 
     def budget(self) -> float:
         """The budget in the metric's units; raises on anything missing, before any work."""

@@ -62,7 +62,7 @@ def reduction_kernels(lowered) -> list[ReductionKernel]:
 
 
 # The LLVM intrinsics of every int8 micro-kernel (targets/intrinsics.py) and of the CUDA ones.
-_DOT_INTRINSICS = ("vpdpbusd", "pmadd", "sdot", "udot", "smmla", "saddlp", "vpadals", "dp4a", "mma", "wmma")
+_DOT_INTRINSICS = ("vpdpbusd", "vpdpwssd", "pmadd", "sdot", "udot", "smmla", "saddlp", "vpadals", "dp4a", "mma", "wmma")
 
 
 def _dot_intrinsic(stmt) -> str | None:

@@ -31,7 +31,8 @@ def schedule_rules(preset):
 
 
 def dot_intrinsics(preset) -> dict[int, str] | None:
-    """``{lanes: tensor intrinsic}`` for the preset's int8 micro-kernel (registered on demand)."""
+    """``{lanes: tensor intrinsic}`` for the preset's int8 micro-kernel (registered on demand),
+    and ``{("int16", lanes): tensor intrinsic}`` for its kernel of 16-bit activations, if any."""
     from tvmq.targets import intrinsics
 
     kernel = get_preset(preset).micro_kernel
@@ -39,7 +40,11 @@ def dot_intrinsics(preset) -> dict[int, str] | None:
         return None
     intrinsics.register()
     kernels = [kernel] + ([intrinsics.MICRO_KERNELS[kernel.fallback]] if kernel.fallback else [])
-    return {lanes: intrinsics.intrinsic_name(kern.name, lanes) for kern in kernels for lanes in kern.lanes}
+    found = {lanes: intrinsics.intrinsic_name(kern.name, lanes) for kern in kernels for lanes in kern.lanes}
+    if kernel.wide:  # layers with 16-bit activations: ("int16", lanes)
+        found.update({("int16", lanes): intrinsics.intrinsic_name(kernel.wide, lanes)
+                      for lanes in intrinsics.MICRO_KERNELS[kernel.wide].lanes})
+    return found
 
 
 def relax_passes(preset) -> list:
@@ -55,10 +60,11 @@ def relax_passes(preset) -> list:
     if kernel is not None and kernel.pixels == 2:  # two-pixel kernel, one-pixel fallback
         kernel, pairs = MICRO_KERNELS[kernel.fallback], (kernel.lanes[0], kernel.k)
     lanes, k, operand = (kernel.lanes, kernel.k, kernel.operand_dtype) if kernel is not None else ((), 4, None)
+    wide = MICRO_KERNELS[kernel.wide].lanes if kernel is not None and kernel.wide else ()
     return [SeparableMaxPool(),
             FoldAffineChains(),
             PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes, k=k, operand_dtype=operand,
-                        pairs=pairs, pixel_tile=_pixel_tile(preset)),
+                        pairs=pairs, pixel_tile=_pixel_tile(preset), wide_lanes=wide),
             FastSoftmax(preset.vector_lanes),
             FastMath(integer_conversions=preset.is_host)]  # x86: lrint is one vcvtps2dq
 

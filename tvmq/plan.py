@@ -26,7 +26,9 @@ class LayerPlan:
     kind : str
         ``conv2d``, ``matmul`` or ``add``.
     precision : str
-        ``int8``, ``fp16`` or ``fp32``.
+        ``int8``, ``fp16`` or ``fp32``. An int8 layer has int8 weights and an integer kernel;
+        its activations are 8-bit, or 16-bit where ``inputs`` say int16 (what an ``int16``
+        layer rule or the ``--precision auto`` search asks for).
     inputs : tuple of QParams
         Parameters of the activation inputs (one for conv2d/matmul, two for add); empty unless int8.
     output : QParams or None
@@ -101,6 +103,10 @@ class QuantPlan:
 
     def count(self, precision: str) -> int:
         return sum(1 for lp in self.layers.values() if lp.precision == precision)
+
+    def wide_layers(self) -> list[str]:
+        """The int8 layers reading 16-bit activations (``int16`` layer rules and search choices)."""
+        return [n for n, lp in self.layers.items() if lp.is_int8 and any(q.dtype == "int16" for q in lp.inputs)]
 
     def to_json(self) -> dict:
         return {

@@ -5,7 +5,8 @@ the ``--precision auto`` driver (:mod:`tvmq.precision`).
 
 * A layer's cost is the output noise power it causes alone (noise powers add up across
   layers, as in HAWQ's additivity assumption); for a given noise allowance the fastest plan is a
-  multiple-choice knapsack (one of fp32/int8/fp16 per layer), solved exactly by dynamic
+  multiple-choice knapsack (one of fp32/int8/int16/fp16 per layer, int16 being int8 weights on
+  16-bit activations), solved exactly by dynamic
   programming over a finely discretized allowance; the greedy ratio order is the baseline. The
   allowance is then chosen by bisection on the *measured* metric of the simulated plan, so
   discrete metrics (top-1, exact-match) are budgeted as measured, not as assumed.
@@ -35,16 +36,18 @@ def _options(analysis: Analysis, layer: LayerInfo, budget: float | None = None) 
     breaks ``budget`` on its own (this layer alone in it) is no candidate."""
     out = []
     for precision in analysis.candidates:
-        sqnr = layer.sqnr_int8 if precision == "int8" else layer.sqnr_fp16
-        alone = layer.only_int8 if precision == "int8" else layer.only_fp16
+        sqnr, alone = layer.sqnr(precision), layer.alone(precision)
         if sqnr is None or (budget is not None and alone is not None and not meets(analysis, alone, budget)):
             continue
         saving = layer.saving_ms(precision)
         if saving < 0:
             continue  # slower than float: never worth it
-        # ties: int8 first (smallest weights), then fp16
-        out.append((precision, _noise(sqnr), saving + (2e-6 if precision == "int8" else 1e-6)))
+        # ties: int8 first (8-bit activations: the least traffic), then int16, then fp16
+        out.append((precision, _noise(sqnr), saving + _TIE[precision]))
     return out
+
+
+_TIE = {"int8": 3e-6, "int16": 2e-6, "fp16": 1e-6}
 
 
 def meets(analysis: Analysis, value: float, budget: float) -> bool:
@@ -99,7 +102,7 @@ def _greedy(options: list[list[tuple[str, float, float]]], allowance: float) -> 
 
 def search(analysis: Analysis, budget: float, method: str = "exact", seeds=(), max_evaluations: int = 32
            ) -> tuple[dict, float]:
-    """The fastest assignment (layer -> int8|fp16|fp32) meeting ``budget``, and its metric.
+    """The fastest assignment (layer -> int8|int16|fp16|fp32) meeting ``budget``, and its metric.
 
     ``budget`` is a minimum SQNR (dB) for the sqnr metric, else the largest allowed drop from
     FP32 in the metric's units. A precision that breaks the budget for a layer on its own is
@@ -138,10 +141,12 @@ def search(analysis: Analysis, budget: float, method: str = "exact", seeds=(), m
         starts = [best] + [s for s in seeds if any(s == p for _, p, _ in trials.passing)]
         for start in {tuple(s.items()): s for s in starts}.values():
             current = start
-            for _, i, precision in float_layers_by_saving(analysis, current):
-                trial = {**current, names[i]: precision}
-                if trials.check(trial):
-                    current = trial
+            for _, i, precisions in float_layers_by_saving(analysis, current):
+                for precision in precisions:  # the fastest that holds
+                    trial = {**current, names[i]: precision}
+                    if trials.check(trial):
+                        current = trial
+                        break
     _, assignment, value = trials.fastest()
     return assignment, value
 
@@ -220,18 +225,19 @@ def _unquantize_slower(trials: _Trials, names) -> dict:
     return best
 
 
-def float_layers_by_saving(analysis: Analysis, assignment: dict) -> list[tuple[float, int, str]]:
-    """``(saving, index, precision)`` for each float layer of ``assignment`` with a faster
-    quantized kernel (its fastest candidate precision), the largest saving first."""
+def float_layers_by_saving(analysis: Analysis, assignment: dict) -> list[tuple[float, int, tuple[str, ...]]]:
+    """``(saving, index, precisions)`` for each float layer of ``assignment`` with a faster
+    quantized kernel: its candidate precisions that are faster than float, the fastest first
+    (``saving`` is that one's), the largest saving first."""
     out = []
     for i, layer in enumerate(analysis.layers):
         if assignment[layer.name] != "fp32":
             continue
-        savings = [(layer.saving_ms(p), p) for p in analysis.candidates
-                   if p == "int8" or layer.sqnr_fp16 is not None]
-        saving, precision = max(savings, default=(0.0, "fp32"))
-        if saving > 0:
-            out.append((saving, i, precision))
+        savings = sorted(((layer.saving_ms(p), _TIE[p], p) for p in analysis.candidates if layer.sqnr(p) is not None),
+                         reverse=True)
+        faster = tuple(p for saving, _, p in savings if saving > 0)
+        if faster:
+            out.append((layer.saving_ms(faster[0]), i, faster))
     return sorted(out, key=lambda t: (-t[0], t[1]))
 
 

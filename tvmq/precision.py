@@ -100,7 +100,7 @@ class _Search:
     def summary(self, assignment: dict, value: float | None = None) -> dict:
         counts = Counter(assignment.values())
         value = self.analysis.evaluate(assignment) if value is None else value
-        return {"int8_layers": counts["int8"], "fp16_layers": counts["fp16"], "metric": value,
+        return {"int8_layers": counts["int8"], "int16_layers": counts["int16"], "fp16_layers": counts["fp16"], "metric": value,
                 "latency_ms": latency(self.analysis, assignment), "assignment": assignment}
 
 
@@ -121,7 +121,8 @@ def _propose(s: _Search) -> tuple[dict, dict, dict]:
         for name in [n for n in most_sensitive_first(a) if assignment[n] != "fp32"][:8]:
             if s.passes(assignment):
                 break
-            assignment, steps = {**assignment, name: "fp32"}, steps + 1
+            wider = assignment[name] == "int8" and a.layer(name).sqnr("int16") is not None
+            assignment, steps = {**assignment, name: "int16" if wider else "fp32"}, steps + 1
         return assignment, steps
 
     proposals, repaired = {}, {}
@@ -153,11 +154,13 @@ def _refine(s: _Search, best: dict) -> tuple[dict, list[str]]:
     winner's float layers get one more try as what will ship: each (the largest estimated saving
     first, at most 8) in its quantized precision, compiled, kept when it meets the budget."""
     refined = []
-    for _, i, precision in float_layers_by_saving(s.analysis, best)[:8]:
-        trial = {**best, s.analysis.layers[i].name: precision}
-        if s.passes(trial):
-            best = trial
-            refined.append(s.analysis.layers[i].name)
+    for _, i, precisions in float_layers_by_saving(s.analysis, best)[:8]:
+        for precision in precisions[:2]:  # the fastest quantized one, else the next
+            trial = {**best, s.analysis.layers[i].name: precision}
+            if s.passes(trial):
+                best = trial
+                refined.append(s.analysis.layers[i].name)
+                break
     return best, refined
 
 
@@ -178,7 +181,8 @@ def choose_plan(float_mod, samples, config, auto, preset, info, *, input_names, 
     full = calibrate(float_mod, samples, config, target=preset.name, input_names=input_names, progress=progress)
     eval_samples, labels = (samples, None) if auto.eval_data is None else load_eval_data(auto.eval_data, list(info.inputs))
     analysis = analyse(float_mod, full, eval_samples, input_names, metric, labels, preset=preset, progress=progress,
-                       parts=parts, budget=budget, input_noise=auto.input_noise, clip_ranges=auto.clip_ranges)
+                       parts=parts, budget=budget, input_noise=auto.input_noise, clip_ranges=auto.clip_ranges,
+                       int16=auto.int16_activations)
     full = narrow(full, float_mod, analysis.narrowed_ranges())
     s = _Search(float_mod, samples, eval_samples, labels, config, preset, input_names, full, analysis, budget)
 
@@ -232,12 +236,14 @@ def _report(s: _Search, proposals: dict, race: dict, repaired: dict, summaries: 
                   "all_int8": parts.values(metric, analysis.outputs(analysis.names), analysis.reference, labels)
                   if race[winner].parts else {}},
         "int8_layers": sorted(n for n, p in chosen.items() if p == "int8"),
+        "int16_layers": sorted(n for n, p in chosen.items() if p == "int16"),
         "latency_ms": {"fp32": latency(analysis, {}), "all_int8": latency(analysis, analysis.names),
                        "plan": latency(analysis, chosen)},
         **summaries,
         "evaluations": analysis.evaluations,
         "layers": [{"name": l.name, "kind": l.kind, "only_int8": l.only_int8, "only_float": l.only_float,
                     "only_fp16": l.only_fp16, "sqnr_int8": l.sqnr_int8, "sqnr_fp16": l.sqnr_fp16,
+                    "only_int16": l.only_int16, "sqnr_int16": l.sqnr_int16, "int16_ms": l.int16_ms,
                     "int8_ms": l.int8_ms, "fp32_ms": l.fp32_ms, "fp16_ms": l.fp16_ms, "boundary_ms": l.boundary_ms,
                     "chosen": chosen[l.name]} for l in analysis.layers],
     }

@@ -17,10 +17,12 @@ __all__ = [
     "activation_qparams",
     "quantize_weight",
     "fixed_point_multiplier",
+    "int16_accumulates_exactly",
+    "sixteen_bits",
     "requantize_reference",
 ]
 
-_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int32": (-(2**31), 2**31 - 1)}
+_RANGES = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-(2**15), 2**15 - 1), "int32": (-(2**31), 2**31 - 1)}
 
 
 def dtype_range(dtype: str) -> tuple[int, int]:
@@ -116,6 +118,14 @@ def activation_qparams(lo: float, hi: float, dtype: str, symmetric: bool = False
     return QParams(np.float32(scale), np.int32(zp), dtype)
 
 
+def sixteen_bits(qp: QParams) -> QParams:
+    """Per-tensor int16 parameters of the range the 8-bit ``qp`` covers (steps 257 times finer)."""
+    if qp.dtype == "int16":
+        return qp
+    zp, scale = int(qp.zero_point), float(qp.scale)
+    return activation_qparams((qp.qmin - zp) * scale, (qp.qmax - zp) * scale, "int16")
+
+
 def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, QParams]:
     """Symmetric per-channel int8 weights in [-127, 127] along ``axis``."""
     w = np.asarray(w, dtype=np.float32)
@@ -126,6 +136,17 @@ def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, QParams]:
     s = qp._broadcast(w.ndim)[0]
     q = np.clip(np.round(w / s), -127, 127).astype(np.int8)
     return q, qp
+
+
+def int16_accumulates_exactly(w_q: np.ndarray, axis: int) -> bool:
+    """Whether a layer with int8 weights ``w_q`` (output channels along ``axis``) can take 16-bit
+    activations into an int32 accumulator without overflow: each output's products reach at most
+    2^15 times its channel's sum of absolute weights, which must stay under 2^15 so the products
+    fit in half of int32 (the bias, in accumulator units, gets the other half:
+    ``passes.fold_qdq`` keeps a larger bias float). A 3x3 conv over 64 channels of typical
+    per-channel weights (|w| ~ 25 of 127) sums to ~14,000; wide late layers need not fit."""
+    w = np.abs(np.moveaxis(np.asarray(w_q, np.int64), axis % np.ndim(w_q), 0)).reshape(np.shape(w_q)[axis], -1)
+    return bool(np.all(w.sum(axis=1) < 2**15))
 
 
 def fixed_point_multiplier(m: np.ndarray, bits: int = 31) -> tuple[np.ndarray, np.ndarray]:

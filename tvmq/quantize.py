@@ -16,15 +16,15 @@ import tvm
 from tvm import relax
 
 from tvmq.calibrate import InputSpec, collect_statistics, select_range, validate_samples
-from tvmq.config import ActivationSpec, CalibrationMethod, QuantConfig, RequantizeMode
+from tvmq.config import WIDE, ActivationSpec, CalibrationMethod, QuantConfig, RequantizeMode
 from tvmq.errors import TvmqError
 from tvmq.plan import LayerPlan, QuantPlan
-from tvmq.qparams import QParams, activation_qparams
+from tvmq.qparams import QParams, activation_qparams, int16_accumulates_exactly, quantize_weight, sixteen_bits
 from tvmq.passes import Conv1dToConv2d, ConvertToNHWC, ConvTransposeToConv, DivideToMultiply, FoldConstantsNumpy, FoldQDQ, InsertQDQ
 from tvmq.passes.graph import FunctionGraph, dtype_of, dims
 from tvmq.passes.layers import find_layers
 
-__all__ = ["prepare", "calibrate", "narrow", "quantize", "quantize_pipeline", "input_specs", "smooth", "smooth_and_calibrate", "finish"]
+__all__ = ["prepare", "calibrate", "narrow", "widen_activations", "wide_activations_fit", "quantize", "quantize_pipeline", "input_specs", "smooth", "smooth_and_calibrate", "finish"]
 
 log = logging.getLogger("tvmq")
 
@@ -82,11 +82,12 @@ def _int8_layers(layers, graph, config: QuantConfig, kernel=None):
         if layer.kind != "add":
             pays = config.int8_everywhere or int8_pays(kernel, layer.reduction, layer.depthwise,
                                                                 layer.pixels if layer.kind == "conv2d" else None)
-            chosen[layer.name] = config.precision_for(layer.name, layer.kind, "int8" if pays else "fp32") == "int8"
+            chosen[layer.name] = config.precision_for(layer.name, layer.kind, "int8" if pays else "fp32") in ("int8", WIDE)
             if not pays and config.precision_for(layer.name, layer.kind, "") == "":
                 slow.append(layer.name)
     ends = {layer.output: layer for layer in layers}
-    adds = [l for l in layers if l.kind == "add" and config.quantize_add and config.precision_for(l.name, "add") == "int8"]
+    # an int16 rule gives an add 8-bit inputs (it has no 16-bit kernel)
+    adds = [l for l in layers if l.kind == "add" and config.quantize_add and config.precision_for(l.name, "add") in ("int8", WIDE)]
     for layer in adds:
         chosen[layer.name] = True
     root_of = {l.name: [graph.root(x)[0] for x in l.inputs] for l in layers}
@@ -144,13 +145,55 @@ def calibrate(
         else:
             wanted = config.precision_for(layer.name, layer.kind, default="fp32")
             plan[layer.name] = LayerPlan(kind=layer.kind, precision="fp16" if wanted == "fp16" and layer.kind != "add" else "fp32")
-    return QuantPlan(
+    plan = QuantPlan(
         layers=plan,
         input_shapes={s.name: list(s.shape) for s in specs},
         method=method.value, activation_dtype=spec.dtype,
         requantize=(config.requantize or RequantizeMode.FIXED_POINT).value,
         kept_float=slow,
     )
+    wide = [l.name for l in layers if l.name in int8 and config.precision_for(l.name, l.kind, "") == WIDE]
+    return widen_activations(plan, mod, wide, target) if wide else plan
+
+
+def wide_activations_fit(layer) -> bool:
+    """Whether ``layer`` can take 16-bit activations: a conv (not depthwise) or matmul whose int8
+    weights keep its int32 sums exact (:func:`tvmq.qparams.int16_accumulates_exactly`)."""
+    if layer.kind == "add" or layer.depthwise or layer.weight is None:
+        return False
+    q, _ = quantize_weight(layer.weight, layer.weight_axis)
+    return int16_accumulates_exactly(q, layer.weight_axis)
+
+
+def widen_activations(plan: QuantPlan, mod: tvm.IRModule, names: Iterable[str], target="x86") -> QuantPlan:
+    """``plan`` with the int8 layers ``names`` reading 16-bit activations (int8 weights, int32
+    sums; :data:`tvmq.config.WIDE`): each input's parameters cover the same range in int16
+    steps (256 times finer than 8-bit ones), and a layer writing such an input requantizes to
+    them (its 8-bit readers requantize from there, in integers). Layers that cannot take them
+    (:func:`wide_activations_fit`), and every layer where the target has no kernel for them,
+    keep 8-bit activations."""
+    from tvmq.targets import get_preset
+
+    kernel = get_preset(target).micro_kernel
+    if kernel is None or kernel.wide is None:
+        return plan
+    func = mod["main"]
+    graph = FunctionGraph(func)
+    layers = find_layers(func, graph)
+    chosen = set(names)
+    wide = {l.name for l in layers if l.name in chosen and plan.get(l.name) is not None and plan.get(l.name).is_int8
+            and wide_activations_fit(l)}
+    roots = {graph.root(x)[0] for l in layers if l.name in wide for x in l.inputs}
+    new = dict(plan.layers)
+    for layer in layers:
+        lp = new.get(layer.name)
+        if lp is None or not lp.is_int8 or lp.kind != layer.kind:
+            continue
+        inputs = tuple(sixteen_bits(q) for q in lp.inputs) if layer.name in wide else lp.inputs
+        output = sixteen_bits(lp.output) if lp.output is not None and layer.output in roots else lp.output
+        new[layer.name] = dataclasses.replace(lp, inputs=inputs, output=output)
+    return dataclasses.replace(plan, layers=new)
+
 
 
 def narrow(plan: QuantPlan, mod: tvm.IRModule, widths: Mapping) -> QuantPlan:

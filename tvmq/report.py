@@ -13,7 +13,7 @@ from pathlib import Path
 
 __all__ = ["bundle_markdown", "precision_markdown", "write_html"]
 
-_COLORS = {"int8": "#2b7bba", "fp16": "#59a14f", "fp32": "#e4572e"}
+_COLORS = {"int8": "#2b7bba", "int16": "#8e6bbf", "fp16": "#59a14f", "fp32": "#e4572e"}
 
 
 def _ms(value) -> str:
@@ -46,7 +46,8 @@ def _budget_text(p: dict) -> str:
 
 
 def _count_summary(s: dict, n: int) -> str:
-    return f"{s['int8_layers']} / {n}" + (f" (+{s['fp16_layers']} fp16)" if s.get("fp16_layers") else "")
+    extra = [f"+{s[k]} {name}" for k, name in (("int16_layers", "int16"), ("fp16_layers", "fp16")) if s.get(k)]
+    return f"{s['int8_layers']} / {n}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _summary_rows(p: dict) -> list[tuple[str, ...]]:
@@ -142,15 +143,23 @@ def precision_markdown(p: dict) -> str:
                   for label, value in parts["plan"].items()]
     for _, text, headers, rows in _sections(p):
         lines += ["", text, "", _md_row(headers), "|" + "---|" * len(headers), *map(_md_row, rows)]
-    lines += ["", "| layer | kind | only this layer int8 | all but this layer int8 | only this layer fp16 | fp32 ms | "
-              "int8 ms | fp16 ms | chosen |", "|---|---|---|---|---|---|---|---|---|"]
-    m = p["metric"]
-    for layer in p["layers"]:
-        lines.append(
-            f"| {layer['name']} | {layer['kind']} | {_fmt(layer['only_int8'], m)} | {_fmt(layer['only_float'], m)} | "
-            f"{_fmt(layer['only_fp16'], m)} | {layer['fp32_ms']:.4f} | {layer['int8_ms']:.4f} | "
-            f"{_ms(layer['fp16_ms'])} | {layer['chosen']} |")
+    lines += ["", "int16: int8 weights on 16-bit activations.", "", _md_row(_LAYER_HEADERS),
+              "|" + "---|" * len(_LAYER_HEADERS)]
+    lines += [_md_row(row) for row in _layer_rows(p)]
     return "\n".join(lines) + "\n"
+
+
+_LAYER_HEADERS = ("layer", "kind", "only this layer int8", "all but this layer int8", "only this layer int16",
+                  "only this layer fp16", "fp32 ms", "int8 ms", "int16 ms", "fp16 ms", "chosen")
+
+
+def _layer_rows(p: dict) -> list[tuple[str, ...]]:
+    """The per-layer table's rows (:data:`_LAYER_HEADERS`); reports written before int16 lack its figures."""
+    m = p["metric"]
+    return [(layer["name"], layer["kind"], _fmt(layer["only_int8"], m), _fmt(layer["only_float"], m),
+             _fmt(layer.get("only_int16"), m), _fmt(layer["only_fp16"], m), f"{layer['fp32_ms']:.4f}",
+             f"{layer['int8_ms']:.4f}", _ms(layer.get("int16_ms")), _ms(layer["fp16_ms"]), layer["chosen"])
+            for layer in p["layers"]]
 
 
 def _charts(out: Path, p: dict) -> list[str]:
@@ -271,12 +280,8 @@ def write_html(out: Path, manifest: dict) -> list[str]:
 
     summary = cells(_summary_rows(p))
     m = p["metric"]
-    layer_rows = "".join(
-        f"<tr class='{layer['chosen']}'><td>{esc(layer['name'])}</td><td>{esc(layer['kind'])}</td>"
-        f"<td>{esc(_fmt(layer['only_int8'], m))}</td><td>{esc(_fmt(layer['only_float'], m))}</td>"
-        f"<td>{esc(_fmt(layer['only_fp16'], m))}</td><td>{layer['fp32_ms']:.4f}</td><td>{layer['int8_ms']:.4f}</td>"
-        f"<td>{_ms(layer['fp16_ms'])}</td><td>{layer['chosen']}</td></tr>"
-        for layer in p["layers"])
+    layer_rows = "".join(f"<tr class='{row[-1]}'>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>"
+                         for row in _layer_rows(p))
     sections = "".join(f"<h2>{title}</h2><p>{esc(text)}</p><table><tr>{''.join(f'<th>{h}</th>' for h in headers)}</tr>"
                        f"{cells(rows)}</table>" for title, text, headers, rows in _sections(p))
     model = esc(str(manifest["model"].get("file", "model")))
@@ -291,6 +296,7 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 th {{ background: #f0f0f0; }}
 tr.fp32 td:last-child {{ color: {_COLORS['fp32']}; font-weight: bold; }}
 tr.int8 td:last-child {{ color: {_COLORS['int8']}; }}
+tr.int16 td:last-child {{ color: {_COLORS['int16']}; }}
 tr.fp16 td:last-child {{ color: {_COLORS['fp16']}; font-weight: bold; }}
 img {{ max-width: 100%; border: 1px solid #ddd; }}
 </style></head><body>
@@ -307,8 +313,8 @@ and float regions).</p>
 {sections}
 {images}
 <h2>Layers</h2>
-<table><tr><th>layer</th><th>kind</th><th>only this layer int8</th><th>all but this layer int8</th>
-<th>only this layer fp16</th><th>FP32 ms</th><th>INT8 ms</th><th>FP16 ms</th><th>chosen</th></tr>{layer_rows}</table>
+<p>int16: int8 weights on 16-bit activations.</p>
+<table><tr>{''.join(f'<th>{h}</th>' for h in _LAYER_HEADERS)}</tr>{layer_rows}</table>
 </body></html>
 """
     (out / "report.html").write_text(page)

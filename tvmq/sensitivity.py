@@ -3,14 +3,15 @@
 The measuring half of ``--precision auto`` (:mod:`tvmq.precision` is the choosing half):
 
 * Accuracy: one compiled simulation (:func:`tvmq.passes.insert_qdq.insert_switchable_qdq`)
-  whose layers are switched between int8 and float by an input mask, run over the evaluation
-  data with each layer alone quantized and alone left in float. No recompilation per layer.
+  whose layers are switched between int8 (8- or, on x86, 16-bit activations) and float by an
+  input mask, run over the evaluation data with each layer alone quantized and alone left in
+  float. No recompilation per layer.
 * Stability: FP32 itself run with each image channel moved within its 8-bit step
   (``--input-noise``); a sample whose output moves beyond the budget there is judged against
   that, not the budget (:meth:`tvmq.metrics.Metric.slack`).
-* Latency: the int8 and the float build are compiled once; each layer's kernel is timed on this
-  machine, or, for targets that do not run here, estimated from its multiply-accumulates and the
-  ISA's int8/float rate.
+* Latency: the int8 and the float build (and the one with 16-bit activations) are compiled
+  once; each layer's kernel is timed on this machine, or, for targets that do not run here,
+  estimated from its multiply-accumulates and the ISA's int8/float rate.
 """
 
 from __future__ import annotations
@@ -39,15 +40,28 @@ class LayerInfo:
     sqnr_int8: float | None = None  # output SQNR with this layer alone in int8 (the search's cost)
     sqnr_fp16: float | None = None
     boundary_ms: float = 0.0  # converting its input to float and its output back, when it stays float amid int8
+    only_int16: float | None = None  # metric with this layer alone int8 on 16-bit activations (x86 targets)
+    sqnr_int16: float | None = None
+    int16_ms: float | None = None
 
     def __post_init__(self):
         if self.sqnr_int8 is None:  # the metric is SQNR itself
             self.sqnr_int8 = self.only_int8
         if self.sqnr_fp16 is None:
             self.sqnr_fp16 = self.only_fp16
+        if self.sqnr_int16 is None:
+            self.sqnr_int16 = self.only_int16
 
     def ms(self, precision: str) -> float:
-        return {"int8": self.int8_ms, "fp16": self.fp16_ms, "fp32": self.fp32_ms}[precision] or 0.0
+        return {"int8": self.int8_ms, "int16": self.int16_ms, "fp16": self.fp16_ms, "fp32": self.fp32_ms}[precision] or 0.0
+
+    def alone(self, precision: str) -> float | None:
+        """The metric with this layer alone in ``precision`` (None: not a candidate for it)."""
+        return {"int8": self.only_int8, "int16": self.only_int16, "fp16": self.only_fp16}[precision]
+
+    def sqnr(self, precision: str) -> float | None:
+        """The output SQNR with this layer alone in ``precision`` (None: not a candidate for it)."""
+        return {"int8": self.sqnr_int8, "int16": self.sqnr_int16, "fp16": self.sqnr_fp16}[precision]
 
     def saving_ms(self, precision: str = "int8") -> float:
         """Time saved by the ``precision`` kernel; negative where it is clearly (>10%) slower.
@@ -58,7 +72,7 @@ class LayerInfo:
         return diff if diff > 0 or -diff > 0.1 * self.fp32_ms else 0.0
 
 
-_CODE = {"fp32": 0.0, "int8": 1.0, "fp16": 2.0}
+_CODE = {"fp32": 0.0, "int8": 1.0, "fp16": 2.0, "int16": 3.0}  # the simulation's mask (insert_switchable_qdq)
 
 
 @dataclass
@@ -69,6 +83,7 @@ class Analysis:
     layers: list[LayerInfo] = field(default_factory=list)
     names: list[str] = field(default_factory=list)  # switchable layers, mask order
     fp16: bool = False  # fp16 is a candidate
+    wide: tuple = ()  # the layers for which int16 (int8 weights, 16-bit activations) is a candidate
     runner: object = field(default=None, repr=False)
     samples: list = field(default_factory=list, repr=False)
     reference: list = field(default_factory=list, repr=False)
@@ -87,7 +102,10 @@ class Analysis:
 
     @property
     def candidates(self) -> tuple[str, ...]:
-        return ("int8", "fp16") if self.fp16 else ("int8",)
+        return ("int8",) + (("int16",) if self.wide else ()) + (("fp16",) if self.fp16 else ())
+
+    def layer(self, name: str) -> LayerInfo:
+        return next(l for l in self.layers if l.name == name)
 
     def outputs(self, assignment, widths=None) -> list[tuple[np.ndarray, ...]]:
         """The simulation's outputs (a tuple per sample) under ``assignment``, with the
@@ -129,12 +147,14 @@ class Analysis:
 def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, preset="x86",
             measure_latency: bool = True, progress: bool = False, fp16: bool | None = None,
             parts: OutputParts | None = None, budget: float | None = None, input_noise: float = 1.0,
-            clip_ranges: bool = False) -> Analysis:
+            clip_ranges: bool = False, int16: bool = False) -> Analysis:
     """Per-layer sensitivity (and latency) of ``plan``'s int8 layers on ``samples``.
 
-    For each layer: the metric (and the output SQNR) with it alone in int8 (and alone in fp16
-    where that is a candidate), and with every other layer in int8. ``fp16`` adds fp16 as a
-    candidate (default: where the target has fast fp16). ``parts``: what the metric judges apart
+    For each layer: the metric (and the output SQNR) with it alone in int8 (and alone in fp16,
+    or int8 on 16-bit activations, where that is a candidate), and with every other layer in
+    int8. ``fp16`` adds fp16 as a candidate (default: where the target has fast fp16); ``int16``
+    adds int8 weights on 16-bit activations, where the target has a kernel for them (x86) and the
+    layer can take them (:func:`tvmq.quantize.wide_activations_fit`). ``parts``: what the metric judges apart
     (default: each output whole). With a ``budget`` (sqnr and cosine metrics), each sample's
     FP32 stability with its image inputs moved within ``input_noise`` 8-bit steps
     (:func:`input_rounding_outputs`) is measured first, and a sample FP32 cannot hold to the
@@ -143,20 +163,25 @@ def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, 
     """
     from tvmq.execute import HostModule
     from tvmq.passes.insert_qdq import insert_switchable_qdq, quantized_tensors
+    from tvmq.passes.layers import find_layers
+    from tvmq.quantize import wide_activations_fit
     from tvmq.targets import get_preset
 
     preset = get_preset(preset)
     fp16 = preset.fp16 if fp16 is None else fp16
     if metric.needs_labels and labels is None:
         raise TvmqError(f"metric {metric.kind} needs labels: put labels.npy (one label per sample) in the data folder")
-    switchable, names = insert_switchable_qdq(float_mod, plan, fp16=fp16)
+    kernel = preset.micro_kernel
+    wide = tuple(l.name for l in find_layers(float_mod["main"]) if int16 and kernel is not None and kernel.wide
+                 and plan.get(l.name) is not None and plan.get(l.name).is_int8 and wide_activations_fit(l))
+    switchable, names = insert_switchable_qdq(float_mod, plan, fp16=fp16, wide=wide)
     runner = HostModule(switchable)
     zeros = np.zeros(len(names), np.float32)
     tensors = quantized_tensors(float_mod["main"], plan)
     ones = np.ones(max(len(tensors), 1), np.float32)
     split = parts or tuple
     reference = [split(runner(*[s[k] for k in input_names], zeros, ones)) for s in samples]
-    a = Analysis(metric, 0.0, 0.0, names=names, fp16=fp16, runner=runner, samples=samples, reference=reference,
+    a = Analysis(metric, 0.0, 0.0, names=names, fp16=fp16, wide=wide, runner=runner, samples=samples, reference=reference,
                  labels=labels, input_names=input_names, parts=parts, widths=ones, tensors=tensors)
     a.fp32 = metric(reference, reference, labels)
     if budget is not None and input_noise > 0 and metric.kind in ("sqnr", "cosine"):
@@ -188,6 +213,8 @@ def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, 
                          sqnr_int8=sqnr_int8)
         if fp16 and info.kind != "add":
             info.only_fp16, info.sqnr_fp16 = measure({name: "fp16"})
+        if name in wide:
+            info.only_int16, info.sqnr_int16 = measure({name: "int16"})
         a.layers.append(info)
     if measure_latency:
         layer_latency(float_mod, plan, a, preset)
@@ -298,8 +325,9 @@ def layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
     else estimated from its multiply-accumulates and the target's relative throughput."""
     from tvmq.kernels import call_order, reduction_kernels, time_kernel
     from tvmq.passes.layers import find_layers
+    from tvmq.targets.intrinsics import MICRO_KERNELS
     from tvmq.pipeline import lower
-    from tvmq.quantize import quantize_pipeline
+    from tvmq.quantize import quantize_pipeline, widen_activations
 
     mac_layers = [l for l in analysis.layers if l.kind != "add"]
     float_mod = specialised(float_mod, analysis.samples[0], analysis.input_names) if analysis.samples else float_mod
@@ -311,6 +339,8 @@ def layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
         builds = {"int8": quantize_pipeline(plan)(float_mod), "fp32": float_mod}
         if analysis.fp16:
             builds["fp16"] = quantize_pipeline(_all_fp16(plan))(float_mod)
+        if analysis.wide:
+            builds["int16"] = quantize_pipeline(widen_activations(plan, float_mod, analysis.wide, preset))(float_mod)
         times = {}
         for precision, mod in builds.items():
             lowered = lower(mod, preset)
@@ -327,6 +357,8 @@ def layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
                 layer.int8_ms, layer.fp32_ms = times["int8"][i], times["fp32"][i]
                 if analysis.fp16:
                     layer.fp16_ms = times["fp16"][i]
+                if layer.name in analysis.wide:
+                    layer.int16_ms = times["int16"][i]
             return
     # A model, not a measurement: time proportional to MACs at the target's relative rates.
     by_name = {l.name: l for l in find_layers(float_mod["main"])}
@@ -334,6 +366,8 @@ def layer_latency(float_mod, plan, analysis: Analysis, preset) -> None:
         fp32_ms, int8_ms, boundary_ms = estimated_ms(by_name.get(layer.name), preset)
         layer.fp32_ms, layer.int8_ms, layer.boundary_ms = fp32_ms, int8_ms, boundary_ms
         layer.fp16_ms = fp32_ms / 2.0 if analysis.fp16 else None  # fp16 lanes vs fp32
+        if layer.name in analysis.wide:  # the ISA's kernel for 16-bit activations, at its rate
+            layer.int16_ms = fp32_ms / MICRO_KERNELS[preset.micro_kernel.wide].int8_speedup
         layer.estimated = True
 
 

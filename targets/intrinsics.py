@@ -242,13 +242,16 @@ def _dot4_impl(lanes: int, a_dtype: str, intrinsic: str):
     return impl
 
 
-def _dpwssd_impl(lanes: int):
-    """VNNI, 16-bit activations: the activation pair (one int32, broadcast), the weights
-    sign-extended to int16 as for ``vpmaddwd``, and ``vpdpwssd`` adds each lane's two products
-    into its accumulator in one instruction (no separate ``vpaddd``)."""
+def _pair_impl(lanes: int, intrinsic: str, accumulates: bool):
+    """x86, int16 activations x int8 weights, two products per int32 lane: the activation pair
+    (two int16 as one int32, broadcast) and the weights sign-extended to int16 (``vpmovsxbw``,
+    once per tile row: LLVM hoists it out of the unrolled pixels). ``vpdpwssd`` (VNNI,
+    ``accumulates``) adds both products into the accumulator in one instruction; ``vpmaddwd``
+    (AVX2 / AVX-512 without VNNI) adds them in int32 and a ``vpaddd`` accumulates. The int16
+    activations are the layer's own (16-bit activations) or 8-bit ones widened once, before the
+    kernel (``MicroKernel.operand_dtype``)."""
     from tvm.script import tirx as T
 
-    intrinsic = f"llvm.x86.avx512.vpdpwssd.{lanes * 32}"
     acc_t, w16_t, w8_t = f"int32x{lanes}", f"int16x{lanes * 2}", f"int8x{lanes * 2}"
 
     @T.prim_func(s_tir=True)
@@ -263,37 +266,14 @@ def _dpwssd_impl(lanes: int):
             pair = T.meta_var(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"))
             a = T.meta_var(T.reinterpret(T.broadcast(pair, lanes), dtype=w16_t))
             b = T.meta_var(T.cast(B.vload([0, 0], dtype=w8_t), w16_t))
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(intrinsic), C.vload([0], dtype=acc_t), a, b, dtype=acc_t
-            )
-
-    return impl
-
-
-def _pmaddwd_impl(lanes: int):
-    """x86 without VNNI: the activation pair, already widened to two int16 (one int32,
-    broadcast), the weights sign-extended to int16 (``vpmovsxbw``, once per tile row: LLVM
-    hoists it out of the unrolled pixels), ``vpmaddwd`` adds each lane's two products in int32."""
-    from tvm.script import tirx as T
-
-    intrinsic = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}[lanes]
-    acc_t, w16_t, w8_t = f"int32x{lanes}", f"int16x{lanes * 2}", f"int8x{lanes * 2}"
-
-    @T.prim_func(s_tir=True)
-    def impl(
-        A: T.Buffer((2,), "int16", offset_factor=1),
-        B: T.Buffer((lanes, 2), "int8", offset_factor=1),
-        C: T.Buffer((lanes,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
-            T.writes(C[0:lanes])
-            pair = T.meta_var(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"))
-            a = T.meta_var(T.reinterpret(T.broadcast(pair, lanes), dtype=w16_t))
-            b = T.meta_var(T.cast(B.vload([0, 0], dtype=w8_t), w16_t))
-            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=acc_t) + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(intrinsic), a, b, dtype=acc_t
-            )
+            if accumulates:
+                C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(intrinsic), C.vload([0], dtype=acc_t), a, b, dtype=acc_t
+                )
+            else:
+                C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=acc_t) + T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(intrinsic), a, b, dtype=acc_t
+                )
 
     return impl
 
@@ -381,9 +361,10 @@ def _impl(kernel: MicroKernel, lanes: int):
     if kernel.name == "sdot":
         return _dot4_impl(lanes, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8")
     if kernel.name.startswith("pmaddwd"):
-        return _pmaddwd_impl(lanes)
+        intrinsic = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}[lanes]
+        return _pair_impl(lanes, intrinsic, accumulates=False)
     if kernel.name.startswith("dpwssd"):
-        return _dpwssd_impl(lanes)
+        return _pair_impl(lanes, f"llvm.x86.avx512.vpdpwssd.{lanes * 32}", accumulates=True)
     if kernel.name == "smull":
         return _neon_widening_impl(lanes, "llvm.aarch64.neon.saddlp.v4i32.v8i16", accumulates=False)
     if kernel.name == "vmull":

@@ -20,7 +20,7 @@ import numpy as np
 
 from tvmq.metrics import Metric, OutputParts, parse_output_slice
 from tvmq.plan_search import (config_for, fallback_plan, float_layers_by_saving, latency, meets, most_sensitive_first,
-                              search)
+                              search, tries)
 from tvmq.sensitivity import Analysis, analyse
 
 __all__ = ["choose_plan"]
@@ -152,10 +152,11 @@ def _pick(s: _Search, proposals: dict) -> tuple[str, dict]:
 def _refine(s: _Search, best: dict) -> tuple[dict, list[str]]:
     """The simulation and the integer programs disagree about borderline samples, so the
     winner's float layers get one more try as what will ship: each (the largest estimated saving
-    first, at most 8) in its quantized precision, compiled, kept when it meets the budget."""
+    first, at most 8) in its fastest quantized precision (then int16, where offered: ``tries``),
+    compiled, kept when it meets the budget."""
     refined = []
     for _, i, precisions in float_layers_by_saving(s.analysis, best)[:8]:
-        for precision in precisions[:2]:  # the fastest quantized one, else the next
+        for precision in tries(precisions):
             trial = {**best, s.analysis.layers[i].name: precision}
             if s.passes(trial):
                 best = trial

@@ -39,9 +39,9 @@ The x86 kernels also serve layers whose plan gives them 16-bit activations (int8
 accuracy at twice an int8 step's cost): ``MicroKernel.wide`` names the kernel that reads int16
 activations directly, ``vpdpwssd`` on VNNI (two s16 x s16 products added into each int32 lane,
 the weights sign-extended as for ``vpmaddwd``), the ``vpmaddwd`` kernels themselves elsewhere.
-A 16-bit activation times a weight in [-127, 127] can reach 2^22, so the int32 accumulator is
-exact only while a layer's sum of absolute weights stays under 2^16
-(:func:`tvmq.qparams.int16_accumulates_exactly`); the plan offers 16 bits only there.
+A 16-bit activation times a weight in [-127, 127] can reach 2^22, so the plan offers 16 bits only
+where each output channel's absolute weights sum below 2^15: the products then fill at most half
+of the int32 accumulator, the bias the other half (:func:`tvmq.qparams.int16_accumulates_exactly`).
 
 TVM's own ``dot_16x4_vnni`` passes 32-bit lanes to ``llvm.x86.avx512.vpdpbusd.512``, which
 LLVM 22 rejects ("Call parameter type does not match function signature"): it wants byte

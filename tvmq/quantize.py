@@ -24,7 +24,7 @@ from tvmq.passes import Conv1dToConv2d, ConvertToNHWC, ConvTransposeToConv, Divi
 from tvmq.passes.graph import FunctionGraph, dtype_of, dims
 from tvmq.passes.layers import find_layers
 
-__all__ = ["prepare", "calibrate", "narrow", "widen_activations", "wide_activations_fit", "quantize", "quantize_pipeline", "input_specs", "smooth", "smooth_and_calibrate", "finish"]
+__all__ = ["prepare", "calibrate", "narrow", "widen_activations", "wide_activations_fit", "wide_candidates", "quantize", "quantize_pipeline", "input_specs", "smooth", "smooth_and_calibrate", "finish"]
 
 log = logging.getLogger("tvmq")
 
@@ -165,6 +165,19 @@ def wide_activations_fit(layer) -> bool:
     return int16_accumulates_exactly(q, layer.weight_axis)
 
 
+def wide_candidates(plan: QuantPlan, mod: tvm.IRModule, target="x86") -> tuple[str, ...]:
+    """The int8 layers of ``plan`` that can take 16-bit activations on ``target``, in the
+    module's order: none where the target has no kernel for them, else those that fit
+    (:func:`wide_activations_fit`)."""
+    from tvmq.targets import get_preset
+
+    kernel = get_preset(target).micro_kernel
+    if kernel is None or kernel.wide is None:
+        return ()
+    return tuple(l.name for l in find_layers(mod["main"]) if plan.get(l.name) is not None and plan.get(l.name).is_int8
+                 and wide_activations_fit(l))
+
+
 def widen_activations(plan: QuantPlan, mod: tvm.IRModule, names: Iterable[str], target="x86") -> QuantPlan:
     """``plan`` with the int8 layers ``names`` reading 16-bit activations (int8 weights, int32
     sums; :data:`tvmq.config.WIDE`): each input's parameters cover the same range in int16
@@ -172,17 +185,12 @@ def widen_activations(plan: QuantPlan, mod: tvm.IRModule, names: Iterable[str], 
     them (its 8-bit readers requantize from there, in integers). Layers that cannot take them
     (:func:`wide_activations_fit`), and every layer where the target has no kernel for them,
     keep 8-bit activations."""
-    from tvmq.targets import get_preset
-
-    kernel = get_preset(target).micro_kernel
-    if kernel is None or kernel.wide is None:
+    wide = set(wide_candidates(plan, mod, target)) & set(names)
+    if not wide:
         return plan
     func = mod["main"]
     graph = FunctionGraph(func)
     layers = find_layers(func, graph)
-    chosen = set(names)
-    wide = {l.name for l in layers if l.name in chosen and plan.get(l.name) is not None and plan.get(l.name).is_int8
-            and wide_activations_fit(l)}
     roots = {graph.root(x)[0] for l in layers if l.name in wide for x in l.inputs}
     new = dict(plan.layers)
     for layer in layers:

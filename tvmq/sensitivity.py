@@ -154,8 +154,8 @@ def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, 
     or int8 on 16-bit activations, where that is a candidate), and with every other layer in
     int8. ``fp16`` adds fp16 as a candidate (default: where the target has fast fp16); ``int16``
     adds int8 weights on 16-bit activations, where the target has a kernel for them (x86) and the
-    layer can take them (:func:`tvmq.quantize.wide_activations_fit`). ``parts``: what the metric judges apart
-    (default: each output whole). With a ``budget`` (sqnr and cosine metrics), each sample's
+    layer can take them (:func:`tvmq.quantize.wide_candidates`). ``parts``: what the metric
+    judges apart (default: each output whole). With a ``budget`` (sqnr and cosine metrics), each sample's
     FP32 stability with its image inputs moved within ``input_noise`` 8-bit steps
     (:func:`input_rounding_outputs`) is measured first, and a sample FP32 cannot hold to the
     budget is judged against that (0: none is). ``clip_ranges`` (with a sqnr or cosine budget):
@@ -163,17 +163,14 @@ def analyse(float_mod, plan, samples, input_names, metric: Metric, labels=None, 
     """
     from tvmq.execute import HostModule
     from tvmq.passes.insert_qdq import insert_switchable_qdq, quantized_tensors
-    from tvmq.passes.layers import find_layers
-    from tvmq.quantize import wide_activations_fit
+    from tvmq.quantize import wide_candidates
     from tvmq.targets import get_preset
 
     preset = get_preset(preset)
     fp16 = preset.fp16 if fp16 is None else fp16
     if metric.needs_labels and labels is None:
         raise TvmqError(f"metric {metric.kind} needs labels: put labels.npy (one label per sample) in the data folder")
-    kernel = preset.micro_kernel
-    wide = tuple(l.name for l in find_layers(float_mod["main"]) if int16 and kernel is not None and kernel.wide
-                 and plan.get(l.name) is not None and plan.get(l.name).is_int8 and wide_activations_fit(l))
+    wide = wide_candidates(plan, float_mod, preset) if int16 else ()
     switchable, names = insert_switchable_qdq(float_mod, plan, fp16=fp16, wide=wide)
     runner = HostModule(switchable)
     zeros = np.zeros(len(names), np.float32)

@@ -380,6 +380,47 @@ def test_a_concat_along_channels_is_vectorized_between_its_boundaries(channels):
         assert "vcvttps2dq" in asm and "vcvttss2si" not in asm and "vroundss" not in asm
 
 
+def test_an_nhwc_pad_runs_whole_rows_in_parallel_and_is_exact():
+    """The pad before a 3x3 conv (uint8 NHWC, 24 channels: whole vectors): one parallel task per
+    output row, its columns a loop inside it (fused into the parallel loop, every pixel divided
+    its index by the width), and the bytes equal numpy's."""
+    x = relax.Var("x", relax.TensorType((1, 30, 34, 24), "uint8"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.nn.pad(x, [0, 0, 1, 1, 1, 1, 0, 0], pad_value=0.0))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    (kernel,) = [f.script() for f in primfuncs(lower(mod, "x86")).values()]
+    assert "T.parallel(T.int64(32))" in kernel and "T.vectorized(T.int64(8))" in kernel, kernel
+    a = np.random.default_rng(0).integers(0, 256, (1, 30, 34, 24), dtype=np.uint8)
+    got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(a)).numpy()
+    np.testing.assert_array_equal(got, np.pad(a, [(0, 0), (1, 1), (1, 1), (0, 0)]))
+
+
+@pytest.mark.parametrize("channels, lanes", [((24, 24), 8), ((40, 56), 8), ((20, 28, 16), 4)],
+                         ids=["24+24", "40+56", "ragged"])
+def test_a_concat_takes_vectors_that_divide_its_boundaries(channels, lanes):
+    """A uint8 concat of 24 + 24 channels took 16-lane vectors, one of which straddled the
+    boundary and selected lane by lane; a width dividing every boundary (8 here) leaves every
+    vector one source. Where only 4 lanes would divide them (20 + 28 + 16), the widest vector
+    stays and the straddling ones select. Exact against numpy either way."""
+    xs = [relax.Var(f"x{i}", relax.TensorType((1, 18, 18, c), "uint8")) for i, c in enumerate(channels)]
+    bb = relax.BlockBuilder()
+    with bb.function("main", xs):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.concat(xs, axis=3))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    (kernel,) = [f.script() for f in primfuncs(lower(mod, "x86")).values()]
+    width = 16 if lanes == 4 else lanes
+    assert f"T.vectorized(T.int64({width}))" in kernel, kernel
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (1, 18, 18, c), dtype=np.uint8) for c in channels]
+    got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](*map(tvm.runtime.tensor, arrays)).numpy()
+    np.testing.assert_array_equal(got, np.concatenate(arrays, axis=3))
+
+
 def test_an_int8_kernels_float_epilogue_runs_at_the_full_avx512_width():
     """LLVM tunes Intel's AVX-512 CPUs to prefer 256-bit vectors and split the 512-bit operations
     it may: an int8 conv's SiLU + requantize epilogue ran as ymm pairs beside its zmm vpdpbusd

@@ -63,9 +63,11 @@ def test_sigmoid_is_a_short_rational_polynomial():
     assert len(ops) <= 24 and ops.count("Div") == 1 and "Cast" not in ops, ops
 
 
-def _silu_then_round(k: float, n: int = 4096, extra_use: bool = False):
+def _silu_then_round(k: float, n: int = 4096, extra_use: bool = False, to_uint8_at: float | None = None):
     """``main(x) = round(x * sigmoid(x) * k)`` (a requantized SiLU); with ``extra_use`` the
-    product is also an output, so it must stay as it is."""
+    product is also an output, so it must stay as it is; with ``to_uint8_at`` a zero point, the
+    rounded value is shifted by it, clipped to [0, 255] and narrowed to uint8 (FoldQDQ's int8
+    requantize)."""
     from tvm import relax
 
     from tvmq._compat import TensorType
@@ -77,7 +79,11 @@ def _silu_then_round(k: float, n: int = 4096, extra_use: bool = False):
             s = bb.emit(relax.op.sigmoid(x))
             m = bb.emit(relax.op.multiply(x, s))
             t = bb.emit(relax.op.multiply(m, relax.const(np.float32(k))))
-            r = bb.emit_output(relax.op.round(t))
+            if to_uint8_at is not None:
+                shifted = bb.emit(relax.op.add(bb.emit(relax.op.round(t)), relax.const(np.float32(to_uint8_at))))
+                r = bb.emit_output(relax.op.astype(bb.emit(relax.op.clip(shifted, 0, 255)), "uint8"))
+            else:
+                r = bb.emit_output(relax.op.round(t))
             outs = [r, bb.emit_output(m)] if extra_use else [r]
         bb.emit_func_output(relax.Tuple(outs) if extra_use else r)
     return bb.get()
@@ -104,6 +110,29 @@ def test_a_requantized_silu_is_one_shorter_kernel_within_a_fraction_of_a_step(k)
     exact = _exact_silu(x, k)
     assert np.abs(got - np.round(exact)).max() <= 1  # the pipeline runs FastMath itself
     assert np.mean(got != np.round(exact)) < 1e-3
+
+
+@pytest.mark.parametrize("k, zero_point", [(24.585728, 51.0), (5.0, 0.0), (216.52, 3.0)])
+def test_a_requantized_silu_converted_to_uint8_is_one_computation_with_its_zero_point(k, zero_point):
+    """``clip(round(k x sigmoid(x)) + zp, 0, 255)`` as uint8 on x86: one elementwise kernel whose
+    zero point is added in float before the rounding (no integer add left), the uint8 equal to the
+    exact product's within one step and different from it about as rarely as the float output's
+    rounding is (``round(y + zp)`` and ``round(y) + zp`` part only at ties)."""
+    from tvmq._compat import tir
+
+    mod = _silu_then_round(k, to_uint8_at=zero_point)
+    fast = FastMath(integer_conversions=True)(mod)
+    funcs = {gv.name_hint: f for gv, f in fast.functions_items() if isinstance(f, tir.PrimFunc)}
+    assert list(funcs) == ["requantized_silu_to_integer"], list(funcs)
+    script = funcs["requantized_silu_to_integer"].script()
+    if zero_point:  # in the float sum that is rounded, not added to the rounded integer
+        assert f"+ T.float32({zero_point}))" in script and f"+ {int(zero_point)}" not in script, script
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 3, 2048), rng.uniform(-300 / k - 1, (255 - zero_point) / k + 1, 2048)]).astype(np.float32)
+    got = HostModule(mod)(x)[0]  # the x86 pipeline converts with FastMath(integer_conversions=True)
+    exact = np.clip(np.round(_exact_silu(x, k)) + zero_point, 0, 255)
+    assert got.dtype == np.uint8 and np.abs(got.astype(np.int64) - exact).max() <= 1
+    assert np.mean(got != exact) < 1e-3
 
 
 @pytest.mark.parametrize("k", [5.0, 24.585728, 216.52])

@@ -155,10 +155,35 @@ def test_requantized_silu_error_in_steps(k):
     assert np.abs(out.numpy() - exact)[small].max() < 2e-3
 
 
-def test_a_silu_not_rounded_next_or_used_twice_keeps_the_float_sigmoid():
+def test_a_silu_not_rounded_next_is_the_same_rational_form_in_float():
+    """``x * sigmoid(x)`` whose product is not requantized next (a float output: a residual add
+    after it), or is also read elsewhere: the SiLU form with k = 1, one division and no separate
+    multiply, within 4e-7 |x| of the exact product (the sigmoid's own 1.8e-7 times |x|, and
+    beyond |x| = 16, where the form is v / 2 + v (sigmoid(16) - 1 / 2), float32 rounding of
+    both halves: 3e-7 |x|, about 2.5 ulps)."""
     for mod in (_silu_then_round(24.0, extra_use=True), _unary(lambda x: relax.op.multiply(x, relax.op.sigmoid(x)))):
         names = [gv.name_hint for gv in FastMath()(mod).get_global_vars()]
-        assert "fast_sigmoid" in names and "requantized_silu" not in names, names
+        assert "silu" in names and "fast_sigmoid" not in names and "requantized_silu" not in names, names
+    mod = _unary(lambda x: relax.op.multiply(x, relax.op.sigmoid(x)))
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(0, 6, 4090), [-40.0, -16.0, -1e-3, 0.0, 16.0, 40.0]]).astype(np.float32)
+    got = HostModule(mod)(x)[0].astype(np.float64)
+    exact = _exact_silu(x, 1.0)
+    assert np.all(np.abs(got - exact) <= 4e-7 * np.maximum(np.abs(x), 1.0)), np.abs(got - exact).max()
+
+
+def test_a_sigmoid_read_elsewhere_keeps_the_float_sigmoid():
+    from tvmq._compat import TensorType
+
+    x = relax.Var("x", TensorType((64,), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            s = bb.emit(relax.op.sigmoid(x))
+            y = bb.emit_output(relax.op.add(bb.emit(relax.op.multiply(x, s)), s))
+        bb.emit_func_output(y)
+    names = [gv.name_hint for gv in FastMath()(bb.get()).get_global_vars()]
+    assert "fast_sigmoid" in names and "silu" not in names, names
 
 
 def test_requantized_silu_takes_fewer_operations_than_the_float_sigmoid_and_two_multiplies():

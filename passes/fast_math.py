@@ -181,13 +181,21 @@ def _requantized_silus(func) -> tuple[dict, set]:
             continue
         if call_op(graph.value(graph.sole_user(t))) != "relax.round":
             continue
-        for x, s in (product.args, product.args[::-1]):
-            sigmoid = graph.value(s)
-            if call_op(sigmoid) == "relax.sigmoid" and sigmoid.args[0].same_as(x) and _same(graph.sole_user(s), m):
-                found[t] = (x, k)
-                inner.update((s, m))
-                break
+        pair = _input_times_sigmoid(graph, m, product)
+        if pair is not None:
+            found[t] = (pair[0], k)
+            inner.update((pair[1], m))
     return found, inner
+
+
+def _input_times_sigmoid(graph: FunctionGraph, m, value):
+    """``(x, s)`` where ``value`` (bound to ``m``) is ``x * s``, ``s = sigmoid(x)`` read by
+    nothing but ``m``; else None."""
+    for x, s in (value.args, value.args[::-1]):
+        sigmoid = graph.value(s)
+        if call_op(sigmoid) == "relax.sigmoid" and sigmoid.args[0].same_as(x) and _same(graph.sole_user(s), m):
+            return x, s
+    return None
 
 
 def _silus(func, taken=frozenset()) -> tuple[dict, set]:
@@ -198,12 +206,10 @@ def _silus(func, taken=frozenset()) -> tuple[dict, set]:
     for m, value in graph.values.items():
         if call_op(value) != "relax.multiply" or dtype_of(value) != "float32" or m in taken:
             continue
-        for x, s in (value.args, value.args[::-1]):
-            sigmoid = graph.value(s)
-            if call_op(sigmoid) == "relax.sigmoid" and sigmoid.args[0].same_as(x) and _same(graph.sole_user(s), m):
-                found[m] = (x, 1.0)
-                inner.add(s)
-                break
+        pair = _input_times_sigmoid(graph, m, value)
+        if pair is not None:
+            found[m] = (pair[0], 1.0)
+            inner.add(pair[1])
     return found, inner
 
 

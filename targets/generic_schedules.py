@@ -160,8 +160,9 @@ def spatial_schedule(sch, block, lanes, ragged: bool = False):
         return
     vec = vector_width(inner_ext, lanes)
     bounds = _innermost_boundaries(sch, block)
-    if bounds and vector_width(math.gcd(inner_ext, *bounds), lanes) > _FEW_LANES:
-        vec = vector_width(math.gcd(inner_ext, *bounds), lanes)  # no vector straddles a boundary
+    aligned = vector_width(math.gcd(inner_ext, *bounds), lanes) if bounds else 0
+    if aligned > _FEW_LANES:
+        vec = aligned  # no vector straddles a boundary
     if ragged and vec < lanes and inner_ext >= 4 * lanes:
         vec = lanes
     if vec > 1:

@@ -20,8 +20,13 @@ ONNX QDQ model):
 * max-pool / reshape / transpose / flatten / squeeze / expand_dims / strided_slice of a
   dequantize into the same op on integers, followed by the dequantize.
 
-Anything that does not match (per-channel activations, asymmetric weights, unknown ops) is left
-as it is, still correct, just not integer.
+A quantize with one scale per channel (and one zero point) becomes the producing layer's
+requantize with per-channel multipliers; the layers reading such a tensor take it in integer steps
+(a dequantize with scale 1) with the scales folded into their weights by :class:`InsertQDQ`, so
+they fold like any other.
+
+Anything that does not match (per-channel dequantized activations, asymmetric weights, unknown
+ops) is left as it is, still correct, just not integer.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from .graph import (
     FunctionGraph,
     QWeight,
     call_op,
+    dims,
     dtype_of,
     evaluate_constant,
     moves_values,
@@ -322,8 +328,13 @@ class _QDQFolder(relax.PyExprMutator):
         out_dtype = str(call.attrs.out_dtype)
         if scale is None or zp is None or isinstance(scale, QWeight) or out_dtype not in ACTIVATION_DTYPES:
             return False
-        if np.ndim(scale) != 0 or np.ndim(zp) != 0:
+        if np.ndim(scale) != np.ndim(zp) or np.ndim(scale) > 1 or np.ndim(zp) and np.any(zp != zp.reshape(-1)[0]):
             return False
+        ndim = len(dims(call.args[0]) or ())
+        axis = int(call.attrs.axis) % max(ndim, 1)
+        if np.ndim(scale):  # per channel, one zero point (tvmq.quantize.per_channel_inputs)
+            out = QParams(np.float32(1.0), zp.reshape(-1)[0], out_dtype)  # the zero point and the dtype
+            return self._fold_channel_quantize(var, src, out, np.asarray(scale, np.float32), axis, ndim)
         out = QParams(scale, zp, out_dtype)
         if src in self.accs:
             a = self.accs[src]
@@ -357,8 +368,31 @@ class _QDQFolder(relax.PyExprMutator):
         self._bind(var, self._requantize(term, m, int(out.zero_point), out.qmin, out.qmax, out_dtype))
         return True
 
-    def _quantize_by_multiply(self, var, src, out: QParams) -> bool:
-        """A float tensor entering the integer domain: ``round(x * (1/s)) + zp``, clamped.
+    def _fold_channel_quantize(self, var, src, out: QParams, scales: np.ndarray, axis: int, ndim: int) -> bool:
+        """A quantize with one scale per channel along ``axis`` (``out`` holds the zero point): an
+        int8 layer's requantize with per-channel multipliers, a requantize of an integer tensor, or
+        the float tensor scaled by per-channel reciprocals."""
+        a = self.accs.get(src)
+        if a is not None and a.axis == axis:
+            bounds = {_clamp_bounds(QParams(s, out.zero_point, out.dtype), a.act) for s in scales}
+            if len(bounds) == 1:  # one clamp for every channel (no activation, relu; not relu6)
+                lo, hi = bounds.pop()
+                m = a.scale / scales.astype(np.float64)
+                if self.mode == RequantizeMode.FLOAT:
+                    m = a.scale32 / scales
+                self._bind(var, self._requantize([(a.acc, 0, m)], m, int(out.zero_point), lo, hi, out.dtype, axis, ndim))
+                return True
+        dq = self._dq_of(self.visit_expr(src))
+        if dq is not None and not dq.qp.per_channel and src not in self.accs:
+            m = np.float64(dq.qp.scale) / scales.astype(np.float64)
+            term = [(dq.data, int(dq.qp.zero_point), m)]
+            self._bind(var, self._requantize(term, m, int(out.zero_point), out.qmin, out.qmax, out.dtype, axis, ndim))
+            return True
+        return self._quantize_by_multiply(var, src, out, scales, axis, ndim)
+
+    def _quantize_by_multiply(self, var, src, out: QParams, scales=None, axis=-1, ndim=1) -> bool:
+        """A float tensor entering the integer domain: ``round(x * (1/s)) + zp``, clamped (``scales``:
+        one ``s`` per channel along ``axis`` of the ``ndim``-d tensor).
 
         ``relax.op.quantize`` divides by the scale; a multiply by the reciprocal is several
         times cheaper and differs only when ``x/s`` lies within an ulp of a rounding tie.
@@ -366,7 +400,11 @@ class _QDQFolder(relax.PyExprMutator):
         x = self.visit_expr(src)
         if dtype_of(x) != "float32":
             return False
-        t = self._emit(relax.op.multiply(x, relax.const(np.float32(1.0 / np.float64(out.scale)), "float32")))
+        if scales is None:
+            reciprocal = relax.const(np.float32(1.0 / np.float64(out.scale)), "float32")
+        else:  # one scale per channel along ``axis``
+            reciprocal = _channel_const(1.0 / scales.astype(np.float64), axis, ndim, "float32")
+        t = self._emit(relax.op.multiply(x, reciprocal))
         t = self._emit(relax.op.round(t))
         if int(out.zero_point):
             t = self._emit(relax.op.add(t, relax.const(np.float32(out.zero_point), "float32")))

@@ -31,7 +31,7 @@ from tvmq._compat import TensorType
 from tvmq.plan import QuantPlan
 from tvmq.qparams import QParams, quantize_weight, sixteen_bits
 
-from .graph import FunctionGraph, call_op, dtype_of, map_functions, moves_values, rebuild_call
+from .graph import FunctionGraph, call_op, dims, dtype_of, map_functions, moves_values, rebuild_call
 from .layers import find_layers
 
 __all__ = ["InsertQDQ"]
@@ -72,7 +72,7 @@ class _Inserter(relax.PyExprMutator):
                 key = layer.chain.bias_var if layer.chain.bias_var is not None else layer.chain.anchor
                 self.corrections[key] = (layer, np.asarray(lp.bias_correction, np.float32))
         self.memo = {}
-        self.concat_parts = {} if mask is not None else _quantized_concat_parts(self.graph, func, plan)
+        self.concat_parts, self.stepped = ({}, set()) if mask is not None else _quantized_concat_parts(self.graph, func, plan)
 
     def _emit_like(self, var, expr, suffix=""):
         """Emit ``expr`` as a variable of the same kind (dataflow or not) as ``var``."""
@@ -114,7 +114,10 @@ class _Inserter(relax.PyExprMutator):
         x = self.visit_expr(layer.inputs[0])
 
         def quantized(qp):
-            w = relax.const(wqp.dequantize(wq), "float32")
+            w = wqp.dequantize(wq)
+            if qp.per_channel:  # the simulation reads real values: the channels' scales come out again
+                w = w / channel_scaled_weight(layer, qp.scale, np.ones_like(layer.weight))
+            w = relax.const(w.astype(np.float32), "float32")
             y = self.builder_.emit(relax.Call(call.op, [self._quantized_input(layer.inputs[0], qp), w], call.attrs))
             if lp.bias_correction is not None:
                 shape = [1] * len(layer.chain.out_shape)
@@ -135,8 +138,12 @@ class _Inserter(relax.PyExprMutator):
 
     @staticmethod
     def _weight(layer, lp):
-        """The int8 weight and its parameters (a pre-quantized model's own, when they fit)."""
+        """The int8 weight and its parameters (a pre-quantized model's own, when they fit). With
+        an input quantized per channel, the weight quantized is ``W[o, c] * s[c]``
+        (:func:`channel_scaled_weight`): the layer reads that input in integer steps."""
         wq = None
+        if lp.inputs and lp.inputs[0].per_channel and layer.kind != "add":
+            return quantize_weight(channel_scaled_weight(layer, lp.inputs[0].scale), layer.weight_axis)
         if lp.weight is not None:
             wqp = lp.weight
             wq = wqp.quantize(layer.weight) if not wqp.per_channel or wqp.axis == layer.weight_axis else None
@@ -151,6 +158,11 @@ class _Inserter(relax.PyExprMutator):
             scale = self.builder_.emit(relax.op.multiply(scale, factor))
         q = self.builder_.emit(relax.op.quantize(expr, scale, zp, axis=qp.axis, out_dtype=qp.dtype))
         dq = relax.op.dequantize(q, scale, zp, axis=qp.axis)
+        if qp.per_channel and self.mask is None:
+            # in integer steps (scale 1, the channels' shared zero point): what the layers reading
+            # it take, their weights scaled by the channels' scales (see _weight)
+            dq = relax.op.dequantize(q, relax.const(np.float32(1.0), "float32"),
+                                     relax.const(np.int32(qp.zero_point.reshape(-1)[0]), "int32"))
         return self.builder_.emit(dq) if like is None else self._emit_like(like, dq, "_dq")
 
     def _quantized_input(self, x, qp: QParams):
@@ -159,6 +171,8 @@ class _Inserter(relax.PyExprMutator):
             return self.memo[key]
         root, path = self.graph.root(x)
         root_key = (root, qp.key())
+        if root_key not in self.memo and root in self.stepped:
+            self.memo[root_key] = self.visit_expr(root)  # a concat of parts already in integer steps
         if root_key not in self.memo:
             self.memo[root_key] = self._fake_quant(self.visit_expr(root), qp, width_index=self.tensors.get(root))
         cur = self.memo[root_key]
@@ -211,8 +225,9 @@ class _Inserter(relax.PyExprMutator):
             self.set_var_remap(var, dq)
 
 
-def _quantized_concat_parts(graph: FunctionGraph, func, plan: QuantPlan) -> dict:
-    """The parts of concats that can be quantized before the concat: ``{part var: QParams}``.
+def _quantized_concat_parts(graph: FunctionGraph, func, plan: QuantPlan) -> tuple[dict, set]:
+    """The parts of concats that can be quantized before the concat: ``({part var: QParams}, {the
+    concats whose parts are then all in integer steps})``.
 
     A concat whose every reader is an int8 layer quantizing it with the same parameters ``q``
     has its parts quantized with ``q`` instead, where the concat is all that reads them (directly
@@ -221,6 +236,9 @@ def _quantized_concat_parts(graph: FunctionGraph, func, plan: QuantPlan) -> dict
     ``quantize(concat(a, maxpool(b))) == concat(quantize(a), maxpool(quantize(b)))``: the numbers
     stay the same, but the producers (a conv's epilogue, a SiLU) write int8 instead of float and
     the concat and the pools move int8 values (CSP blocks, SPP, YOLO and FPN necks).
+    Parameters per channel along the concat's axis are split among the parts; the parts are
+    then in integer steps (see :meth:`_Inserter._fake_quant`) and the concat is not quantized
+    again.
     """
     reads: dict = {}  # root -> {binding reading it on the way to an int8 layer: its parameters}
     for layer in find_layers(func, graph):
@@ -240,7 +258,7 @@ def _quantized_concat_parts(graph: FunctionGraph, func, plan: QuantPlan) -> dict
                             and graph.value(u).args[0] == var and only_into(u, concat, depth + 1))
             for u in users)
 
-    out = {}
+    out, stepped = {}, set()
     for var, value in graph.values.items():
         if call_op(value) != "relax.concat" or not isinstance(value.args[0], relax.Tuple) or var not in reads:
             continue
@@ -249,13 +267,42 @@ def _quantized_concat_parts(graph: FunctionGraph, func, plan: QuantPlan) -> dict
             continue  # something reads the concat in float
         qps = {reads[var][u].key(): reads[var][u] for u in users}
         qp = next(iter(qps.values()))
-        if len(qps) != 1 or qp.per_channel:
+        if len(qps) != 1:
+            continue
+        if qp.per_channel:
+            parts = _channel_parts(graph, value, qp)
+            if parts is not None and all(only_into(root, var) for root in parts):
+                out.update(parts)
+                stepped.add(var)
             continue
         for part in value.args[0].fields:
             root = graph.root(part)[0]
             if root in graph.values and dtype_of(root) == "float32" and only_into(root, var):
                 out[root] = qp
-    return out
+    return out, stepped
+
+
+def _channel_parts(graph: FunctionGraph, concat, qp: QParams) -> dict | None:
+    """``{part: its channels' parameters}`` for a concat along ``qp``'s (per-channel) axis whose
+    parts are float tensors reaching it directly or through max-pools and resizes (which keep
+    each channel where it is); None when one is not."""
+    shape = dims(concat)
+    axis = int(concat.attrs.axis) % len(shape)
+    if axis != qp.axis % len(shape):
+        return None
+    out, start = {}, 0
+    for part in concat.args[0].fields:
+        root, path = graph.root(part)
+        width = (dims(part) or [None] * len(shape))[axis]
+        if (not isinstance(width, int) or root not in graph.values or dtype_of(root) != "float32" or root in out
+                or any(call_op(call) not in _CHANNEL_KEEPING for _, call in path)):
+            return None
+        out[root] = QParams(qp.scale[start:start + width], qp.zero_point[start:start + width], qp.dtype, qp.axis)
+        start += width
+    return out if start == qp.scale.size else None
+
+
+_CHANNEL_KEEPING = ("relax.nn.max_pool2d", "relax.image.resize2d")
 
 
 @tvm.transform.module_pass(opt_level=0, name="InsertQDQ")
@@ -335,6 +382,20 @@ def quantized_tensors(func, plan: QuantPlan) -> dict:
             if layer.name not in names:
                 names.append(layer.name)
     return readers
+
+
+def channel_scaled_weight(layer, scale: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+    """``weight`` (default: the layer's) with each input channel's weights multiplied by its
+    activation scale ``scale[c]``: an NHWC conv2d's OHWI weight (grouped or not) or a matmul's
+    ``[K, N]`` weight."""
+    w = np.asarray(layer.weight if weight is None else weight, np.float64)
+    scale = np.asarray(scale, np.float64)
+    if layer.kind == "matmul":
+        return (w * scale[:, None]).astype(np.float32)
+    per_group = w.shape[3]
+    groups = scale.size // per_group
+    index = (np.arange(w.shape[0]) // (w.shape[0] // groups))[:, None] * per_group + np.arange(per_group)[None]
+    return (w * scale[index][:, None, None, :]).astype(np.float32)
 
 
 def weight_qparams(weight: np.ndarray, axis: int) -> QParams:

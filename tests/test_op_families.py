@@ -268,7 +268,7 @@ def test_a_concat_read_by_int8_layers_alone_moves_int8_values_and_the_same_numbe
         return found
 
     with monkeypatch.context() as m:
-        m.setattr(insert_qdq, "_quantized_concat_parts", lambda *args: {})
+        m.setattr(insert_qdq, "_quantized_concat_parts", lambda *args: ({}, set()))
         before = quantize_pipeline(c.plan)(c.float_mod)
     assert dtypes(before, "relax.concat") == ["float32"]
     if head_is_output:

@@ -39,6 +39,7 @@ __all__ = [
     "observe",
     "collect_statistics",
     "channel_statistics",
+    "channel_ranges",
     "select_range",
 ]
 
@@ -250,6 +251,15 @@ def _per_channel(bb, t):
     return [bb.emit(relax.op.max(relax.op.abs(t), axis=axes)), bb.emit(relax.op.mean(t, axis=axes))]
 
 
+def _channel_minmax(bb, t):
+    """min, max and mean square over every axis but the last (channels)."""
+    from tvmq.passes.graph import static_shape
+
+    axes = list(range(len(static_shape(t)) - 1))
+    return [bb.emit(relax.op.min(t, axis=axes)), bb.emit(relax.op.max(t, axis=axes)),
+            bb.emit(relax.op.mean(relax.op.multiply(t, t), axis=axes))]
+
+
 def observe(mod, tensors: list, histogram: bool, reducer=None):
     """``mod`` with ``main`` returning ``(original output, *observations)``.
 
@@ -323,6 +333,25 @@ def channel_statistics(mod, tensors: list, samples: list[dict], input_names: lis
             absmax[i] = a if absmax[i] is None else np.maximum(absmax[i], a)
             total[i] = m if total[i] is None else total[i] + m
     return [(a, t / len(samples)) for a, t in zip(absmax, total)]
+
+
+def channel_ranges(mod, tensors: list, samples: list[dict], input_names: list[str]):
+    """Per tensor, ``(min, max, mean square)`` of each channel (last axis) over the samples."""
+    from tvmq.execute import HostModule
+
+    if not tensors:
+        return []
+    runner = HostModule(observe(mod, tensors, False, reducer=_channel_minmax))
+    n_out = _count_outputs(mod["main"].body.body)
+    lo, hi, sq = [None] * len(tensors), [None] * len(tensors), [0.0] * len(tensors)
+    for sample in samples:
+        outs = runner(*[sample[name] for name in input_names])[n_out:]
+        for i in range(len(tensors)):
+            a, b, m = (outs[3 * i + j].astype(np.float64) for j in range(3))
+            lo[i] = a if lo[i] is None else np.minimum(lo[i], a)
+            hi[i] = b if hi[i] is None else np.maximum(hi[i], b)
+            sq[i] = sq[i] + m / len(samples)
+    return list(zip(lo, hi, sq))
 
 
 def _count_outputs(expr) -> int:

@@ -32,7 +32,8 @@ def _config_from_args(args):
                            smoothquant=getattr(args, "smoothquant", None),
                            weight_only=getattr(args, "weight_only", None),
                            weight_only_group=getattr(args, "group", 32),
-                           int8_everywhere=getattr(args, "int8_everywhere", False))
+                           int8_everywhere=getattr(args, "int8_everywhere", False),
+                           per_channel_activations=getattr(args, "per_channel_activations", False))
     except ValueError as err:
         raise TvmqError(f"{err}") from None
 

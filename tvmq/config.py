@@ -139,6 +139,11 @@ class QuantConfig:
         faster than float on the target's ISA stay float: depthwise convolutions and short
         reductions where the micro-kernel measured so (:func:`tvmq.targets.intrinsics.int8_pays`;
         on AVX2, reductions under 32). A rule naming a layer ``int8`` always wins.
+    per_channel_activations : bool
+        A tensor whose channels' ranges differ widely and that only int8 convs / matmuls read gets
+        one scale per channel, folded into their weights (:func:`tvmq.quantize.per_channel_inputs`;
+        ``--per-channel-activations``). Off by default: on YOLOX it halved the rounding noise of the
+        layers it chose and still lowered the worst calibration sample's SQNR (README).
     """
 
     method: CalibrationMethod = CalibrationMethod.MINMAX
@@ -153,6 +158,7 @@ class QuantConfig:
     weight_only: str | None = None
     weight_only_group: int = 32
     int8_everywhere: bool = False
+    per_channel_activations: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "method", CalibrationMethod(self.method))

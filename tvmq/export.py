@@ -134,7 +134,10 @@ class _Writer:
         return name
 
     def fake_quant(self, tensor: str, qp: QParams) -> str:
-        """Q/DQ after ``tensor``; returns the dequantized tensor's name (shared per params)."""
+        """Q/DQ after ``tensor``; returns the dequantized tensor's name (shared per params).
+        Parameters per channel are written per tensor, covering every channel's range (ONNX
+        Runtime's quantized kernels take activations per tensor)."""
+        qp = qp.covering()
         key = (tensor, qp.key()[2] + qp.key()[3] + qp.dtype.encode())
         if key in self.wrapped:
             return self.wrapped[key]
@@ -249,7 +252,7 @@ def _write_layer(w: _Writer, kind: str, node, lp, consts: dict, consumers: dict[
         for i, qp in enumerate(lp.inputs):
             node.input[i] = w.fake_quant(node.input[i], qp)
     else:
-        x_qp = lp.inputs[0]
+        x_qp = lp.inputs[0].covering()
         node.input[0] = w.fake_quant(node.input[0], x_qp)
         weight = consts[node.input[1]].astype(np.float32)
         axis = 0

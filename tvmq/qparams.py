@@ -98,6 +98,14 @@ class QParams:
             out.update(scale=float(self.scale), zero_point=int(self.zero_point))
         return out
 
+    def covering(self) -> "QParams":
+        """Per-tensor parameters covering every channel's range (``self`` when per-tensor)."""
+        if not self.per_channel:
+            return self
+        lo = float(np.min((self.qmin - self.zero_point.astype(np.float64)) * self.scale))
+        hi = float(np.max((self.qmax - self.zero_point.astype(np.float64)) * self.scale))
+        return activation_qparams(lo, hi, self.dtype)
+
     @classmethod
     def from_json(cls, d: dict) -> "QParams":
         return cls(np.asarray(d["scale"]), np.asarray(d["zero_point"]), d["dtype"], d.get("axis", -1))
@@ -116,6 +124,29 @@ def activation_qparams(lo: float, hi: float, dtype: str, symmetric: bool = False
         zp = int(np.clip(np.round(qmin - lo / scale), qmin, qmax))
     scale = max(np.float32(scale), np.finfo(np.float32).tiny)
     return QParams(np.float32(scale), np.int32(zp), dtype)
+
+
+def channel_activation_qparams(lo, hi, dtype: str, axis: int) -> QParams:
+    """Per-channel parameters along ``axis`` covering each channel's ``[lo[c], hi[c]]`` (widened
+    to include 0), with one zero point for every channel: the one whose steps are the finest
+    overall (the smallest product of the channels' scales). One zero point keeps real 0 one
+    integer across channels, so padding, clamps and the zero-point correction stay per tensor.
+    """
+    lo = np.minimum(np.asarray(lo, np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, np.float64), 0.0)
+    qmin, qmax = dtype_range(dtype)
+    z = np.arange(qmin, qmax + 1, dtype=np.float64)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        up = np.where(hi[None] > 0, hi[None] / (qmax - z), 0.0)
+        down = np.where(lo[None] < 0, -lo[None] / (z - qmin), 0.0)
+    scales = np.maximum(up, down)
+    tiny = np.finfo(np.float32).tiny
+    cost = np.where(np.isfinite(scales), np.log(np.maximum(scales, tiny)), np.inf).sum(axis=1)
+    best = int(np.argmin(cost))
+    scale = np.maximum(scales[best], tiny).astype(np.float32)
+    scale[(hi <= 0) & (lo >= 0)] = 1.0  # a channel never seen non-zero
+    zp = np.full(scale.shape, qmin + best, np.int32)
+    return QParams(scale, zp, dtype, axis)
 
 
 def sixteen_bits(qp: QParams) -> QParams:

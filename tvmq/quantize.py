@@ -19,12 +19,12 @@ from tvmq.calibrate import InputSpec, collect_statistics, select_range, validate
 from tvmq.config import WIDE, ActivationSpec, CalibrationMethod, QuantConfig, RequantizeMode
 from tvmq.errors import TvmqError
 from tvmq.plan import LayerPlan, QuantPlan
-from tvmq.qparams import QParams, activation_qparams, int16_accumulates_exactly, quantize_weight, sixteen_bits
+from tvmq.qparams import QParams, activation_qparams, channel_activation_qparams, int16_accumulates_exactly, quantize_weight, sixteen_bits
 from tvmq.passes import Conv1dToConv2d, ConvertToNHWC, ConvTransposeToConv, DivideToMultiply, FoldConstantsNumpy, FoldQDQ, InsertQDQ
 from tvmq.passes.graph import FunctionGraph, dtype_of, dims
 from tvmq.passes.layers import find_layers
 
-__all__ = ["prepare", "calibrate", "narrow", "widen_activations", "wide_activations_fit", "wide_candidates", "quantize", "quantize_pipeline", "input_specs", "smooth", "smooth_and_calibrate", "finish"]
+__all__ = ["prepare", "calibrate", "narrow", "widen_activations", "wide_activations_fit", "wide_candidates", "per_channel_inputs", "quantize", "quantize_pipeline", "input_specs", "smooth", "smooth_and_calibrate", "finish"]
 
 log = logging.getLogger("tvmq")
 
@@ -153,7 +153,107 @@ def calibrate(
         kept_float=slow,
     )
     wide = [l.name for l in layers if l.name in int8 and config.precision_for(l.name, l.kind, "") == WIDE]
+    if config.per_channel_activations:
+        plan = per_channel_inputs(plan, mod, samples, [s.name for s in specs], wide=wide)
     return widen_activations(plan, mod, wide, target) if wide else plan
+
+
+# Per-channel parameters replace a tensor's per-tensor ones where they cut the quantization noise
+# its readers' outputs get from it (activation and weight rounding; see _rounding_noise) at least
+# this many times.
+PER_CHANNEL_GAIN = 2.0
+
+
+def _rounding_noise(layer, scale: np.ndarray, mean_square: np.ndarray) -> float:
+    """The noise power int8 rounding adds to ``layer``'s outputs (summed over output channels) when
+    its input is quantized with steps ``scale`` (one, or one per channel: folded into the weights)
+    and its weights per output channel: activation rounding ``sum W^2 s^2 / 12`` plus weight
+    rounding ``sum_o step_o^2 / 12 * sum E[x^2] / s^2`` in integer steps (per tensor, ``s`` is
+    common and the weight's own step applies to the real input)."""
+    from tvmq.passes.insert_qdq import channel_scaled_weight
+
+    channels = mean_square.size
+    scale = np.broadcast_to(np.asarray(scale, np.float64), (channels,))
+    w = np.asarray(layer.weight, np.float64)
+    per_channel = bool(np.ptp(scale) > 0)
+    folded = channel_scaled_weight(layer, scale) if per_channel else w
+    wax = layer.weight_axis
+    step = np.abs(np.moveaxis(folded, wax, 0)).reshape(folded.shape[wax], -1).max(axis=1) / 127.0
+    activation = float(np.sum(channel_scaled_weight(layer, scale**2 / 12.0, w * w)))
+    inputs = mean_square / scale**2 if per_channel else mean_square
+    energy = np.moveaxis(channel_scaled_weight(layer, inputs, np.ones_like(w)), wax, 0).reshape(w.shape[wax], -1).sum(axis=1)
+    weight = float(np.sum(step**2 / 12.0 * energy))
+    return activation + weight
+
+
+def _channel_foldable(layer) -> bool:
+    """Whether ``layer`` can take an input quantized per channel by folding the channels' scales
+    into its weights: a conv2d (NHWC) or matmul reducing over the input's last axis."""
+    if layer.weight is None:
+        return False
+    if layer.kind == "conv2d":
+        return str(layer.chain.call.attrs.data_layout) == "NHWC"
+    return layer.kind == "matmul" and layer.weight.ndim == 2
+
+
+def per_channel_inputs(plan: QuantPlan, mod: tvm.IRModule, samples: list, input_names: list[str],
+                       wide=()) -> QuantPlan:
+    """``plan`` with per-channel input parameters for the activation tensors whose channels' ranges
+    differ enough (:data:`PER_CHANNEL_GAIN`) and that only int8 convs / matmuls read, directly:
+    those fold each channel's scale into their weights (``W[o, c] * s[c]``, then quantized per
+    output channel), so they still multiply 8-bit integers, and the layer writing the tensor
+    requantizes per channel at no cost (its multiplier is per channel already). The channels keep
+    one zero point (:func:`tvmq.qparams.channel_activation_qparams`).
+
+    A concat's channels are where this pays most: parts from different branches (YOLO's CSP
+    blocks) share one scale per tensor whatever their ranges."""
+    from tvmq.calibrate import channel_ranges
+
+    func = mod["main"]
+    graph = FunctionGraph(func)
+    layers = find_layers(func, graph)
+    readers: dict = {}
+    for layer in layers:
+        lp = plan.get(layer.name)
+        if lp is None or not lp.is_int8 or lp.kind != layer.kind:
+            continue
+        for x, qp in zip(layer.inputs, lp.inputs):
+            root, path = graph.root(x)
+            ok = (_channel_foldable(layer) and not path and layer.name not in wide and qp.dtype != "int16"
+                  and not qp.per_channel)
+            readers.setdefault(root, []).append((layer, ok))
+    candidates = []
+    for root, users in readers.items():
+        anchors = {layer.chain.anchor for layer, _ in users}
+        shape = dims(root)
+        if (all(ok for _, ok in users) and shape and isinstance(shape[-1], int) and shape[-1] > 1
+                and set(graph.users.get(root, [])) <= anchors):
+            candidates.append(root)
+    if not candidates:
+        return plan
+    per_tensor = {root: plan.get(users[0][0].name).inputs[0] for root, users in readers.items() if root in candidates}
+    chosen = {}
+    for root, (lo, hi, mean_square) in zip(candidates, channel_ranges(mod, candidates, samples, input_names)):
+        qp = per_tensor[root]
+        t_lo, t_hi = (qp.qmin - int(qp.zero_point)) * float(qp.scale), (qp.qmax - int(qp.zero_point)) * float(qp.scale)
+        pc = channel_activation_qparams(np.clip(lo, t_lo, 0.0), np.clip(hi, 0.0, t_hi), qp.dtype, len(dims(root)) - 1)
+        before = sum(_rounding_noise(layer, qp.scale, mean_square) for layer, _ in readers[root])
+        after = sum(_rounding_noise(layer, pc.scale, mean_square) for layer, _ in readers[root])
+        log.debug("%s: rounding noise %.3g per tensor, %.3g per channel", root.name, before, after)
+        if after * PER_CHANNEL_GAIN <= before:
+            chosen[root] = pc
+    if not chosen:
+        return plan
+    new = dict(plan.layers)
+    for layer in layers:
+        lp = new.get(layer.name)
+        if lp is None or not lp.is_int8 or lp.kind != layer.kind:
+            continue
+        inputs = tuple(chosen.get(graph.root(x)[0], qp) for x, qp in zip(layer.inputs, lp.inputs))
+        output = chosen.get(layer.output, lp.output) if lp.output is not None else None
+        new[layer.name] = dataclasses.replace(lp, inputs=inputs, output=output)
+    log.info("per-channel activation parameters for %d tensor(s)", len(chosen))
+    return dataclasses.replace(plan, layers=new)
 
 
 def wide_activations_fit(layer) -> bool:
@@ -175,7 +275,7 @@ def wide_candidates(plan: QuantPlan, mod: tvm.IRModule, target="x86") -> tuple[s
     if kernel is None or kernel.wide is None:
         return ()
     return tuple(l.name for l in find_layers(mod["main"]) if plan.get(l.name) is not None and plan.get(l.name).is_int8
-                 and wide_activations_fit(l))
+                 and not any(q.per_channel for q in plan.get(l.name).inputs) and wide_activations_fit(l))
 
 
 def widen_activations(plan: QuantPlan, mod: tvm.IRModule, names: Iterable[str], target="x86") -> QuantPlan:

@@ -322,9 +322,9 @@ def _float_output_gain(mod, plan) -> float:
             continue
         if layer.weight is not None:
             w = np.abs(np.moveaxis(np.asarray(layer.weight, np.float64), layer.weight_axis, 0))
-            gain = max(gain, float(lp.inputs[0].scale) * float(w.reshape(w.shape[0], -1).sum(axis=1).max()))
+            gain = max(gain, float(np.max(lp.inputs[0].scale)) * float(w.reshape(w.shape[0], -1).sum(axis=1).max()))
         else:
-            gain = max(gain, sum(float(i.scale) for i in lp.inputs))
+            gain = max(gain, sum(float(np.max(i.scale)) for i in lp.inputs))
     return gain
 
 

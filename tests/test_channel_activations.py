@@ -9,6 +9,7 @@ from tvmq.config import QuantConfig
 from tvmq.testing import make_model
 
 PER_CHANNEL = QuantConfig(int8_everywhere=True, per_channel_activations=True)
+PER_TENSOR = QuantConfig(int8_everywhere=True, per_channel_activations=False)
 
 
 def _wide_channels_model(kind: str, seed: int = 7):
@@ -79,7 +80,7 @@ def test_a_tensor_whose_channels_differ_40x_is_quantized_per_channel_into_intege
     rng = np.random.default_rng(1)
     samples = [{"x": rng.normal(0, 1, shape).astype(np.float32)} for _ in range(8)]
     tests = [rng.normal(0, 1, shape).astype(np.float32) for _ in range(4)]
-    per_tensor = Compiled(model, samples)
+    per_tensor = Compiled(model, samples, PER_TENSOR)
     c = Compiled(model, samples, PER_CHANNEL)
     lp = c.plan.layers
     assert lp["fuse"].inputs[0].per_channel and lp["widen"].output == lp["fuse"].inputs[0]
@@ -100,6 +101,29 @@ def test_a_tensor_whose_channels_differ_40x_is_quantized_per_channel_into_intege
         got = np.asarray(c.int8(x)[0])
         assert np.abs(got - np.asarray(simulation(x)[0])).max() <= bound
         assert _sqnr(got, ref) >= _sqnr(np.asarray(per_tensor.int8(x)[0]), ref) + 6.0
+
+
+def test_by_default_they_are_kept_where_the_simulated_model_does_better():
+    """Default: the per-channel plan is simulated against the per-tensor one on the calibration
+    samples and kept only where its worst sample is better and its median no worse."""
+    import dataclasses
+
+    from tvmq.qparams import QParams
+    from tvmq.quantize import _simulated_better
+
+    model, shape = _wide_channels_model("conv")
+    rng = np.random.default_rng(5)
+    samples = [{"x": rng.normal(0, 1, shape).astype(np.float32)} for _ in range(6)]
+    default, per_tensor = Compiled(model, samples), Compiled(model, samples, PER_TENSOR)
+    assert default.plan.layers["fuse"].inputs[0].per_channel
+    assert _simulated_better(default.float_mod, per_tensor.plan, default.plan, samples, ["x"])
+    # a plan whose per-channel steps are 64x too coarse (coarser than per tensor) simulates worse: not kept
+    qp = default.plan.layers["fuse"].inputs[0]
+    coarse = QParams(qp.scale * 64, qp.zero_point, qp.dtype, qp.axis)
+    layers = {**default.plan.layers, "fuse": dataclasses.replace(default.plan.layers["fuse"], inputs=(coarse,)),
+              "widen": dataclasses.replace(default.plan.layers["widen"], output=coarse)}
+    worse = dataclasses.replace(default.plan, layers=layers)
+    assert not _simulated_better(default.float_mod, per_tensor.plan, worse, samples, ["x"])
 
 
 def test_the_precision_search_simulates_per_channel_inputs_with_real_values():
@@ -165,6 +189,10 @@ def test_compile_per_channel_activations_writes_them_into_the_plan_and_the_bundl
     got = np.load(tmp_path / "y.npz")["y"]
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert _sqnr(got, ref) >= 28.0
+    off = tmp_path / "off"
+    assert main(["compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "--no-per-channel-activations",
+                 "--int8-everywhere", "-o", str(off)]) == 0
+    assert "axis" not in json.loads((off / "plan.json").read_text())["layers"]["fuse"]["inputs"][0]
     again = tmp_path / "again"
     assert main(["compile", str(tmp_path / "m.onnx"), "--plan", str(out / "plan.json"), "-o", str(again)]) == 0
     assert main(["run", str(again), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "z.npz")]) == 0
@@ -173,3 +201,18 @@ def test_compile_per_channel_activations_writes_them_into_the_plan_and_the_bundl
                  "-o", str(tmp_path / "q.onnx")]) == 0
     q = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert 16.0 <= _sqnr(q, ref) <= _sqnr(got, ref) - 6.0  # the channels' ranges joined, per tensor
+
+
+def test_the_planted_outlier_channel_is_harmless_per_channel():
+    """test_precision's sensitive model (conv1's input has one channel 300x the others, read with
+    1/300 the weight): per tensor, all-int8 misses 30 dB and the search keeps conv1 float; with the
+    default per-channel choice, conv1's input is per channel and all-int8 clears it."""
+    from test_precision import sensitive_model
+
+    rng = np.random.default_rng(6)
+    samples = [{"x": rng.normal(0, 1, (1, 4, 8, 8)).astype(np.float32)} for _ in range(12)]
+    default, per_tensor = Compiled(sensitive_model(), samples), Compiled(sensitive_model(), samples, PER_TENSOR)
+    assert default.plan.layers["conv1"].inputs[0].per_channel
+    for x in (rng.normal(0, 1, (1, 4, 8, 8)).astype(np.float32) for _ in range(4)):
+        ref = np.asarray(default.fp32(x)[0])
+        assert _sqnr(np.asarray(per_tensor.int8(x)[0]), ref) < 30.0 <= _sqnr(np.asarray(default.int8(x)[0]), ref)

@@ -253,9 +253,9 @@ def _per_channel(bb, t):
 
 def _channel_minmax(bb, t):
     """min, max and mean square over every axis but the last (channels)."""
-    from tvmq.passes.graph import static_shape
+    from tvmq.passes.graph import dims
 
-    axes = list(range(len(static_shape(t)) - 1))
+    axes = list(range(len(dims(t)) - 1))
     return [bb.emit(relax.op.min(t, axis=axes)), bb.emit(relax.op.max(t, axis=axes)),
             bb.emit(relax.op.mean(relax.op.multiply(t, t), axis=axes))]
 

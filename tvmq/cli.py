@@ -55,10 +55,12 @@ def _add_compile(sub):
                         "faster than float on the target's ISA, which stay float by default")
     p.add_argument("--keep-float", action="append", default=[], metavar="GLOB",
                    help="leave layers whose name matches in float (repeatable; sugar for a --config rule)")
-    p.add_argument("--per-channel-activations", action="store_true",
-                   help="give one scale per channel to the activations that only int8 convs/matmuls read, where "
-                        "their channels' ranges differ enough to halve the rounding noise of the readers' outputs; "
-                        "the scales are folded into the readers' int8 weights (off by default: see README)")
+    p.add_argument("--per-channel-activations", action=argparse.BooleanOptionalAction, default=None,
+                   help="one scale per channel for the activations that only int8 convs/matmuls read, where their "
+                        "channels' ranges differ enough to halve the rounding noise of the readers' outputs (the "
+                        "scales are folded into the readers' int8 weights). Default: where the simulated model "
+                        "also does better on the calibration samples; --per-channel-activations: wherever the noise "
+                        "halves; --no-per-channel-activations: never")
     p.add_argument("--config", help="JSON/TOML file of layer rules (op type | name glob) -> int8|int16|fp16|fp32|skip, "
                                     "first match wins (int16: int8 weights on 16-bit activations, x86 targets)")
     p.add_argument("--plan", help="reuse a plan.json from an earlier build instead of calibrating")

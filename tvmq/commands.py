@@ -33,7 +33,7 @@ def _config_from_args(args):
                            weight_only=getattr(args, "weight_only", None),
                            weight_only_group=getattr(args, "group", 32),
                            int8_everywhere=getattr(args, "int8_everywhere", False),
-                           per_channel_activations=getattr(args, "per_channel_activations", False))
+                           per_channel_activations=getattr(args, "per_channel_activations", None))
     except ValueError as err:
         raise TvmqError(f"{err}") from None
 

@@ -14,7 +14,7 @@ for all-int8) -> passes -> pipeline -> bundle.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -180,6 +180,9 @@ def choose_plan(float_mod, samples, config, auto, preset, info, *, input_names, 
     output_names = [o.name for o in info.outputs]
     parts = OutputParts(tuple(output_names), (*concat, *(parse_output_slice(t, output_names) for t in auto.output_slices)))
     full = calibrate(float_mod, samples, config, target=preset.name, input_names=input_names, progress=progress)
+    # per-channel activations as decided for the all-int8 plan, not simulated again for every candidate
+    config = replace(config, per_channel_activations=any(q.per_channel for lp in full.layers.values()
+                                                                     if lp.is_int8 for q in lp.inputs))
     eval_samples, labels = (samples, None) if auto.eval_data is None else load_eval_data(auto.eval_data, list(info.inputs))
     analysis = analyse(float_mod, full, eval_samples, input_names, metric, labels, preset=preset, progress=progress,
                        parts=parts, budget=budget, input_noise=auto.input_noise, clip_ranges=auto.clip_ranges,

@@ -332,20 +332,21 @@ class _QDQFolder(relax.PyExprMutator):
             return False
         ndim = len(dims(call.args[0]) or ())
         axis = int(call.attrs.axis) % max(ndim, 1)
-        if np.ndim(scale):  # per channel, one zero point (tvmq.quantize.per_channel_inputs)
-            out = QParams(np.float32(1.0), zp.reshape(-1)[0], out_dtype)  # the zero point and the dtype
-            return self._fold_channel_quantize(var, src, out, np.asarray(scale, np.float32), axis, ndim)
-        out = QParams(scale, zp, out_dtype)
-        if src in self.accs:
-            a = self.accs[src]
-            lo, hi = _clamp_bounds(out, a.act)
-            m = a.scale / float(out.scale)
-            if self.mode == RequantizeMode.FLOAT:
-                m = a.scale32 / np.float32(out.scale)
-            self._bind(var, self._requantize([(a.acc, 0, m)], m, int(out.zero_point), lo, hi, out_dtype, a.axis, a.ndim))
-            return True
+        scales = np.asarray(scale, np.float32)  # 0-d, or one per channel along ``axis`` (one zero point)
+        per_channel = scales.ndim == 1
+        out = QParams(np.float32(1.0) if per_channel else scale, np.asarray(zp).reshape(-1)[0], out_dtype)
+        a = self.accs.get(src)
+        if a is not None and (not per_channel or a.axis == axis):
+            bounds = {_clamp_bounds(QParams(s, out.zero_point, out_dtype), a.act) for s in scales.reshape(-1)}
+            if len(bounds) == 1:  # one clamp for every channel (per channel: no relu6)
+                lo, hi = bounds.pop()
+                m = a.scale / scales.astype(np.float64)
+                if self.mode == RequantizeMode.FLOAT:
+                    m = a.scale32 / scales
+                self._bind(var, self._requantize([(a.acc, 0, m)], m, int(out.zero_point), lo, hi, out_dtype, a.axis, a.ndim))
+                return True
         chain = self.chains.get(src)
-        if chain is not None and chain.kind == "add":
+        if chain is not None and chain.kind == "add" and not per_channel:
             lhs = self._dq_of(self.visit_expr(chain.call.args[0]))
             rhs = self._dq_of(self.visit_expr(chain.call.args[1]))
             if lhs is None or rhs is None or lhs.qp.per_channel or rhs.qp.per_channel:
@@ -359,40 +360,19 @@ class _QDQFolder(relax.PyExprMutator):
             return True
         dq = self._dq_of(self.visit_expr(src))
         if dq is None or dq.qp.per_channel:
-            return self._quantize_by_multiply(var, src, out)
-        if dq.qp == out:
+            return self._quantize_by_multiply(var, src, out, scales, axis, ndim)
+        if not per_channel and dq.qp == out:
             self._bind(var, dq.data)
             return True
-        m = np.float64(dq.qp.scale) / np.float64(out.scale)
+        m = np.float64(dq.qp.scale) / scales.astype(np.float64)
         term = [(dq.data, int(dq.qp.zero_point), m)]
-        self._bind(var, self._requantize(term, m, int(out.zero_point), out.qmin, out.qmax, out_dtype))
+        self._bind(var, self._requantize(term, m, int(out.zero_point), out.qmin, out.qmax, out_dtype, axis, ndim))
         return True
 
-    def _fold_channel_quantize(self, var, src, out: QParams, scales: np.ndarray, axis: int, ndim: int) -> bool:
-        """A quantize with one scale per channel along ``axis`` (``out`` holds the zero point): an
-        int8 layer's requantize with per-channel multipliers, a requantize of an integer tensor, or
-        the float tensor scaled by per-channel reciprocals."""
-        a = self.accs.get(src)
-        if a is not None and a.axis == axis:
-            bounds = {_clamp_bounds(QParams(s, out.zero_point, out.dtype), a.act) for s in scales}
-            if len(bounds) == 1:  # one clamp for every channel (no activation, relu; not relu6)
-                lo, hi = bounds.pop()
-                m = a.scale / scales.astype(np.float64)
-                if self.mode == RequantizeMode.FLOAT:
-                    m = a.scale32 / scales
-                self._bind(var, self._requantize([(a.acc, 0, m)], m, int(out.zero_point), lo, hi, out.dtype, axis, ndim))
-                return True
-        dq = self._dq_of(self.visit_expr(src))
-        if dq is not None and not dq.qp.per_channel and src not in self.accs:
-            m = np.float64(dq.qp.scale) / scales.astype(np.float64)
-            term = [(dq.data, int(dq.qp.zero_point), m)]
-            self._bind(var, self._requantize(term, m, int(out.zero_point), out.qmin, out.qmax, out.dtype, axis, ndim))
-            return True
-        return self._quantize_by_multiply(var, src, out, scales, axis, ndim)
-
-    def _quantize_by_multiply(self, var, src, out: QParams, scales=None, axis=-1, ndim=1) -> bool:
+    def _quantize_by_multiply(self, var, src, out: QParams, scales: np.ndarray, axis: int, ndim: int) -> bool:
         """A float tensor entering the integer domain: ``round(x * (1/s)) + zp``, clamped (``scales``:
-        one ``s`` per channel along ``axis`` of the ``ndim``-d tensor).
+        ``s``, or one per channel along ``axis`` of the ``ndim``-d tensor; ``out``: the zero point
+        and the dtype).
 
         ``relax.op.quantize`` divides by the scale; a multiply by the reciprocal is several
         times cheaper and differs only when ``x/s`` lies within an ulp of a rounding tie.
@@ -400,11 +380,7 @@ class _QDQFolder(relax.PyExprMutator):
         x = self.visit_expr(src)
         if dtype_of(x) != "float32":
             return False
-        if scales is None:
-            reciprocal = relax.const(np.float32(1.0 / np.float64(out.scale)), "float32")
-        else:  # one scale per channel along ``axis``
-            reciprocal = _channel_const(1.0 / scales.astype(np.float64), axis, ndim, "float32")
-        t = self._emit(relax.op.multiply(x, reciprocal))
+        t = self._emit(relax.op.multiply(x, _channel_const(1.0 / scales.astype(np.float64), axis, ndim, "float32")))
         t = self._emit(relax.op.round(t))
         if int(out.zero_point):
             t = self._emit(relax.op.add(t, relax.const(np.float32(out.zero_point), "float32")))

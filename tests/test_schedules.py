@@ -398,6 +398,35 @@ def test_an_nhwc_pad_runs_whole_rows_in_parallel_and_is_exact():
     np.testing.assert_array_equal(got, np.pad(a, [(0, 0), (1, 1), (1, 1), (0, 0)]))
 
 
+def test_one_tensor_padded_for_two_readers_is_padded_once():
+    """Two 3x3 convs reading one tensor (a CSP block) that pad it alike (its spatial pad, then
+    columns for the register tile) share one pad kernel, and the two pads fuse: one kernel where
+    there were three, the results equal numpy's."""
+    from tvmq.kernels import call_order
+
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(0, 0.2, (3, 3, 8, 8)).astype("float32") for _ in range(2)]
+    x = relax.Var("x", relax.TensorType((1, 10, 10, 8), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            padded = bb.emit(relax.op.nn.pad(x, [0, 0, 1, 1, 1, 1, 0, 0]))
+            outs = []
+            for w in weights:
+                p = bb.emit(relax.op.nn.pad(padded, [0, 0, 0, 0, 0, 2, 0, 0]))
+                outs.append(bb.emit(relax.op.nn.conv2d(p, relax.const(w), data_layout="NHWC", kernel_layout="HWIO")))
+            y = bb.emit_output(relax.Tuple(outs))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    order = call_order(lower(mod, "x86"))
+    assert len([n for n in order if "pad" in n]) == 1, order
+    v = rng.normal(0, 1, (1, 10, 10, 8)).astype("float32")
+    got = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(v))
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(v, [(0, 0), (1, 1), (1, 3), (0, 0)]), (3, 3), axis=(1, 2))
+    for w, out in zip(weights, got):  # windows: [1, y, x, ci, kh, kw]
+        np.testing.assert_allclose(out.numpy(), np.einsum("byxcij,ijco->byxo", windows, w), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("channels, lanes", [((24, 24), 8), ((40, 56), 8), ((20, 28, 16), 4)],
                          ids=["24+24", "40+56", "ragged"])
 def test_a_concat_takes_vectors_that_divide_its_boundaries(channels, lanes):

@@ -100,6 +100,10 @@ def _pixel_tile(preset):
 def _fuse_passes(preset) -> list:
     return [
         *relax_passes(preset),
+        # one kernel for identical calls: two 3x3 convs reading one tensor each padded it (9 of
+        # YOLOX's 44 pads were such twins, and a twin kept its pad from fusing with the next
+        # one): 157 -> 139 kernels, all-int8 10.13 -> 10.07 ms (alternated, VNNI host, 2 threads)
+        relax.transform.EliminateCommonSubexpr(),
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps({"relax.reshape": _legalize_reshape}),

@@ -376,8 +376,21 @@ class _Packer(relax.PyExprMutator):
         predicated last tile), else 1."""
         return 1 if isinstance(pixels, int) or self.pixel_tile is None else FLOAT_PIXELS
 
-    def _pad(self, data, pad_width):
-        """Zero padding, its extents simplified (see :meth:`_canonical`)."""
+    def _pad(self, data, pad_width, exact: bool = True):
+        """Zero padding, its extents simplified (see :meth:`_canonical`).
+
+        Over a constant pad (FoldQDQ's, which pads an int8 conv's input with its zero point) it
+        extends that one: one pad kernel instead of two in a row, which the conv before can
+        then write into (``WritePaddedOutputs``). It keeps the inner pad's value, so it does
+        only where that is zero or where this padding's values are never used (``exact``
+        False: spare columns of the last tile, cropped after; input channels that meet zero
+        weights)."""
+        bound = self.lookup_binding(data) if isinstance(data, relax.Var) else None
+        if call_op(bound) == "relax.nn.pad" and str(bound.attrs.pad_mode) == "constant" \
+                and (not exact or float(bound.attrs.pad_value) == 0.0):
+            inner = [int(w) for w in bound.attrs.pad_width]
+            return self._canonical(self.builder_.emit(relax.op.nn.pad(
+                bound.args[0], [a + b for a, b in zip(inner, pad_width)], pad_value=float(bound.attrs.pad_value))))
         return self._canonical(self.builder_.emit(relax.op.nn.pad(data, pad_width, pad_value=0.0)))
 
     def _canonical(self, data):
@@ -421,9 +434,10 @@ class _Packer(relax.PyExprMutator):
             lanes, k = self.pairs  # neighbouring pixels read neighbouring columns: one two-pixel step
         extra_c = _round_up(shape[3], k) - shape[3]
         granule = self._granule(out_width if static_width else shape[2], w.shape[0], lanes, k)
+        exact = any((top, left, bottom, right))
         right += (granule - 1) * int(a.strides[1])  # spare columns for the last, padded tile
-        data = self._pad(data, [0, 0, top, bottom, left, right, 0, extra_c]) if top or left or bottom or right or extra_c \
-            else self._canonical(data)
+        data = self._pad(data, [0, 0, top, bottom, left, right, 0, extra_c], exact) \
+            if top or left or bottom or right or extra_c else self._canonical(data)
         wp = relax.const(pack_conv_weight(w, lanes, k), "int8")
         compute = _conv_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], w.shape[0], lanes, granule)
         self.packed += 1
@@ -443,8 +457,9 @@ class _Packer(relax.PyExprMutator):
             return None
         top, left, bottom, right = (int(p) for p in a.padding)
         granule = self._float_granule(shape[2])
+        exact = any((top, left, bottom, right))
         right += (granule - 1) * int(a.strides[1])
-        data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0]) if top or left or bottom or right \
+        data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0], exact) if top or left or bottom or right \
             else self._canonical(data)
         wk = relax.const(np.ascontiguousarray(w[:, :, :, 0].transpose(1, 2, 0)), str(w.dtype))
         compute = _depthwise_compute([int(s) for s in a.strides], [int(d) for d in a.dilation], out_dtype, granule)
@@ -462,8 +477,9 @@ class _Packer(relax.PyExprMutator):
         width = _out_extent(shape[2] + left + right, w.shape[2], int(a.dilation[1]), int(a.strides[1])) \
             if isinstance(shape[2], int) else None  # output pixels per row (static)
         granule = self._float_granule(shape[2])
+        exact = any((top, left, bottom, right))
         right += (granule - 1) * int(a.strides[1])
-        data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0]) if top or left or bottom or right \
+        data = self._pad(data, [0, 0, top, bottom, left, right, 0, 0], exact) if top or left or bottom or right \
             else self._canonical(data)
         lanes = self.float_lanes
         wp = relax.const(pack_float_conv_weight(w, lanes, width), "float32")
@@ -480,7 +496,8 @@ class _Packer(relax.PyExprMutator):
             return None
         wp = relax.const(pack_float_matmul_weight(w, self.float_lanes), "float32")
         granule = self._float_granule(shape[-2] if len(shape) >= 2 else 1)
-        x = self._pad(x, [0, 0] * (len(shape) - 2) + [0, granule - 1, 0, 0]) if granule > 1 else self._canonical(x)
+        x = self._pad(x, [0, 0] * (len(shape) - 2) + [0, granule - 1, 0, 0], exact=False) if granule > 1 \
+            else self._canonical(x)
         self.packed += 1
         compute = _float_matmul_compute(w.shape[1], self.float_lanes, granule)
         return self.builder_.normalize(self.builder_.call_te(compute, x, wp, primfunc_name_hint=FMA_MATMUL_FUNC))
@@ -503,7 +520,7 @@ class _Packer(relax.PyExprMutator):
             lanes, k = self.pairs
         extra_k = _round_up(w.shape[0], k) - w.shape[0]
         granule = self._granule(shape[-2] if len(shape) >= 2 else 1, w.shape[1], lanes, k)
-        x = self._pad(x, [0, 0] * (len(shape) - 2) + [0, granule - 1, 0, extra_k]) if extra_k or granule > 1 \
+        x = self._pad(x, [0, 0] * (len(shape) - 2) + [0, granule - 1, 0, extra_k], exact=False) if extra_k or granule > 1 \
             else self._canonical(x)
         wp = relax.const(pack_matmul_weight(w, lanes, k), "int8")
         self.packed += 1

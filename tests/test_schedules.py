@@ -427,6 +427,42 @@ def test_one_tensor_padded_for_two_readers_is_padded_once():
         np.testing.assert_allclose(out.numpy(), np.einsum("byxcij,ijco->byxo", windows, w), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("int8", [True, False], ids=["int8", "fp32"])
+def test_a_conv_writes_the_padded_input_of_the_next_conv(monkeypatch, int8):
+    """Two 3x3 convs in a row: the first writes its output straight into the padded tensor the
+    second reads (int8: a border of the zero point, and spare columns for the register tile of
+    a width of 13), so no pad kernel is left between them, and the outputs equal, bit for bit,
+    those of the build whose pad is a kernel of its own."""
+    from conftest import Compiled
+    from onnx import helper
+
+    from tvmq import pipeline
+    from tvmq.execute import HostModule
+    from tvmq.kernels import call_order
+    from tvmq.targets.padded_outputs import WritePaddedOutputs
+    from tvmq.testing import make_model
+
+    rng = np.random.default_rng(3)
+    conv = lambda x, w, y: helper.make_node("Conv", [x, w], [y], name=y, kernel_shape=[3, 3], pads=[1] * 4)  # noqa: E731
+    model = make_model([conv("x", "w0", "a"), conv("a", "w1", "y")], [("x", [1, 4, 13, 13])], [("y", [1, 8, 13, 13])],
+                       [("w0", rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32)),
+                        ("w1", rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32))])
+    samples = [{"x": rng.normal(0, 1, (1, 4, 13, 13)).astype(np.float32)} for _ in range(4)]
+    c = Compiled(model, samples)
+    mod = c.qmod if int8 else c.float_mod
+    order = call_order(lower(mod, "x86"))
+    assert [n for n in order if n.endswith("_padded")] and not [n for n in order if re.match(r"(fused_)?pad\d*", n)], order
+    got = (c.int8 if int8 else c.fp32)(samples[0]["x"])
+
+    fuse_passes = pipeline._fuse_passes
+    monkeypatch.setattr(pipeline, "_fuse_passes",
+                        lambda preset: [p for p in fuse_passes(preset) if not isinstance(p, WritePaddedOutputs)])
+    apart = call_order(lower(mod, "x86"))
+    assert len([n for n in apart if re.match(r"(fused_)?pad\d*", n)]) == 1 and len(apart) == len(order) + 1, apart
+    want = HostModule(mod)(samples[0]["x"])
+    np.testing.assert_array_equal(got[0], want[0])
+
+
 @pytest.mark.parametrize("channels, lanes", [((24, 24), 8), ((40, 56), 8), ((20, 28, 16), 4)],
                          ids=["24+24", "40+56", "ragged"])
 def test_a_concat_takes_vectors_that_divide_its_boundaries(channels, lanes):

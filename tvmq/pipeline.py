@@ -2,11 +2,13 @@
 
 Where it sits: frontend -> calibrate -> plan -> passes -> **pipeline** (lowering, schedules, build) -> bundle.
 
-It is TVM's CPU pipeline (``relax.backend.cpu_generic``) with three additions, per target
+It is TVM's CPU pipeline (``relax.backend.cpu_generic``) with these additions, per target
 preset: packed int8 dot-product kernels (:class:`tvmq.passes.PackKernels`) before legalization,
-kernels from a MetaSchedule tuning database when one is given, and tvmq's default schedule
-rules for every kernel the database does not cover. ``tvm.compile``'s own CPU path neither fuses
-nor schedules.
+convs that write the padded input of the conv after them
+(:class:`tvmq.targets.padded_outputs.WritePaddedOutputs`) after
+fusion, kernels from a MetaSchedule tuning database when one is given, and tvmq's default
+schedule rules for every kernel the database does not cover. ``tvm.compile``'s own CPU path
+neither fuses nor schedules.
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def _pixel_tile(preset):
 
 
 def _fuse_passes(preset) -> list:
+    from tvmq.targets.padded_outputs import WritePaddedOutputs
+
     return [
         *relax_passes(preset),
         # one kernel for identical calls: two 3x3 convs reading one tensor each padded it (9 of
@@ -111,6 +115,7 @@ def _fuse_passes(preset) -> list:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+        *([WritePaddedOutputs()] if get_preset(preset).kind == "llvm" else []),  # a conv writes the next one's pad
     ]
 
 

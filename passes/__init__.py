@@ -18,9 +18,10 @@ from .insert_qdq import InsertQDQ
 from .layout import ConvertToNHWC
 from .pack_kernels import PackKernels
 from .separable_pool import SeparableMaxPool
+from .split_to_slices import SplitToSlices
 from .graph import count_ops
 from .layers import find_layers
 from .strip_qdq import has_qdq, strip_qdq
 from .unroll_lstm import UnrollLSTM
 
-__all__ = ["Conv1dToConv2d", "ConvTransposeToConv", "DivideToMultiply", "FastMath", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "SeparableMaxPool", "SmoothQuant", "Specialize", "WeightOnly", "find_layers", "count_ops", "has_qdq", "strip_qdq", "UnrollLSTM"]
+__all__ = ["Conv1dToConv2d", "ConvTransposeToConv", "DivideToMultiply", "FastMath", "FastSoftmax", "FoldAffineChains", "InsertQDQ", "FoldQDQ", "FoldConstantsNumpy", "ConvertToNHWC", "PackKernels", "SeparableMaxPool", "SplitToSlices", "SmoothQuant", "Specialize", "WeightOnly", "find_layers", "count_ops", "has_qdq", "strip_qdq", "UnrollLSTM"]

@@ -463,6 +463,30 @@ def test_a_conv_writes_the_padded_input_of_the_next_conv(monkeypatch, int8):
     np.testing.assert_array_equal(got[0], want[0])
 
 
+def test_a_split_is_read_where_it_lies_by_the_kernels_of_its_parts():
+    """A split along the channels whose parts are read by injective ops: each part is a slice
+    that the reader's kernel absorbs, no kernel of its own copies the parts (a split was one,
+    with a tuple of outputs nothing fuses with), and the values are numpy's."""
+    from tvmq.kernels import call_order
+
+    x = relax.Var("x", relax.TensorType((1, 6, 6, 24), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            parts = bb.emit(relax.op.split(x, [8], axis=3))
+            a = bb.emit(relax.op.multiply(relax.TupleGetItem(parts, 0), relax.const(np.float32(2))))
+            b = bb.emit(relax.op.concat([relax.TupleGetItem(parts, 1), x], axis=3))
+            y = bb.emit_output(relax.Tuple([a, b]))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    order = call_order(lower(mod, "x86"))
+    assert len(order) == 2 and not [n for n in order if "split" in n], order
+    v = np.random.default_rng(0).normal(0, 1, (1, 6, 6, 24)).astype(np.float32)
+    a, b = relax.VirtualMachine(build(mod, "x86"), tvm.cpu())["main"](tvm.runtime.tensor(v))
+    np.testing.assert_array_equal(a.numpy(), v[..., :8] * 2)
+    np.testing.assert_array_equal(b.numpy(), np.concatenate([v[..., 8:], v], axis=3))
+
+
 @pytest.mark.parametrize("channels, lanes", [((24, 24), 8), ((40, 56), 8), ((20, 28, 16), 4)],
                          ids=["24+24", "40+56", "ragged"])
 def test_a_concat_takes_vectors_that_divide_its_boundaries(channels, lanes):

@@ -51,7 +51,7 @@ def dot_intrinsics(preset) -> dict[int, str] | None:
 
 def relax_passes(preset) -> list:
     """Graph-level passes that depend on the target (run before legalization)."""
-    from tvmq.passes import FastMath, FastSoftmax, FoldAffineChains, PackKernels, SeparableMaxPool
+    from tvmq.passes import FastMath, FastSoftmax, FoldAffineChains, PackKernels, SeparableMaxPool, SplitToSlices
 
     preset = get_preset(preset)
     if preset.kind != "llvm":
@@ -64,6 +64,7 @@ def relax_passes(preset) -> list:
     lanes, k, operand = (kernel.lanes, kernel.k, kernel.operand_dtype) if kernel is not None else ((), 4, None)
     wide = MICRO_KERNELS[kernel.wide].lanes if kernel is not None and kernel.wide else ()
     return [SeparableMaxPool(),
+            SplitToSlices(),
             FoldAffineChains(),
             PackKernels(preset.activation_dtype, lanes, float_lanes=preset.vector_lanes, k=k, operand_dtype=operand,
                         pairs=pairs, pixel_tile=_pixel_tile(preset), wide_lanes=wide),

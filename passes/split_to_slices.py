@@ -55,4 +55,6 @@ class SplitToSlices:
             slices = _slices(matches[pattern])
             return expr if slices is None else slices
 
-        return relax.transform.CanonicalizeBindings()(rewrite_pattern(mod, pattern, rewrite))
+        out = rewrite_pattern(mod, pattern, rewrite)
+        # ``part = (slice0, slice1)[0]`` -> ``part = slice0``, so each reader reads its slice
+        return out if out is mod else relax.transform.CanonicalizeBindings()(out)

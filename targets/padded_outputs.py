@@ -25,6 +25,8 @@ from __future__ import annotations
 import tvm
 from tvm import relax, s_tir, tirx
 
+from tvmq.passes.graph import FunctionGraph, call_op, map_functions, relax_functions
+
 from .kernel_names import CONV_BLOCK, FMA_CONV_BLOCK
 
 __all__ = ["WritePaddedOutputs", "constant_pad", "write_padded"]
@@ -193,55 +195,32 @@ class WritePaddedOutputs:
 
     def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
         builder = relax.BlockBuilder(mod)
-        merged = {}
-        changed = False
-        for gv, func in list(mod.functions_items()):
-            if not isinstance(func, relax.Function):
-                continue
+        merged, rewritten = {}, []
+
+        def rewrite(func):
             new = self._function(mod, builder, func, merged)
-            if new is not None:
-                builder.update_func(gv, new)
-                changed = True
-        if not changed:
+            rewritten.append(new is not None)
+            return new
+
+        out = map_functions(mod, rewrite, builder=builder, remove_unused=True)  # drops the convs' old outputs
+        if not any(rewritten):
             return mod
-        out = builder.get()
-        used = set()
-        for func in out.functions.values():
-            if isinstance(func, relax.Function):
-                relax.analysis.post_order_visit(
-                    func, lambda e: used.add(e.name_hint) if isinstance(e, tvm.ir.GlobalVar) else None)
-        for gv, func in list(out.functions_items()):  # the pads and convs no call is left to
-            if isinstance(func, tirx.PrimFunc) and gv.name_hint not in used:
-                del out[gv]
-        return out
+        entries = [gv.name_hint for gv, _ in relax_functions(out)]
+        return relax.transform.DeadCodeElimination(entries)(out)  # the pads and convs no call is left to
 
     @staticmethod
-    def _calls(func) -> tuple[dict, dict]:
-        """``{var: call_tir}`` of the function's bindings and ``{var: uses}``."""
-        calls, uses = {}, {}
-
-        def visit(expr):
-            if isinstance(expr, relax.Var):
-                uses[expr] = uses.get(expr, 0) + 1
-
-        relax.analysis.post_order_visit(func.body, visit)
-        for block in func.body.blocks:
-            for binding in block.bindings:
-                value = binding.value
-                if isinstance(binding, relax.VarBinding) and isinstance(value, relax.Call) \
-                        and value.op.same_as(tvm.ir.Op.get("relax.call_tir")) and len(value.args) == 2:
-                    calls[binding.var] = value
-        return calls, uses
-
-    def _function(self, mod, builder, func, merged):
-        calls, uses = self._calls(func)
-        replace, dropped = {}, set()
-        for var, call in calls.items():
+    def _function(mod, builder, func, merged):
+        graph = FunctionGraph(func)
+        replace = {}
+        for var, call in graph.values.items():
+            if call_op(call) != "relax.call_tir" or len(call.args) != 2:
+                continue
             pad_gv, args = call.args[0], call.args[1].fields
-            pad = constant_pad(mod[pad_gv]) if len(args) == 1 and isinstance(mod[pad_gv], tirx.PrimFunc) else None
+            pad = constant_pad(mod[pad_gv]) if len(args) == 1 else None
             source = args[0]
-            producer = calls.get(source)
-            if pad is None or producer is None or uses.get(source) != 1:
+            producer = graph.value(source)
+            if pad is None or call_op(producer) != "relax.call_tir" or len(producer.args) != 2 \
+                    or graph.num_uses(source) != 1:
                 continue
             before, value = pad
             padded = _static(call.ty.shape) if isinstance(call.ty, relax.TensorType) else None
@@ -257,13 +236,11 @@ class WritePaddedOutputs:
                 merged[key] = None if new is None else builder.add_func(new, conv_gv.name_hint + "_padded")
             if merged[key] is not None:
                 replace[var] = relax.Call(call.op, [merged[key], producer.args[1]], call.attrs, call.ty_args)
-                dropped.add(source)
         if not replace:
             return None
         blocks = []
         for block in func.body.blocks:
-            bindings = [relax.VarBinding(b.var, replace[b.var]) if b.var in replace else b
-                        for b in block.bindings if b.var not in dropped]
+            bindings = [relax.VarBinding(b.var, replace[b.var]) if b.var in replace else b for b in block.bindings]
             blocks.append(relax.DataflowBlock(bindings) if isinstance(block, relax.DataflowBlock)
                           else relax.BindingBlock(bindings))
         return relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty, func.is_pure,
